@@ -1,0 +1,411 @@
+//! Config space as software sees it: BAR sizing, capability chains, read-only bits, and
+//! what writes do (FLR, power states, secondary bus reset, SR-IOV).
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use common::{dev, example, example_edited};
+use peerdma_pci::fabric::{FabricEvent, FabricObserver};
+use peerdma_pci::route::FaultReason;
+use peerdma_pci::{AsErrno, Bdf, DmaAddr, Errno, PciError, PowerState, ResetCause, regs};
+
+fn b(s: &str) -> Bdf {
+    s.parse().unwrap()
+}
+
+#[test]
+fn bar_sizing_reads_back_the_size_mask() {
+    let f = example("gpu-nic-switch.toml");
+    let gpu = dev(&f, "gpu0");
+    // BAR0: 16 MiB, 32-bit, non-prefetchable.
+    let saved = f.config_read(gpu, 0x10, 4).unwrap();
+    f.config_write(gpu, 0x10, 4, 0xffff_ffff).unwrap();
+    let mask = f.config_read(gpu, 0x10, 4).unwrap();
+    assert_eq!(mask, 0xff00_0000);
+    assert_eq!(!(mask & !0xf) + 1, 16 << 20);
+    f.config_write(gpu, 0x10, 4, saved).unwrap();
+    assert_eq!(f.config_read(gpu, 0x10, 4).unwrap(), saved);
+    // BAR2: 64 GiB, 64-bit prefetchable — two registers.
+    let (lo, hi) = (
+        f.config_read(gpu, 0x18, 4).unwrap(),
+        f.config_read(gpu, 0x1c, 4).unwrap(),
+    );
+    assert_eq!(lo & 0xf, 0xc, "type bits: 64-bit, prefetchable");
+    f.config_write(gpu, 0x18, 4, 0xffff_ffff).unwrap();
+    f.config_write(gpu, 0x1c, 4, 0xffff_ffff).unwrap();
+    let m = (u64::from(f.config_read(gpu, 0x1c, 4).unwrap()) << 32)
+        | u64::from(f.config_read(gpu, 0x18, 4).unwrap());
+    assert_eq!(!(m & !0xf) + 1, 64 << 30);
+    f.config_write(gpu, 0x18, 4, lo).unwrap();
+    f.config_write(gpu, 0x1c, 4, hi).unwrap();
+    // An unimplemented BAR (BAR1) stays zero.
+    f.config_write(gpu, 0x14, 4, 0xffff_ffff).unwrap();
+    assert_eq!(f.config_read(gpu, 0x14, 4).unwrap(), 0);
+}
+
+#[test]
+fn io_bar_sizing() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/gpu-nic-switch.toml"
+    ))
+    .unwrap();
+    let text = text.replace(
+        "bars = [ { index = 0, size = \"32M\", type = \"mem64\", prefetch = true } ]",
+        "bars = [ { index = 0, size = \"32M\", type = \"mem64\", prefetch = true }, { index = 4, size = 256, type = \"io\" } ]",
+    );
+    let f = peerdma_pci::file::load_str(&text, "io.toml").unwrap();
+    let nic = dev(&f, "nic0");
+    let io = f.bar(nic, 4).unwrap();
+    assert!(io.bus.get() >= 0x1000 && io.bus.get() < 0x10000);
+    assert_eq!(f.config_read(nic, 0x20, 4).unwrap() & 0x3, 0x1);
+    f.config_write(nic, 0x20, 4, 0xffff_ffff).unwrap();
+    assert_eq!(f.config_read(nic, 0x20, 4).unwrap(), 0xffff_ff01);
+    assert_ne!(f.command(nic).unwrap() & regs::COMMAND_IO, 0);
+    // The bridges above got an I/O window covering it.
+    let w = f.bridge_windows(b("0000:02:01.0")).unwrap().unwrap();
+    assert!(w.io.unwrap().contains(io.bus.get()));
+}
+
+/// Walks the standard capability list by config reads, as a driver would.
+fn walk_caps(f: &peerdma_pci::Fabric, d: Bdf) -> Vec<u8> {
+    let mut ids = Vec::new();
+    assert_ne!(
+        f.config_read(d, regs::STATUS, 2).unwrap() as u16 & regs::STATUS_CAP_LIST,
+        0
+    );
+    let mut pos = f.config_read(d, regs::CAPABILITY_LIST, 1).unwrap() as u16;
+    while pos != 0 {
+        ids.push(f.config_read(d, pos, 1).unwrap() as u8);
+        pos = f.config_read(d, pos + 1, 1).unwrap() as u16;
+    }
+    ids
+}
+
+fn walk_ext(f: &peerdma_pci::Fabric, d: Bdf) -> Vec<u16> {
+    let mut ids = Vec::new();
+    let mut pos = 0x100u16;
+    loop {
+        let h = f.config_read(d, pos, 4).unwrap();
+        if h == 0 {
+            break;
+        }
+        ids.push((h & 0xffff) as u16);
+        pos = ((h >> 20) & 0xffc) as u16;
+        if pos == 0 {
+            break;
+        }
+    }
+    ids
+}
+
+#[test]
+fn capability_chains_are_walkable() {
+    let f = example("gpu-server.toml");
+    assert_eq!(
+        walk_caps(&f, dev(&f, "gpu0")),
+        vec![regs::CAP_ID_PM, regs::CAP_ID_EXP]
+    );
+    assert_eq!(
+        walk_caps(&f, dev(&f, "acc0")),
+        vec![regs::CAP_ID_PM, regs::CAP_ID_EXP, regs::CAP_ID_AF]
+    );
+    assert_eq!(walk_ext(&f, b("0000:02:00.0")), vec![regs::EXT_CAP_ID_ACS]);
+    assert_eq!(walk_ext(&f, dev(&f, "nic0")), vec![regs::EXT_CAP_ID_SRIOV]);
+    assert_eq!(walk_ext(&f, dev(&f, "gpu0")), Vec::<u16>::new());
+    // PCIe port types.
+    let port_type = |d: Bdf| {
+        let e = f.function(d).unwrap().caps().exp.unwrap();
+        ((f.config_read(d, e + regs::EXP_FLAGS, 2).unwrap() >> 4) & 0xf) as u8
+    };
+    assert_eq!(port_type(b("0000:00:01.0")), regs::EXP_TYPE_ROOT_PORT);
+    assert_eq!(port_type(b("0000:01:00.0")), regs::EXP_TYPE_UPSTREAM);
+    assert_eq!(port_type(b("0000:02:00.0")), regs::EXP_TYPE_DOWNSTREAM);
+    assert_eq!(port_type(dev(&f, "gpu0")), regs::EXP_TYPE_ENDPOINT);
+    // Header types: bridges type 1, endpoints type 0, a VF reads vendor 0xffff.
+    assert_eq!(
+        f.config_read(b("0000:02:00.0"), regs::HEADER_TYPE, 1)
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        f.config_read(dev(&f, "gpu0"), regs::HEADER_TYPE, 1)
+            .unwrap(),
+        0
+    );
+    assert_eq!(f.config_read(b("0000:04:00.1"), 0, 4).unwrap(), 0xffff_ffff);
+    // ACS control as the file set it.
+    assert_eq!(
+        f.acs_ctrl(b("0000:00:01.0")).unwrap(),
+        Some(regs::ACS_SV | regs::ACS_RR | regs::ACS_CR | regs::ACS_UF)
+    );
+    assert_eq!(f.acs_ctrl(dev(&f, "gpu0")).unwrap(), None);
+}
+
+#[test]
+fn read_only_bits_stay() {
+    let f = example("gpu-nic-switch.toml");
+    let gpu = dev(&f, "gpu0");
+    f.config_write(gpu, regs::VENDOR_ID, 4, 0x1234_5678)
+        .unwrap();
+    assert_eq!(f.config_read(gpu, regs::VENDOR_ID, 4).unwrap(), 0x2330_10de);
+    f.config_write(gpu, regs::HEADER_TYPE, 1, 0x81).unwrap();
+    assert_eq!(f.config_read(gpu, regs::HEADER_TYPE, 1).unwrap(), 0);
+    f.config_write(gpu, regs::COMMAND, 2, 0xffff).unwrap();
+    assert_eq!(f.command(gpu).unwrap(), 0x0547);
+    let e = f.function(gpu).unwrap().caps().exp.unwrap();
+    let devcap = f.config_read(gpu, e + regs::EXP_DEVCAP, 4).unwrap();
+    f.config_write(gpu, e + regs::EXP_DEVCAP, 4, 0).unwrap();
+    assert_eq!(f.config_read(gpu, e + regs::EXP_DEVCAP, 4).unwrap(), devcap);
+    // ACS capability bits are read-only, control bits writable.
+    let port = b("0000:02:00.0");
+    let acs = f.function(port).unwrap().caps().acs.unwrap();
+    let cap = f.config_read(port, acs + regs::ACS_CAP, 2).unwrap();
+    f.config_write(port, acs + regs::ACS_CAP, 2, 0).unwrap();
+    assert_eq!(f.config_read(port, acs + regs::ACS_CAP, 2).unwrap(), cap);
+    f.config_write(port, acs + regs::ACS_CTRL, 2, 0xffff)
+        .unwrap();
+    assert_eq!(f.acs_ctrl(port).unwrap(), Some(regs::ACS_ALL));
+}
+
+#[test]
+fn status_error_bits_are_write_one_to_clear() {
+    let f = example("gpu-nic-switch.toml");
+    let gpu = dev(&f, "gpu0");
+    // Clearing with ones on bits that are already zero leaves the capability bit alone.
+    f.config_write(gpu, regs::STATUS, 2, 0xffff).unwrap();
+    assert_eq!(
+        f.config_read(gpu, regs::STATUS, 2).unwrap() as u16,
+        regs::STATUS_CAP_LIST
+    );
+}
+
+#[test]
+fn bad_config_accesses_are_refused_with_einval_or_enodev() {
+    let f = example("gpu-nic-switch.toml");
+    let gpu = dev(&f, "gpu0");
+    for (off, size) in [(0x11u16, 4usize), (0x10, 3), (0xffe, 4), (0x1000, 1)] {
+        let e = f.config_read(gpu, off, size).unwrap_err();
+        assert_eq!(e.errno(), Errno::EINVAL, "{off:#x}/{size}");
+        assert!(f.config_write(gpu, off, size, 0).is_err());
+    }
+    let e = f.config_read(b("0000:09:00.0"), 0, 4).unwrap_err();
+    assert_eq!(e, PciError::NoDevice(b("0000:09:00.0")));
+    assert_eq!(e.errno(), Errno::ENODEV);
+}
+
+#[derive(Default)]
+struct Recorder(Mutex<Vec<FabricEvent>>);
+
+impl FabricObserver for Recorder {
+    fn event(&self, e: &FabricEvent) {
+        self.0.lock().unwrap().push(e.clone());
+    }
+}
+
+#[test]
+fn flr_clears_command_and_bars_and_reset_function_restores_them() {
+    let f = example("gpu-nic-switch.toml");
+    let rec = Arc::new(Recorder::default());
+    f.subscribe(rec.clone());
+    let (gpu, nic) = (dev(&f, "gpu0"), dev(&f, "nic0"));
+    let bar0 = f.bar(gpu, 0).unwrap().bus;
+    f.dma_write(nic, DmaAddr(bar0.get()), b"keep").unwrap();
+    let e = f.function(gpu).unwrap().caps().exp.unwrap();
+    let devctl = f.config_read(gpu, e + regs::EXP_DEVCTL, 2).unwrap();
+    f.config_write(
+        gpu,
+        e + regs::EXP_DEVCTL,
+        2,
+        devctl | u32::from(regs::EXP_DEVCTL_BCR_FLR),
+    )
+    .unwrap();
+    assert_eq!(f.command(gpu).unwrap(), 0);
+    assert_eq!(f.config_read(gpu, 0x10, 4).unwrap(), 0, "BAR address gone");
+    assert_eq!(
+        f.config_read(gpu, e + regs::EXP_DEVCTL, 2).unwrap() & 0x8000,
+        0,
+        "FLR bit reads 0"
+    );
+    assert!(rec.0.lock().unwrap().contains(&FabricEvent::Reset {
+        bdf: gpu,
+        cause: ResetCause::Flr
+    }));
+    let err = f.dma_write(nic, DmaAddr(bar0.get()), b"x").unwrap_err();
+    assert!(matches!(err.reason, FaultReason::UnsupportedRequest { .. }));
+    // The kernel's way: save, FLR, restore.
+    let before = f.save_config(dev(&f, "nic0")).unwrap();
+    f.config_write(
+        gpu,
+        regs::COMMAND,
+        2,
+        u32::from(regs::COMMAND_MEMORY | regs::COMMAND_MASTER),
+    )
+    .unwrap();
+    f.config_write(gpu, 0x10, 4, bar0.get() as u32).unwrap();
+    assert!(f.reset_function(gpu).unwrap());
+    assert_eq!(f.bar(gpu, 0).unwrap().bus, bar0);
+    assert_ne!(f.command(gpu).unwrap() & regs::COMMAND_MEMORY, 0);
+    let mut back = [0u8; 4];
+    f.dma_read(nic, DmaAddr(bar0.get()), &mut back).unwrap();
+    assert_eq!(&back, b"keep", "device memory survives the reset");
+    assert_eq!(f.save_config(nic).unwrap(), before);
+}
+
+#[test]
+fn no_flr_capability_means_no_reset() {
+    let f = example_edited(
+        "gpu-nic-switch.toml",
+        "name = \"gpu0\"",
+        "name = \"gpu0\"\nflr = false",
+    );
+    let gpu = dev(&f, "gpu0");
+    let e = f.function(gpu).unwrap().caps().exp.unwrap();
+    f.config_write(gpu, e + regs::EXP_DEVCTL, 2, 0x8000)
+        .unwrap();
+    assert_ne!(f.command(gpu).unwrap(), 0);
+    assert!(!f.reset_function(gpu).unwrap());
+}
+
+#[test]
+fn advanced_features_flr() {
+    let f = example("gpu-server.toml");
+    let acc = dev(&f, "acc0");
+    assert!(f.function(acc).unwrap().has_af_flr());
+    let af = f.function(acc).unwrap().caps().af.unwrap();
+    assert_eq!(
+        f.config_read(acc, af + regs::AF_CAP, 1).unwrap() as u8,
+        regs::AF_CAP_TP | regs::AF_CAP_FLR
+    );
+    f.config_write(acc, af + regs::AF_CTRL, 1, regs::AF_CTRL_FLR.into())
+        .unwrap();
+    assert_eq!(f.command(acc).unwrap(), 0);
+}
+
+#[test]
+fn power_states_gate_and_d3hot_to_d0_may_reset() {
+    let f = example("gpu-nic-switch.toml");
+    let rec = Arc::new(Recorder::default());
+    f.subscribe(rec.clone());
+    let gpu = dev(&f, "gpu0");
+    let pm = f.function(gpu).unwrap().caps().pm.unwrap();
+    // D1 is not supported: the write leaves the state alone.
+    f.config_write(gpu, pm + regs::PM_CTRL, 2, 1).unwrap();
+    assert_eq!(f.power_state(gpu).unwrap(), PowerState::D0);
+    f.set_power_state(gpu, PowerState::D3Hot).unwrap();
+    f.set_power_state(gpu, PowerState::D0).unwrap();
+    let ev = rec.0.lock().unwrap().clone();
+    assert!(ev.contains(&FabricEvent::PowerState {
+        bdf: gpu,
+        from: PowerState::D0,
+        to: PowerState::D3Hot
+    }));
+    assert!(ev.contains(&FabricEvent::PowerState {
+        bdf: gpu,
+        from: PowerState::D3Hot,
+        to: PowerState::D0
+    }));
+    // No_Soft_Reset set (the default): state kept.
+    assert_ne!(f.command(gpu).unwrap(), 0);
+
+    let g = example_edited(
+        "gpu-nic-switch.toml",
+        "name = \"gpu0\"",
+        "name = \"gpu0\"\nno_soft_reset = false",
+    );
+    let gpu = dev(&g, "gpu0");
+    g.set_power_state(gpu, PowerState::D3Hot).unwrap();
+    g.set_power_state(gpu, PowerState::D0).unwrap();
+    assert_eq!(
+        g.command(gpu).unwrap(),
+        0,
+        "D3hot→D0 without No_Soft_Reset resets the function"
+    );
+}
+
+#[test]
+fn secondary_bus_reset_resets_everything_below() {
+    let f = example("gpu-nic-switch.toml");
+    let rec = Arc::new(Recorder::default());
+    f.subscribe(rec.clone());
+    let (gpu, nic) = (dev(&f, "gpu0"), dev(&f, "nic0"));
+    let usp = b("0000:01:00.0");
+    let bctl = f.config_read(usp, regs::BRIDGE_CONTROL, 2).unwrap();
+    f.config_write(
+        usp,
+        regs::BRIDGE_CONTROL,
+        2,
+        bctl | u32::from(regs::BRIDGE_CTL_BUS_RESET),
+    )
+    .unwrap();
+    f.config_write(usp, regs::BRIDGE_CONTROL, 2, bctl).unwrap();
+    assert_eq!(f.command(gpu).unwrap(), 0);
+    assert_eq!(f.command(nic).unwrap(), 0);
+    assert_eq!(f.command(b("0000:02:00.0")).unwrap(), 0);
+    assert_ne!(f.command(usp).unwrap(), 0, "the bridge itself is not reset");
+    let ev = rec.0.lock().unwrap().clone();
+    assert!(ev.contains(&FabricEvent::Reset {
+        bdf: gpu,
+        cause: ResetCause::SecondaryBus { bridge: usp }
+    }));
+}
+
+#[test]
+fn sriov_numvfs_and_pf_reset() {
+    let f = example("sriov-nic.toml");
+    let (pf0, vf0) = (dev(&f, "nic-pf0"), dev(&f, "vf0"));
+    let s = f.function(pf0).unwrap().caps().sriov.unwrap();
+    assert_eq!(f.config_read(pf0, s + regs::SRIOV_TOTAL_VF, 2).unwrap(), 4);
+    assert_eq!(
+        f.config_read(pf0, s + regs::SRIOV_VF_OFFSET, 2).unwrap(),
+        16
+    );
+    // NumVFs cannot change while VFs are enabled.
+    f.config_write(pf0, s + regs::SRIOV_NUM_VF, 2, 2).unwrap();
+    assert_eq!(f.config_read(pf0, s + regs::SRIOV_NUM_VF, 2).unwrap(), 4);
+    f.config_write(pf0, s + regs::SRIOV_CTRL, 2, 0).unwrap();
+    f.config_write(pf0, s + regs::SRIOV_NUM_VF, 2, 9).unwrap();
+    assert_eq!(
+        f.config_read(pf0, s + regs::SRIOV_NUM_VF, 2).unwrap(),
+        4,
+        "never above TotalVFs"
+    );
+    f.config_write(pf0, s + regs::SRIOV_NUM_VF, 2, 1).unwrap();
+    f.config_write(
+        pf0,
+        s + regs::SRIOV_CTRL,
+        2,
+        (regs::SRIOV_CTRL_VFE | regs::SRIOV_CTRL_MSE).into(),
+    )
+    .unwrap();
+    assert!(f.is_present(vf0).unwrap());
+    assert!(
+        !f.is_present(f.virtfns(pf0).unwrap()[1]).unwrap(),
+        "only VF 0 with NumVFs = 1"
+    );
+    // A PF reset disables its VFs.
+    assert!(f.reset_function(pf0).unwrap());
+    assert!(
+        f.is_present(vf0).unwrap(),
+        "reset_function restores VF Enable"
+    );
+    let e = f.function(pf0).unwrap().caps().exp.unwrap();
+    f.config_write(pf0, e + regs::EXP_DEVCTL, 2, 0x8000)
+        .unwrap();
+    assert!(!f.is_present(vf0).unwrap());
+    let err = f.dma_write(vf0, DmaAddr(0x1000), b"x").unwrap_err();
+    assert_eq!(err.reason, FaultReason::RequesterNotPresent);
+}
+
+#[test]
+fn vf_memory_enable_belongs_to_the_pf() {
+    let f = example("sriov-nic.toml");
+    let vf0 = dev(&f, "vf0");
+    // A VF's own COMMAND.MEM is hardwired to zero; Bus Master is its own.
+    f.config_write(vf0, regs::COMMAND, 2, 0xffff).unwrap();
+    assert_eq!(f.command(vf0).unwrap(), regs::COMMAND_MASTER);
+    let pf1 = dev(&f, "nic-pf1");
+    let bar = f.bar(vf0, 3).unwrap();
+    f.dma_write(pf1, DmaAddr(bar.bus.get()), b"ok").unwrap();
+}
