@@ -29,6 +29,7 @@ use crate::spec::{
 #[derive(Debug, Default, Clone)]
 pub struct SourceMap {
     entries: HashMap<String, (usize, Range<usize>)>,
+    keys: Vec<(Range<usize>, String)>,
 }
 
 impl SourceMap {
@@ -56,8 +57,11 @@ impl SourceMap {
         }
     }
 
-    /// The deepest key path whose value contains byte `pos`.
+    /// The key path at byte `pos`: the key written there, else the deepest value holding it.
     fn key_at(&self, pos: usize) -> Option<(&str, usize)> {
+        if let Some((_, k)) = self.keys.iter().find(|(span, _)| span.contains(&pos)) {
+            return self.entries.get(k).map(|(line, _)| (k.as_str(), *line));
+        }
         self.entries
             .iter()
             .filter(|(_, (_, span))| span.contains(&pos))
@@ -80,6 +84,7 @@ fn walk_table(
         };
         let line = line_of(k.span().start);
         map.entries.insert(path.clone(), (line, v.span()));
+        map.keys.push((k.span(), path.clone()));
         walk_value(v.get_ref(), &path, map, line_of);
     }
 }
@@ -91,8 +96,8 @@ fn walk_value(v: &DeValue<'_>, path: &str, map: &mut SourceMap, line_of: &dyn Fn
             for (i, item) in a.iter().enumerate() {
                 let p = format!("{path}[{i}]");
                 let span = item.span();
-                // An array-of-tables element's span starts at its first key; its `[[header]]`
-                // line is the one before. Point at the first key: it is what the user edits.
+                // An array-of-tables element's span starts at its `[[header]]` line, so an
+                // error about a whole entry (or a key it lacks) points at the header.
                 map.entries.insert(p.clone(), (line_of(span.start), span));
                 walk_value(item.get_ref(), &p, map, line_of);
             }

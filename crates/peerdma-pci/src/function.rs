@@ -481,6 +481,7 @@ pub mod decode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::addr::Span;
 
     #[test]
     fn written_extracts_the_overlap() {
@@ -498,7 +499,7 @@ mod tests {
             prefetch: false,
             size: 16 << 20,
         };
-        assert_eq!(!(b.wmask_lo() | b.flag_bits() | 0xf) + 1, 16 << 20);
+        assert_eq!(!(b.wmask_lo() & !0xf) + 1, 16 << 20);
         let b = Bar {
             index: 2,
             kind: BarType::Mem64,
@@ -506,7 +507,7 @@ mod tests {
             size: 64 << 30,
         };
         let full = (u64::from(b.wmask_hi()) << 32) | u64::from(b.wmask_lo());
-        assert_eq!(!(full | 0xf) + 1, 64 << 30);
+        assert_eq!(!(full & !0xf) + 1, 64 << 30);
         assert_eq!(b.flag_bits(), 0xc);
         let io = Bar {
             index: 4,
