@@ -17,6 +17,7 @@
 //! | [`spec`] | the platform description (what a fabric file says) |
 //! | [`file`] | fabric files: TOML → spec, errors with file, line and key |
 //! | [`build`] | spec → live fabric: validation, bus numbers, BAR assignment |
+//! | [`generate`] | random platforms for property tests and benchmarks |
 //! | [`hostbridge`] | which root complexes forward peer-to-peer (CPU rule and allowlist) |
 //! | [`fabric`] | the live platform: config access, resets, events, memory views |
 //! | [`route`] | memory-request routing: DMA and CPU access, routes and faults |
@@ -48,6 +49,7 @@ pub mod examples;
 pub mod fabric;
 pub mod file;
 pub mod function;
+pub mod generate;
 pub mod hostbridge;
 pub mod memory;
 pub mod regs;

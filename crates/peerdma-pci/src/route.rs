@@ -2,6 +2,7 @@
 //!
 //! A request starts at its requester (which needs Bus Master Enable and D0) and climbs:
 //!
+//! 0. A function addressing one of its own BARs serves the request internally (loopback).
 //! 1. On each bus it reaches, a peer may claim it: a sibling bridge whose window holds the
 //!    address, or a sibling function whose BAR does (VFs included). The claimant must decode
 //!    memory (COMMAND.MEM, or the PF's VF MSE) and be in D0; one that would claim but may not
@@ -61,6 +62,9 @@ impl fmt::Display for Initiator {
 /// One step of a route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hop {
+    /// The requester addressed one of its own BARs: the function serves it internally, and
+    /// the request never reaches the link.
+    Loopback,
     /// ACS on this function or port sent the request past its peers, toward the root complex.
     AcsRedirect {
         /// Where ACS acted (the ingress).
@@ -104,6 +108,7 @@ pub enum Hop {
 impl fmt::Display for Hop {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Hop::Loopback => f.write_str("loopback"),
             Hop::AcsRedirect { port } => write!(f, "acs-redirect@{port}"),
             Hop::Peer { to } => write!(f, "peer→{to}"),
             Hop::Up { bridge } => write!(f, "up@{bridge}"),
@@ -613,6 +618,12 @@ impl Fabric {
         let mut node = self
             .id(requester)
             .map_err(|_| (FaultReason::RequesterNotPresent, Vec::new()))?;
+        if !self.funcs[node].kind.is_bridge() {
+            if let claim @ Claim::Bar(..) = self.claim(node, cur) {
+                hops.push(Hop::Loopback);
+                return self.deliver(node, claim, cur, hops);
+            }
+        }
         let mut redirected = false;
         loop {
             match self.funcs[node].parent {

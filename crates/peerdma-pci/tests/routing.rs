@@ -669,3 +669,29 @@ fn dma_and_resets_race_without_tearing() {
     f.dma_write(nic, addr, &data).unwrap();
     assert!(f.faults().len() <= peerdma_pci::fabric::FAULT_LOG_CAPACITY);
 }
+
+#[test]
+fn a_function_reaches_its_own_bar_by_loopback() {
+    let f = example("gpu-nic-switch.toml");
+    let gpu = dev(&f, "gpu0");
+    let bar = f.bar(gpu, 2).unwrap();
+    let t = f
+        .dma_write(gpu, DmaAddr(bar.bus.get() + 64), b"self")
+        .unwrap();
+    assert_eq!(t.segments[0].hops, vec![Hop::Loopback]);
+    assert_eq!(
+        t.segments[0].target,
+        Target::Bar {
+            bdf: gpu,
+            bar: 2,
+            offset: 64
+        }
+    );
+    // Even with ACS redirect on its port, a loopback never leaves the function.
+    f.set_acs_ctrl(b("0000:02:00.0"), regs::ACS_RR).unwrap();
+    assert!(
+        !f.dma_write(gpu, DmaAddr(bar.bus.get()), b"self")
+            .unwrap()
+            .via_root_complex()
+    );
+}

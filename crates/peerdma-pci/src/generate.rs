@@ -1,0 +1,296 @@
+//! Random platforms for property tests and benchmarks.
+//!
+//! [`generate`] builds a [`FabricSpec`] from a seed: host bridges (each in its own PCI domain,
+//! with identity CPU↔bus windows that do not overlap between bridges), root ports, switches
+//! with downstream ports, multi-function endpoints, SR-IOV PFs with VFs, random ACS control
+//! bits. The same seed always gives the same platform.
+
+use crate::bdf::Bdf;
+use crate::spec::{
+    BarSpec, BarType, Cpu, CpuVendor, DeviceKind, DeviceSpec, FabricSpec, HostBridgeSpec,
+    P2pForwarding, PlatformSpec, RamSpec, SriovSpec, WindowSpec,
+};
+
+/// A small deterministic generator (xorshift64*), so specs depend on nothing but the seed.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded; any seed works (0 is remapped).
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed ^ 0x9E37_79B9_7F4A_7C15 | 1)
+    }
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    /// Uniform in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+    /// True with probability `percent`/100.
+    pub fn chance(&mut self, percent: u32) -> bool {
+        self.below(100) < u64::from(percent)
+    }
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenParams {
+    /// Seed.
+    pub seed: u64,
+    /// Host bridges (each its own domain), at most 64.
+    pub host_bridges: usize,
+    /// Root ports per host bridge, 1..=31.
+    pub root_ports: usize,
+    /// Chance (percent) that a root port leads to a switch rather than one endpoint device.
+    pub switch_percent: u32,
+    /// Downstream ports per switch, at most.
+    pub max_downstream: usize,
+    /// Functions per endpoint device, at most (1..=8).
+    pub max_functions: usize,
+    /// Chance (percent) that a port or function has an ACS capability (with random bits).
+    pub acs_percent: u32,
+    /// Chance (percent) that function 0 of an endpoint is an SR-IOV PF with two VFs.
+    pub sriov_percent: u32,
+    /// The CPU.
+    pub cpu: Cpu,
+    /// Forwarding of every host bridge (`None` = derived from the CPU and allowlist).
+    pub p2p: Option<P2pForwarding>,
+}
+
+impl Default for GenParams {
+    fn default() -> GenParams {
+        GenParams {
+            seed: 1,
+            host_bridges: 2,
+            root_ports: 3,
+            switch_percent: 50,
+            max_downstream: 3,
+            max_functions: 3,
+            acs_percent: 40,
+            sriov_percent: 20,
+            cpu: Cpu {
+                vendor: CpuVendor::Intel,
+                family: 6,
+            },
+            p2p: Some(P2pForwarding::Any),
+        }
+    }
+}
+
+fn endpoint_bars(rng: &mut Rng) -> Vec<BarSpec> {
+    let mut bars = vec![BarSpec {
+        index: 0,
+        size: 4096 << rng.below(9), // 4 KiB .. 1 MiB, 32-bit
+        kind: BarType::Mem32,
+        prefetch: false,
+        addr: None,
+    }];
+    if rng.chance(70) {
+        bars.push(BarSpec {
+            index: 2,
+            size: (1 << 20) << rng.below(11), // 1 MiB .. 1 GiB
+            kind: BarType::Mem64,
+            prefetch: true,
+            addr: None,
+        });
+    }
+    bars
+}
+
+fn random_acs(rng: &mut Rng, percent: u32) -> Option<u16> {
+    rng.chance(percent).then(|| {
+        let mut bits = crate::regs::ACS_SV;
+        for b in [
+            crate::regs::ACS_RR,
+            crate::regs::ACS_CR,
+            crate::regs::ACS_EC,
+            crate::regs::ACS_UF,
+        ] {
+            if rng.chance(40) {
+                bits |= b;
+            }
+        }
+        bits
+    })
+}
+
+/// Builds a platform description from `p`.
+pub fn generate(p: &GenParams) -> FabricSpec {
+    let mut rng = Rng::new(p.seed);
+    let mut devices = Vec::new();
+    let mut host_bridges = Vec::new();
+    let mut n = 0usize;
+    for h in 0..p.host_bridges.min(64) {
+        let domain = h as u16;
+        let name = format!("hb{h}");
+        let np_base = 0x8000_0000 + (h as u64) * 0x0200_0000;
+        let pref_base = 0x100_0000_0000 * (h as u64 + 1);
+        host_bridges.push(HostBridgeSpec {
+            name: name.clone(),
+            domain,
+            bus: 0,
+            p2p: p.p2p,
+            mmio: vec![
+                WindowSpec {
+                    cpu: np_base,
+                    bus: np_base,
+                    size: 0x0200_0000,
+                },
+                WindowSpec {
+                    cpu: pref_base,
+                    bus: pref_base,
+                    size: 1 << 40,
+                },
+            ],
+        });
+        let mut hbf = DeviceSpec::new(
+            Bdf::new(domain, 0, 0, 0).expect("valid"),
+            DeviceKind::HostBridgeFunction,
+            name.clone(),
+        );
+        hbf.vendor = 0x8086;
+        hbf.device = 0x2020;
+        devices.push(hbf);
+        let mut next_bus: u16 = 1;
+        for r in 0..p.root_ports.clamp(1, 31) {
+            if next_bus > 250 {
+                break;
+            }
+            let rp_bdf = Bdf::new(domain, 0, r as u8 + 1, 0).expect("valid");
+            let mut rp = DeviceSpec::new(rp_bdf, DeviceKind::RootPort, name.clone());
+            rp.acs = random_acs(&mut rng, p.acs_percent);
+            devices.push(rp);
+            let bus = next_bus as u8;
+            next_bus += 1;
+            if rng.chance(p.switch_percent) {
+                let usp_bdf = Bdf::new(domain, bus, 0, 0).expect("valid");
+                devices.push(DeviceSpec::new(
+                    usp_bdf,
+                    DeviceKind::SwitchUpstream,
+                    rp_bdf.to_string(),
+                ));
+                let internal = next_bus as u8;
+                next_bus += 1;
+                let ports = 1 + rng.below(p.max_downstream.max(1) as u64) as u8;
+                for d in 0..ports {
+                    let dsp_bdf = Bdf::new(domain, internal, d, 0).expect("valid");
+                    let mut dsp =
+                        DeviceSpec::new(dsp_bdf, DeviceKind::SwitchDownstream, usp_bdf.to_string());
+                    dsp.acs = random_acs(&mut rng, p.acs_percent);
+                    devices.push(dsp);
+                    let ep_bus = next_bus as u8;
+                    next_bus += 1;
+                    add_endpoint(
+                        &mut rng,
+                        p,
+                        &mut devices,
+                        domain,
+                        ep_bus,
+                        &dsp_bdf.to_string(),
+                        &mut n,
+                    );
+                }
+            } else {
+                add_endpoint(
+                    &mut rng,
+                    p,
+                    &mut devices,
+                    domain,
+                    bus,
+                    &rp_bdf.to_string(),
+                    &mut n,
+                );
+            }
+        }
+    }
+    FabricSpec {
+        platform: PlatformSpec {
+            cpu: p.cpu,
+            ram: vec![RamSpec {
+                cpu: 0,
+                size: 1 << 31,
+            }],
+        },
+        host_bridges,
+        devices,
+    }
+}
+
+fn add_endpoint(
+    rng: &mut Rng,
+    p: &GenParams,
+    devices: &mut Vec<DeviceSpec>,
+    domain: u16,
+    bus: u8,
+    parent: &str,
+    n: &mut usize,
+) {
+    let functions = 1 + rng.below(p.max_functions.clamp(1, 8) as u64) as u8;
+    let sriov = rng.chance(p.sriov_percent);
+    for f in 0..functions {
+        let mut d = DeviceSpec::new(
+            Bdf::new(domain, bus, 0, f).expect("valid"),
+            DeviceKind::Endpoint,
+            parent.to_string(),
+        );
+        d.name = Some(format!("ep{n}"));
+        *n += 1;
+        d.bars = endpoint_bars(rng);
+        if functions > 1 {
+            d.acs = random_acs(rng, p.acs_percent);
+        }
+        if f == 0 && sriov {
+            // VFs at device 1 (routing ID +8): clear of the 8 possible functions of device 0.
+            d.sriov = Some(SriovSpec {
+                vfs: 2,
+                offset: 8,
+                stride: 1,
+                vf_device: None,
+                bars: vec![BarSpec {
+                    index: 0,
+                    size: 64 << 10,
+                    kind: BarType::Mem64,
+                    prefetch: true,
+                    addr: None,
+                }],
+            });
+        }
+        devices.push(d);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_seed_same_platform() {
+        let p = GenParams {
+            seed: 42,
+            ..GenParams::default()
+        };
+        assert_eq!(generate(&p), generate(&p));
+        let q = GenParams {
+            seed: 43,
+            ..GenParams::default()
+        };
+        assert_ne!(generate(&p), generate(&q));
+    }
+
+    #[test]
+    fn rng_is_spread() {
+        let mut r = Rng::new(0);
+        let mut seen = [0u32; 10];
+        for _ in 0..10_000 {
+            seen[r.below(10) as usize] += 1;
+        }
+        assert!(seen.iter().all(|&c| (800..1200).contains(&c)), "{seen:?}");
+    }
+}
