@@ -24,7 +24,7 @@ fn mem_bars(f: &Fabric) -> Vec<(Bdf, u8, u64, u64, u64)> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64), ..ProptestConfig::default() })]
 
     /// The enumerator never gives two BARs the same addresses, and every BAR is reachable.
     #[test]
