@@ -26,7 +26,7 @@ use crate::fabric::{Fabric, HostBridge, Platform};
 use crate::function::{Bar, Caps, FnId, Function, Parent};
 use crate::hostbridge;
 use crate::regs;
-use crate::spec::{BarSpec, BarType, DeviceKind, DeviceSpec, FabricSpec};
+use crate::spec::{BarSpec, BarType, DeviceKind, FabricSpec};
 use crate::sync::{Mutex, RwLock};
 
 const MIB: u64 = 1 << 20;
@@ -66,12 +66,15 @@ struct Proto {
     key: String,
 }
 
+/// Implemented BARs by index, and the fixed addresses among them.
+type BarTable = ([Option<Bar>; 6], [Option<u64>; 6]);
+
 fn check_bars(
     key: &str,
     bars: &[BarSpec],
     bridge: bool,
     for_vf: bool,
-) -> Result<([Option<Bar>; 6], [Option<u64>; 6]), FabricError> {
+) -> Result<BarTable, FabricError> {
     let mut out: [Option<Bar>; 6] = [None; 6];
     let mut fixed = [None; 6];
     let mut used = [None::<usize>; 6];
@@ -102,14 +105,19 @@ fn check_bars(
                 ),
             ));
         }
-        for r in usize::from(b.index)..usize::from(b.index) + regs_used {
-            if let Some(other) = used[r] {
+        for (r, slot) in used
+            .iter_mut()
+            .enumerate()
+            .skip(usize::from(b.index))
+            .take(regs_used)
+        {
+            if let Some(other) = *slot {
                 return Err(err(
                     format!("{bk}.index"),
                     format!("BAR register {r} is already used by bars[{other}]"),
                 ));
             }
-            used[r] = Some(k);
+            *slot = Some(k);
         }
         if !b.size.is_power_of_two() {
             return Err(err(
@@ -561,13 +569,13 @@ impl Fabric {
             }
         }
         // Function 0 must exist in every device.
-        for p in 0..explicit {
-            let b = protos[p].bdf;
+        for p in protos.iter().take(explicit) {
+            let b = p.bdf;
             if b.function() != 0 {
                 let f0 = b.with_function(0).expect("function 0 is always valid");
                 if !by_bdf.contains_key(&f0) {
                     return Err(err(
-                        format!("{}.bdf", protos[p].key),
+                        format!("{}.bdf", p.key),
                         format!("{b} has no function 0 ({f0}): every PCI device has a function 0"),
                     ));
                 }
@@ -918,18 +926,15 @@ impl Allocator<'_> {
         };
         let win = self.windows[w];
         let mut a = self.cursors[w].div_ceil(align).saturating_mul(align);
-        loop {
-            let Ok(s) = Span::new(a, size) else { break };
-            match self.reserved.iter().find(|r| r.overlaps(&s)) {
-                Some(r) => {
-                    a = r
-                        .start
-                        .saturating_add(r.len)
-                        .div_ceil(align)
-                        .saturating_mul(align)
-                }
-                None => break,
-            }
+        while let Ok(s) = Span::new(a, size) {
+            let Some(r) = self.reserved.iter().find(|r| r.overlaps(&s)) else {
+                break;
+            };
+            a = r
+                .start
+                .saturating_add(r.len)
+                .div_ceil(align)
+                .saturating_mul(align);
         }
         let fits = Span::new(a, size).is_ok_and(|s| win.contains_span(&s));
         if !fits {
@@ -1427,20 +1432,16 @@ fn power_on_config(p: &Proto, multifunction: bool) -> (ConfigSpace, Caps) {
 }
 
 fn set_window(c: &mut ConfigSpace, base_reg: u16, limit_reg: u16, w: Option<Span>) {
-    match w {
-        Some(s) => {
-            let last = s.last().unwrap_or(s.start);
-            let keep_b = c.read16(base_reg) & 0xf;
-            let keep_l = c.read16(limit_reg) & 0xf;
-            c.set16(base_reg, ((s.start >> 16) as u16 & 0xfff0) | keep_b);
-            c.set16(limit_reg, ((last >> 16) as u16 & 0xfff0) | keep_l);
-        }
-        None => {
-            let keep_b = c.read16(base_reg) & 0xf;
-            let keep_l = c.read16(limit_reg) & 0xf;
-            c.set16(base_reg, 0xfff0 | keep_b);
-            c.set16(limit_reg, keep_l);
-        }
+    let keep_b = c.read16(base_reg) & 0xf;
+    let keep_l = c.read16(limit_reg) & 0xf;
+    if let Some(s) = w {
+        let last = s.last().unwrap_or(s.start);
+        c.set16(base_reg, ((s.start >> 16) as u16 & 0xfff0) | keep_b);
+        c.set16(limit_reg, ((last >> 16) as u16 & 0xfff0) | keep_l);
+    } else {
+        // Base above limit: the window is closed.
+        c.set16(base_reg, 0xfff0 | keep_b);
+        c.set16(limit_reg, keep_l);
     }
 }
 
@@ -1450,13 +1451,13 @@ fn program(
     p: &Proto,
     caps: &Caps,
     id: FnId,
-    a: &Assigned,
+    assigned: &Assigned,
     buses: Option<(u8, u8)>,
 ) {
     let mut cmd = regs::COMMAND_MASTER;
     if p.pf.is_none() {
         for b in p.bars.iter().flatten() {
-            let addr = a.bar.get(&(id, b.index)).copied().unwrap_or(0);
+            let addr = assigned.bar.get(&(id, b.index)).copied().unwrap_or(0);
             let off = regs::BASE_ADDRESS_0 + 4 * u16::from(b.index);
             c.set32(off, (addr as u32 & !0xf) | b.flag_bits());
             if b.kind == BarType::Mem64 {
@@ -1472,7 +1473,7 @@ fn program(
     }
     if let Some(s) = caps.sriov {
         for b in p.vf_bars.iter().flatten() {
-            let addr = a.vf_bar.get(&(id, b.index)).copied().unwrap_or(0);
+            let addr = assigned.vf_bar.get(&(id, b.index)).copied().unwrap_or(0);
             let off = s + regs::SRIOV_BAR + 4 * u16::from(b.index);
             c.set32(off, (addr as u32 & !0xf) | b.flag_bits());
             if b.kind == BarType::Mem64 {
@@ -1491,7 +1492,7 @@ fn program(
         c.set8(regs::PRIMARY_BUS, p.bdf.bus());
         c.set8(regs::SECONDARY_BUS, sec);
         c.set8(regs::SUBORDINATE_BUS, sub);
-        let w = a.windows.get(&id).copied().unwrap_or([None; 3]);
+        let w = assigned.windows.get(&id).copied().unwrap_or([None; 3]);
         set_window(c, regs::MEMORY_BASE, regs::MEMORY_LIMIT, w[0]);
         set_window(c, regs::PREF_MEMORY_BASE, regs::PREF_MEMORY_LIMIT, w[1]);
         let (pb, pl) = w[1].map_or((0, 0), |s| {
@@ -1500,32 +1501,24 @@ fn program(
         c.set32(regs::PREF_BASE_UPPER32, pb as u32);
         c.set32(regs::PREF_LIMIT_UPPER32, pl as u32);
         cmd |= regs::COMMAND_MEMORY;
-        match w[2] {
-            Some(s) => {
-                cmd |= regs::COMMAND_IO;
-                let last = s.last().unwrap_or(s.start);
-                c.set8(
-                    regs::IO_BASE,
-                    ((s.start >> 8) as u8 & 0xf0) | regs::IO_RANGE_TYPE_16,
-                );
-                c.set8(
-                    regs::IO_LIMIT,
-                    ((last >> 8) as u8 & 0xf0) | regs::IO_RANGE_TYPE_16,
-                );
-            }
-            None => {
-                c.set8(regs::IO_BASE, 0xf0);
-                c.set8(regs::IO_LIMIT, 0x00);
-            }
+        if let Some(s) = w[2] {
+            cmd |= regs::COMMAND_IO;
+            let last = s.last().unwrap_or(s.start);
+            c.set8(
+                regs::IO_BASE,
+                ((s.start >> 8) as u8 & 0xf0) | regs::IO_RANGE_TYPE_16,
+            );
+            c.set8(
+                regs::IO_LIMIT,
+                ((last >> 8) as u8 & 0xf0) | regs::IO_RANGE_TYPE_16,
+            );
+        } else {
+            c.set8(regs::IO_BASE, 0xf0);
+            c.set8(regs::IO_LIMIT, 0x00);
         }
     }
     if p.pf.is_some() {
         cmd = regs::COMMAND_MASTER;
     }
     c.set16(regs::COMMAND, cmd);
-}
-
-/// Convenience for tests and generators: the spec of a function by address.
-pub fn device_spec<'a>(spec: &'a FabricSpec, bdf: Bdf) -> Option<&'a DeviceSpec> {
-    spec.devices.iter().find(|d| d.bdf == bdf)
 }

@@ -381,7 +381,7 @@ impl Fabric {
     }
 
     /// Resets a function as `pci_reset_function` does: save its registers, FLR (PCIe, else
-    /// AF), restore them. Fails with `ENOTTY`-like `None` if it has no FLR.
+    /// AF), restore them. `Ok(false)` when the function has no FLR (nothing happens).
     pub fn reset_function(&self, bdf: Bdf) -> Result<bool, PciError> {
         let f = self.function(bdf)?;
         let trigger = if let (true, Some(exp)) = (f.has_flr(), f.caps.exp) {
@@ -479,8 +479,8 @@ impl Fabric {
         Ok(decode::acs_ctrl(&sync::read(&f.cfg), &f.caps))
     }
 
-    /// Sets the ACS control bits through a config write. Fails with `NoBar`-free `EINVAL`
-    /// semantics if there is no ACS capability (returns `Ok(false)`).
+    /// Sets the ACS control bits through a config write. `Ok(false)` when the function has no
+    /// ACS capability (nothing happens).
     pub fn set_acs_ctrl(&self, bdf: Bdf, bits: u16) -> Result<bool, PciError> {
         let f = self.function(bdf)?;
         let Some(acs) = f.caps.acs else {

@@ -16,9 +16,14 @@ use crate::spec::{
 pub struct Rng(u64);
 
 impl Rng {
-    /// Seeded; any seed works (0 is remapped).
+    /// Seeded; every seed gives its own sequence (the state is a SplitMix64 mix of it, and
+    /// never zero).
     pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x9E37_79B9_7F4A_7C15 | 1)
+        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        Rng(if z == 0 { 1 } else { z })
     }
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {

@@ -584,9 +584,8 @@ impl Fabric {
     }
 
     fn check_requester(&self, bdf: Bdf) -> Result<(), FaultReason> {
-        let f = match self.function(bdf) {
-            Ok(f) => f,
-            Err(_) => return Err(FaultReason::RequesterNotPresent),
+        let Ok(f) = self.function(bdf) else {
+            return Err(FaultReason::RequesterNotPresent);
         };
         if !self.present(f) {
             return Err(FaultReason::RequesterNotPresent);
@@ -621,7 +620,7 @@ impl Fabric {
         if !self.funcs[node].kind.is_bridge() {
             if let claim @ Claim::Bar(..) = self.claim(node, cur) {
                 hops.push(Hop::Loopback);
-                return self.deliver(node, claim, cur, hops);
+                return self.deliver(node, &claim, cur, hops);
             }
         }
         let mut redirected = false;
@@ -650,7 +649,7 @@ impl Fabric {
                                     hops.push(Hop::Peer {
                                         to: self.funcs[sib].bdf,
                                     });
-                                    return self.deliver(sib, claim, cur, hops);
+                                    return self.deliver(sib, &claim, cur, hops);
                                 }
                             }
                         }
@@ -793,7 +792,7 @@ impl Fabric {
                 Claim::Disabled(cause) => {
                     disabled.get_or_insert(cause);
                 }
-                claim => return self.deliver(c, claim, cur, hops),
+                claim => return self.deliver(c, &claim, cur, hops),
             }
         }
         Err((
@@ -805,35 +804,33 @@ impl Fabric {
         ))
     }
 
-    fn deliver(&self, id: FnId, claim: Claim, cur: &mut Cursor, hops: &mut Vec<Hop>) -> Routed {
+    fn deliver(&self, id: FnId, claim: &Claim, cur: &mut Cursor, hops: &mut Vec<Hop>) -> Routed {
         let f = &self.funcs[id];
-        match claim {
-            Claim::Bar(bar, span) => Ok(Target::Bar {
+        if let Claim::Bar(bar, span) = claim {
+            return Ok(Target::Bar {
                 bdf: f.bdf,
-                bar,
+                bar: *bar,
                 offset: cur.addr - span.start,
-            }),
-            _ => {
-                hops.push(Hop::Down { bridge: f.bdf });
-                let mut disabled = None;
-                for &c in &f.children {
-                    match self.claim(c, cur) {
-                        Claim::No => {}
-                        Claim::Disabled(cause) => {
-                            disabled.get_or_insert(cause);
-                        }
-                        claim => return self.deliver(c, claim, cur, hops),
-                    }
+            });
+        }
+        hops.push(Hop::Down { bridge: f.bdf });
+        let mut disabled = None;
+        for &c in &f.children {
+            match self.claim(c, cur) {
+                Claim::No => {}
+                Claim::Disabled(cause) => {
+                    disabled.get_or_insert(cause);
                 }
-                Err((
-                    FaultReason::UnsupportedRequest {
-                        at: Location::Bridge(f.bdf),
-                        cause: disabled.unwrap_or(UrCause::NoClaimant),
-                    },
-                    std::mem::take(hops),
-                ))
+                claim => return self.deliver(c, &claim, cur, hops),
             }
         }
+        Err((
+            FaultReason::UnsupportedRequest {
+                at: Location::Bridge(f.bdf),
+                cause: disabled.unwrap_or(UrCause::NoClaimant),
+            },
+            std::mem::take(hops),
+        ))
     }
 
     /// Whether function `id` takes a memory request for `cur.addr` on its primary side.

@@ -240,7 +240,7 @@ impl Topology {
                         kind: b.bar.kind.as_str().to_string(),
                         prefetch: b.bar.prefetch,
                         size: b.bar.size,
-                        cpu_addr: b.cpu.map(|c| c.get()),
+                        cpu_addr: b.cpu.map(crate::addr::PhysAddr::get),
                         bus_addr: b.bus.get(),
                     })
                     .collect();

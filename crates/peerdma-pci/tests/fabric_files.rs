@@ -100,9 +100,8 @@ fn line_of(text: &str, needle: &str) -> usize {
 /// of the message.
 fn refused(extra: &str, key: &str, at: &str, says: &str) {
     let text = format!("{BASE}{extra}");
-    let e = match file::load_str(&text, "t.toml") {
-        Ok(_) => panic!("accepted:\n{extra}"),
-        Err(e) => e,
+    let Err(e) = file::load_str(&text, "t.toml") else {
+        panic!("accepted:\n{extra}")
     };
     assert_eq!(e.file.as_deref(), Some("t.toml"));
     assert_eq!(e.key, key, "{e}");
@@ -116,9 +115,8 @@ fn refused(extra: &str, key: &str, at: &str, says: &str) {
 }
 
 fn refused_text(text: &str, key: &str, at: &str, says: &str) {
-    let e = match file::load_str(text, "t.toml") {
-        Ok(_) => panic!("accepted:\n{text}"),
-        Err(e) => e,
+    let Err(e) = file::load_str(text, "t.toml") else {
+        panic!("accepted:\n{text}")
     };
     assert_eq!(e.key, key, "{e}");
     assert_eq!(e.line, Some(line_of(text, at)), "{e}");

@@ -15,7 +15,7 @@ fn mem_bars(f: &Fabric) -> Vec<(Bdf, u8, u64, u64, u64)> {
                     b.bar.index,
                     b.bus.get(),
                     b.bar.size,
-                    b.cpu.map_or(u64::MAX, |c| c.get()),
+                    b.cpu.map_or(u64::MAX, peerdma_pci::PhysAddr::get),
                 ));
             }
         }
@@ -55,7 +55,7 @@ proptest! {
         let spec = generate(&GenParams { seed, ..GenParams::default() });
         let f = Fabric::build(&spec).unwrap();
         let bars = mem_bars(&f);
-        let requesters: Vec<Bdf> = f.functions().filter(|x| !x.kind().is_bridge()).map(|x| x.bdf()).collect();
+        let requesters: Vec<Bdf> = f.functions().filter(|x| !x.kind().is_bridge()).map(peerdma_pci::Function::bdf).collect();
         for (r, t, o) in picks {
             let req = requesters[r as usize % requesters.len()];
             let (bdf, index, bus, size, _) = bars[t as usize % bars.len()];
