@@ -1,0 +1,89 @@
+//! The `peerdma` command as a user runs it.
+
+use std::process::Command;
+
+fn peerdma(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_peerdma")).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+fn example(name: &str) -> String {
+    format!("{}/../../examples/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn topo_without_a_fabric_shows_the_built_in_server() {
+    let (code, out, err) = peerdma(&["topo"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("built-in example fabric gpu-server.toml"));
+    assert!(out.contains("0000:03:00.0 endpoint gpu0  10de:2330"));
+    assert!(out.contains("0000:02:00.0 switch_downstream  1000:c030  ACS[SV UF]"));
+    assert!(out.contains("BAR2 mem64 pref 128G"));
+    assert!(out.contains("VF of 0000:04:00.0"));
+    assert!(out.contains("peer-to-peer forwarding: any"));
+}
+
+#[test]
+fn topo_json_follows_the_contract() {
+    let (code, out, err) = peerdma(&["topo", "--json", "--fabric", &example("gpu-nic-switch.toml")]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["platform"]["cpu"]["vendor"], "intel");
+    assert_eq!(v["platform"]["cpu"]["family"], 6);
+    let hb = &v["host_bridges"][0];
+    for k in ["name", "domain", "bus", "p2p", "mmio"] {
+        assert!(hb.get(k).is_some(), "host bridge lacks {k}");
+    }
+    assert_eq!(hb["p2p"], true);
+    assert_eq!(hb["mmio"][1]["cpu"].as_u64(), Some(0x80_0000_0000));
+    assert_eq!(hb["mmio"][1]["size"].as_u64(), Some(256 << 30));
+    let devices = v["devices"].as_array().unwrap();
+    let gpu = devices.iter().find(|d| d["name"] == "gpu0").unwrap();
+    for k in ["bdf", "kind", "name", "parent", "vendor", "device", "acs", "bars"] {
+        assert!(gpu.get(k).is_some(), "device lacks {k}");
+    }
+    assert_eq!(gpu["bdf"], "0000:03:00.0");
+    assert_eq!(gpu["kind"], "endpoint");
+    assert_eq!(gpu["parent"], "0000:02:00.0");
+    assert_eq!(gpu["vendor"], 0x10de);
+    assert_eq!(gpu["device"], 0x2330);
+    let bar2 = gpu["bars"].as_array().unwrap().iter().find(|b| b["index"] == 2).unwrap();
+    assert_eq!(bar2["type"], "mem64");
+    assert_eq!(bar2["prefetch"], true);
+    assert_eq!(bar2["size"].as_u64(), Some(64 << 30));
+    assert!(bar2["cpu_addr"].is_u64() && bar2["bus_addr"].is_u64());
+    let rp = devices.iter().find(|d| d["bdf"] == "0000:00:01.0").unwrap();
+    assert_eq!(rp["parent"], "hb0");
+    assert_eq!(rp["acs"], serde_json::json!(["SV", "RR", "CR", "UF"]));
+}
+
+#[test]
+fn every_example_prints() {
+    for name in ["gpu-server.toml", "gpu-nic-switch.toml", "two-root-ports-acs.toml", "arm-offset.toml", "sriov-nic.toml", "two-host-bridges.toml"] {
+        let (code, out, err) = peerdma(&["topo", "--fabric", &example(name)]);
+        assert_eq!(code, 0, "{name}: {err}");
+        assert!(out.contains(&format!("fabric file {}", example(name))), "{name}");
+    }
+}
+
+#[test]
+fn bad_input_exits_2_with_a_plain_message() {
+    let dir = std::env::temp_dir().join(format!("peerdma-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[platform]\ncpu = { vendor = \"intel\" }\n\n[[device]]\nbdf = \"0000:01:00.0\"\nkind = \"endpoint\"\nparent = \"nowhere\"\n").unwrap();
+    let (code, out, err) = peerdma(&["topo", "--fabric", bad.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(out.is_empty());
+    assert_eq!(err.trim(), format!("peerdma: {}:7: device[0].parent: unknown parent \"nowhere\": no host bridge, device name or device address", bad.display()));
+    let (code, _, err) = peerdma(&["topo", "--fabric", dir.join("missing.toml").to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert!(err.contains("cannot read the file"));
+    let (code, _, _) = peerdma(&["topo", "--bogus"]);
+    assert_eq!(code, 2, "clap usage errors also exit 2");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
