@@ -3,7 +3,10 @@
 use std::process::Command;
 
 fn peerdma(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_peerdma")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_peerdma"))
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8(out.stdout).unwrap(),
@@ -29,7 +32,12 @@ fn topo_without_a_fabric_shows_the_built_in_server() {
 
 #[test]
 fn topo_json_follows_the_contract() {
-    let (code, out, err) = peerdma(&["topo", "--json", "--fabric", &example("gpu-nic-switch.toml")]);
+    let (code, out, err) = peerdma(&[
+        "topo",
+        "--json",
+        "--fabric",
+        &example("gpu-nic-switch.toml"),
+    ]);
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["platform"]["cpu"]["vendor"], "intel");
@@ -43,7 +51,9 @@ fn topo_json_follows_the_contract() {
     assert_eq!(hb["mmio"][1]["size"].as_u64(), Some(256 << 30));
     let devices = v["devices"].as_array().unwrap();
     let gpu = devices.iter().find(|d| d["name"] == "gpu0").unwrap();
-    for k in ["bdf", "kind", "name", "parent", "vendor", "device", "acs", "bars"] {
+    for k in [
+        "bdf", "kind", "name", "parent", "vendor", "device", "acs", "bars",
+    ] {
         assert!(gpu.get(k).is_some(), "device lacks {k}");
     }
     assert_eq!(gpu["bdf"], "0000:03:00.0");
@@ -51,7 +61,12 @@ fn topo_json_follows_the_contract() {
     assert_eq!(gpu["parent"], "0000:02:00.0");
     assert_eq!(gpu["vendor"], 0x10de);
     assert_eq!(gpu["device"], 0x2330);
-    let bar2 = gpu["bars"].as_array().unwrap().iter().find(|b| b["index"] == 2).unwrap();
+    let bar2 = gpu["bars"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["index"] == 2)
+        .unwrap();
     assert_eq!(bar2["type"], "mem64");
     assert_eq!(bar2["prefetch"], true);
     assert_eq!(bar2["size"].as_u64(), Some(64 << 30));
@@ -63,10 +78,20 @@ fn topo_json_follows_the_contract() {
 
 #[test]
 fn every_example_prints() {
-    for name in ["gpu-server.toml", "gpu-nic-switch.toml", "two-root-ports-acs.toml", "arm-offset.toml", "sriov-nic.toml", "two-host-bridges.toml"] {
+    for name in [
+        "gpu-server.toml",
+        "gpu-nic-switch.toml",
+        "two-root-ports-acs.toml",
+        "arm-offset.toml",
+        "sriov-nic.toml",
+        "two-host-bridges.toml",
+    ] {
         let (code, out, err) = peerdma(&["topo", "--fabric", &example(name)]);
         assert_eq!(code, 0, "{name}: {err}");
-        assert!(out.contains(&format!("fabric file {}", example(name))), "{name}");
+        assert!(
+            out.contains(&format!("fabric file {}", example(name))),
+            "{name}"
+        );
     }
 }
 
@@ -79,8 +104,18 @@ fn bad_input_exits_2_with_a_plain_message() {
     let (code, out, err) = peerdma(&["topo", "--fabric", bad.to_str().unwrap()]);
     assert_eq!(code, 2);
     assert!(out.is_empty());
-    assert_eq!(err.trim(), format!("peerdma: {}:7: device[0].parent: unknown parent \"nowhere\": no host bridge, device name or device address", bad.display()));
-    let (code, _, err) = peerdma(&["topo", "--fabric", dir.join("missing.toml").to_str().unwrap()]);
+    assert_eq!(
+        err.trim(),
+        format!(
+            "peerdma: {}:7: device[0].parent: unknown parent \"nowhere\": no host bridge, device name or device address",
+            bad.display()
+        )
+    );
+    let (code, _, err) = peerdma(&[
+        "topo",
+        "--fabric",
+        dir.join("missing.toml").to_str().unwrap(),
+    ]);
     assert_eq!(code, 2);
     assert!(err.contains("cannot read the file"));
     let (code, _, _) = peerdma(&["topo", "--bogus"]);
