@@ -695,3 +695,118 @@ fn a_function_reaches_its_own_bar_by_loopback() {
             .via_root_complex()
     );
 }
+
+const RC_AND_PCI_BRIDGE: &str = r#"
+[platform]
+cpu = { vendor = "intel", family = 6 }
+ram = [ { cpu = 0, size = "1G" } ]
+
+[[host_bridge]]
+name = "hb0"
+p2p = true
+mmio = [ { cpu = 0x8000_0000, bus = 0x8000_0000, size = "1G" } ]
+
+[[device]]
+bdf = "0000:00:00.0"
+kind = "host_bridge_function"
+parent = "hb0"
+
+[[device]]
+bdf = "0000:00:04.0"
+kind = "rciep"
+parent = "hb0"
+name = "dsa"
+bars = [ { index = 0, size = "64K" } ]
+
+[[device]]
+bdf = "0000:00:05.0"
+kind = "rciep"
+parent = "hb0"
+name = "qat"
+bars = [ { index = 0, size = "64K" } ]
+
+[[device]]
+bdf = "0000:00:1c.0"
+kind = "root_port"
+parent = "hb0"
+
+[[device]]
+bdf = "0000:01:00.0"
+kind = "pci_bridge"
+parent = "0000:00:1c.0"
+
+[[device]]
+bdf = "0000:02:01.0"
+kind = "endpoint"
+parent = "0000:01:00.0"
+name = "old0"
+bars = [ { index = 0, size = "4K" } ]
+
+[[device]]
+bdf = "0000:02:02.0"
+kind = "endpoint"
+parent = "0000:01:00.0"
+name = "old1"
+bars = [ { index = 0, size = "4K" } ]
+"#;
+
+#[test]
+fn rcieps_talk_through_the_root_complex() {
+    let f = peerdma_pci::file::load_str(RC_AND_PCI_BRIDGE, "rc.toml").unwrap();
+    let (dsa, qat, old0) = (dev(&f, "dsa"), dev(&f, "qat"), dev(&f, "old0"));
+    assert_eq!(f.upstream_bridge(dsa).unwrap(), None);
+    let t = f
+        .dma_write(dsa, DmaAddr(f.bar(qat, 0).unwrap().bus.get()), b"rciep")
+        .unwrap();
+    assert_eq!(
+        t.segments[0].hops,
+        vec![
+            Hop::RootComplex {
+                host_bridge: "hb0".into()
+            },
+            Hop::RootBus {
+                host_bridge: "hb0".into()
+            }
+        ]
+    );
+    assert_eq!(
+        t.segments[0].target,
+        Target::Bar {
+            bdf: qat,
+            bar: 0,
+            offset: 0
+        }
+    );
+    // An RCiEP reaches a device below a root port the same way, and RAM directly.
+    let t = f
+        .dma_write(dsa, DmaAddr(f.bar(old0, 0).unwrap().bus.get()), b"down")
+        .unwrap();
+    assert!(t.segments[0].hops.contains(&Hop::Down {
+        bridge: b("0000:01:00.0")
+    }));
+    let t = f.dma_write(dsa, DmaAddr(0x1000), b"ram").unwrap();
+    assert_eq!(
+        t.segments[0].target,
+        Target::Ram {
+            addr: PhysAddr(0x1000)
+        }
+    );
+}
+
+#[test]
+fn devices_behind_a_conventional_pci_bridge_share_one_bus() {
+    let f = peerdma_pci::file::load_str(RC_AND_PCI_BRIDGE, "rc.toml").unwrap();
+    let (old0, old1) = (dev(&f, "old0"), dev(&f, "old1"));
+    assert_eq!(f.bridge_buses(b("0000:01:00.0")).unwrap(), Some((1, 2, 2)));
+    let t = f
+        .dma_write(
+            old0,
+            DmaAddr(f.bar(old1, 0).unwrap().bus.get()),
+            b"same bus",
+        )
+        .unwrap();
+    assert_eq!(t.segments[0].hops, vec![Hop::Peer { to: old1 }]);
+    let mut back = [0u8; 8];
+    f.bar_peek(old1, 0, 0, &mut back).unwrap();
+    assert_eq!(&back, b"same bus");
+}
