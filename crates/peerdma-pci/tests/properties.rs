@@ -131,7 +131,7 @@ proptest! {
         match how {
             0 => { lines.remove(i); }
             1 => lines[i] = lines[i].replace(|c: char| c.is_ascii_digit(), &(n % 10).to_string()),
-            2 => lines[i] = lines[i].replace("\"", ""),
+            2 => lines[i] = lines[i].replace('"', ""),
             _ => lines.insert(i, format!("size = {n}")),
         }
         let mutated = lines.join("\n");
