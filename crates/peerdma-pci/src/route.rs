@@ -785,8 +785,25 @@ impl Fabric {
         hops.push(Hop::RootBus {
             host_bridge: hb.name.clone(),
         });
+        self.offer_down(
+            &hb.root_children,
+            Location::RootBus(hb.name.clone()),
+            cur,
+            hops,
+        )
+    }
+
+    /// Offers a request to the devices on one bus, going down; if none takes it, it is an
+    /// Unsupported Request at `at` (naming a device that would have taken it if enabled).
+    fn offer_down(
+        &self,
+        bus: &[FnId],
+        at: Location,
+        cur: &mut Cursor,
+        hops: &mut Vec<Hop>,
+    ) -> Routed {
         let mut disabled = None;
-        for &c in &hb.root_children {
+        for &c in bus {
             match self.claim(c, cur) {
                 Claim::No => {}
                 Claim::Disabled(cause) => {
@@ -797,7 +814,7 @@ impl Fabric {
         }
         Err((
             FaultReason::UnsupportedRequest {
-                at: Location::RootBus(hb.name.clone()),
+                at,
                 cause: disabled.unwrap_or(UrCause::NoClaimant),
             },
             std::mem::take(hops),
@@ -814,23 +831,7 @@ impl Fabric {
             });
         }
         hops.push(Hop::Down { bridge: f.bdf });
-        let mut disabled = None;
-        for &c in &f.children {
-            match self.claim(c, cur) {
-                Claim::No => {}
-                Claim::Disabled(cause) => {
-                    disabled.get_or_insert(cause);
-                }
-                claim => return self.deliver(c, &claim, cur, hops),
-            }
-        }
-        Err((
-            FaultReason::UnsupportedRequest {
-                at: Location::Bridge(f.bdf),
-                cause: disabled.unwrap_or(UrCause::NoClaimant),
-            },
-            std::mem::take(hops),
-        ))
+        self.offer_down(&f.children, Location::Bridge(f.bdf), cur, hops)
     }
 
     /// Whether function `id` takes a memory request for `cur.addr` on its primary side.
