@@ -29,21 +29,49 @@ const fn entry(vendor: u16, device: u16, same: bool) -> AllowlistEntry {
     }
 }
 
-/// The Linux host-bridge allowlist (the v6.19 table).
+const INTEL: u16 = 0x8086;
+const GOOGLE: u16 = 0x1ae0;
+const NVIDIA: u16 = 0x10de;
+
+/// The Linux 7.2 host-bridge allowlist, in the kernel's order (first match wins).
 pub const ALLOWLIST: &[AllowlistEntry] = &[
     // Xeon E5 / Core i7 (Sandy Bridge-EP).
-    entry(0x8086, 0x3c00, true),
-    entry(0x8086, 0x3c01, true),
+    entry(INTEL, 0x3c00, true),
+    entry(INTEL, 0x3c01, true),
     // Xeon E7 v3 / E5 v3 (Haswell-EP).
-    entry(0x8086, 0x2f00, true),
-    entry(0x8086, 0x2f01, true),
+    entry(INTEL, 0x2f00, true),
+    entry(INTEL, 0x2f01, true),
     // Skylake-E.
-    entry(0x8086, 0x2030, false),
-    entry(0x8086, 0x2031, false),
-    entry(0x8086, 0x2032, false),
-    entry(0x8086, 0x2033, false),
-    entry(0x8086, 0x2020, false),
-    entry(0x8086, 0x09a2, false),
+    entry(INTEL, 0x2030, false),
+    entry(INTEL, 0x2031, false),
+    entry(INTEL, 0x2032, false),
+    entry(INTEL, 0x2033, false),
+    entry(INTEL, 0x2020, false),
+    entry(INTEL, 0x09a2, false),
+    // Integrated accelerators that sit first on their root bus: DSA and IAX (Sapphire
+    // Rapids), DSA (Granite Rapids-D), DSA and IAA (Diamond Rapids), QAT 4xxx/401xx/402xx/
+    // 420xx/6xxx.
+    entry(INTEL, 0x0b25, false),
+    entry(INTEL, 0x0cfe, false),
+    entry(INTEL, 0x11fb, false),
+    entry(INTEL, 0x1212, false),
+    entry(INTEL, 0x1216, false),
+    entry(INTEL, 0x4940, false),
+    entry(INTEL, 0x4942, false),
+    entry(INTEL, 0x4944, false),
+    entry(INTEL, 0x4946, false),
+    entry(INTEL, 0x4948, false),
+    // Google SoCs: every device ID.
+    AllowlistEntry {
+        vendor: GOOGLE,
+        device: None,
+        same_host_bridge_only: false,
+    },
+    // NVIDIA CPUs.
+    entry(NVIDIA, 0x2f95, false),
+    entry(NVIDIA, 0x2f96, false),
+    entry(NVIDIA, 0x2f97, false),
+    entry(NVIDIA, 0x2f98, false),
 ];
 
 /// The allowlist entry for a root-bus function, if any (first match wins, as in Linux).
@@ -118,5 +146,19 @@ mod tests {
             default_forwarding(arm, Some((0x8086, 0x09a2))),
             P2pForwarding::Any
         );
+    }
+
+    #[test]
+    fn wildcard_and_later_entries() {
+        assert!(
+            allowlist_lookup(0x1ae0, 0x1234).is_some(),
+            "Google: any device"
+        );
+        assert!(allowlist_lookup(0x1ae0, 0xffff).is_some());
+        assert!(allowlist_lookup(0x10de, 0x2f97).is_some());
+        assert!(allowlist_lookup(0x10de, 0x2f99).is_none());
+        assert!(allowlist_lookup(0x8086, 0x4948).is_some(), "QAT 6xxx");
+        assert!(allowlist_lookup(0x8086, 0x0b25).is_some(), "DSA SPR");
+        assert_eq!(ALLOWLIST.len(), 25);
     }
 }
