@@ -655,6 +655,12 @@ impl Fabric {
                         }
                     }
                     let bf = &self.funcs[b];
+                    if !redirected {
+                        if let claim @ Claim::Bar(..) = self.claim_bars(bf, cur) {
+                            hops.push(Hop::Peer { to: bf.bdf });
+                            return self.deliver(b, &claim, cur, hops);
+                        }
+                    }
                     let (w, cmd, power) = {
                         let c = sync::read(&bf.cfg);
                         (
@@ -838,6 +844,11 @@ impl Fabric {
     fn claim(&self, id: FnId, cur: &mut Cursor) -> Claim {
         let f = &self.funcs[id];
         if f.kind.is_bridge() {
+            // A bridge's own BARs (BAR0/1) are decoded on its primary side, before its
+            // forwarding windows.
+            if let claim @ (Claim::Bar(..) | Claim::Disabled(_)) = self.claim_bars(f, cur) {
+                return claim;
+            }
             let (w, cmd, power) = {
                 let c = sync::read(&f.cfg);
                 (
@@ -859,6 +870,11 @@ impl Fabric {
             }
             return Claim::Bridge;
         }
+        self.claim_bars(f, cur)
+    }
+
+    /// Whether one of the function's own memory BARs takes the request.
+    fn claim_bars(&self, f: &crate::function::Function, cur: &mut Cursor) -> Claim {
         let mut hit = None;
         for bar in f.bars().filter(|b| b.kind.is_mem()) {
             let span = self.bar_span(f, bar);

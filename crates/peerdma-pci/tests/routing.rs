@@ -810,3 +810,41 @@ fn devices_behind_a_conventional_pci_bridge_share_one_bus() {
     f.bar_peek(old1, 0, 0, &mut back).unwrap();
     assert_eq!(&back, b"same bus");
 }
+
+#[test]
+fn a_bridge_decodes_its_own_bars() {
+    let text = RC_AND_PCI_BRIDGE.replace(
+        "kind = \"pci_bridge\"\nparent = \"0000:00:1c.0\"\n",
+        "kind = \"pci_bridge\"\nparent = \"0000:00:1c.0\"\nname = \"br\"\nbars = [ { index = 0, size = \"4K\" } ]\n",
+    );
+    let f = peerdma_pci::file::load_str(&text, "rc.toml").unwrap();
+    let (br, old0, dsa) = (dev(&f, "br"), dev(&f, "old0"), dev(&f, "dsa"));
+    let bar = f.bar(br, 0).unwrap();
+    // From the CPU, from an RCiEP through the root complex, and from a device below it.
+    f.cpu_write(bar.cpu.unwrap(), b"cpu").unwrap();
+    let t = f.dma_write(dsa, DmaAddr(bar.bus.get() + 8), b"rc").unwrap();
+    assert_eq!(
+        t.segments[0].target,
+        Target::Bar {
+            bdf: br,
+            bar: 0,
+            offset: 8
+        }
+    );
+    let t = f
+        .dma_write(old0, DmaAddr(bar.bus.get() + 16), b"below")
+        .unwrap();
+    assert_eq!(
+        t.segments[0].target,
+        Target::Bar {
+            bdf: br,
+            bar: 0,
+            offset: 16
+        }
+    );
+    assert!(!t.via_root_complex());
+    let mut back = [0u8; 21];
+    f.bar_peek(br, 0, 0, &mut back).unwrap();
+    assert_eq!(&back[..3], b"cpu");
+    assert_eq!(&back[16..], b"below");
+}
