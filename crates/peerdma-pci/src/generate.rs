@@ -67,6 +67,13 @@ pub struct GenParams {
     pub cpu: Cpu,
     /// Forwarding of every host bridge (`None` = derived from the CPU and allowlist).
     pub p2p: Option<P2pForwarding>,
+    /// Put every window's CPU range 2^47 above its bus range, so that no CPU address is ever
+    /// a bus address (a DMA to a CPU address can then only be decoded by a root complex).
+    pub offset_windows: bool,
+    /// Draw the CPU (AMD Zen, older AMD, Intel, Arm) and each host bridge's root-bus function
+    /// (allowlisted, allowlisted for the same bridge only, unknown, or none at devfn 00.0 so
+    /// that the first root port is the one looked at) at random, overriding `cpu`.
+    pub vary_platform: bool,
 }
 
 impl Default for GenParams {
@@ -85,6 +92,8 @@ impl Default for GenParams {
                 family: 6,
             },
             p2p: Some(P2pForwarding::Any),
+            offset_windows: false,
+            vary_platform: false,
         }
     }
 }
@@ -129,6 +138,29 @@ fn random_acs(rng: &mut Rng, percent: u32) -> Option<u16> {
 /// Builds a platform description from `p`.
 pub fn generate(p: &GenParams) -> FabricSpec {
     let mut rng = Rng::new(p.seed);
+    let cpu = if p.vary_platform {
+        match rng.below(4) {
+            0 => Cpu {
+                vendor: CpuVendor::Amd,
+                family: 0x19,
+            },
+            1 => Cpu {
+                vendor: CpuVendor::Amd,
+                family: 0x15,
+            },
+            2 => Cpu {
+                vendor: CpuVendor::Intel,
+                family: 6,
+            },
+            _ => Cpu {
+                vendor: CpuVendor::Arm,
+                family: 0,
+            },
+        }
+    } else {
+        p.cpu
+    };
+    let cpu_offset = if p.offset_windows { 1u64 << 47 } else { 0 };
     let mut devices = Vec::new();
     let mut host_bridges = Vec::new();
     let mut n = 0usize;
@@ -144,25 +176,37 @@ pub fn generate(p: &GenParams) -> FabricSpec {
             p2p: p.p2p,
             mmio: vec![
                 WindowSpec {
-                    cpu: np_base,
+                    cpu: np_base + cpu_offset,
                     bus: np_base,
                     size: 0x0200_0000,
                 },
                 WindowSpec {
-                    cpu: pref_base,
+                    cpu: pref_base + cpu_offset,
                     bus: pref_base,
                     size: 1 << 40,
                 },
             ],
         });
-        let mut hbf = DeviceSpec::new(
-            Bdf::new(domain, 0, 0, 0).expect("valid"),
-            DeviceKind::HostBridgeFunction,
-            name.clone(),
-        );
-        hbf.vendor = 0x8086;
-        hbf.device = 0x2020;
-        devices.push(hbf);
+        // The root-bus function the P2P allowlist looks at.
+        let (root_ids, with_hbf) = if p.vary_platform {
+            match rng.below(4) {
+                0 => ((0x8086, 0x2020), true),
+                1 => ((0x8086, 0x3c00), true),
+                2 => ((0x8086, 0x1234), true),
+                _ => ((0x8086, [0x2031, 0x5678][rng.below(2) as usize]), false),
+            }
+        } else {
+            ((0x8086, 0x2020), true)
+        };
+        if with_hbf {
+            let mut hbf = DeviceSpec::new(
+                Bdf::new(domain, 0, 0, 0).expect("valid"),
+                DeviceKind::HostBridgeFunction,
+                name.clone(),
+            );
+            (hbf.vendor, hbf.device) = root_ids;
+            devices.push(hbf);
+        }
         let mut next_bus: u16 = 1;
         for r in 0..p.root_ports.clamp(1, 31) {
             if next_bus > 250 {
@@ -170,6 +214,9 @@ pub fn generate(p: &GenParams) -> FabricSpec {
             }
             let rp_bdf = Bdf::new(domain, 0, r as u8 + 1, 0).expect("valid");
             let mut rp = DeviceSpec::new(rp_bdf, DeviceKind::RootPort, name.clone());
+            if !with_hbf {
+                (rp.vendor, rp.device) = root_ids;
+            }
             rp.acs = random_acs(&mut rng, p.acs_percent);
             devices.push(rp);
             let bus = next_bus as u8;
@@ -217,7 +264,7 @@ pub fn generate(p: &GenParams) -> FabricSpec {
     }
     FabricSpec {
         platform: PlatformSpec {
-            cpu: p.cpu,
+            cpu,
             ram: vec![RamSpec {
                 cpu: 0,
                 size: 1 << 31,
