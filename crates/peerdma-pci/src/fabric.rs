@@ -257,6 +257,11 @@ impl Fabric {
         Ok(&self.host_bridges[self.function(bdf)?.host_bridge])
     }
 
+    /// The index (into [`Fabric::host_bridges`]) of the host bridge a function sits under.
+    pub fn host_bridge_index(&self, bdf: Bdf) -> Result<usize, PciError> {
+        Ok(self.function(bdf)?.host_bridge)
+    }
+
     /// The functions on a bridge's secondary bus (VFs of those functions included), by
     /// address.
     pub fn children(&self, bridge: Bdf) -> Result<Vec<Bdf>, PciError> {
