@@ -167,7 +167,9 @@ pub fn generate(p: &GenParams) -> FabricSpec {
     for h in 0..p.host_bridges.min(64) {
         let domain = h as u16;
         let name = format!("hb{h}");
-        let np_base = 0x8000_0000 + (h as u64) * 0x0200_0000;
+        // Below 4 GiB every host bridge gets an equal share of 2 GiB.
+        let np_size = (0x8000_0000 / (p.host_bridges.clamp(4, 64) as u64)) & !0xf_ffff;
+        let np_base = 0x8000_0000 + (h as u64) * np_size;
         let pref_base = 0x100_0000_0000 * (h as u64 + 1);
         host_bridges.push(HostBridgeSpec {
             name: name.clone(),
@@ -178,7 +180,7 @@ pub fn generate(p: &GenParams) -> FabricSpec {
                 WindowSpec {
                     cpu: np_base + cpu_offset,
                     bus: np_base,
-                    size: 0x0200_0000,
+                    size: np_size,
                 },
                 WindowSpec {
                     cpu: pref_base + cpu_offset,
