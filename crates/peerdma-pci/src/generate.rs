@@ -101,7 +101,7 @@ impl Default for GenParams {
 fn endpoint_bars(rng: &mut Rng) -> Vec<BarSpec> {
     let mut bars = vec![BarSpec {
         index: 0,
-        size: 4096 << rng.below(9), // 4 KiB .. 1 MiB, 32-bit
+        size: 4096 << rng.below(5), // 4 KiB .. 64 KiB, 32-bit
         kind: BarType::Mem32,
         prefetch: false,
         addr: None,
