@@ -173,7 +173,8 @@ fn distance_many_sums_or_refuses() {
     assert_eq!(p2p.distance_many(a, &[], true), -1);
     assert_eq!(
         p2p.distance_many(a, &[pci("a"), pci("a1"), pci("b")], false),
-        0 + 2 + 4
+        6,
+        "0 + 2 + 4"
     );
     assert_eq!(p2p.distance(a, &pci("b"), false), 4);
     // A non-PCI client is walked up to its PCI parent...
@@ -229,13 +230,13 @@ fn find_many_picks_the_closest_published_pool_at_random_among_equals() {
         Some(d(&f, "a")),
         "distance 4 beats 6"
     );
-    let _a1 = bind_pool("a1", false);
+    let a1 = bind_pool("a1", false);
     assert_eq!(
         p2p.find_many(&[pci("a")]),
         Some(d(&f, "a")),
         "unpublished a1 is skipped; a is distance 0"
     );
-    _a1.publish(true);
+    a1.publish(true);
     // b is at distance 4 from both a and a1: over many draws both are chosen.
     let mut seen = std::collections::HashSet::new();
     for _ in 0..64 {
@@ -301,8 +302,7 @@ fn add_resource_refuses_what_the_kernel_refuses() {
     let m = p2p.messages();
     assert!(
         m[0].text.starts_with("added peer-to-peer DMA memory 0x"),
-        "{:?}",
-        m
+        "{m:?}"
     );
 }
 
