@@ -33,10 +33,10 @@ fn lookup(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("map_type_lookup");
     g.bench_function("hashmap_floor", |b| {
-        b.iter(|| *plain.get(black_box(&key)).unwrap())
+        b.iter(|| *plain.get(black_box(&key)).unwrap());
     });
     g.bench_function("cached_map_type", |b| {
-        b.iter(|| p2p.map_type(black_box(&provider), black_box(&client)))
+        b.iter(|| p2p.map_type(black_box(&provider), black_box(&client)));
     });
     g.finish();
 }
@@ -69,7 +69,7 @@ fn all_pairs(c: &mut Criterion) {
     let mut g = c.benchmark_group("all_pairs_matrix");
     g.sample_size(10);
     g.bench_function(format!("{providers}x{clients}"), |b| {
-        b.iter(|| black_box(Matrix::compute(&fabric)))
+        b.iter(|| black_box(Matrix::compute(&fabric)));
     });
     g.finish();
 }
