@@ -2,10 +2,12 @@
 //!
 //! | command | what it does |
 //! |---|---|
-//! | `topo` | show a platform as a tree (`--json` for the machine-readable contract) |
+//! | `topo` | show a platform as a tree (`--json` for the machine-readable contract); `--matrix` for the P2P matrix |
+//! | `explain` | why a provider/client pair gets its P2P map type, hop by hop |
 //!
 //! Errors go to stderr in plain words; bad input exits with status 2.
 
+mod p2p;
 mod topo;
 
 use std::path::PathBuf;
@@ -31,6 +33,22 @@ enum Command {
         #[arg(long)]
         fabric: Option<PathBuf>,
         /// Print JSON instead of a tree.
+        #[arg(long)]
+        json: bool,
+        /// Show the peer-to-peer matrix: every provider against every client.
+        #[arg(long)]
+        matrix: bool,
+    },
+    /// Explain the P2P map type of one provider/client pair, hop by hop.
+    Explain {
+        /// The provider: a device name from the fabric file or an address (0000:03:00.0).
+        provider: String,
+        /// The client: a name or an address.
+        client: String,
+        /// A fabric file (TOML); without it, the built-in GPU server.
+        #[arg(long)]
+        fabric: Option<PathBuf>,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -63,19 +81,57 @@ fn load_fabric(path: Option<&PathBuf>) -> Result<(Fabric, String), CliError> {
     }
 }
 
+fn json_error(e: serde_json::Error) -> CliError {
+    CliError {
+        message: format!("cannot encode JSON: {e}"),
+        status: 1,
+    }
+}
+
 fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Topo { fabric, json } => {
+        Command::Topo {
+            fabric,
+            json,
+            matrix,
+        } => {
             let (fabric, source) = load_fabric(fabric.as_ref())?;
             let topology = peerdma_pci::topology::Topology::of(&fabric);
             if json {
-                let text = serde_json::to_string_pretty(&topology).map_err(|e| CliError {
-                    message: format!("cannot encode JSON: {e}"),
-                    status: 1,
-                })?;
-                println!("{text}");
+                let mut value = serde_json::to_value(&topology).map_err(json_error)?;
+                if matrix {
+                    value["p2p"] = serde_json::to_value(p2p::pairs(&fabric)).map_err(json_error)?;
+                }
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&value).map_err(json_error)?
+                );
+            } else if matrix {
+                print!("{}", p2p::render_matrix(&fabric, &source));
             } else {
                 print!("{}", topo::render(&topology, &source));
+            }
+            Ok(())
+        }
+        Command::Explain {
+            provider,
+            client,
+            fabric,
+            json,
+        } => {
+            let (fabric, source) = load_fabric(fabric.as_ref())?;
+            let find = |s: &str| {
+                fabric.lookup(s).map_err(|e| CliError {
+                    message: e.to_string(),
+                    status: 2,
+                })
+            };
+            let (p, c) = (find(&provider)?, find(&client)?);
+            let e = peerdma_p2pdma::explain(&fabric, p, c);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&e).map_err(json_error)?);
+            } else {
+                print!("{}", p2p::render_explanation(&fabric, &e, &source));
             }
             Ok(())
         }

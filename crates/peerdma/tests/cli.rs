@@ -122,3 +122,127 @@ fn bad_input_exits_2_with_a_plain_message() {
     assert_eq!(code, 2, "clap usage errors also exit 2");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn topo_matrix_shows_every_outcome_with_legend_and_footnotes() {
+    let (code, out, err) = peerdma(&[
+        "topo",
+        "--matrix",
+        "--fabric",
+        &example("two-root-ports-acs.toml"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("0000:03:00.0 (nvme0)"))
+        .unwrap();
+    let cells: Vec<&str> = row.split_whitespace().skip(2).collect();
+    assert_eq!(cells, vec!["X", "HB4*", "HB6"]);
+    assert!(out.contains("BUSn  switch-local"));
+    assert!(
+        out.contains(
+            "0000:02:00.0: ACS SV RR CR UF; 2 pair(s); pci=disable_acs_redir=0000:02:00.0"
+        )
+    );
+    let (_, out, _) = peerdma(&["topo", "--matrix", "--fabric", &example("arm-offset.toml")]);
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("0000:05:00.0 (nvme0)"))
+        .unwrap();
+    assert!(row.contains("NO"), "{row}");
+    assert!(
+        out.lines()
+            .find(|l| l.starts_with("0000:03:00.0 (acc0)"))
+            .unwrap()
+            .contains("BUS4")
+    );
+}
+
+#[test]
+fn topo_json_with_matrix_lists_every_ordered_pair() {
+    let (code, out, err) = peerdma(&["topo", "--json", "--matrix"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v["devices"].is_array(), "the topo JSON is still there");
+    let pairs = v["p2p"].as_array().unwrap();
+    // gpu-server: 9 providers, 9 clients, all providers are clients: 9 × 9 − 9 ordered pairs.
+    assert_eq!(pairs.len(), 72);
+    let gpu_nvme = pairs
+        .iter()
+        .find(|p| p["provider"] == "0000:03:00.0" && p["client"] == "0000:07:00.0")
+        .unwrap();
+    assert_eq!(gpu_nvme["map_type"], "thru_host_bridge");
+    assert_eq!(gpu_nvme["distance"], 6);
+    assert!(gpu_nvme["acs_redirect"].is_array());
+    assert!(
+        gpu_nvme["reason"]
+            .as_str()
+            .unwrap()
+            .contains("share no upstream bridge")
+    );
+    let gpu_nic = pairs
+        .iter()
+        .find(|p| p["provider"] == "0000:03:00.0" && p["client"] == "0000:04:00.0")
+        .unwrap();
+    assert_eq!(gpu_nic["map_type"], "bus_addr");
+    assert_eq!(gpu_nic["distance"], 4);
+    assert!(pairs.iter().all(|p| p["provider"] != p["client"]));
+    let (_, out, _) = peerdma(&[
+        "topo",
+        "--json",
+        "--matrix",
+        "--fabric",
+        &example("two-root-ports-acs.toml"),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let p = v["p2p"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["provider"] == "0000:03:00.0" && p["client"] == "0000:04:00.0")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        p["acs_redirect"],
+        serde_json::json!(["0000:02:00.0", "0000:02:01.0"])
+    );
+}
+
+#[test]
+fn explain_by_name_or_address() {
+    let (code, out, err) = peerdma(&[
+        "explain",
+        "nvme0",
+        "0000:04:00.0",
+        "--fabric",
+        &example("two-root-ports-acs.toml"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("Provider 0000:03:00.0 (nvme0) → client 0000:04:00.0 (nvme1)"));
+    assert!(out.contains("0000:01:00.0"));
+    assert!(out.contains("(common upstream bridge)"));
+    assert!(out.contains("← redirects peer requests upstream"));
+    assert!(
+        out.contains("Decision: thru_host_bridge (PCI_P2PDMA_MAP_THRU_HOST_BRIDGE), distance 4")
+    );
+    assert!(out.contains("pci=disable_acs_redir=0000:02:00.0;0000:02:01.0"));
+    let (code, out, _) = peerdma(&[
+        "explain",
+        "acc0",
+        "nvme0",
+        "--json",
+        "--fabric",
+        &example("arm-offset.toml"),
+    ]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["map_type"], "not_supported");
+    assert_eq!(
+        v["host_bridge"]["bridges"][0]["allowlist"],
+        serde_json::Value::Null
+    );
+    assert_eq!(v["host_bridge"]["bridges"][0]["vendor"], 0x1def);
+    let (code, _, err) = peerdma(&["explain", "gpu0", "nobody"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("no PCI function named or addressed \"nobody\""));
+}
