@@ -81,7 +81,7 @@ fn load_fabric(path: Option<&PathBuf>) -> Result<(Fabric, String), CliError> {
     }
 }
 
-fn json_error(e: serde_json::Error) -> CliError {
+fn json_error(e: &serde_json::Error) -> CliError {
     CliError {
         message: format!("cannot encode JSON: {e}"),
         status: 1,
@@ -98,13 +98,14 @@ fn run(cli: Cli) -> Result<(), CliError> {
             let (fabric, source) = load_fabric(fabric.as_ref())?;
             let topology = peerdma_pci::topology::Topology::of(&fabric);
             if json {
-                let mut value = serde_json::to_value(&topology).map_err(json_error)?;
+                let mut value = serde_json::to_value(&topology).map_err(|e| json_error(&e))?;
                 if matrix {
-                    value["p2p"] = serde_json::to_value(p2p::pairs(&fabric)).map_err(json_error)?;
+                    value["p2p"] =
+                        serde_json::to_value(p2p::pairs(&fabric)).map_err(|e| json_error(&e))?;
                 }
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&value).map_err(json_error)?
+                    serde_json::to_string_pretty(&value).map_err(|e| json_error(&e))?
                 );
             } else if matrix {
                 print!("{}", p2p::render_matrix(&fabric, &source));
@@ -129,7 +130,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
             let (p, c) = (find(&provider)?, find(&client)?);
             let e = peerdma_p2pdma::explain(&fabric, p, c);
             if json {
-                println!("{}", serde_json::to_string_pretty(&e).map_err(json_error)?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&e).map_err(|e| json_error(&e))?
+                );
             } else {
                 print!("{}", p2p::render_explanation(&fabric, &e, &source));
             }

@@ -200,49 +200,46 @@ pub fn render_explanation(fabric: &Fabric, e: &Explanation, source: &str) -> Str
         out,
         "Path, from the client up and back down to the provider:"
     );
-    match &e.common_ancestor {
-        Some(common) => {
-            for n in e.client_chain.iter().take_while(|n| &n.bdf != common) {
-                let _ = writeln!(out, "{}", node_line(n, "", true));
-            }
-            if let Some(c) = e.provider_chain.iter().find(|n| &n.bdf == common) {
-                let _ = writeln!(out, "{}", node_line(c, "   (common upstream bridge)", true));
-            }
-            let down: Vec<&NodeInfo> = e
-                .provider_chain
-                .iter()
-                .take_while(|n| &n.bdf != common)
-                .collect();
-            for n in down.into_iter().rev() {
-                let _ = writeln!(out, "{}", node_line(n, "", true));
+    if let Some(common) = &e.common_ancestor {
+        for n in e.client_chain.iter().take_while(|n| &n.bdf != common) {
+            let _ = writeln!(out, "{}", node_line(n, "", true));
+        }
+        if let Some(c) = e.provider_chain.iter().find(|n| &n.bdf == common) {
+            let _ = writeln!(out, "{}", node_line(c, "   (common upstream bridge)", true));
+        }
+        let down: Vec<&NodeInfo> = e
+            .provider_chain
+            .iter()
+            .take_while(|n| &n.bdf != common)
+            .collect();
+        for n in down.into_iter().rev() {
+            let _ = writeln!(out, "{}", node_line(n, "", true));
+        }
+    } else {
+        for n in &e.client_chain {
+            let _ = writeln!(out, "{}", node_line(n, "", false));
+        }
+        if let Some(hb) = &e.host_bridge {
+            for b in &hb.bridges {
+                let rf = match (&b.root_function, b.vendor, b.device) {
+                    (Some(r), Some(v), Some(d)) => format!("root function {r} {v:04x}:{d:04x}"),
+                    _ => "no root function to check".to_string(),
+                };
+                let list = match &b.allowlist {
+                    Some(k) if k == "any" => "on the allowlist",
+                    Some(_) => "on the allowlist for its own root ports only",
+                    None => "not on the allowlist",
+                };
+                let _ = writeln!(out, "  [host bridge {}]  {rf}, {list}", b.host_bridge);
             }
         }
-        None => {
-            for n in &e.client_chain {
-                let _ = writeln!(out, "{}", node_line(n, "", false));
-            }
-            if let Some(hb) = &e.host_bridge {
-                for b in &hb.bridges {
-                    let rf = match (&b.root_function, b.vendor, b.device) {
-                        (Some(r), Some(v), Some(d)) => format!("root function {r} {v:04x}:{d:04x}"),
-                        _ => "no root function to check".to_string(),
-                    };
-                    let list = match &b.allowlist {
-                        Some(k) if k == "any" => "on the allowlist",
-                        Some(_) => "on the allowlist for its own root ports only",
-                        None => "not on the allowlist",
-                    };
-                    let _ = writeln!(out, "  [host bridge {}]  {rf}, {list}", b.host_bridge);
-                }
-            }
-            for n in e.provider_chain.iter().rev() {
-                let _ = writeln!(out, "{}", node_line(n, "", false));
-            }
-            let _ = writeln!(
-                out,
-                "  (no upstream bridge in common: ACS on these ports does not change the decision)"
-            );
+        for n in e.provider_chain.iter().rev() {
+            let _ = writeln!(out, "{}", node_line(n, "", false));
         }
+        let _ = writeln!(
+            out,
+            "  (no upstream bridge in common: ACS on these ports does not change the decision)"
+        );
     }
     let _ = writeln!(out);
     let _ = writeln!(
