@@ -149,6 +149,13 @@ pub struct DeviceInfo {
     pub acs_cap: bool,
     /// ACS control bits that are on.
     pub acs: Vec<String>,
+    /// Whether the ACS bits are known (false when read from a machine without the rights to
+    /// see extended config space).
+    pub acs_known: bool,
+    /// The bound driver (real machines only).
+    pub driver: Option<String>,
+    /// The IOMMU group (real machines only).
+    pub iommu_group: Option<u32>,
     /// COMMAND bits that are on: `IO`, `MEM`, `BUS_MASTER`.
     pub command: Vec<String>,
     /// `D0`, `D3hot`, …
@@ -277,6 +284,9 @@ impl Topology {
                     acs: acs
                         .map(|a| acs_names(a).into_iter().map(str::to_string).collect())
                         .unwrap_or_default(),
+                    acs_known: true,
+                    driver: None,
+                    iommu_group: None,
                     command,
                     power: fabric
                         .power_state(f.bdf())

@@ -30,8 +30,11 @@ enum Command {
     /// Show the platform: host bridges, bridges, functions, BARs, ACS, COMMAND, power.
     Topo {
         /// A fabric file (TOML); without it, the built-in GPU server.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "host")]
         fabric: Option<PathBuf>,
+        /// Read this machine instead (sysfs; run as root to see ACS bits and windows).
+        #[arg(long)]
+        host: bool,
         /// Print JSON instead of a tree.
         #[arg(long)]
         json: bool,
@@ -81,6 +84,35 @@ fn load_fabric(path: Option<&PathBuf>) -> Result<(Fabric, String), CliError> {
     }
 }
 
+/// Scans this machine into a fabric.
+fn load_host() -> Result<(Fabric, String, peerdma_linux::sysfs::HostScan), CliError> {
+    let scan = peerdma_linux::sysfs::scan_host().map_err(|e| CliError {
+        message: e.to_string(),
+        status: 2,
+    })?;
+    let fabric = Fabric::build(&scan.spec).map_err(|e| CliError {
+        message: format!("this machine's topology does not fit peerdma's model: {e}"),
+        status: 1,
+    })?;
+    Ok((fabric, "this machine (sysfs)".to_string(), scan))
+}
+
+/// Adds what only sysfs knows: drivers, IOMMU groups, and ACS bits that could not be read.
+fn host_annotate(t: &mut peerdma_pci::topology::Topology, scan: &peerdma_linux::sysfs::HostScan) {
+    for d in &mut t.devices {
+        let Ok(b) = d.bdf.parse::<peerdma_pci::Bdf>() else {
+            continue;
+        };
+        if let Some(h) = scan.devices.get(&b) {
+            d.driver.clone_from(&h.driver);
+            d.iommu_group = h.iommu_group;
+            if !h.acs_known {
+                d.acs_known = false;
+            }
+        }
+    }
+}
+
 fn json_error(e: &serde_json::Error) -> CliError {
     CliError {
         message: format!("cannot encode JSON: {e}"),
@@ -92,11 +124,21 @@ fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Topo {
             fabric,
+            host,
             json,
             matrix,
         } => {
-            let (fabric, source) = load_fabric(fabric.as_ref())?;
-            let topology = peerdma_pci::topology::Topology::of(&fabric);
+            let (fabric, source, scan) = if host {
+                let (f, s, scan) = load_host()?;
+                (f, s, Some(scan))
+            } else {
+                let (f, s) = load_fabric(fabric.as_ref())?;
+                (f, s, None)
+            };
+            let mut topology = peerdma_pci::topology::Topology::of(&fabric);
+            if let Some(scan) = &scan {
+                host_annotate(&mut topology, scan);
+            }
             if json {
                 let mut value = serde_json::to_value(&topology).map_err(|e| json_error(&e))?;
                 if matrix {
@@ -111,6 +153,9 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 print!("{}", p2p::render_matrix(&fabric, &source));
             } else {
                 print!("{}", topo::render(&topology, &source));
+                for n in scan.iter().flat_map(|s| &s.notes) {
+                    println!("note: {n}");
+                }
             }
             Ok(())
         }

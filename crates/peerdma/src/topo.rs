@@ -92,10 +92,18 @@ fn render_children(
         if flags.is_empty() {
             flags = "-".to_string();
         }
-        let acs = if d.acs_cap {
+        let acs = if !d.acs_known {
+            "  ACS[unknown]".to_string()
+        } else if d.acs_cap {
             format!("  ACS[{}]", d.acs.join(" "))
         } else {
             String::new()
+        };
+        let drv = match (&d.driver, d.iommu_group) {
+            (Some(drv), Some(g)) => format!("  driver {drv}, iommu group {g}"),
+            (Some(drv), None) => format!("  driver {drv}"),
+            (None, Some(g)) => format!("  iommu group {g}"),
+            (None, None) => String::new(),
         };
         let vf = d
             .physfn
@@ -105,7 +113,7 @@ fn render_children(
         let absent = if d.present { "" } else { "  (not present)" };
         let _ = writeln!(
             out,
-            "{prefix}{branch}{} {}{name}  {:04x}:{:04x}{acs}{vf}  [{flags}] {}{absent}",
+            "{prefix}{branch}{} {}{name}  {:04x}:{:04x}{acs}{vf}  [{flags}] {}{absent}{drv}",
             d.bdf, d.kind, d.vendor, d.device, d.power
         );
         let sub = children.get(d.bdf.as_str()).cloned().unwrap_or_default();

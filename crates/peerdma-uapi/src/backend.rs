@@ -1,0 +1,123 @@
+//! The userspace boundary both backends implement: the emulated VFIO stack and the real Linux
+//! host. Scenarios and the CLI speak only to [`UapiBackend`], which is what lets one scenario
+//! run on both and compare.
+
+use peerdma_pci::{Bdf, Errno};
+use serde::Serialize;
+
+pub use iommufd_bindings::iommufd::{
+    iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA as MAP_FIXED_IOVA,
+    iommufd_ioas_map_flags_IOMMU_IOAS_MAP_READABLE as MAP_READABLE,
+    iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE as MAP_WRITEABLE,
+};
+
+/// How a VFIO device is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpenPath {
+    /// `/dev/vfio/vfio` container + `/dev/vfio/GROUP` + `VFIO_GROUP_GET_DEVICE_FD`.
+    GroupContainer,
+    /// `/dev/vfio/devices/vfioN` + `VFIO_DEVICE_BIND_IOMMUFD`.
+    CdevIommufd,
+}
+
+/// An open VFIO device of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct DevHandle(pub u32);
+
+/// An iommufd IOAS of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct IoasId(pub u32);
+
+/// What `/proc/self/fdinfo/N` says about a dma-buf.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct DmabufInfo {
+    /// `size:` in bytes.
+    pub size: u64,
+    /// `count:` (file references).
+    pub count: u64,
+    /// `exp_name:` (the exporter, `vfio_pci_core` for VFIO).
+    pub exp_name: String,
+    /// `flags:` (octal in the file), the file's open flags.
+    pub flags: u32,
+}
+
+impl DmabufInfo {
+    /// Parses fdinfo text.
+    pub fn parse(text: &str) -> DmabufInfo {
+        let mut i = DmabufInfo::default();
+        for line in text.lines() {
+            let Some((k, v)) = line.split_once(':') else {
+                continue;
+            };
+            let v = v.trim();
+            match k.trim() {
+                "size" => i.size = v.parse().unwrap_or(0),
+                "count" => i.count = v.parse().unwrap_or(0),
+                "exp_name" => i.exp_name = v.to_string(),
+                "flags" => i.flags = u32::from_str_radix(v, 8).unwrap_or(0),
+                _ => {}
+            }
+        }
+        i
+    }
+}
+
+/// The operations peerdma performs across the userspace boundary. Every failure is the errno
+/// the kernel would return.
+pub trait UapiBackend {
+    /// Opens a VFIO device.
+    fn open_device(&mut self, bdf: Bdf, path: OpenPath) -> Result<DevHandle, Errno>;
+    /// Closes it (the device fd).
+    fn close_device(&mut self, dev: DevHandle) -> Result<(), Errno>;
+    /// `ioctl(VFIO_DEVICE_FEATURE)` with exactly these bytes; returns the ioctl's non-negative
+    /// result (0, or a new fd for DMA_BUF GET).
+    fn device_feature(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<i32, Errno>;
+    /// Reads the device's config space through the VFIO config region.
+    fn config_read(&mut self, dev: DevHandle, offset: u64, buf: &mut [u8]) -> Result<(), Errno>;
+    /// Writes the device's config space through the VFIO config region.
+    fn config_write(&mut self, dev: DevHandle, offset: u64, data: &[u8]) -> Result<(), Errno>;
+    /// `ioctl(VFIO_DEVICE_RESET)`.
+    fn reset(&mut self, dev: DevHandle) -> Result<(), Errno>;
+    /// Closes a file descriptor the backend handed out (a dma-buf).
+    fn close_fd(&mut self, fd: i32) -> Result<(), Errno>;
+    /// The fdinfo of a dma-buf fd.
+    fn dmabuf_info(&mut self, fd: i32) -> Result<DmabufInfo, Errno>;
+    /// `IOMMU_IOAS_ALLOC`.
+    fn ioas_alloc(&mut self) -> Result<IoasId, Errno>;
+    /// Attaches an open (cdev) device to an IOAS (`VFIO_DEVICE_ATTACH_IOMMUFD_PT`).
+    fn attach_ioas(&mut self, dev: DevHandle, ioas: IoasId) -> Result<(), Errno>;
+    /// `IOMMU_IOAS_MAP_FILE` of `[start, start + length)` of a dma-buf at `iova`.
+    fn ioas_map_file(
+        &mut self,
+        ioas: IoasId,
+        fd: i32,
+        start: u64,
+        length: u64,
+        iova: u64,
+        flags: u32,
+    ) -> Result<(), Errno>;
+    /// `IOMMU_IOAS_UNMAP`; returns the length unmapped.
+    fn ioas_unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64, Errno>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fdinfo_parses() {
+        let t = "pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1057\nsize:\t1048576\ncount:\t1\nexp_name:\tvfio_pci_core\nname:\t\n";
+        let i = DmabufInfo::parse(t);
+        assert_eq!(
+            i,
+            DmabufInfo {
+                size: 1 << 20,
+                count: 1,
+                exp_name: "vfio_pci_core".into(),
+                flags: 0o2000002
+            }
+        );
+        assert_eq!(MAP_FIXED_IOVA | MAP_WRITEABLE | MAP_READABLE, 7);
+    }
+}
