@@ -42,6 +42,18 @@ enum Command {
         #[arg(long)]
         matrix: bool,
     },
+    /// Run the in-guest tests (inside the QEMU harness's guest only).
+    #[command(hide = true)]
+    GuestTest {
+        /// `custom` (iommufd kernel) or `debian`.
+        #[arg(long, default_value = "custom")]
+        mode: String,
+    },
+    /// Copy what `topo --host` reads (sysfs, /proc) into a directory, for scanning elsewhere.
+    CaptureSysfs {
+        /// Where to write.
+        out: PathBuf,
+    },
     /// Explain the P2P map type of one provider/client pair, hop by hop.
     Explain {
         /// The provider: a device name from the fabric file or an address (0000:03:00.0).
@@ -157,6 +169,26 @@ fn run(cli: Cli) -> Result<(), CliError> {
                     println!("note: {n}");
                 }
             }
+            Ok(())
+        }
+        Command::GuestTest { mode } => {
+            let (passed, failed) = peerdma_linux::guest::run(&mode);
+            println!("guest: {passed} passed, {failed} failed");
+            if failed == 0 {
+                Ok(())
+            } else {
+                Err(CliError {
+                    message: format!("{failed} guest test(s) failed"),
+                    status: 1,
+                })
+            }
+        }
+        Command::CaptureSysfs { out } => {
+            let n = peerdma_linux::sysfs::capture(&out).map_err(|e| CliError {
+                message: format!("capturing into {}: {e}", out.display()),
+                status: 1,
+            })?;
+            println!("captured {n} PCI functions into {}", out.display());
             Ok(())
         }
         Command::Explain {

@@ -1,0 +1,550 @@
+//! The tests peerdma runs inside the QEMU guest on the real Linux 7.2 kernel (`peerdma
+//! guest-test`), against the harness's topology: an ivshmem device (the provider: BAR2 is 1 MiB
+//! of memory shared with the host) and an edu device (a DMA engine) under one PCIe switch,
+//! behind an Intel IOMMU.
+//!
+//! Each test prints `TEST name ... ok` or `TEST name ... FAILED: why`. Where only the host can
+//! judge (bytes in the ivshmem backing file), a test prints `HOSTCHECK name offset hex want`
+//! and the harness checks it after the guest powers off.
+
+use std::os::fd::RawFd;
+
+use peerdma_pci::{Bdf, Errno, regs};
+use peerdma_uapi::backend::{MAP_FIXED_IOVA, MAP_READABLE, MAP_WRITEABLE};
+use peerdma_uapi::feature::{
+    self, DmaBufRequest, O_CLOEXEC, O_RDWR, VFIO_DEVICE_FEATURE_DMA_BUF, VFIO_DEVICE_FEATURE_GET,
+    VFIO_DEVICE_FEATURE_PROBE, VFIO_DEVICE_FEATURE_SET,
+};
+use peerdma_uapi::{DevHandle, OpenPath, UapiBackend};
+
+use crate::vfio::LinuxBackend;
+
+/// The provider: QEMU's ivshmem-plain (BAR2 = the shared memory).
+pub const IVSHMEM: Bdf = Bdf::from_devfn(0, 3, 0);
+/// The DMA engine: QEMU's edu.
+pub const EDU: Bdf = Bdf::from_devfn(0, 4, 0);
+const BAR2_SIZE: u64 = 1 << 20;
+const IOVA: u64 = 0x100_0000;
+/// Where a page of RAM is mapped for edu to read patterns from.
+const RAM_IOVA: u64 = 0x80_0000;
+
+type Outcome = Result<(), String>;
+
+struct Runner {
+    passed: usize,
+    failed: usize,
+    prefix: String,
+}
+
+impl Runner {
+    fn run(&mut self, name: &str, f: impl FnOnce() -> Outcome) {
+        match f() {
+            Ok(()) => {
+                self.passed += 1;
+                println!("TEST {}{name} ... ok", self.prefix);
+            }
+            Err(e) => {
+                self.failed += 1;
+                println!("TEST {}{name} ... FAILED: {e}", self.prefix);
+            }
+        }
+    }
+}
+
+fn expect_errno<T: std::fmt::Debug>(r: Result<T, Errno>, want: Errno) -> Outcome {
+    match r {
+        Err(e) if e == want => Ok(()),
+        other => Err(format!("expected {want:?}, got {other:?}")),
+    }
+}
+
+fn export(be: &mut LinuxBackend, dev: DevHandle, req: &DmaBufRequest) -> Result<i32, Errno> {
+    let mut b = req.to_bytes();
+    be.device_feature(dev, &mut b)
+}
+
+fn bar2(ranges: Vec<(u64, u64)>) -> DmaBufRequest {
+    DmaBufRequest::new(2, ranges)
+}
+
+fn open(be: &mut LinuxBackend, bdf: Bdf, path: OpenPath) -> Result<DevHandle, String> {
+    be.open_device(bdf, path)
+        .map_err(|e| format!("opening {bdf} by {path:?}: {e}"))
+}
+
+/// The export tests, on one open path.
+fn export_suite(r: &mut Runner, path: OpenPath) {
+    let mut be = LinuxBackend::new();
+    let dev = match open(&mut be, IVSHMEM, path) {
+        Ok(d) => d,
+        Err(e) => {
+            r.run("open", || Err(e));
+            return;
+        }
+    };
+    r.run("open", || Ok(()));
+    let hdr = |flags: u32| feature::header_bytes(8, flags);
+    r.run("probe_get_is_0", || {
+        let mut b =
+            hdr(VFIO_DEVICE_FEATURE_PROBE | VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_DMA_BUF);
+        match be.device_feature(dev, &mut b) {
+            Ok(0) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    r.run("probe_set_is_einval", || {
+        let mut b =
+            hdr(VFIO_DEVICE_FEATURE_PROBE | VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_DMA_BUF);
+        expect_errno(be.device_feature(dev, &mut b), Errno::EINVAL)
+    });
+    r.run("whole_bar_export", || {
+        let fd = export(&mut be, dev, &bar2(vec![(0, BAR2_SIZE)])).map_err(|e| e.to_string())?;
+        let info = be.dmabuf_info(fd).map_err(|e| e.to_string())?;
+        if info.size != BAR2_SIZE || info.count != 1 || info.exp_name != "vfio_pci_core" {
+            return Err(format!("fdinfo {info:?}"));
+        }
+        if info.flags & (O_RDWR | O_CLOEXEC) != O_RDWR | O_CLOEXEC {
+            return Err(format!("flags {:o}", info.flags));
+        }
+        // SAFETY: lseek on a descriptor we own; no memory is involved.
+        let end = unsafe { libc::lseek(fd, 0, libc::SEEK_END) };
+        if u64::try_from(end) != Ok(BAR2_SIZE) {
+            return Err(format!("lseek(SEEK_END) = {end}"));
+        }
+        let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).map_err(|e| e.to_string())?;
+        if !link.to_string_lossy().starts_with("/dmabuf:") {
+            return Err(format!("readlink = {}", link.display()));
+        }
+        mmap_is_einval(fd)?;
+        be.close_fd(fd).map_err(|e| e.to_string())
+    });
+    r.run("two_ranges_size_8192", || {
+        let fd = export(&mut be, dev, &bar2(vec![(0, 4096), (8192, 4096)]))
+            .map_err(|e| e.to_string())?;
+        let size = be.dmabuf_info(fd).map_err(|e| e.to_string())?.size;
+        be.close_fd(fd).ok();
+        if size == 8192 {
+            Ok(())
+        } else {
+            Err(format!("size {size}"))
+        }
+    });
+    let cases: Vec<(&str, DmaBufRequest, Errno)> = vec![
+        ("unaligned_offset", bar2(vec![(1, 4096)]), Errno::EINVAL),
+        ("unaligned_length", bar2(vec![(0, 100)]), Errno::EINVAL),
+        ("zero_length", bar2(vec![(0, 0)]), Errno::EINVAL),
+        (
+            "range_past_bar_end",
+            bar2(vec![(BAR2_SIZE - 4096, 8192)]),
+            Errno::EINVAL,
+        ),
+        (
+            "range_starting_at_bar_end",
+            bar2(vec![(BAR2_SIZE, 4096)]),
+            Errno::EINVAL,
+        ),
+        (
+            "flags_1",
+            DmaBufRequest {
+                flags: 1,
+                ..bar2(vec![(0, 4096)])
+            },
+            Errno::EINVAL,
+        ),
+        (
+            "flags_high_bit",
+            DmaBufRequest {
+                flags: 0x8000_0000,
+                ..bar2(vec![(0, 4096)])
+            },
+            Errno::EINVAL,
+        ),
+        (
+            "nr_ranges_0",
+            DmaBufRequest {
+                nr_ranges: Some(0),
+                ..bar2(vec![(0, 4096)])
+            },
+            Errno::EINVAL,
+        ),
+        (
+            "set_instead_of_get",
+            DmaBufRequest {
+                feature_flags: VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_DMA_BUF,
+                ..bar2(vec![(0, 4096)])
+            },
+            Errno::EINVAL,
+        ),
+        (
+            "argsz_too_short",
+            DmaBufRequest {
+                argsz: Some(12),
+                ..bar2(vec![(0, 4096)])
+            },
+            Errno::EINVAL,
+        ),
+        (
+            "4k_on_256_byte_bar0",
+            DmaBufRequest::new(0, vec![(0, 4096)]),
+            Errno::EINVAL,
+        ),
+        (
+            "offset_plus_length_overflows",
+            bar2(vec![(u64::MAX - 4095, 8192)]),
+            Errno::EOVERFLOW,
+        ),
+        (
+            "region_6",
+            DmaBufRequest::new(6, vec![(0, 4096)]),
+            Errno::ENODEV,
+        ),
+        (
+            "region_7",
+            DmaBufRequest::new(7, vec![(0, 4096)]),
+            Errno::ENODEV,
+        ),
+        (
+            "region_ffffffff",
+            DmaBufRequest::new(u32::MAX, vec![(0, 4096)]),
+            Errno::ENODEV,
+        ),
+        (
+            "unimplemented_bar1",
+            DmaBufRequest::new(1, vec![(0, 4096)]),
+            Errno::ENODEV,
+        ),
+        (
+            "huge_nr_ranges",
+            DmaBufRequest {
+                nr_ranges: Some(1 << 28),
+                ..bar2(vec![(0, 4096)])
+            },
+            Errno::ENOMEM,
+        ),
+        // Which check wins when two fail.
+        (
+            "order_nr_ranges_before_region",
+            DmaBufRequest {
+                nr_ranges: Some(0),
+                ..DmaBufRequest::new(7, vec![(0, 4096)])
+            },
+            Errno::EINVAL,
+        ),
+        (
+            "order_flags_before_region",
+            DmaBufRequest {
+                flags: 1,
+                ..DmaBufRequest::new(7, vec![(0, 4096)])
+            },
+            Errno::EINVAL,
+        ),
+        (
+            "order_region_before_ranges",
+            DmaBufRequest::new(7, vec![(1, 100)]),
+            Errno::ENODEV,
+        ),
+    ];
+    for (name, req, want) in cases {
+        r.run(&format!("export_{name}_is_{want:?}").to_lowercase(), || {
+            let res = export(&mut be, dev, &req);
+            if let Ok(fd) = res {
+                be.close_fd(fd).ok();
+            }
+            expect_errno(res, want)
+        });
+    }
+    r.run("export_while_memory_disabled_gives_an_fd", || {
+        let cmd = read_command(&mut be, dev)?;
+        write_command(&mut be, dev, cmd & !regs::COMMAND_MEMORY)?;
+        let res = export(&mut be, dev, &bar2(vec![(0, 4096)]));
+        write_command(&mut be, dev, cmd)?;
+        let fd = res.map_err(|e| e.to_string())?;
+        be.close_fd(fd).map_err(|e| e.to_string())
+    });
+    r.run("reset_is_0", || {
+        be.reset(dev).map_err(|e| format!("VFIO_DEVICE_RESET: {e}"))
+    });
+    r.run("dmabuf_outlives_device_fd", || {
+        let fd = export(&mut be, dev, &bar2(vec![(0, BAR2_SIZE)])).map_err(|e| e.to_string())?;
+        let before = be.dmabuf_info(fd).map_err(|e| e.to_string())?;
+        be.close_device(dev).map_err(|e| e.to_string())?;
+        let after = be
+            .dmabuf_info(fd)
+            .map_err(|e| format!("after close: {e}"))?;
+        be.close_fd(fd).ok();
+        if before == after {
+            Ok(())
+        } else {
+            Err(format!("{before:?} became {after:?}"))
+        }
+    });
+}
+
+fn mmap_is_einval(fd: RawFd) -> Outcome {
+    // SAFETY: a fresh mapping request at a kernel-chosen address; on success it is unmapped
+    // right away and never touched.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        let e = std::io::Error::last_os_error().raw_os_error();
+        return if e == Some(libc::EINVAL) {
+            Ok(())
+        } else {
+            Err(format!("mmap failed with {e:?}, expected EINVAL"))
+        };
+    }
+    // SAFETY: `p` is the 4096-byte mapping just made.
+    unsafe { libc::munmap(p, 4096) };
+    Err("mmap of the dma-buf succeeded".into())
+}
+
+fn read_command(be: &mut LinuxBackend, dev: DevHandle) -> Result<u16, String> {
+    let mut b = [0u8; 2];
+    be.config_read(dev, u64::from(regs::COMMAND), &mut b)
+        .map_err(|e| format!("config read: {e}"))?;
+    Ok(u16::from_le_bytes(b))
+}
+
+fn write_command(be: &mut LinuxBackend, dev: DevHandle, v: u16) -> Outcome {
+    be.config_write(dev, u64::from(regs::COMMAND), &v.to_le_bytes())
+        .map_err(|e| format!("config write: {e}"))
+}
+
+/// One run of edu's DMA engine: `cmd` bit 0 starts it, bit 1 set = from its buffer (device
+/// address 0x40000) to memory, clear = from memory into its buffer.
+fn edu_run(
+    be: &mut LinuxBackend,
+    edu: DevHandle,
+    src: u64,
+    dst: u64,
+    len: usize,
+    to_memory: bool,
+) -> Outcome {
+    let e = |x: Errno| format!("edu register access: {x}");
+    be.region_write(edu, 0, 0x80, &src.to_le_bytes())
+        .map_err(e)?;
+    be.region_write(edu, 0, 0x88, &dst.to_le_bytes())
+        .map_err(e)?;
+    be.region_write(edu, 0, 0x90, &(len as u64).to_le_bytes())
+        .map_err(e)?;
+    let cmd: u64 = if to_memory { 3 } else { 1 };
+    be.region_write(edu, 0, 0x98, &cmd.to_le_bytes())
+        .map_err(e)?;
+    for _ in 0..2000 {
+        let mut c = [0u8; 8];
+        be.region_read(edu, 0, 0x98, &mut c).map_err(e)?;
+        if u64::from_le_bytes(c) & 1 == 0 {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    Err("edu DMA did not finish".into())
+}
+
+/// edu copies `data` to device address `dst`: the pattern goes into RAM (mapped at
+/// `RAM_IOVA`), edu reads it into its buffer, then writes its buffer to `dst`. The RAM mapping
+/// is never revoked, so only the final write can fail.
+fn edu_dma(be: &mut LinuxBackend, edu: DevHandle, dst: u64, data: &[u8]) -> Outcome {
+    const BUF: u64 = 0x40000;
+    be.anon_write(RAM_IOVA, data)
+        .map_err(|e| format!("filling RAM: {e}"))?;
+    edu_run(be, edu, RAM_IOVA, BUF, data.len(), false)?;
+    edu_run(be, edu, BUF, dst, data.len(), true)
+}
+
+fn pattern(step: u8) -> Vec<u8> {
+    (0..64u8)
+        .map(|i| i.wrapping_mul(7).wrapping_add(step.wrapping_mul(29)) | 1)
+        .collect()
+}
+
+fn hex(b: &[u8]) -> String {
+    use std::fmt::Write;
+    b.iter().fold(String::new(), |mut s, x| {
+        let _ = write!(s, "{x:02x}");
+        s
+    })
+}
+
+fn hostcheck(name: &str, offset: u64, data: &[u8], present: bool) {
+    println!(
+        "HOSTCHECK {name} {offset} {} {}",
+        hex(data),
+        if present { "present" } else { "absent" }
+    );
+}
+
+/// The P2P story: edu DMAs through an iommufd mapping of ivshmem's exported BAR2; each
+/// revocation stops the next pattern from landing; the recovery the kernel requires (unmap,
+/// map again) brings it back.
+fn p2p_suite(r: &mut Runner) {
+    let mut be = LinuxBackend::new();
+    let setup = (|| -> Result<(DevHandle, DevHandle, peerdma_uapi::IoasId, i32), String> {
+        let ivs = open(&mut be, IVSHMEM, OpenPath::CdevIommufd)?;
+        let edu = open(&mut be, EDU, OpenPath::CdevIommufd)?;
+        let ioas = be.ioas_alloc().map_err(|e| format!("IOAS alloc: {e}"))?;
+        be.attach_ioas(edu, ioas)
+            .map_err(|e| format!("attach edu: {e}"))?;
+        be.ioas_map_anon(
+            ioas,
+            4096,
+            RAM_IOVA,
+            MAP_FIXED_IOVA | MAP_READABLE | MAP_WRITEABLE,
+        )
+        .map_err(|e| format!("mapping RAM: {e}"))?;
+        let cmd = read_command(&mut be, edu)?;
+        write_command(
+            &mut be,
+            edu,
+            cmd | regs::COMMAND_MEMORY | regs::COMMAND_MASTER,
+        )?;
+        let fd = export(&mut be, ivs, &bar2(vec![(0, BAR2_SIZE)]))
+            .map_err(|e| format!("export: {e}"))?;
+        Ok((ivs, edu, ioas, fd))
+    })();
+    let (ivs, edu, ioas, fd) = match setup {
+        Ok(s) => s,
+        Err(e) => {
+            r.run("p2p_setup", || Err(e));
+            return;
+        }
+    };
+    let rw = MAP_FIXED_IOVA | MAP_READABLE | MAP_WRITEABLE;
+    let map = |be: &mut LinuxBackend| be.ioas_map_file(ioas, fd, 0, BAR2_SIZE, IOVA, rw);
+    r.run("map_file_whole_buffer", || {
+        map(&mut be).map_err(|e| e.to_string())
+    });
+    r.run("map_file_taken_iova_is_eexist", || {
+        expect_errno(map(&mut be), Errno::EEXIST)
+    });
+    r.run("map_file_partial", || {
+        be.ioas_map_file(ioas, fd, 0x20000, 4096, IOVA + 0x400_0000, rw)
+            .map_err(|e| e.to_string())?;
+        be.ioas_unmap(ioas, IOVA + 0x400_0000, 4096)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    });
+    r.run("map_file_two_range_buffer_is_eopnotsupp", || {
+        let two = export(&mut be, ivs, &bar2(vec![(0, 4096), (8192, 4096)]))
+            .map_err(|e| e.to_string())?;
+        let res = be.ioas_map_file(ioas, two, 0, 8192, IOVA + 0x800_0000, rw);
+        be.close_fd(two).ok();
+        expect_errno(res, Errno::EOPNOTSUPP)
+    });
+    let dma = |be: &mut LinuxBackend, step: u8| -> Result<(u64, Vec<u8>), String> {
+        let off = u64::from(step) * 0x1000;
+        let p = pattern(step);
+        edu_dma(be, edu, IOVA + off, &p)?;
+        Ok((off, p))
+    };
+    let landed = |be: &mut LinuxBackend, off: u64, p: &[u8]| -> Result<bool, String> {
+        let mut got = vec![0u8; p.len()];
+        be.region_read(ivs, 2, off, &mut got)
+            .map_err(|e| format!("reading BAR2: {e}"))?;
+        Ok(got == p)
+    };
+    r.run("p2p_dma_lands", || {
+        let (off, p) = dma(&mut be, 1)?;
+        hostcheck("p2p_dma_lands", off, &p, true);
+        if landed(&mut be, off, &p)? {
+            Ok(())
+        } else {
+            Err("the pattern is not in BAR2".into())
+        }
+    });
+    // Memory decode off: revoked.
+    r.run("decode_off_stops_dma", || {
+        let cmd = read_command(&mut be, ivs)?;
+        write_command(&mut be, ivs, cmd & !regs::COMMAND_MEMORY)?;
+        let (off, p) = dma(&mut be, 2)?;
+        hostcheck("decode_off_stops_dma", off, &p, false);
+        let remap = be.ioas_map_file(ioas, fd, 0, BAR2_SIZE, IOVA + 0x200_0000, rw);
+        write_command(&mut be, ivs, cmd)?;
+        if landed(&mut be, off, &p)? {
+            return Err("the pattern landed while memory decode was off".into());
+        }
+        expect_errno(remap, Errno::ENODEV)
+            .map_err(|e| format!("MAP_FILE of the revoked buffer: {e}"))
+    });
+    r.run("decode_on_leaves_the_mapping_dead", || {
+        let (off, p) = dma(&mut be, 3)?;
+        hostcheck("decode_on_leaves_the_mapping_dead", off, &p, false);
+        if landed(&mut be, off, &p)? {
+            Err("the old mapping came back by itself".into())
+        } else {
+            Ok(())
+        }
+    });
+    let recover = |be: &mut LinuxBackend| -> Outcome {
+        let n = be
+            .ioas_unmap(ioas, IOVA, BAR2_SIZE)
+            .map_err(|e| format!("unmap: {e}"))?;
+        if n != BAR2_SIZE {
+            return Err(format!("unmapped {n:#x} bytes"));
+        }
+        be.ioas_map_file(ioas, fd, 0, BAR2_SIZE, IOVA, rw)
+            .map_err(|e| format!("map again: {e}"))
+    };
+    r.run("unmap_and_map_again_lands", || {
+        recover(&mut be)?;
+        let (off, p) = dma(&mut be, 4)?;
+        hostcheck("unmap_and_map_again_lands", off, &p, true);
+        if landed(&mut be, off, &p)? {
+            Ok(())
+        } else {
+            Err("no bytes after re-map".into())
+        }
+    });
+    r.run("reset_stops_dma_until_remap", || {
+        be.reset(ivs).map_err(|e| format!("reset: {e}"))?;
+        let (off, p) = dma(&mut be, 5)?;
+        hostcheck("reset_stops_dma", off, &p, false);
+        if landed(&mut be, off, &p)? {
+            return Err("the pattern landed after reset".into());
+        }
+        recover(&mut be)?;
+        let (off, p) = dma(&mut be, 6)?;
+        hostcheck("reset_then_remap_lands", off, &p, true);
+        if landed(&mut be, off, &p)? {
+            Ok(())
+        } else {
+            Err("no bytes after reset and re-map".into())
+        }
+    });
+    r.run("device_close_kills_the_buffer", || {
+        be.close_device(ivs).map_err(|e| e.to_string())?;
+        let (off, p) = dma(&mut be, 7)?;
+        hostcheck("device_close_stops_dma", off, &p, false);
+        be.ioas_unmap(ioas, IOVA, BAR2_SIZE).ok();
+        expect_errno(
+            be.ioas_map_file(ioas, fd, 0, BAR2_SIZE, IOVA, rw),
+            Errno::ENODEV,
+        )
+    });
+}
+
+/// Runs every test that applies to `mode` (`custom`: iommufd kernel; `debian`: Debian's
+/// kernel, group/container only). Returns (passed, failed).
+pub fn run(mode: &str) -> (usize, usize) {
+    let mut r = Runner {
+        passed: 0,
+        failed: 0,
+        prefix: "group:".into(),
+    };
+    export_suite(&mut r, OpenPath::GroupContainer);
+    if mode == "custom" {
+        r.prefix = "cdev:".into();
+        export_suite(&mut r, OpenPath::CdevIommufd);
+        r.prefix = "p2p:".into();
+        p2p_suite(&mut r);
+    }
+    (r.passed, r.failed)
+}

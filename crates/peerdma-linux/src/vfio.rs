@@ -1,0 +1,435 @@
+//! VFIO and iommufd on the real kernel, through the rust-vmm crates.
+//!
+//! Opening devices, the container and iommufd, IOAS allocation and `IOMMU_IOAS_MAP_FILE` come
+//! from `vfio-ioctls` and `iommufd-ioctls`. Three small wrappers are written here because the
+//! crates do not offer them in the needed form:
+//! - `VFIO_DEVICE_FEATURE` with caller-supplied bytes (the crates build their own, valid,
+//!   buffers; conformance tests must send malformed ones too);
+//! - `VFIO_DEVICE_RESET` returning its errno (`VfioDevice::reset` discards it);
+//! - config-space access as `pread`/`pwrite` at the config region's offset returning errors
+//!   (`VfioDevice::region_read` panics-free but silent).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use iommufd_bindings::iommufd::{iommu_ioas_map, iommu_ioas_map_file, iommu_ioas_unmap};
+use iommufd_ioctls::{IommuFd, IommufdIoas};
+use peerdma_pci::{Bdf, Errno};
+use peerdma_uapi::{DevHandle, DmabufInfo, IoasId, OpenPath, UapiBackend};
+use vfio_bindings::bindings::vfio::{VFIO_BASE, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_TYPE};
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioIommufd, VfioOps};
+use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ptr};
+
+use nr::{VFIO_DEVICE_FEATURE, VFIO_DEVICE_RESET};
+
+/// The two ioctl numbers the crates keep private.
+mod nr {
+    #![allow(missing_docs)]
+    use super::{VFIO_BASE, VFIO_TYPE};
+    use vmm_sys_util::ioctl_io_nr;
+    ioctl_io_nr!(VFIO_DEVICE_RESET, u32::from(VFIO_TYPE), VFIO_BASE + 11);
+    ioctl_io_nr!(VFIO_DEVICE_FEATURE, u32::from(VFIO_TYPE), VFIO_BASE + 17);
+}
+
+/// The errno at the bottom of an error chain (an `io::Error` or a `vmm_sys_util` errno),
+/// `EIO` if there is none.
+pub fn errno_of(e: &(dyn std::error::Error + 'static)) -> Errno {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if let Some(n) = io.raw_os_error() {
+                return Errno(n);
+            }
+        }
+        if let Some(sys) = err.downcast_ref::<vmm_sys_util::errno::Error>() {
+            return Errno(sys.errno());
+        }
+        cur = err.source();
+    }
+    Errno::EIO
+}
+
+fn last_errno() -> Errno {
+    Errno(
+        std::io::Error::last_os_error()
+            .raw_os_error()
+            .unwrap_or(libc::EIO),
+    )
+}
+
+/// Anonymous memory the backend mapped into an IOAS (so a device can DMA from RAM).
+struct AnonPage {
+    ptr: *mut u8,
+    len: usize,
+    iova: u64,
+}
+
+// SAFETY: the page is owned by the backend and only touched through `&mut self` methods.
+unsafe impl Send for AnonPage {}
+
+impl Drop for AnonPage {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly what mmap returned in `ioas_map_anon`.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+struct Open {
+    device: VfioDevice,
+    config_offset: u64,
+}
+
+/// The real kernel as a [`UapiBackend`].
+#[derive(Default)]
+pub struct LinuxBackend {
+    container: Option<Arc<VfioContainer>>,
+    iommufd: Option<Arc<IommuFd>>,
+    vfio_iommufd: Option<Arc<VfioIommufd>>,
+    devices: HashMap<u32, Open>,
+    next: u32,
+    ioas: HashMap<u32, IommufdIoas>,
+    files: HashMap<RawFd, File>,
+    anon: Vec<AnonPage>,
+    /// Where sysfs is (for tests on captured trees; `/sys` normally).
+    pub sysfs: PathBuf,
+}
+
+impl std::fmt::Debug for LinuxBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LinuxBackend")
+            .field("devices", &self.devices.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LinuxBackend {
+    /// A backend on this machine's `/sys` and `/dev`.
+    pub fn new() -> LinuxBackend {
+        LinuxBackend {
+            sysfs: PathBuf::from("/sys"),
+            ..LinuxBackend::default()
+        }
+    }
+
+    fn iommufd(&mut self) -> Result<Arc<IommuFd>, Errno> {
+        if let Some(i) = &self.iommufd {
+            return Ok(i.clone());
+        }
+        let i = Arc::new(IommuFd::new().map_err(|e| errno_of(&e))?);
+        self.iommufd = Some(i.clone());
+        Ok(i)
+    }
+
+    fn dev(&self, d: DevHandle) -> Result<&Open, Errno> {
+        self.devices.get(&d.0).ok_or(Errno::EBADF)
+    }
+
+    /// The raw fd of an open device (for callers that need more than the trait).
+    pub fn device_fd(&self, d: DevHandle) -> Result<RawFd, Errno> {
+        Ok(self.dev(d)?.device.as_raw_fd())
+    }
+
+    /// Reads a VFIO region of an open device (a BAR: index 0-5) at `offset`.
+    pub fn region_read(
+        &self,
+        d: DevHandle,
+        index: u32,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), Errno> {
+        let o = self.dev(d)?;
+        let at =
+            i64::try_from(o.device.get_region_offset(index) + offset).map_err(|_| Errno::EINVAL)?;
+        // SAFETY: pread writes at most `buf.len()` bytes into `buf`.
+        let n =
+            unsafe { libc::pread(o.device.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), at) };
+        if n < 0 {
+            return Err(last_errno());
+        }
+        if usize::try_from(n).unwrap_or(0) < buf.len() {
+            Err(Errno::EIO)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Writes a VFIO region of an open device at `offset`.
+    pub fn region_write(
+        &self,
+        d: DevHandle,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), Errno> {
+        let o = self.dev(d)?;
+        let at =
+            i64::try_from(o.device.get_region_offset(index) + offset).map_err(|_| Errno::EINVAL)?;
+        // SAFETY: pwrite reads at most `data.len()` bytes from `data`.
+        let n = unsafe { libc::pwrite(o.device.as_raw_fd(), data.as_ptr().cast(), data.len(), at) };
+        if n < 0 {
+            return Err(last_errno());
+        }
+        if usize::try_from(n).unwrap_or(0) < data.len() {
+            Err(Errno::EIO)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Maps `len` bytes of fresh anonymous memory (page-aligned, zeroed) into an IOAS at
+    /// `iova` (`IOMMU_IOAS_MAP`), so devices can DMA to and from RAM. The backend owns the
+    /// memory; fill it with [`LinuxBackend::anon_write`].
+    pub fn ioas_map_anon(
+        &mut self,
+        ioas: peerdma_uapi::IoasId,
+        len: usize,
+        iova: u64,
+        flags: u32,
+    ) -> Result<(), Errno> {
+        // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(last_errno());
+        }
+        let page = AnonPage {
+            ptr: p.cast(),
+            len,
+            iova,
+        };
+        let i = self.iommufd()?;
+        let map = iommu_ioas_map {
+            size: u32::try_from(std::mem::size_of::<iommu_ioas_map>()).unwrap_or(u32::MAX),
+            flags,
+            ioas_id: ioas.0,
+            __reserved: 0,
+            user_va: page.ptr as u64,
+            length: len as u64,
+            iova,
+        };
+        i.map_iommu_ioas(&map).map_err(|e| errno_of(&e))?;
+        self.anon.push(page);
+        Ok(())
+    }
+
+    /// Writes into anonymous memory mapped at `iova` by [`LinuxBackend::ioas_map_anon`].
+    pub fn anon_write(&mut self, iova: u64, data: &[u8]) -> Result<(), Errno> {
+        let page = self
+            .anon
+            .iter()
+            .find(|p| iova >= p.iova && iova - p.iova < p.len as u64)
+            .ok_or(Errno::ENOENT)?;
+        let off = (iova - page.iova) as usize;
+        if off + data.len() > page.len {
+            return Err(Errno::EINVAL);
+        }
+        // SAFETY: `off + data.len()` lies inside the owned mapping; devices may DMA into it
+        // concurrently, which is why it is written through a raw pointer and never borrowed.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), page.ptr.add(off), data.len()) };
+        Ok(())
+    }
+
+    /// Takes ownership of a dma-buf fd the backend handed out (the caller closes it).
+    pub fn take_file(&mut self, fd: RawFd) -> Option<File> {
+        self.files.remove(&fd)
+    }
+}
+
+impl UapiBackend for LinuxBackend {
+    fn open_device(&mut self, bdf: Bdf, path: OpenPath) -> Result<DevHandle, Errno> {
+        let sysfs = self.sysfs.join("bus/pci/devices").join(bdf.to_string());
+        if !sysfs.exists() {
+            return Err(Errno::ENODEV);
+        }
+        let device = match path {
+            OpenPath::GroupContainer => {
+                let c = if let Some(c) = &self.container {
+                    c.clone()
+                } else {
+                    let c = Arc::new(VfioContainer::new(None).map_err(|e| errno_of(&e))?);
+                    self.container = Some(c.clone());
+                    c
+                };
+                VfioDevice::new(&sysfs, c as Arc<dyn VfioOps>, false).map_err(|e| errno_of(&e))?
+            }
+            OpenPath::CdevIommufd => {
+                let fd = self.iommufd()?;
+                let vi = if let Some(v) = &self.vfio_iommufd {
+                    v.clone()
+                } else {
+                    let v = Arc::new(VfioIommufd::new(fd, None, None).map_err(|e| errno_of(&e))?);
+                    self.vfio_iommufd = Some(v.clone());
+                    v
+                };
+                let cdev = VfioDevice::open_cdev(&sysfs).map_err(|e| errno_of(&e))?;
+                VfioDevice::new_from_fd(cdev, vi, false).map_err(|e| errno_of(&e))?
+            }
+        };
+        let config_offset = device.get_region_offset(VFIO_PCI_CONFIG_REGION_INDEX);
+        let h = self.next;
+        self.next += 1;
+        self.devices.insert(
+            h,
+            Open {
+                device,
+                config_offset,
+            },
+        );
+        Ok(DevHandle(h))
+    }
+
+    fn close_device(&mut self, dev: DevHandle) -> Result<(), Errno> {
+        self.devices.remove(&dev.0).map(drop).ok_or(Errno::EBADF)
+    }
+
+    fn device_feature(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<i32, Errno> {
+        let fd = self.dev(dev)?.device.as_raw_fd();
+        // The kernel reads `argsz` bytes: give it at least that many (zero-filled past what
+        // the caller wrote) so it never reads past our buffer, up to 1 MiB.
+        let argsz = peerdma_uapi::feature::parse_header(buf).map_or(0, |(a, _)| a as usize);
+        let mut owned = buf.to_vec();
+        if argsz > owned.len() && argsz <= 1 << 20 {
+            owned.resize(argsz, 0);
+        }
+        if owned.len() < 8 {
+            owned.resize(8, 0);
+        }
+        let file = std::mem::ManuallyDrop::new(
+            // SAFETY: `fd` is the open device's descriptor, owned by `self.devices` for the
+            // duration of this call; ManuallyDrop keeps this temporary File from closing it.
+            unsafe { File::from_raw_fd(fd) },
+        );
+        // SAFETY: VFIO_DEVICE_FEATURE reads at most `argsz` bytes from the buffer and writes
+        // back at most as many; `owned` is at least that long (or the kernel will fail the
+        // copy with EFAULT for argsz above 1 MiB, touching nothing).
+        let ret = unsafe { ioctl_with_mut_ptr(&*file, VFIO_DEVICE_FEATURE(), owned.as_mut_ptr()) };
+        let n = buf.len().min(owned.len());
+        buf[..n].copy_from_slice(&owned[..n]);
+        if ret < 0 {
+            return Err(last_errno());
+        }
+        if ret > 0 {
+            // SAFETY: a positive result of a GET is a new file descriptor the kernel handed
+            // to this process; we take ownership of it exactly once.
+            let f = unsafe { File::from_raw_fd(ret) };
+            self.files.insert(ret, f);
+        }
+        Ok(ret)
+    }
+
+    fn config_read(&mut self, dev: DevHandle, offset: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        let d = self.dev(dev)?;
+        let at = i64::try_from(d.config_offset + offset).map_err(|_| Errno::EINVAL)?;
+        // SAFETY: pread writes at most `buf.len()` bytes into `buf`, which we own mutably.
+        let n =
+            unsafe { libc::pread(d.device.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), at) };
+        if n < 0 {
+            return Err(last_errno());
+        }
+        if usize::try_from(n).unwrap_or(0) < buf.len() {
+            return Err(Errno::EIO);
+        }
+        Ok(())
+    }
+
+    fn config_write(&mut self, dev: DevHandle, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        let d = self.dev(dev)?;
+        let at = i64::try_from(d.config_offset + offset).map_err(|_| Errno::EINVAL)?;
+        // SAFETY: pwrite reads at most `data.len()` bytes from `data`.
+        let n = unsafe { libc::pwrite(d.device.as_raw_fd(), data.as_ptr().cast(), data.len(), at) };
+        if n < 0 {
+            return Err(last_errno());
+        }
+        if usize::try_from(n).unwrap_or(0) < data.len() {
+            return Err(Errno::EIO);
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self, dev: DevHandle) -> Result<(), Errno> {
+        let fd = self.dev(dev)?.device.as_raw_fd();
+        let file = std::mem::ManuallyDrop::new(
+            // SAFETY: as in `device_feature`: a borrowed view of the open device's fd.
+            unsafe { File::from_raw_fd(fd) },
+        );
+        // SAFETY: VFIO_DEVICE_RESET takes no argument.
+        let ret = unsafe { ioctl(&*file, VFIO_DEVICE_RESET()) };
+        if ret < 0 { Err(last_errno()) } else { Ok(()) }
+    }
+
+    fn close_fd(&mut self, fd: i32) -> Result<(), Errno> {
+        self.files.remove(&fd).map(drop).ok_or(Errno::EBADF)
+    }
+
+    fn dmabuf_info(&mut self, fd: i32) -> Result<DmabufInfo, Errno> {
+        if !self.files.contains_key(&fd) {
+            return Err(Errno::EBADF);
+        }
+        let t = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
+            .map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        Ok(DmabufInfo::parse(&t))
+    }
+
+    fn ioas_alloc(&mut self) -> Result<IoasId, Errno> {
+        let fd = self.iommufd()?;
+        let ioas = IommufdIoas::new(fd).map_err(|e| errno_of(&e))?;
+        let id = ioas.id();
+        self.ioas.insert(id, ioas);
+        Ok(IoasId(id))
+    }
+
+    fn attach_ioas(&mut self, dev: DevHandle, ioas: IoasId) -> Result<(), Errno> {
+        if !self.ioas.contains_key(&ioas.0) {
+            return Err(Errno::ENOENT);
+        }
+        self.dev(dev)?
+            .device
+            .attach_hwpt(ioas.0)
+            .map_err(|e| errno_of(&e))
+    }
+
+    fn ioas_map_file(
+        &mut self,
+        ioas: IoasId,
+        fd: i32,
+        start: u64,
+        length: u64,
+        iova: u64,
+        flags: u32,
+    ) -> Result<(), Errno> {
+        let i = self.iommufd()?;
+        let map = iommu_ioas_map_file {
+            size: u32::try_from(std::mem::size_of::<iommu_ioas_map_file>()).unwrap_or(u32::MAX),
+            flags,
+            ioas_id: ioas.0,
+            fd,
+            start,
+            length,
+            iova,
+        };
+        i.map_iommu_ioas_file(&map).map_err(|e| errno_of(&e))
+    }
+
+    fn ioas_unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64, Errno> {
+        let i = self.iommufd()?;
+        let mut u = iommu_ioas_unmap {
+            size: u32::try_from(std::mem::size_of::<iommu_ioas_unmap>()).unwrap_or(u32::MAX),
+            ioas_id: ioas.0,
+            iova,
+            length,
+        };
+        i.unmap_iommu_ioas(&mut u).map_err(|e| errno_of(&e))?;
+        Ok(u.length)
+    }
+}
