@@ -531,14 +531,124 @@ fn p2p_suite(r: &mut Runner) {
     });
 }
 
+/// Checks that a scanned machine is what the harness's QEMU command line builds: a root port
+/// on `pci0000:00`, a switch (x3130 upstream, two xio3130 downstream ports) below it, ivshmem
+/// (1 MiB 64-bit prefetchable BAR2) below the first downstream port and edu (1 MiB BAR0) below
+/// the second, both bound to vfio-pci in IOMMU groups of their own, and P2P between them
+/// switch-local (the downstream ports have no ACS capability).
+pub fn check_qemu_topology(scan: &crate::sysfs::HostScan) -> Outcome {
+    use peerdma_pci::{DeviceKind, Fabric};
+    let f = Fabric::build(&scan.spec).map_err(|e| format!("the scan does not build: {e}"))?;
+    let kind = |b: &str| {
+        f.function(b.parse().expect("literal address"))
+            .map(peerdma_pci::Function::kind)
+            .map_err(|e| e.to_string())
+    };
+    let up = |b: &str| {
+        f.upstream_bridge(b.parse().expect("literal address"))
+            .map_err(|e| e.to_string())
+    };
+    let b = |s: &str| s.parse::<Bdf>().expect("literal address");
+    let want = [
+        ("0000:00:01.0", DeviceKind::RootPort, None),
+        (
+            "0000:01:00.0",
+            DeviceKind::SwitchUpstream,
+            Some("0000:00:01.0"),
+        ),
+        (
+            "0000:02:00.0",
+            DeviceKind::SwitchDownstream,
+            Some("0000:01:00.0"),
+        ),
+        (
+            "0000:02:01.0",
+            DeviceKind::SwitchDownstream,
+            Some("0000:01:00.0"),
+        ),
+        ("0000:03:00.0", DeviceKind::Endpoint, Some("0000:02:00.0")),
+        ("0000:04:00.0", DeviceKind::Endpoint, Some("0000:02:01.0")),
+    ];
+    for (dev, k, parent) in want {
+        if kind(dev)? != k {
+            return Err(format!("{dev} is a {}, expected {k}", kind(dev)?));
+        }
+        if up(dev)? != parent.map(b) {
+            return Err(format!(
+                "{dev} sits below {:?}, expected {parent:?}",
+                up(dev)?
+            ));
+        }
+    }
+    if f.host_bridge_of(IVSHMEM).map_err(|e| e.to_string())?.name() != "pci0000:00" {
+        return Err("ivshmem is not under pci0000:00".into());
+    }
+    let ivs = f.function(IVSHMEM).map_err(|e| e.to_string())?;
+    let edu = f.function(EDU).map_err(|e| e.to_string())?;
+    if (ivs.vendor(), ivs.device(), edu.vendor(), edu.device()) != (0x1af4, 0x1110, 0x1234, 0x11e8)
+    {
+        return Err("vendor/device IDs differ from ivshmem (1af4:1110) and edu (1234:11e8)".into());
+    }
+    let bar2 = ivs.bar(2).ok_or("ivshmem has no BAR2")?;
+    if bar2.size != BAR2_SIZE || !bar2.prefetch || bar2.kind != peerdma_pci::BarType::Mem64 {
+        return Err(format!("ivshmem BAR2 is {bar2:?}"));
+    }
+    if edu.bar(0).map(|b| b.size) != Some(1 << 20) {
+        return Err("edu BAR0 is not 1 MiB".into());
+    }
+    for d in [IVSHMEM, EDU] {
+        let h = scan
+            .devices
+            .get(&d)
+            .ok_or(format!("{d} missing from the scan"))?;
+        if h.driver.as_deref() != Some("vfio-pci") {
+            return Err(format!("{d} is bound to {:?}", h.driver));
+        }
+        if !h.acs_known {
+            return Err(format!(
+                "{d}: ACS unknown (config space not fully readable)"
+            ));
+        }
+    }
+    let (gi, ge) = (
+        scan.devices[&IVSHMEM].iommu_group,
+        scan.devices[&EDU].iommu_group,
+    );
+    if gi.is_none() || gi == ge {
+        return Err(format!("IOMMU groups {gi:?} and {ge:?}"));
+    }
+    if f.acs_ctrl(b("0000:00:01.0"))
+        .map_err(|e| e.to_string())?
+        .is_none_or(|a| a & regs::ACS_RR == 0)
+    {
+        return Err(
+            "the root port's ACS RR is not on (the kernel enables it under an IOMMU)".into(),
+        );
+    }
+    // The kernel's analysis of the pair, run on the scanned fabric.
+    let p2p = peerdma_p2pdma::P2pDma::new(std::sync::Arc::new(f));
+    let (t, d) = p2p.calc_map_type_and_dist(IVSHMEM, EDU, false);
+    if (t, d) != (peerdma_p2pdma::MapType::BusAddr, 4) {
+        return Err(format!(
+            "ivshmem → edu is {t} at distance {d}, expected bus_addr at 4"
+        ));
+    }
+    Ok(())
+}
+
 /// Runs every test that applies to `mode` (`custom`: iommufd kernel; `debian`: Debian's
 /// kernel, group/container only). Returns (passed, failed).
 pub fn run(mode: &str) -> (usize, usize) {
     let mut r = Runner {
         passed: 0,
         failed: 0,
-        prefix: "group:".into(),
+        prefix: "host:".into(),
     };
+    r.run("topo_host_matches_the_qemu_command_line", || {
+        let scan = crate::sysfs::scan_host().map_err(|e| e.to_string())?;
+        check_qemu_topology(&scan)
+    });
+    r.prefix = "group:".into();
     export_suite(&mut r, OpenPath::GroupContainer);
     if mode == "custom" {
         r.prefix = "cdev:".into();
