@@ -648,6 +648,58 @@ pub fn run(mode: &str) -> (usize, usize) {
         let scan = crate::sysfs::scan_host().map_err(|e| e.to_string())?;
         check_qemu_topology(&scan)
     });
+    r.run("cli_export_prints_fdinfo", || {
+        let out = std::process::Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+            .args([
+                "export",
+                "--device",
+                "0000:03:00.0",
+                "--bar",
+                "2",
+                "--range",
+                "0:64K",
+                "--range",
+                "128K:4K",
+            ])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if out.status.success()
+            && text.contains("size:\t69632")
+            && text.contains("exp_name:\tvfio_pci_core")
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "status {:?}, stdout {text:?}, stderr {:?}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    });
+    r.run("cli_export_error_says_errno_and_meaning", || {
+        let out = std::process::Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+            .args([
+                "export",
+                "--device",
+                "0000:03:00.0",
+                "--bar",
+                "1",
+                "--range",
+                "0:4K",
+            ])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.code() == Some(2)
+            && err.contains("ENODEV")
+            && err.contains("not a BAR this device implements")
+        {
+            Ok(())
+        } else {
+            Err(format!("status {:?}, stderr {err:?}", out.status))
+        }
+    });
     r.prefix = "group:".into();
     export_suite(&mut r, OpenPath::GroupContainer);
     if mode == "custom" {
@@ -655,6 +707,37 @@ pub fn run(mode: &str) -> (usize, usize) {
         export_suite(&mut r, OpenPath::CdevIommufd);
         r.prefix = "p2p:".into();
         p2p_suite(&mut r);
+        r.prefix = "cli:".into();
+        r.run("import_maps_for_the_importer", || {
+            let out =
+                std::process::Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
+                    .args([
+                        "import",
+                        "--provider",
+                        "0000:03:00.0",
+                        "--bar",
+                        "2",
+                        "--range",
+                        "0:1M",
+                        "--importer",
+                        "0000:04:00.0",
+                        "--iova",
+                        "0x1000000",
+                    ])
+                    .output()
+                    .map_err(|e| e.to_string())?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            if out.status.success() && text.contains("is mapped for 0000:04:00.0 at IOVA 0x1000000")
+            {
+                Ok(())
+            } else {
+                Err(format!(
+                    "status {:?}, stdout {text:?}, stderr {:?}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr)
+                ))
+            }
+        });
     }
     (r.passed, r.failed)
 }

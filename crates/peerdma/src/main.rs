@@ -4,10 +4,13 @@
 //! |---|---|
 //! | `topo` | show a platform as a tree (`--json` for the machine-readable contract); `--matrix` for the P2P matrix |
 //! | `explain` | why a provider/client pair gets its P2P map type, hop by hop |
+//! | `export` | (real machine) export BAR ranges of a vfio-pci device as a dma-buf |
+//! | `import` | (real machine) map such a buffer into an iommufd IOAS another device uses |
 //!
 //! Errors go to stderr in plain words; bad input exits with status 2.
 
 mod p2p;
+mod real;
 mod topo;
 
 use std::path::PathBuf;
@@ -35,12 +38,49 @@ enum Command {
         /// Read this machine instead (sysfs; run as root to see ACS bits and windows).
         #[arg(long)]
         host: bool,
+        /// With --host: read a tree captured by `capture-sysfs` instead of `/`.
+        #[arg(long, hide = true, requires = "host")]
+        sysfs_root: Option<PathBuf>,
         /// Print JSON instead of a tree.
         #[arg(long)]
         json: bool,
         /// Show the peer-to-peer matrix: every provider against every client.
         #[arg(long)]
         matrix: bool,
+    },
+    /// Export ranges of a vfio-pci device's BAR as a dma-buf (real machine; root).
+    Export {
+        /// The device (bound to vfio-pci).
+        #[arg(long)]
+        device: String,
+        /// The BAR (VFIO region index 0-5).
+        #[arg(long)]
+        bar: u32,
+        /// A range `OFFSET:LENGTH` (sizes like 0x1000:64K); repeat for several.
+        #[arg(long = "range", required = true)]
+        ranges: Vec<String>,
+        /// Open the device through the cdev + iommufd path instead of group/container.
+        #[arg(long)]
+        cdev: bool,
+    },
+    /// Map a dma-buf of a provider's BAR into an iommufd IOAS attached to an importer (real
+    /// machine; root; needs IOMMUFD).
+    Import {
+        /// The provider device (bound to vfio-pci).
+        #[arg(long)]
+        provider: String,
+        /// Its BAR.
+        #[arg(long)]
+        bar: u32,
+        /// The one range `OFFSET:LENGTH` to export.
+        #[arg(long)]
+        range: String,
+        /// The importing device (bound to vfio-pci).
+        #[arg(long)]
+        importer: String,
+        /// The IOVA to map at.
+        #[arg(long)]
+        iova: String,
     },
     /// Run the in-guest tests (inside the QEMU harness's guest only).
     #[command(hide = true)]
@@ -97,8 +137,13 @@ fn load_fabric(path: Option<&PathBuf>) -> Result<(Fabric, String), CliError> {
 }
 
 /// Scans this machine into a fabric.
-fn load_host() -> Result<(Fabric, String, peerdma_linux::sysfs::HostScan), CliError> {
-    let scan = peerdma_linux::sysfs::scan_host().map_err(|e| CliError {
+fn load_host(
+    root: Option<&std::path::Path>,
+) -> Result<(Fabric, String, peerdma_linux::sysfs::HostScan), CliError> {
+    let src = peerdma_linux::sysfs::RootDir(
+        root.map_or_else(|| PathBuf::from("/"), std::path::Path::to_path_buf),
+    );
+    let scan = peerdma_linux::sysfs::scan(&src).map_err(|e| CliError {
         message: e.to_string(),
         status: 2,
     })?;
@@ -106,7 +151,11 @@ fn load_host() -> Result<(Fabric, String, peerdma_linux::sysfs::HostScan), CliEr
         message: format!("this machine's topology does not fit peerdma's model: {e}"),
         status: 1,
     })?;
-    Ok((fabric, "this machine (sysfs)".to_string(), scan))
+    let source = match root {
+        None => "this machine (sysfs)".to_string(),
+        Some(r) => format!("machine captured in {}", r.display()),
+    };
+    Ok((fabric, source, scan))
 }
 
 /// Adds what only sysfs knows: drivers, IOMMU groups, and ACS bits that could not be read.
@@ -137,11 +186,12 @@ fn run(cli: Cli) -> Result<(), CliError> {
         Command::Topo {
             fabric,
             host,
+            sysfs_root,
             json,
             matrix,
         } => {
             let (fabric, source, scan) = if host {
-                let (f, s, scan) = load_host()?;
+                let (f, s, scan) = load_host(sysfs_root.as_deref())?;
                 (f, s, Some(scan))
             } else {
                 let (f, s) = load_fabric(fabric.as_ref())?;
@@ -169,6 +219,61 @@ fn run(cli: Cli) -> Result<(), CliError> {
                     println!("note: {n}");
                 }
             }
+            Ok(())
+        }
+        Command::Export {
+            device,
+            bar,
+            ranges,
+            cdev,
+        } => {
+            let bad = |m: String| CliError {
+                message: m,
+                status: 2,
+            };
+            let device: peerdma_pci::Bdf = device
+                .parse()
+                .map_err(|e: peerdma_pci::bdf::ParseBdfError| bad(e.to_string()))?;
+            let ranges = ranges
+                .iter()
+                .map(|r| real::parse_range(r))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(bad)?;
+            let path = if cdev {
+                peerdma_uapi::OpenPath::CdevIommufd
+            } else {
+                peerdma_uapi::OpenPath::GroupContainer
+            };
+            let out = real::export(device, bar, &ranges, path).map_err(|m| CliError {
+                message: m,
+                status: 2,
+            })?;
+            print!("{out}");
+            Ok(())
+        }
+        Command::Import {
+            provider,
+            bar,
+            range,
+            importer,
+            iova,
+        } => {
+            let bad = |m: String| CliError {
+                message: m,
+                status: 2,
+            };
+            let pb = |s: &str| {
+                s.parse::<peerdma_pci::Bdf>()
+                    .map_err(|e| bad(e.to_string()))
+            };
+            let (provider, importer) = (pb(&provider)?, pb(&importer)?);
+            let range = real::parse_range(&range).map_err(bad)?;
+            let iova = peerdma_pci::size::parse_size(&iova).map_err(|e| bad(e.to_string()))?;
+            let out = real::import(provider, bar, range, importer, iova).map_err(|m| CliError {
+                message: m,
+                status: 2,
+            })?;
+            println!("{out}");
             Ok(())
         }
         Command::GuestTest { mode } => {

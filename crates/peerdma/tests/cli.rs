@@ -246,3 +246,68 @@ fn explain_by_name_or_address() {
     assert_eq!(code, 2);
     assert!(err.contains("no PCI function named or addressed \"nobody\""));
 }
+
+#[test]
+fn topo_host_reads_a_captured_machine() {
+    let root = format!(
+        "{}/../peerdma-linux/tests/fixtures/qemu-guest",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let (code, out, err) = peerdma(&["topo", "--host", "--sysfs-root", &root]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("pci0000:00  domain 0000 root bus 00"));
+    assert!(out.contains("0000:00:01.0 root_port  1b36:000c  ACS[SV RR CR UF]"));
+    assert!(out.contains("0000:03:00.0 endpoint  1af4:1110"));
+    assert!(out.contains("driver vfio-pci, iommu group"));
+    let (code, out, _) = peerdma(&["topo", "--host", "--sysfs-root", &root, "--matrix"]);
+    assert_eq!(code, 0);
+    let row = out.lines().find(|l| l.starts_with("0000:03:00.0")).unwrap();
+    assert!(row.contains("BUS4"), "{row}");
+    let (code, _, err) = peerdma(&["topo", "--host", "--sysfs-root", "/nonexistent"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("cannot list /sys/bus/pci/devices"), "{err}");
+}
+
+#[test]
+fn export_and_import_errors_name_the_errno_and_what_it_means() {
+    let (code, _, err) = peerdma(&[
+        "export",
+        "--device",
+        "0000:fe:1f.7",
+        "--bar",
+        "2",
+        "--range",
+        "0:4K",
+    ]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("opening 0000:fe:1f.7: ENODEV (No such device): no such PCI device"),
+        "{err}"
+    );
+    let (code, _, err) = peerdma(&[
+        "export",
+        "--device",
+        "0000:00:01.0",
+        "--bar",
+        "2",
+        "--range",
+        "4K",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("is not OFF:LEN"), "{err}");
+    let (code, _, err) = peerdma(&[
+        "import",
+        "--provider",
+        "bogus",
+        "--bar",
+        "2",
+        "--range",
+        "0:4K",
+        "--importer",
+        "0000:00:01.0",
+        "--iova",
+        "0x1000",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("is not a PCI address"), "{err}");
+}
