@@ -1,0 +1,548 @@
+//! The IOMMU hardware: per-requester attachment (blocked, identity, or a paging domain),
+//! multi-level page tables with 4 KiB, 2 MiB and 1 GiB pages and protection bits, an IOTLB
+//! that keeps translations until software flushes them, and a fault log.
+//!
+//! It implements the fabric's [`AddressTranslator`], so a device's memory request that
+//! reaches the root complex is translated (or faults) here.
+//!
+//! **The IOTLB.** A translation the hardware walks is cached. Unmapping a page table entry does
+//! not remove the cached copy: until software invalidates (`flush`, `sync_range`), a device
+//! still reaches the old page — exactly the window a missing IOTLB sync leaves open on real
+//! hardware. New mappings need no invalidation (nothing negative is cached).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use peerdma_pci::sync::{self, Mutex, RwLock};
+use peerdma_pci::translate::{Access, AddressTranslator, Translation, TranslationFault};
+use peerdma_pci::{Bdf, DmaAddr, Errno, PhysAddr};
+
+/// IOMMU protection bits (`IOMMU_READ` …, as the kernel numbers them).
+pub mod prot {
+    /// DMA may read.
+    pub const READ: u32 = 1 << 0;
+    /// DMA may write.
+    pub const WRITE: u32 = 1 << 1;
+    /// Cache-coherent memory.
+    pub const CACHE: u32 = 1 << 2;
+    /// Not executable.
+    pub const NOEXEC: u32 = 1 << 3;
+    /// MMIO: device memory, never cached.
+    pub const MMIO: u32 = 1 << 4;
+    /// Privileged accesses only.
+    pub const PRIV: u32 = 1 << 5;
+}
+
+/// Page sizes the page table supports.
+pub const PAGE_SIZES: [u64; 3] = [1 << 30, 2 << 20, 4 << 10];
+/// The smallest page: the IOVA granule.
+pub const GRANULE: u64 = 4096;
+
+/// A paging domain's name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DomainId(pub u32);
+
+/// What a requester's DMA goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attach {
+    /// All DMA faults.
+    Blocked,
+    /// DMA addresses are CPU physical addresses (passthrough).
+    Identity,
+    /// Translated by a paging domain.
+    Paging(DomainId),
+}
+
+/// One page table entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pte {
+    /// Physical base.
+    pub phys: u64,
+    /// Page size (4 KiB, 2 MiB or 1 GiB).
+    pub size: u64,
+    /// Protection bits.
+    pub prot: u32,
+}
+
+#[derive(Debug, Default)]
+struct Domain {
+    /// IOVA base → entry. Entries never overlap.
+    pt: BTreeMap<u64, Pte>,
+    /// Cached translations: IOVA base → entry, possibly stale.
+    iotlb: BTreeMap<u64, Pte>,
+}
+
+fn covering(map: &BTreeMap<u64, Pte>, iova: u64) -> Option<(u64, Pte)> {
+    map.range(..=iova)
+        .next_back()
+        .filter(|(b, p)| iova - **b < p.size)
+        .map(|(b, p)| (*b, *p))
+}
+
+impl Domain {
+    fn overlaps(&self, iova: u64, size: u64) -> bool {
+        let end = iova + size;
+        if covering(&self.pt, iova).is_some() {
+            return true;
+        }
+        self.pt.range(iova..end).next().is_some()
+    }
+}
+
+/// Why a DMA was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultReason {
+    /// The requester is attached to nothing or to a blocking domain.
+    Blocked,
+    /// No translation for the address.
+    NotPresent,
+    /// A translation without the needed read or write permission.
+    Permission {
+        /// The entry's protection bits.
+        prot: u32,
+    },
+}
+
+/// A fault record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IommuFault {
+    /// The requester.
+    pub requester: Bdf,
+    /// The IOVA.
+    pub iova: u64,
+    /// Read or write.
+    pub access: Access,
+    /// Why.
+    pub reason: FaultReason,
+}
+
+/// Counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IommuStats {
+    /// Translations served from the IOTLB.
+    pub iotlb_hits: u64,
+    /// Page-table walks.
+    pub walks: u64,
+    /// IOTLB invalidations (whole-domain flushes and range syncs).
+    pub invalidations: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    attach: HashMap<Bdf, Attach>,
+    domains: HashMap<DomainId, Domain>,
+    next: u32,
+    stats: IommuStats,
+}
+
+/// An IOMMU for the whole machine.
+#[derive(Debug)]
+pub struct Iommu {
+    state: RwLock<State>,
+    faults: Mutex<VecDeque<IommuFault>>,
+    default_attach: Attach,
+}
+
+/// How many fault records are kept.
+pub const FAULT_LOG: usize = 4096;
+
+impl Iommu {
+    /// An IOMMU; requesters not attached to anything get `default_attach` (Linux attaches
+    /// every device to a default domain at boot; `Blocked` models a machine where only
+    /// explicitly attached devices may DMA).
+    pub fn new(default_attach: Attach) -> Iommu {
+        Iommu {
+            state: RwLock::new(State::default()),
+            faults: Mutex::new(VecDeque::new()),
+            default_attach,
+        }
+    }
+
+    /// Creates an empty paging domain.
+    pub fn new_domain(&self) -> DomainId {
+        let mut s = sync::write(&self.state);
+        s.next += 1;
+        let id = DomainId(s.next);
+        s.domains.insert(id, Domain::default());
+        id
+    }
+
+    /// Attaches a requester (its DMA goes through `a` from now on).
+    pub fn attach(&self, requester: Bdf, a: Attach) -> Result<(), Errno> {
+        let mut s = sync::write(&self.state);
+        if let Attach::Paging(d) = a {
+            if !s.domains.contains_key(&d) {
+                return Err(Errno::ENOENT);
+            }
+        }
+        s.attach.insert(requester, a);
+        Ok(())
+    }
+
+    /// What a requester is attached to.
+    pub fn attachment(&self, requester: Bdf) -> Attach {
+        sync::read(&self.state)
+            .attach
+            .get(&requester)
+            .copied()
+            .unwrap_or(self.default_attach)
+    }
+
+    /// `iommu_map`: maps `[iova, iova + size)` to `[phys, …)` with `prot`, using the largest
+    /// page size each piece's alignment allows. `iova`, `phys` and `size` must be multiples of
+    /// 4 KiB (`EINVAL`); any existing entry in the range fails the whole call with `EEXIST`
+    /// and changes nothing.
+    pub fn map(
+        &self,
+        d: DomainId,
+        iova: u64,
+        phys: u64,
+        size: u64,
+        prot: u32,
+    ) -> Result<(), Errno> {
+        if size == 0
+            || (iova | phys | size) % GRANULE != 0
+            || iova.checked_add(size).is_none()
+            || phys.checked_add(size).is_none()
+        {
+            return Err(Errno::EINVAL);
+        }
+        let mut s = sync::write(&self.state);
+        let dom = s.domains.get_mut(&d).ok_or(Errno::ENOENT)?;
+        if dom.overlaps(iova, size) {
+            return Err(Errno::EEXIST);
+        }
+        let mut done = 0;
+        while done < size {
+            let (i, p) = (iova + done, phys + done);
+            let pg = PAGE_SIZES
+                .into_iter()
+                .find(|&pg| (i | p) % pg == 0 && size - done >= pg)
+                .unwrap_or(GRANULE);
+            dom.pt.insert(
+                i,
+                Pte {
+                    phys: p,
+                    size: pg,
+                    prot,
+                },
+            );
+            done += pg;
+        }
+        Ok(())
+    }
+
+    /// `iommu_unmap`: removes the entries of `[iova, iova + size)`, stopping at an entry that
+    /// reaches outside the range; returns the bytes unmapped. The IOTLB keeps its copies.
+    pub fn unmap(&self, d: DomainId, iova: u64, size: u64) -> u64 {
+        let mut s = sync::write(&self.state);
+        let Some(dom) = s.domains.get_mut(&d) else {
+            return 0;
+        };
+        let mut done = 0;
+        while done < size {
+            let i = iova + done;
+            match dom.pt.get(&i).copied() {
+                Some(p) if p.size <= size - done => {
+                    dom.pt.remove(&i);
+                    done += p.size;
+                }
+                _ => break,
+            }
+        }
+        done
+    }
+
+    /// Invalidates the IOTLB for a range of one domain (`iotlb_sync`).
+    pub fn sync_range(&self, d: DomainId, iova: u64, size: u64) {
+        let mut s = sync::write(&self.state);
+        s.stats.invalidations += 1;
+        if let Some(dom) = s.domains.get_mut(&d) {
+            let end = iova.saturating_add(size);
+            let keys: Vec<u64> = dom
+                .iotlb
+                .range(..end)
+                .filter(|(b, p)| **b + p.size > iova)
+                .map(|(b, _)| *b)
+                .collect();
+            for k in keys {
+                dom.iotlb.remove(&k);
+            }
+        }
+    }
+
+    /// Invalidates a whole domain's IOTLB (`flush_iotlb_all`).
+    pub fn flush(&self, d: DomainId) {
+        let mut s = sync::write(&self.state);
+        s.stats.invalidations += 1;
+        if let Some(dom) = s.domains.get_mut(&d) {
+            dom.iotlb.clear();
+        }
+    }
+
+    /// The page-table entry covering an IOVA (not the IOTLB's view).
+    pub fn lookup(&self, d: DomainId, iova: u64) -> Option<(u64, Pte)> {
+        covering(&sync::read(&self.state).domains.get(&d)?.pt, iova)
+    }
+
+    /// `iova_to_phys` from the page table (0 when unmapped, as the kernel's).
+    pub fn iova_to_phys(&self, d: DomainId, iova: u64) -> u64 {
+        self.lookup(d, iova).map_or(0, |(b, p)| p.phys + (iova - b))
+    }
+
+    /// How many page-table entries a domain has.
+    pub fn entries(&self, d: DomainId) -> usize {
+        sync::read(&self.state)
+            .domains
+            .get(&d)
+            .map_or(0, |x| x.pt.len())
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> IommuStats {
+        sync::read(&self.state).stats
+    }
+
+    /// The fault log (oldest first).
+    pub fn faults(&self) -> Vec<IommuFault> {
+        sync::lock(&self.faults).iter().cloned().collect()
+    }
+
+    /// Empties the fault log and returns it.
+    pub fn take_faults(&self) -> Vec<IommuFault> {
+        sync::lock(&self.faults).drain(..).collect()
+    }
+
+    fn fault(&self, f: IommuFault) -> TranslationFault {
+        tracing::debug!(target: "peerdma::iommu", ?f, "IOMMU fault");
+        let why = match f.reason {
+            FaultReason::Blocked => "requester blocked".to_string(),
+            FaultReason::NotPresent => "no mapping".to_string(),
+            FaultReason::Permission { prot } => {
+                format!("no {} permission (prot {prot:#x})", f.access.as_str())
+            }
+        };
+        let out = TranslationFault {
+            requester: f.requester,
+            addr: DmaAddr(f.iova),
+            access: f.access,
+            reason: why,
+        };
+        let mut log = sync::lock(&self.faults);
+        if log.len() == FAULT_LOG {
+            log.pop_front();
+        }
+        log.push_back(f);
+        out
+    }
+
+    /// One translation through IOTLB then page table; the entry, and whether it came from
+    /// the IOTLB.
+    fn entry(&self, d: DomainId, iova: u64) -> Option<(u64, Pte)> {
+        {
+            let s = sync::read(&self.state);
+            let dom = s.domains.get(&d)?;
+            if let Some(hit) = covering(&dom.iotlb, iova) {
+                drop(s);
+                sync::write(&self.state).stats.iotlb_hits += 1;
+                return Some(hit);
+            }
+        }
+        let mut s = sync::write(&self.state);
+        s.stats.walks += 1;
+        let dom = s.domains.get_mut(&d)?;
+        let e = covering(&dom.pt, iova)?;
+        dom.iotlb.insert(e.0, e.1);
+        Some(e)
+    }
+}
+
+fn allows(prot: u32, access: Access) -> bool {
+    match access {
+        Access::Read => prot & prot::READ != 0,
+        Access::Write => prot & prot::WRITE != 0,
+    }
+}
+
+impl AddressTranslator for Iommu {
+    fn translate(
+        &self,
+        requester: Bdf,
+        addr: DmaAddr,
+        access: Access,
+    ) -> Result<Translation, TranslationFault> {
+        let iova = addr.get();
+        let d = match self.attachment(requester) {
+            Attach::Identity => {
+                return Ok(Translation {
+                    phys: PhysAddr(iova),
+                    contiguous: (u64::MAX - iova).saturating_add(1),
+                });
+            }
+            Attach::Blocked => {
+                return Err(self.fault(IommuFault {
+                    requester,
+                    iova,
+                    access,
+                    reason: FaultReason::Blocked,
+                }));
+            }
+            Attach::Paging(d) => d,
+        };
+        let Some((base, pte)) = self.entry(d, iova) else {
+            return Err(self.fault(IommuFault {
+                requester,
+                iova,
+                access,
+                reason: FaultReason::NotPresent,
+            }));
+        };
+        if !allows(pte.prot, access) {
+            return Err(self.fault(IommuFault {
+                requester,
+                iova,
+                access,
+                reason: FaultReason::Permission { prot: pte.prot },
+            }));
+        }
+        let phys = pte.phys + (iova - base);
+        // Extend over following entries that continue the same physical run with the needed
+        // permission, so a long transfer is translated once per run.
+        let mut contiguous = pte.size - (iova - base);
+        let (mut next_iova, mut next_phys) = (base + pte.size, pte.phys + pte.size);
+        while contiguous < (64 << 20) {
+            match self.entry(d, next_iova) {
+                Some((b, p)) if b == next_iova && p.phys == next_phys && allows(p.prot, access) => {
+                    contiguous += p.size;
+                    next_iova += p.size;
+                    next_phys += p.size;
+                }
+                _ => break,
+            }
+        }
+        Ok(Translation {
+            phys: PhysAddr(phys),
+            contiguous,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b() -> Bdf {
+        "0000:03:00.0".parse().unwrap()
+    }
+
+    #[test]
+    fn largest_pages_that_fit() {
+        let m = Iommu::new(Attach::Blocked);
+        let d = m.new_domain();
+        m.map(d, 0x20_0000, 0x4020_0000, 0x40_0000, prot::READ)
+            .unwrap();
+        assert_eq!(m.entries(d), 2, "two 2 MiB pages");
+        m.map(d, 0x4000_0000, 0x8000_0000, 1 << 30, prot::READ)
+            .unwrap();
+        assert_eq!(m.entries(d), 3, "one 1 GiB page");
+        m.map(d, 0x1000, 0x2001000, 0x3000, prot::READ).unwrap();
+        assert_eq!(m.entries(d), 6, "three 4 KiB pages");
+        assert_eq!(m.iova_to_phys(d, 0x20_0010), 0x4020_0010);
+        assert_eq!(m.iova_to_phys(d, 0x8000_0000), 0);
+    }
+
+    #[test]
+    fn map_refuses_overlap_and_misalignment_changing_nothing() {
+        let m = Iommu::new(Attach::Blocked);
+        let d = m.new_domain();
+        m.map(d, 0x10000, 0x10000, 0x2000, prot::READ).unwrap();
+        assert_eq!(
+            m.map(d, 0x11000, 0x90000, 0x4000, prot::READ),
+            Err(Errno::EEXIST)
+        );
+        assert_eq!(
+            m.map(d, 0xf000, 0x90000, 0x2000, prot::READ),
+            Err(Errno::EEXIST)
+        );
+        assert_eq!(
+            m.map(d, 0x20001, 0x90000, 0x1000, prot::READ),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(
+            m.map(d, 0x20000, 0x90000, 0, prot::READ),
+            Err(Errno::EINVAL)
+        );
+        assert_eq!(m.entries(d), 2);
+        assert_eq!(m.map(DomainId(99), 0, 0, 4096, 0), Err(Errno::ENOENT));
+    }
+
+    #[test]
+    fn unmap_returns_what_it_removed() {
+        let m = Iommu::new(Attach::Blocked);
+        let d = m.new_domain();
+        m.map(d, 0x20_0000, 0x20_0000, 0x20_0000, prot::READ)
+            .unwrap();
+        assert_eq!(
+            m.unmap(d, 0x20_0000, 0x1000),
+            0,
+            "a 2 MiB page is not split"
+        );
+        assert_eq!(m.unmap(d, 0x20_0000, 0x20_0000), 0x20_0000);
+        assert_eq!(m.entries(d), 0);
+    }
+
+    #[test]
+    fn translation_faults_and_stale_iotlb() {
+        let m = Iommu::new(Attach::Blocked);
+        let d = m.new_domain();
+        let r = b();
+        assert!(
+            m.translate(r, DmaAddr(0x1000), Access::Read).is_err(),
+            "blocked by default"
+        );
+        m.attach(r, Attach::Paging(d)).unwrap();
+        assert!(
+            m.translate(r, DmaAddr(0x1000), Access::Read).is_err(),
+            "not present"
+        );
+        m.map(d, 0x1000, 0x9000, 0x1000, prot::READ).unwrap();
+        let t = m.translate(r, DmaAddr(0x1010), Access::Read).unwrap();
+        assert_eq!((t.phys, t.contiguous), (PhysAddr(0x9010), 0xff0));
+        assert!(
+            m.translate(r, DmaAddr(0x1010), Access::Write).is_err(),
+            "read-only"
+        );
+        // Unmapped but not synced: the IOTLB still translates.
+        m.unmap(d, 0x1000, 0x1000);
+        assert!(m.translate(r, DmaAddr(0x1000), Access::Read).is_ok());
+        m.sync_range(d, 0x1000, 0x1000);
+        assert!(m.translate(r, DmaAddr(0x1000), Access::Read).is_err());
+        let reasons: Vec<FaultReason> = m.faults().iter().map(|f| f.reason).collect();
+        assert_eq!(
+            reasons,
+            vec![
+                FaultReason::Blocked,
+                FaultReason::NotPresent,
+                FaultReason::Permission { prot: prot::READ },
+                FaultReason::NotPresent
+            ]
+        );
+        m.attach(r, Attach::Identity).unwrap();
+        assert_eq!(
+            m.translate(r, DmaAddr(0x1234), Access::Write).unwrap().phys,
+            PhysAddr(0x1234)
+        );
+    }
+
+    #[test]
+    fn contiguous_runs_span_entries() {
+        let m = Iommu::new(Attach::Blocked);
+        let d = m.new_domain();
+        m.attach(b(), Attach::Paging(d)).unwrap();
+        m.map(d, 0x1000, 0x10_1000, 0x3000, prot::READ | prot::WRITE)
+            .unwrap();
+        m.map(d, 0x4000, 0x50_0000, 0x1000, prot::READ | prot::WRITE)
+            .unwrap();
+        let t = m.translate(b(), DmaAddr(0x1000), Access::Write).unwrap();
+        assert_eq!(t.contiguous, 0x3000, "stops where the physical run breaks");
+    }
+}
