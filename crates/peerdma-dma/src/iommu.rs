@@ -36,6 +36,9 @@ pub mod prot {
 pub const PAGE_SIZES: [u64; 3] = [1 << 30, 2 << 20, 4 << 10];
 /// The smallest page: the IOVA granule.
 pub const GRANULE: u64 = 4096;
+/// The last IOVA a domain translates: 48-bit input addresses (4-level tables), the aperture
+/// the DMA layer allocates within (`force_aperture`).
+pub const APERTURE_END: u64 = (1 << 48) - 1;
 
 /// A paging domain's name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

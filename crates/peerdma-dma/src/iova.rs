@@ -134,8 +134,14 @@ impl IovaDomain {
     /// `free_iova_fast`: cacheable sizes go back to their cache (staying allocated); others
     /// are freed.
     pub fn free_fast(&mut self, pfn: u64, size: u64) {
+        // The cache is keyed by order: a 3-page free goes back with the 4-page range it came
+        // from (alloc_fast rounded it up).
         let order = order_base_2(size);
-        if order < IOVA_RANGE_CACHE_MAX_SIZE && self.ranges.get(&pfn) == Some(&(pfn + size - 1)) {
+        let same_order = self
+            .ranges
+            .get(&pfn)
+            .is_some_and(|&hi| order_base_2(hi - pfn + 1) == order);
+        if order < IOVA_RANGE_CACHE_MAX_SIZE && same_order && !self.reserved.contains_key(&pfn) {
             self.cache[order as usize].push(pfn);
             return;
         }

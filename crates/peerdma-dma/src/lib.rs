@@ -4,6 +4,10 @@
 //! |---|---|---|
 //! | [`iommu`] | drivers/iommu (hardware) | domains, page tables, IOTLB, faults; the fabric's translator |
 //! | [`iova`] | drivers/iommu/iova.c | the IOVA allocator: top-down, size-aligned, range caches |
+//! | [`mapping`] | kernel/dma/mapping.c, direct.h, swiotlb.c, drivers/iommu/dma-iommu.c | `map_phys`/`unmap_phys`, dma-direct, swiotlb, iommu-dma, syncs, DMA debug |
 
 pub mod iommu;
 pub mod iova;
+pub mod mapping;
+
+pub use mapping::{Direction, DmaConfig, DmaSystem, MapError, Swiotlb, attrs};
