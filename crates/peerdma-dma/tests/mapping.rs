@@ -1,6 +1,8 @@
 //! The streaming DMA API on the emulated fabric: each rule of the rulebook's §2.2–2.6, with
 //! bytes checked where a device really DMAs.
 
+#![allow(clippy::many_single_char_names)]
+
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
