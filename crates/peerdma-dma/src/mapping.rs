@@ -253,10 +253,10 @@ struct Pool {
 /// swiotlb slot size (`IO_TLB_SIZE`).
 pub const IO_TLB_SIZE: u64 = 2048;
 
-struct Dev {
-    cfg: DmaConfig,
-    domain: Option<DomainId>,
-    iovad: Mutex<IovaDomain>,
+pub(crate) struct Dev {
+    pub(crate) cfg: DmaConfig,
+    pub(crate) domain: Option<DomainId>,
+    pub(crate) iovad: Mutex<IovaDomain>,
     pci_32bit_workaround: AtomicBool,
 }
 
@@ -352,7 +352,7 @@ impl DmaSystem {
         Ok(())
     }
 
-    fn dev(&self, bdf: Bdf) -> Result<Arc<Dev>, MapError> {
+    pub(crate) fn dev(&self, bdf: Bdf) -> Result<Arc<Dev>, MapError> {
         sync::read(&self.devs)
             .get(&bdf)
             .cloned()
@@ -626,7 +626,7 @@ impl DmaSystem {
 
     /// Bounces `[phys, +size)`: copies it into fresh slots (always, as current kernels do, so
     /// stale pool contents never reach the device) and returns the slot's CPU address.
-    fn swiotlb_map(
+    pub(crate) fn swiotlb_map(
         &self,
         cfg: &DmaConfig,
         phys: u64,
@@ -681,7 +681,7 @@ impl DmaSystem {
 
     /// Copies between a bounce slot at `tlb` and its original buffer: `to_device` = orig →
     /// slot. Nothing if `tlb` is not a bounce slot.
-    fn bounce_copy(&self, tlb: u64, size: u64, to_device: bool) {
+    pub(crate) fn bounce_copy(&self, tlb: u64, size: u64, to_device: bool) {
         let pair = sync::lock(&self.pool)
             .as_ref()
             .and_then(|p| p.live.get(&tlb).map(|b| (b.orig, b.size.min(size))));
@@ -694,13 +694,37 @@ impl DmaSystem {
         }
     }
 
-    fn swiotlb_unmap(&self, tlb: u64) {
+    pub(crate) fn swiotlb_unmap(&self, tlb: u64) {
         if let Some(pool) = sync::lock(&self.pool).as_mut() {
             if let Some(b) = pool.live.remove(&tlb) {
                 let (s, n) = (b.slots.0 as usize, b.slots.1 as usize);
                 pool.slots[s..s + n].fill(false);
             }
         }
+    }
+
+    /// Whether `phys` is a live bounce slot.
+    pub(crate) fn is_bounce(&self, phys: u64) -> bool {
+        sync::lock(&self.pool)
+            .as_ref()
+            .is_some_and(|p| p.live.contains_key(&phys))
+    }
+
+    pub(crate) fn debug_track(&self, bdf: Bdf, addr: u64, size: u64, at: String) {
+        sync::lock(&self.debug).live.insert(
+            (bdf, addr),
+            DebugEntry {
+                dev: bdf,
+                addr,
+                size,
+                dir: Direction::None,
+                at,
+            },
+        );
+    }
+
+    pub(crate) fn debug_untrack(&self, bdf: Bdf, addr: u64) {
+        sync::lock(&self.debug).live.remove(&(bdf, addr));
     }
 
     /// Bounce slots in use.
@@ -713,7 +737,7 @@ impl DmaSystem {
     // ----- iommu-dma ----------------------------------------------------------------------
 
     /// `iommu_dma_alloc_iova`: below 4 GiB first for PCI devices until that fails once.
-    fn alloc_iova(&self, bdf: Bdf, dev: &Dev, size: u64) -> Option<u64> {
+    pub(crate) fn alloc_iova(&self, bdf: Bdf, dev: &Dev, size: u64) -> Option<u64> {
         let shift = 12;
         let len = size >> shift;
         let mask = dev.cfg.mask.unwrap_or(dma_bit_mask(32));
