@@ -1,5 +1,7 @@
 //! Scatter-gather over RAM and P2P pool memory, and the IOTLB's staleness seen from a device.
 
+#![allow(clippy::many_single_char_names)]
+
 use std::sync::Arc;
 
 use peerdma_dma::iommu::prot;
