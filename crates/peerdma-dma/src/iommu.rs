@@ -11,6 +11,7 @@
 //! hardware. New mappings need no invalidation (nothing negative is cached).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use peerdma_pci::sync::{self, Mutex, RwLock};
 use peerdma_pci::translate::{Access, AddressTranslator, Translation, TranslationFault};
@@ -134,13 +135,20 @@ struct State {
     attach: HashMap<Bdf, Attach>,
     domains: HashMap<DomainId, Domain>,
     next: u32,
-    stats: IommuStats,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    hits: AtomicU64,
+    walks: AtomicU64,
+    invalidations: AtomicU64,
 }
 
 /// An IOMMU for the whole machine.
 #[derive(Debug)]
 pub struct Iommu {
     state: RwLock<State>,
+    counters: Counters,
     faults: Mutex<VecDeque<IommuFault>>,
     default_attach: Attach,
 }
@@ -155,6 +163,7 @@ impl Iommu {
     pub fn new(default_attach: Attach) -> Iommu {
         Iommu {
             state: RwLock::new(State::default()),
+            counters: Counters::default(),
             faults: Mutex::new(VecDeque::new()),
             default_attach,
         }
@@ -257,8 +266,8 @@ impl Iommu {
 
     /// Invalidates the IOTLB for a range of one domain (`iotlb_sync`).
     pub fn sync_range(&self, d: DomainId, iova: u64, size: u64) {
+        self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
         let mut s = sync::write(&self.state);
-        s.stats.invalidations += 1;
         if let Some(dom) = s.domains.get_mut(&d) {
             let end = iova.saturating_add(size);
             let keys: Vec<u64> = dom
@@ -275,8 +284,8 @@ impl Iommu {
 
     /// Invalidates a whole domain's IOTLB (`flush_iotlb_all`).
     pub fn flush(&self, d: DomainId) {
+        self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
         let mut s = sync::write(&self.state);
-        s.stats.invalidations += 1;
         if let Some(dom) = s.domains.get_mut(&d) {
             dom.iotlb.clear();
         }
@@ -302,7 +311,11 @@ impl Iommu {
 
     /// Counters so far.
     pub fn stats(&self) -> IommuStats {
-        sync::read(&self.state).stats
+        IommuStats {
+            iotlb_hits: self.counters.hits.load(Ordering::Relaxed),
+            walks: self.counters.walks.load(Ordering::Relaxed),
+            invalidations: self.counters.invalidations.load(Ordering::Relaxed),
+        }
     }
 
     /// The fault log (oldest first).
@@ -338,24 +351,51 @@ impl Iommu {
         out
     }
 
-    /// One translation through IOTLB then page table; the entry, and whether it came from
-    /// the IOTLB.
-    fn entry(&self, d: DomainId, iova: u64) -> Option<(u64, Pte)> {
-        {
+    /// Translates a run starting at `iova`: the first entry, then following entries that
+    /// continue the same physical run with the needed permission (up to 64 MiB), IOTLB first,
+    /// page table on a miss — all under one read lock. Misses are cached afterwards.
+    fn run(&self, d: DomainId, iova: u64, access: Access) -> Option<((u64, Pte), u64)> {
+        let mut misses = Vec::new();
+        let found = {
             let s = sync::read(&self.state);
             let dom = s.domains.get(&d)?;
-            if let Some(hit) = covering(&dom.iotlb, iova) {
-                drop(s);
-                sync::write(&self.state).stats.iotlb_hits += 1;
-                return Some(hit);
+            let mut look = |at: u64| -> Option<(u64, Pte)> {
+                if let Some(hit) = covering(&dom.iotlb, at) {
+                    self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                    return Some(hit);
+                }
+                self.counters.walks.fetch_add(1, Ordering::Relaxed);
+                let e = covering(&dom.pt, at)?;
+                misses.push(e);
+                Some(e)
+            };
+            let first = look(iova)?;
+            let (base, pte) = first;
+            let mut contiguous = pte.size - (iova - base);
+            if allows(pte.prot, access) {
+                let (mut ni, mut np) = (base + pte.size, pte.phys + pte.size);
+                while contiguous < (64 << 20) {
+                    match look(ni) {
+                        Some((b, p)) if b == ni && p.phys == np && allows(p.prot, access) => {
+                            contiguous += p.size;
+                            ni += p.size;
+                            np += p.size;
+                        }
+                        _ => break,
+                    }
+                }
+            }
+            (first, contiguous)
+        };
+        if !misses.is_empty() {
+            let mut s = sync::write(&self.state);
+            if let Some(dom) = s.domains.get_mut(&d) {
+                for (b, p) in misses {
+                    dom.iotlb.insert(b, p);
+                }
             }
         }
-        let mut s = sync::write(&self.state);
-        s.stats.walks += 1;
-        let dom = s.domains.get_mut(&d)?;
-        let e = covering(&dom.pt, iova)?;
-        dom.iotlb.insert(e.0, e.1);
-        Some(e)
+        Some(found)
     }
 }
 
@@ -391,7 +431,7 @@ impl AddressTranslator for Iommu {
             }
             Attach::Paging(d) => d,
         };
-        let Some((base, pte)) = self.entry(d, iova) else {
+        let Some(((base, pte), contiguous)) = self.run(d, iova, access) else {
             return Err(self.fault(IommuFault {
                 requester,
                 iova,
@@ -407,23 +447,8 @@ impl AddressTranslator for Iommu {
                 reason: FaultReason::Permission { prot: pte.prot },
             }));
         }
-        let phys = pte.phys + (iova - base);
-        // Extend over following entries that continue the same physical run with the needed
-        // permission, so a long transfer is translated once per run.
-        let mut contiguous = pte.size - (iova - base);
-        let (mut next_iova, mut next_phys) = (base + pte.size, pte.phys + pte.size);
-        while contiguous < (64 << 20) {
-            match self.entry(d, next_iova) {
-                Some((b, p)) if b == next_iova && p.phys == next_phys && allows(p.prot, access) => {
-                    contiguous += p.size;
-                    next_iova += p.size;
-                    next_phys += p.size;
-                }
-                _ => break,
-            }
-        }
         Ok(Translation {
-            phys: PhysAddr(phys),
+            phys: PhysAddr(pte.phys + (iova - base)),
             contiguous,
         })
     }

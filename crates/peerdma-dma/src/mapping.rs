@@ -445,6 +445,35 @@ impl DmaSystem {
         }
     }
 
+    /// `dma_map_page_attrs(dev, page, offset, size, dir, attrs)`: the old page-based entry,
+    /// now `map_phys` of `page + offset`. `DMA_ATTR_MMIO` is refused here (MMIO has no struct
+    /// page; current kernels reject it), as is a page address that is not page aligned.
+    #[track_caller]
+    pub fn map_page(
+        &self,
+        bdf: Bdf,
+        page: PhysAddr,
+        offset: u64,
+        size: u64,
+        dir: Direction,
+        attrs: u32,
+    ) -> Result<DmaAddr, MapError> {
+        if attrs & attrs::MMIO != 0 || page.get() % GRANULE != 0 {
+            return Err(MapError::BadSize);
+        }
+        let phys = page.checked_add(offset).map_err(|_| MapError::BadSize)?;
+        self.map_phys(bdf, phys, size, dir, attrs)
+    }
+
+    /// `dma_unmap_page_attrs`: with `DMA_ATTR_MMIO` it does nothing (as current kernels).
+    #[track_caller]
+    pub fn unmap_page(&self, bdf: Bdf, addr: DmaAddr, size: u64, dir: Direction, attrs: u32) {
+        if attrs & attrs::MMIO != 0 {
+            return;
+        }
+        self.unmap_phys(bdf, addr, size, dir, attrs);
+    }
+
     /// `dma_unmap_resource`.
     #[track_caller]
     pub fn unmap_resource(&self, bdf: Bdf, addr: DmaAddr, size: u64, dir: Direction, attrs: u32) {

@@ -495,3 +495,37 @@ fn dma_debug_names_leaks_double_unmaps_and_mismatches() {
     }
     assert_eq!(s.debug_outstanding(nic), 1);
 }
+
+#[test]
+fn page_wrappers_map_page_plus_offset_and_refuse_mmio() {
+    let (s, nic, gpu) = system(true);
+    s.configure(
+        nic,
+        DmaConfig {
+            iommu: true,
+            ..DmaConfig::default()
+        },
+    )
+    .unwrap();
+    let a = s
+        .map_page(nic, PhysAddr(HIGH), 0x10, 64, Direction::FromDevice, 0)
+        .unwrap();
+    assert_eq!(a.get() & 0xfff, 0x10);
+    s.fabric().dma_write(nic, a, b"page").unwrap();
+    let mut got = [0u8; 4];
+    s.fabric()
+        .ram_peek(PhysAddr(HIGH + 0x10), &mut got)
+        .unwrap();
+    assert_eq!(&got, b"page");
+    s.unmap_page(nic, a, 64, Direction::FromDevice, 0);
+    let bar = s.fabric().bar(gpu, 0).unwrap().cpu.unwrap();
+    assert_eq!(
+        s.map_page(nic, bar, 0, 64, Direction::ToDevice, attrs::MMIO),
+        Err(MapError::BadSize)
+    );
+    assert_eq!(
+        s.map_page(nic, PhysAddr(HIGH + 8), 0, 64, Direction::ToDevice, 0),
+        Err(MapError::BadSize)
+    );
+    assert!(s.debug_report().is_empty());
+}
