@@ -4,6 +4,8 @@
 //! - a 4 MiB device write + read through IOMMU translation, against `memcpy` of the same bytes,
 //!   with the buffer mapped by 2 MiB pages and by 4 KiB pages.
 
+#![allow(clippy::many_single_char_names)]
+
 use std::hint::black_box;
 use std::sync::Arc;
 
