@@ -67,10 +67,148 @@ pub struct Pte {
     pub prot: u32,
 }
 
+/// One slot of a page-table node.
+#[derive(Debug, Default)]
+enum Slot {
+    #[default]
+    Empty,
+    /// The next level down.
+    Table(Box<Node>),
+    /// A leaf: a 1 GiB page at level 3, 2 MiB at level 2, 4 KiB at level 1.
+    Leaf(Pte),
+}
+
+/// A 512-entry table.
+#[derive(Debug)]
+struct Node {
+    slots: Vec<Slot>,
+}
+
+impl Node {
+    fn new() -> Node {
+        Node {
+            slots: std::iter::repeat_with(Slot::default).take(512).collect(),
+        }
+    }
+}
+
+/// Bytes one slot covers at a level (1 = 4 KiB … 4 = 512 GiB).
+fn level_size(level: u32) -> u64 {
+    1u64 << (12 + 9 * (level - 1))
+}
+
+fn index(iova: u64, level: u32) -> usize {
+    ((iova >> (12 + 9 * (level - 1))) & 511) as usize
+}
+
+/// A 4-level radix page table (48-bit IOVAs), x86-style: levels 4 to 1, 9 bits each, leaves
+/// allowed at levels 3 (1 GiB), 2 (2 MiB) and 1 (4 KiB).
+#[derive(Debug)]
+struct PageTable {
+    root: Node,
+    leaves: usize,
+}
+
+impl Default for PageTable {
+    fn default() -> Self {
+        PageTable {
+            root: Node::new(),
+            leaves: 0,
+        }
+    }
+}
+
+impl PageTable {
+    /// The leaf covering `iova` and the IOVA its page starts at.
+    fn lookup(&self, iova: u64) -> Option<(u64, Pte)> {
+        if iova > APERTURE_END {
+            return None;
+        }
+        let mut node = &self.root;
+        let mut level = 4;
+        loop {
+            match &node.slots[index(iova, level)] {
+                Slot::Empty => return None,
+                Slot::Leaf(p) => return Some((iova & !(level_size(level) - 1), *p)),
+                Slot::Table(n) => {
+                    node = n;
+                    level -= 1;
+                }
+            }
+        }
+    }
+
+    /// Whether any leaf intersects `[lo, hi]`.
+    fn any_leaf(node: &Node, level: u32, base: u64, lo: u64, hi: u64) -> bool {
+        let sz = level_size(level);
+        let first = (lo.max(base) - base) / sz;
+        let last = ((hi - base) / sz).min(511);
+        (first..=last).any(|i| match &node.slots[i as usize] {
+            Slot::Empty => false,
+            Slot::Leaf(_) => true,
+            Slot::Table(n) => PageTable::any_leaf(n, level - 1, base + i * sz, lo, hi),
+        })
+    }
+
+    fn overlaps(&self, iova: u64, size: u64) -> bool {
+        PageTable::any_leaf(&self.root, 4, 0, iova, iova + (size - 1))
+    }
+
+    /// Installs a leaf at the level its size calls for (the slot is free: checked before).
+    fn insert(&mut self, iova: u64, pte: Pte) {
+        let target = match pte.size {
+            s if s == 1 << 30 => 3,
+            s if s == 2 << 20 => 2,
+            _ => 1,
+        };
+        let mut node = &mut self.root;
+        let mut level = 4;
+        while level > target {
+            let slot = &mut node.slots[index(iova, level)];
+            if !matches!(slot, Slot::Table(_)) {
+                *slot = Slot::Table(Box::new(Node::new()));
+            }
+            let Slot::Table(next) = slot else {
+                unreachable!("just made a table")
+            };
+            node = next;
+            level -= 1;
+        }
+        node.slots[index(iova, level)] = Slot::Leaf(pte);
+        self.leaves += 1;
+    }
+
+    /// Removes the leaf whose page starts exactly at `iova`.
+    fn remove(&mut self, iova: u64) -> Option<Pte> {
+        let (base, _) = self.lookup(iova)?;
+        if base != iova {
+            return None;
+        }
+        let mut node = &mut self.root;
+        let mut level = 4;
+        loop {
+            let slot = &mut node.slots[index(iova, level)];
+            match slot {
+                Slot::Leaf(p) => {
+                    let p = *p;
+                    *slot = Slot::Empty;
+                    self.leaves -= 1;
+                    return Some(p);
+                }
+                Slot::Table(n) => {
+                    node = n;
+                    level -= 1;
+                }
+                Slot::Empty => return None,
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Domain {
-    /// IOVA base → entry. Entries never overlap.
-    pt: BTreeMap<u64, Pte>,
+    /// The page table.
+    pt: PageTable,
     /// Cached translations: IOVA base → entry, possibly stale.
     iotlb: BTreeMap<u64, Pte>,
 }
@@ -84,11 +222,7 @@ fn covering(map: &BTreeMap<u64, Pte>, iova: u64) -> Option<(u64, Pte)> {
 
 impl Domain {
     fn overlaps(&self, iova: u64, size: u64) -> bool {
-        let end = iova + size;
-        if covering(&self.pt, iova).is_some() {
-            return true;
-        }
-        self.pt.range(iova..end).next().is_some()
+        self.pt.overlaps(iova, size)
     }
 }
 
@@ -213,7 +347,7 @@ impl Iommu {
     ) -> Result<(), Errno> {
         if size == 0
             || (iova | phys | size) % GRANULE != 0
-            || iova.checked_add(size).is_none()
+            || iova.checked_add(size).is_none_or(|e| e - 1 > APERTURE_END)
             || phys.checked_add(size).is_none()
         {
             return Err(Errno::EINVAL);
@@ -253,9 +387,9 @@ impl Iommu {
         let mut done = 0;
         while done < size {
             let i = iova + done;
-            match dom.pt.get(&i).copied() {
-                Some(p) if p.size <= size - done => {
-                    dom.pt.remove(&i);
+            match dom.pt.lookup(i) {
+                Some((b, p)) if b == i && p.size <= size - done => {
+                    dom.pt.remove(i);
                     done += p.size;
                 }
                 _ => break,
@@ -293,7 +427,7 @@ impl Iommu {
 
     /// The page-table entry covering an IOVA (not the IOTLB's view).
     pub fn lookup(&self, d: DomainId, iova: u64) -> Option<(u64, Pte)> {
-        covering(&sync::read(&self.state).domains.get(&d)?.pt, iova)
+        sync::read(&self.state).domains.get(&d)?.pt.lookup(iova)
     }
 
     /// `iova_to_phys` from the page table (0 when unmapped, as the kernel's).
@@ -306,7 +440,7 @@ impl Iommu {
         sync::read(&self.state)
             .domains
             .get(&d)
-            .map_or(0, |x| x.pt.len())
+            .map_or(0, |x| x.pt.leaves)
     }
 
     /// Counters so far.
@@ -356,26 +490,49 @@ impl Iommu {
     /// page table on a miss — all under one read lock. Misses are cached afterwards.
     fn run(&self, d: DomainId, iova: u64, access: Access) -> Option<((u64, Pte), u64)> {
         let mut misses = Vec::new();
+        let (mut hits, mut walks) = (0u64, 0u64);
         let found = {
             let s = sync::read(&self.state);
             let dom = s.domains.get(&d)?;
-            let mut look = |at: u64| -> Option<(u64, Pte)> {
-                if let Some(hit) = covering(&dom.iotlb, at) {
-                    self.counters.hits.fetch_add(1, Ordering::Relaxed);
-                    return Some(hit);
+            let first = match covering(&dom.iotlb, iova) {
+                Some(hit) => {
+                    hits += 1;
+                    hit
                 }
-                self.counters.walks.fetch_add(1, Ordering::Relaxed);
-                let e = covering(&dom.pt, at)?;
-                misses.push(e);
-                Some(e)
+                None => {
+                    walks += 1;
+                    let e = dom.pt.lookup(iova);
+                    if let Some(e) = e {
+                        misses.push(e);
+                    }
+                    e?
+                }
             };
-            let first = look(iova)?;
             let (base, pte) = first;
             let mut contiguous = pte.size - (iova - base);
             if allows(pte.prot, access) {
                 let (mut ni, mut np) = (base + pte.size, pte.phys + pte.size);
+                // The IOTLB is walked forward with one cursor; a gap in it is filled from the
+                // page table.
+                let mut tlb = dom.iotlb.range(ni..).peekable();
                 while contiguous < (64 << 20) {
-                    match look(ni) {
+                    let e = match tlb.peek() {
+                        Some((b, p)) if **b == ni => {
+                            let e = (**b, **p);
+                            tlb.next();
+                            hits += 1;
+                            Some(e)
+                        }
+                        _ => {
+                            walks += 1;
+                            let e = dom.pt.lookup(ni);
+                            if let Some(e) = e {
+                                misses.push(e);
+                            }
+                            e
+                        }
+                    };
+                    match e {
                         Some((b, p)) if b == ni && p.phys == np && allows(p.prot, access) => {
                             contiguous += p.size;
                             ni += p.size;
@@ -387,6 +544,8 @@ impl Iommu {
             }
             (first, contiguous)
         };
+        self.counters.hits.fetch_add(hits, Ordering::Relaxed);
+        self.counters.walks.fetch_add(walks, Ordering::Relaxed);
         if !misses.is_empty() {
             let mut s = sync::write(&self.state);
             if let Some(dom) = s.domains.get_mut(&d) {
@@ -501,6 +660,38 @@ mod tests {
         );
         assert_eq!(m.entries(d), 2);
         assert_eq!(m.map(DomainId(99), 0, 0, 4096, 0), Err(Errno::ENOENT));
+    }
+
+    #[test]
+    fn levels_refuse_each_other() {
+        let m = Iommu::new(Attach::Blocked);
+        let d = m.new_domain();
+        m.map(d, 0x40_0000, 0x40_0000, 0x20_0000, prot::READ)
+            .unwrap(); // one 2 MiB leaf
+        assert_eq!(
+            m.map(d, 0x41_0000, 0x1000, 0x1000, prot::READ),
+            Err(Errno::EEXIST),
+            "4 KiB inside a 2 MiB page"
+        );
+        m.map(d, 0x80_1000, 0x1000, 0x1000, prot::READ).unwrap(); // a 4 KiB leaf
+        assert_eq!(
+            m.map(d, 0x80_0000, 0x80_0000, 0x20_0000, prot::READ),
+            Err(Errno::EEXIST),
+            "2 MiB over a 4 KiB page"
+        );
+        assert_eq!(
+            m.map(d, 1 << 48, 0, 0x1000, prot::READ),
+            Err(Errno::EINVAL),
+            "past the 48-bit aperture"
+        );
+        assert_eq!(
+            m.lookup(d, 0x5f_ffff).map(|(b, p)| (b, p.size)),
+            Some((0x40_0000, 2 << 20))
+        );
+        assert_eq!(m.unmap(d, 0x80_1000, 0x1000), 0x1000);
+        m.map(d, 0x80_0000, 0x80_0000, 0x20_0000, prot::READ)
+            .unwrap();
+        assert_eq!(m.entries(d), 2);
     }
 
     #[test]
