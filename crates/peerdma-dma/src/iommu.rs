@@ -380,8 +380,8 @@ impl Iommu {
     /// `iommu_unmap`: removes the entries of `[iova, iova + size)`, stopping at an entry that
     /// reaches outside the range; returns the bytes unmapped. The IOTLB keeps its copies.
     pub fn unmap(&self, d: DomainId, iova: u64, size: u64) -> u64 {
-        let mut s = sync::write(&self.state);
-        let Some(dom) = s.domains.get_mut(&d) else {
+        let mut state = sync::write(&self.state);
+        let Some(dom) = state.domains.get_mut(&d) else {
             return 0;
         };
         let mut done = 0;
@@ -492,21 +492,18 @@ impl Iommu {
         let mut misses = Vec::new();
         let (mut hits, mut walks) = (0u64, 0u64);
         let found = {
-            let s = sync::read(&self.state);
-            let dom = s.domains.get(&d)?;
-            let first = match covering(&dom.iotlb, iova) {
-                Some(hit) => {
-                    hits += 1;
-                    hit
+            let state = sync::read(&self.state);
+            let dom = state.domains.get(&d)?;
+            let first = if let Some(hit) = covering(&dom.iotlb, iova) {
+                hits += 1;
+                hit
+            } else {
+                walks += 1;
+                let entry = dom.pt.lookup(iova);
+                if let Some(found) = entry {
+                    misses.push(found);
                 }
-                None => {
-                    walks += 1;
-                    let e = dom.pt.lookup(iova);
-                    if let Some(e) = e {
-                        misses.push(e);
-                    }
-                    e?
-                }
+                entry?
             };
             let (base, pte) = first;
             let mut contiguous = pte.size - (iova - base);
