@@ -1,0 +1,527 @@
+//! dma-buf objects, their files, and a process's fd table (drivers/dma-buf/dma-buf.c, Linux
+//! 7.2 semantics: no sg_table caching, pin-on-map for static importers, invalidation fan-out
+//! to dynamic importers).
+//!
+//! Locking, as the kernel's convention: export, fd, get, put, attach, detach run without the
+//! reservation lock (the exporter's `attach`/`detach`/`release` may take it); pin, unpin, map,
+//! unmap and invalidation need it — they take a [`ResvGuard`] and check it is this buffer's.
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use peerdma_dma::Direction;
+use peerdma_pci::sync::{self, Arc, Mutex};
+use peerdma_pci::{Bdf, Errno};
+
+use crate::resv::{Resv, ResvGuard, Usage};
+use crate::sgt::SgTable;
+
+/// Which exporter operations exist (the kernel checks presence at export).
+pub mod ops {
+    /// `map_dma_buf`.
+    pub const MAP: u32 = 1;
+    /// `unmap_dma_buf`.
+    pub const UNMAP: u32 = 2;
+    /// `release`.
+    pub const RELEASE: u32 = 4;
+    /// `pin`.
+    pub const PIN: u32 = 8;
+    /// `unpin`.
+    pub const UNPIN: u32 = 16;
+}
+
+/// `O_ACCMODE | O_NONBLOCK`: what a dma-buf file keeps of the export flags.
+pub const FILE_FLAGS_KEPT: u32 = 0o3 | 0o4000;
+
+/// An exporter (`struct dma_buf_ops`).
+pub trait DmaBufOps: Send + Sync {
+    /// Which operations this exporter provides ([`ops`] bits).
+    fn provides(&self) -> u32;
+    /// `attach`, called without the reservation lock.
+    fn attach(&self, _buf: &DmaBuf, _a: &Attachment) -> Result<(), Errno> {
+        Ok(())
+    }
+    /// `detach`, without the lock.
+    fn detach(&self, _buf: &DmaBuf, _a: &Attachment) {}
+    /// `pin`, with the lock.
+    fn pin(&self, _a: &Attachment, _g: &ResvGuard<'_>) -> Result<(), Errno> {
+        Ok(())
+    }
+    /// `unpin`, with the lock.
+    fn unpin(&self, _a: &Attachment, _g: &ResvGuard<'_>) {}
+    /// `map_dma_buf`, with the lock.
+    fn map(&self, a: &Attachment, dir: Direction, g: &ResvGuard<'_>) -> Result<SgTable, Errno>;
+    /// `unmap_dma_buf`, with the lock.
+    fn unmap(&self, a: &Attachment, sgt: SgTable, dir: Direction, g: &ResvGuard<'_>);
+    /// `release`, when the last file reference goes.
+    fn release(&self, buf: &DmaBuf);
+}
+
+/// What an exporter asks `dma_buf_export` for.
+pub struct ExportInfo {
+    /// `exp_name`.
+    pub exp_name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Open flags for the file.
+    pub flags: u32,
+    /// The exporter; `None` models a missing ops table.
+    pub ops: Option<Arc<dyn DmaBufOps>>,
+    /// Whether the exporter gave a private pointer.
+    pub has_priv: bool,
+}
+
+/// The invalidation callback of a dynamic importer.
+pub type Invalidate = Arc<dyn Fn(&Attachment, &ResvGuard<'_>) + Send + Sync>;
+
+/// A dynamic importer's operations (`struct dma_buf_attach_ops`).
+#[derive(Clone)]
+pub struct ImporterOps {
+    /// `allow_peer2peer`: it can handle P2P addresses.
+    pub allow_peer2peer: bool,
+    /// `invalidate_mappings` (`move_notify` before 7.1); `None` models a missing callback.
+    pub invalidate: Option<Invalidate>,
+    /// The callback is the RDMA "cannot be invalidated" stub: present, but the importer is
+    /// not revocable.
+    pub stub: bool,
+}
+
+/// An attachment of a device to a buffer.
+pub struct Attachment {
+    /// The importing device.
+    pub dev: Bdf,
+    /// Whether it may receive P2P addresses.
+    pub peer2peer: bool,
+    /// Its operations, for a dynamic importer.
+    pub importer: Option<ImporterOps>,
+    /// The exporter's per-attachment data.
+    pub exporter_priv: Mutex<Option<Box<dyn Any + Send>>>,
+    resv_id: u64,
+}
+
+impl std::fmt::Debug for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attachment")
+            .field("dev", &self.dev)
+            .field("peer2peer", &self.peer2peer)
+            .field("dynamic", &self.is_dynamic())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Attachment {
+    /// `dma_buf_attachment_is_dynamic`.
+    pub fn is_dynamic(&self) -> bool {
+        self.importer.is_some()
+    }
+    /// `dma_buf_attach_revocable` (7.1+): a dynamic importer with a real invalidation callback.
+    pub fn is_revocable(&self) -> bool {
+        self.importer
+            .as_ref()
+            .is_some_and(|o| o.invalidate.is_some() && !o.stub)
+    }
+
+    /// `EINVAL` (with a warning) unless `g` is the lock of the buffer this attachment is on.
+    pub fn check_locked(&self, g: &ResvGuard<'_>) -> Result<(), Errno> {
+        if g.resv_id() == self.resv_id {
+            Ok(())
+        } else {
+            tracing::warn!(target: "peerdma::dmabuf", "called without the buffer's reservation lock");
+            Err(Errno::EINVAL)
+        }
+    }
+}
+
+/// A dma-buf.
+pub struct DmaBuf {
+    size: u64,
+    exp_name: String,
+    ops: Arc<dyn DmaBufOps>,
+    resv: Resv,
+    attachments: Mutex<Vec<Arc<Attachment>>>,
+    released: AtomicBool,
+}
+
+impl std::fmt::Debug for DmaBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DmaBuf")
+            .field("size", &self.size)
+            .field("exp_name", &self.exp_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a file is.
+#[derive(Debug)]
+pub enum FileKind {
+    /// A dma-buf.
+    DmaBuf(Arc<DmaBuf>),
+    /// Some other file (to test that dma-buf calls refuse it).
+    Other(String),
+}
+
+/// A reference-counted open file.
+#[derive(Debug)]
+pub struct File {
+    kind: FileKind,
+    refs: AtomicUsize,
+    flags: u32,
+}
+
+impl File {
+    /// An ordinary (non-dma-buf) file with one reference.
+    pub fn other(name: &str) -> Arc<File> {
+        Arc::new(File {
+            kind: FileKind::Other(name.to_string()),
+            refs: AtomicUsize::new(1),
+            flags: 0o2,
+        })
+    }
+    /// What it is.
+    pub fn kind(&self) -> &FileKind {
+        &self.kind
+    }
+    /// Its flags.
+    pub fn flags(&self) -> u32 {
+        self.flags
+    }
+    /// References now.
+    pub fn refs(&self) -> usize {
+        self.refs.load(Ordering::Acquire)
+    }
+    /// The buffer, if it is a dma-buf file.
+    pub fn dmabuf(&self) -> Option<&Arc<DmaBuf>> {
+        match &self.kind {
+            FileKind::DmaBuf(b) => Some(b),
+            FileKind::Other(_) => None,
+        }
+    }
+    /// Takes another reference (`get_file`).
+    pub fn get(self: &Arc<Self>) -> Arc<File> {
+        self.refs.fetch_add(1, Ordering::AcqRel);
+        self.clone()
+    }
+    /// `get_file_active`: a reference only if release has not begun.
+    pub fn get_active(self: &Arc<Self>) -> Option<Arc<File>> {
+        let mut n = self.refs.load(Ordering::Acquire);
+        loop {
+            if n == 0 {
+                return None;
+            }
+            match self
+                .refs
+                .compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Some(self.clone()),
+                Err(m) => n = m,
+            }
+        }
+    }
+    /// Drops a reference (`fput`); the last one releases the file (a dma-buf's exporter
+    /// `release` runs exactly once).
+    pub fn put(self: Arc<Self>) {
+        if self.refs.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let FileKind::DmaBuf(b) = &self.kind {
+                b.release();
+            }
+        }
+    }
+}
+
+/// `dma_buf_export`: checks the exporter and returns the new file (one reference).
+pub fn export(info: ExportInfo) -> Result<Arc<File>, Errno> {
+    let Some(ops) = info.ops.filter(|_| info.has_priv) else {
+        tracing::warn!(target: "peerdma::dmabuf", "export without ops or priv");
+        return Err(Errno::EINVAL);
+    };
+    let p = ops.provides();
+    if p & (ops::MAP | ops::UNMAP | ops::RELEASE) != (ops::MAP | ops::UNMAP | ops::RELEASE) {
+        return Err(Errno::EINVAL);
+    }
+    if (p & ops::PIN != 0) != (p & ops::UNPIN != 0) {
+        return Err(Errno::EINVAL);
+    }
+    let buf = Arc::new(DmaBuf {
+        size: info.size,
+        exp_name: info.exp_name,
+        ops,
+        resv: Resv::default(),
+        attachments: Mutex::new(Vec::new()),
+        released: AtomicBool::new(false),
+    });
+    Ok(Arc::new(File {
+        kind: FileKind::DmaBuf(buf),
+        refs: AtomicUsize::new(1),
+        flags: info.flags & FILE_FLAGS_KEPT,
+    }))
+}
+
+impl DmaBuf {
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    /// The exporter's name.
+    pub fn exp_name(&self) -> &str {
+        &self.exp_name
+    }
+    /// The exporter.
+    pub fn ops(&self) -> &Arc<dyn DmaBufOps> {
+        &self.ops
+    }
+    /// Whether release has run.
+    pub fn is_released(&self) -> bool {
+        self.released.load(Ordering::Acquire)
+    }
+    /// Takes the reservation lock.
+    pub fn lock(&self) -> ResvGuard<'_> {
+        self.resv.lock()
+    }
+    /// The reservation object.
+    pub fn resv(&self) -> &Resv {
+        &self.resv
+    }
+    /// The attachments now (newest first).
+    pub fn attachments(&self) -> Vec<Arc<Attachment>> {
+        sync::lock(&self.attachments).clone()
+    }
+
+    fn release(&self) {
+        if self.released.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if !sync::lock(&self.attachments).is_empty() {
+            tracing::warn!(target: "peerdma::dmabuf", "release with attachments left");
+        }
+        self.ops.release(self);
+    }
+
+    fn check(&self, g: &ResvGuard<'_>) -> Result<(), Errno> {
+        if self.resv.holds(g) {
+            Ok(())
+        } else {
+            tracing::warn!(target: "peerdma::dmabuf", "called with another buffer's reservation lock");
+            Err(Errno::EINVAL)
+        }
+    }
+
+    /// `dma_buf_dynamic_attach`: `dev` `None` or importer ops without a callback → EINVAL;
+    /// the exporter's `attach` runs without the lock; the new attachment goes first.
+    pub fn dynamic_attach(
+        &self,
+        dev: Option<Bdf>,
+        importer: Option<ImporterOps>,
+    ) -> Result<Arc<Attachment>, Errno> {
+        let Some(dev) = dev else {
+            return Err(Errno::EINVAL);
+        };
+        if importer.as_ref().is_some_and(|o| o.invalidate.is_none()) {
+            return Err(Errno::EINVAL);
+        }
+        let a = Arc::new(Attachment {
+            dev,
+            peer2peer: importer.as_ref().is_some_and(|o| o.allow_peer2peer),
+            importer,
+            exporter_priv: Mutex::new(None),
+            resv_id: self.resv.id(),
+        });
+        self.ops.attach(self, &a)?;
+        let _g = self.lock();
+        sync::lock(&self.attachments).insert(0, a.clone());
+        Ok(a)
+    }
+
+    /// `dma_buf_attach`: a static importer.
+    pub fn attach(&self, dev: Bdf) -> Result<Arc<Attachment>, Errno> {
+        self.dynamic_attach(Some(dev), None)
+    }
+
+    /// `dma_buf_detach`.
+    pub fn detach(&self, a: &Arc<Attachment>) {
+        {
+            let _g = self.lock();
+            sync::lock(&self.attachments).retain(|x| !Arc::ptr_eq(x, a));
+        }
+        self.ops.detach(self, a);
+    }
+
+    /// `dma_buf_pin` (a static importer gets a warning, as in the kernel).
+    pub fn pin(&self, a: &Attachment, g: &ResvGuard<'_>) -> Result<(), Errno> {
+        self.check(g)?;
+        if !a.is_dynamic() {
+            tracing::warn!(target: "peerdma::dmabuf", "pin of a static attachment");
+        }
+        if self.ops.provides() & ops::PIN != 0 {
+            self.ops.pin(a, g)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// `dma_buf_unpin`.
+    pub fn unpin(&self, a: &Attachment, g: &ResvGuard<'_>) {
+        if self.check(g).is_ok() && self.ops.provides() & ops::UNPIN != 0 {
+            self.ops.unpin(a, g);
+        }
+    }
+
+    fn pins_on_map(&self, a: &Attachment) -> bool {
+        !a.is_dynamic() && self.ops.provides() & ops::PIN != 0
+    }
+
+    /// `dma_buf_map_attachment`: pin-on-map for static importers of pinning exporters, the
+    /// exporter's map, then (static importers) a wait for kernel fences.
+    pub fn map_attachment(
+        &self,
+        a: &Attachment,
+        dir: Direction,
+        g: &ResvGuard<'_>,
+    ) -> Result<SgTable, Errno> {
+        self.check(g)?;
+        let pinned = self.pins_on_map(a);
+        if pinned {
+            if let Err(e) = self.ops.pin(a, g) {
+                if e == Errno::EBUSY {
+                    tracing::warn!(target: "peerdma::dmabuf", "pin-on-map: EBUSY");
+                }
+                return Err(e);
+            }
+        }
+        let sgt = match self.ops.map(a, dir, g) {
+            Ok(s) => s,
+            Err(e) => {
+                if pinned {
+                    self.ops.unpin(a, g);
+                }
+                return Err(e);
+            }
+        };
+        if !a.is_dynamic() && !g.wait(Usage::Kernel, Duration::from_secs(60)) {
+            self.ops.unmap(a, sgt, dir, g);
+            if pinned {
+                self.ops.unpin(a, g);
+            }
+            return Err(Errno::EINTR);
+        }
+        Ok(sgt)
+    }
+
+    /// `dma_buf_unmap_attachment`.
+    pub fn unmap_attachment(
+        &self,
+        a: &Attachment,
+        sgt: SgTable,
+        dir: Direction,
+        g: &ResvGuard<'_>,
+    ) {
+        if self.check(g).is_err() {
+            return;
+        }
+        self.ops.unmap(a, sgt, dir, g);
+        if self.pins_on_map(a) {
+            self.ops.unpin(a, g);
+        }
+    }
+
+    /// `dma_buf_invalidate_mappings` (`dma_buf_move_notify`): every dynamic importer's
+    /// callback, synchronously, with the lock held; static attachments are skipped.
+    pub fn invalidate_mappings(&self, g: &ResvGuard<'_>) -> Result<usize, Errno> {
+        self.check(g)?;
+        let mut n = 0;
+        for a in self.attachments() {
+            if let Some(cb) = a.importer.as_ref().and_then(|o| o.invalidate.clone()) {
+                cb(&a, g);
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// A process's file table.
+#[derive(Debug, Default)]
+pub struct Process {
+    fds: Mutex<BTreeMap<i32, (Arc<File>, bool)>>,
+    /// Most fds it may have open (`RLIMIT_NOFILE`); 0 = 1024.
+    pub max_fds: usize,
+}
+
+impl Process {
+    /// A process with stdin, stdout and stderr taken (fds start at 3).
+    pub fn new() -> Process {
+        let p = Process::default();
+        for fd in 0..3 {
+            sync::lock(&p.fds).insert(fd, (File::other("tty"), false));
+        }
+        p
+    }
+
+    /// `dma_buf_fd`: installs the file at the lowest free fd, consuming the reference;
+    /// EMFILE when the table is full (the reference is not consumed then).
+    pub fn install(&self, f: Arc<File>, cloexec: bool) -> Result<i32, (Errno, Arc<File>)> {
+        let max = if self.max_fds == 0 {
+            1024
+        } else {
+            self.max_fds
+        };
+        let mut t = sync::lock(&self.fds);
+        let free = (0..i32::try_from(max).unwrap_or(i32::MAX)).find(|i| !t.contains_key(i));
+        let Some(fd) = free else {
+            return Err((Errno::EMFILE, f));
+        };
+        t.insert(fd, (f, cloexec));
+        Ok(fd)
+    }
+
+    /// The file at `fd`, with a new reference (`fget`); EBADF if none.
+    pub fn fget(&self, fd: i32) -> Result<Arc<File>, Errno> {
+        sync::lock(&self.fds)
+            .get(&fd)
+            .map(|(f, _)| f.get())
+            .ok_or(Errno::EBADF)
+    }
+
+    /// `dma_buf_get(fd)`: EBADF for a bad fd, EINVAL for a file that is not a dma-buf.
+    pub fn dma_buf_get(&self, fd: i32) -> Result<Arc<File>, Errno> {
+        let f = self.fget(fd)?;
+        if f.dmabuf().is_none() {
+            f.put();
+            return Err(Errno::EINVAL);
+        }
+        Ok(f)
+    }
+
+    /// `close(fd)`.
+    pub fn close(&self, fd: i32) -> Result<(), Errno> {
+        let (f, _) = sync::lock(&self.fds).remove(&fd).ok_or(Errno::EBADF)?;
+        f.put();
+        Ok(())
+    }
+
+    /// `execve`: every close-on-exec fd is closed.
+    pub fn exec(&self) {
+        let gone: Vec<i32> = sync::lock(&self.fds)
+            .iter()
+            .filter(|(_, (_, c))| *c)
+            .map(|(fd, _)| *fd)
+            .collect();
+        for fd in gone {
+            let _ = self.close(fd);
+        }
+    }
+
+    /// Open fds.
+    pub fn fds(&self) -> Vec<i32> {
+        sync::lock(&self.fds).keys().copied().collect()
+    }
+
+    /// Whether `fd` is close-on-exec.
+    pub fn cloexec(&self, fd: i32) -> Result<bool, Errno> {
+        sync::lock(&self.fds)
+            .get(&fd)
+            .map(|(_, c)| *c)
+            .ok_or(Errno::EBADF)
+    }
+}

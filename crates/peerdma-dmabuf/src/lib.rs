@@ -1,0 +1,20 @@
+//! # peerdma-dmabuf — dma-buf on the emulated machine
+//!
+//! | module | kernel | what |
+//! |---|---|---|
+//! | [`buf`] | drivers/dma-buf/dma-buf.c | export, files and fds, attach/detach, pin, map under the lock, invalidation |
+//! | [`resv`] | drivers/dma-buf/dma-resv.c, dma-fence.c | the reservation lock as a guard, fences |
+//! | [`sgt`] | drivers/dma-buf/dma-buf-mapping.c | physical ranges of a BAR → DMA-only scatter table, by p2pdma map type |
+//!
+//! Everything that the kernel runs "with the reservation lock held" takes a
+//! [`ResvGuard`](resv::ResvGuard) argument and checks it is the right buffer's.
+
+pub mod buf;
+pub mod resv;
+pub mod sgt;
+
+pub use buf::{
+    Attachment, DmaBuf, DmaBufOps, ExportInfo, File, ImporterOps, Invalidate, Process, export,
+};
+pub use resv::{Fence, Resv, ResvGuard, Usage};
+pub use sgt::{DmaEnv, PhysVec, SgDma, SgKind, SgTable, free_sgt, phys_vec_to_sgt};
