@@ -172,44 +172,48 @@ pub enum Step {
     MapPhys(usize),
 }
 
-/// A fault-injection plan: fail the *n*-th failable step (counting from 0).
-#[derive(Debug, Clone)]
+/// A fault-injection plan: fail the failable steps with the given numbers (counting from 0).
+#[derive(Debug, Clone, Default)]
 pub struct Inject {
-    fail_at: usize,
+    fail: Vec<usize>,
     count: usize,
-    hit: Option<Step>,
+    hits: Vec<Step>,
 }
 
 impl Inject {
     /// Never fail.
     pub fn none() -> Inject {
-        Inject {
-            fail_at: usize::MAX,
-            count: 0,
-            hit: None,
-        }
+        Inject::default()
     }
     /// Fail step number `n`.
     pub fn at(n: usize) -> Inject {
+        Inject::at_all(&[n])
+    }
+    /// Fail every step whose number is in `ns`.
+    pub fn at_all(ns: &[usize]) -> Inject {
         Inject {
-            fail_at: n,
-            ..Inject::none()
+            fail: ns.to_vec(),
+            ..Inject::default()
         }
     }
     /// Failable steps passed so far.
     pub fn steps(&self) -> usize {
         self.count
     }
-    /// The step that was failed, if the plan fired.
+    /// The last step that was failed, if the plan fired.
     pub fn fired(&self) -> Option<Step> {
-        self.hit
+        self.hits.last().copied()
+    }
+    /// Every step that was failed.
+    pub fn hits(&self) -> &[Step] {
+        &self.hits
     }
     #[inline]
     fn fail(&mut self, s: Step) -> bool {
         let n = self.count;
         self.count += 1;
-        if n == self.fail_at {
-            self.hit = Some(s);
+        if !self.fail.is_empty() && self.fail.contains(&n) {
+            self.hits.push(s);
             true
         } else {
             false
