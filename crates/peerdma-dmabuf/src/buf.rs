@@ -440,18 +440,31 @@ impl DmaBuf {
     }
 }
 
+impl Default for Process {
+    fn default() -> Self {
+        Process::new()
+    }
+}
+
 /// A process's file table.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Process {
     fds: Mutex<BTreeMap<i32, (Arc<File>, bool)>>,
-    /// Most fds it may have open (`RLIMIT_NOFILE`); 0 = 1024.
-    pub max_fds: usize,
+    max_fds: usize,
 }
 
 impl Process {
     /// A process with stdin, stdout and stderr taken (fds start at 3).
     pub fn new() -> Process {
-        let p = Process::default();
+        Process::with_limit(1024)
+    }
+
+    /// A process that may have at most `max_fds` fds open (`RLIMIT_NOFILE`).
+    pub fn with_limit(max_fds: usize) -> Process {
+        let p = Process {
+            fds: Mutex::new(BTreeMap::new()),
+            max_fds,
+        };
         for fd in 0..3 {
             sync::lock(&p.fds).insert(fd, (File::other("tty"), false));
         }
@@ -461,11 +474,7 @@ impl Process {
     /// `dma_buf_fd`: installs the file at the lowest free fd, consuming the reference;
     /// EMFILE when the table is full (the reference is not consumed then).
     pub fn install(&self, f: Arc<File>, cloexec: bool) -> Result<i32, (Errno, Arc<File>)> {
-        let max = if self.max_fds == 0 {
-            1024
-        } else {
-            self.max_fds
-        };
+        let max = self.max_fds;
         let mut t = sync::lock(&self.fds);
         let free = (0..i32::try_from(max).unwrap_or(i32::MAX)).find(|i| !t.contains_key(i));
         let Some(fd) = free else {

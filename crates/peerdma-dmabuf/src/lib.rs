@@ -18,3 +18,23 @@ pub use buf::{
 };
 pub use resv::{Fence, Resv, ResvGuard, Usage};
 pub use sgt::{DmaEnv, PhysVec, SgDma, SgKind, SgTable, free_sgt, phys_vec_to_sgt};
+
+/// Mapping needs the reservation lock: without a guard the call does not compile.
+///
+/// ```compile_fail
+/// fn map_unlocked(b: &peerdma_dmabuf::DmaBuf, a: &peerdma_dmabuf::Attachment) {
+///     let _ = b.map_attachment(a, peerdma_dma::Direction::ToDevice);
+/// }
+/// ```
+///
+/// With the guard it does:
+///
+/// ```
+/// fn map_locked(b: &peerdma_dmabuf::DmaBuf, a: &peerdma_dmabuf::Attachment) {
+///     let g = b.lock();
+///     if let Ok(t) = b.map_attachment(a, peerdma_dma::Direction::ToDevice, &g) {
+///         b.unmap_attachment(a, t, peerdma_dma::Direction::ToDevice, &g);
+///     }
+/// }
+/// ```
+pub mod locking {}
