@@ -1,0 +1,222 @@
+//! `phys_vec_to_sgt` throughput in ranges per second, for 1 … 1,000,000 ranges on each path,
+//! next to floors measured in the same run:
+//! - `vec_push`: pushing the same entries into a pre-sized `Vec` (the cost of the table alone);
+//! - `raw_link` / `raw_map`: the DMA-layer calls the path makes, with no table at all.
+//!
+//! Ranges are 4 KiB pages of a 64 GiB BAR, 8 KiB apart, so no two are contiguous.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use peerdma_dma::iova_api::IovaState;
+use peerdma_dma::{Direction, DmaConfig, DmaSystem, attrs};
+use peerdma_dmabuf::buf::{DmaBufOps, ExportInfo, export, ops};
+use peerdma_dmabuf::sgt::{DmaEnv, PhysVec, SgDma, SgTable, free_sgt, phys_vec_to_sgt};
+use peerdma_dmabuf::{Attachment, File, ImporterOps, ResvGuard};
+use peerdma_p2pdma::{P2pDma, Provider};
+use peerdma_pci::{Bdf, DmaAddr, Errno, PhysAddr, file};
+
+const DIR: Direction = Direction::Bidirectional;
+const COUNTS: [usize; 4] = [1, 100, 10_000, 1_000_000];
+
+struct Nop;
+impl DmaBufOps for Nop {
+    fn provides(&self) -> u32 {
+        ops::MAP | ops::UNMAP | ops::RELEASE
+    }
+    fn map(&self, _: &Attachment, _: Direction, _: &ResvGuard<'_>) -> Result<SgTable, Errno> {
+        Err(Errno::ENOMEM)
+    }
+    fn unmap(&self, _: &Attachment, _: SgTable, _: Direction, _: &ResvGuard<'_>) {}
+    fn release(&self, _: &peerdma_dmabuf::DmaBuf) {}
+}
+
+struct Rig {
+    env: DmaEnv,
+    provider: Provider,
+    file: Arc<File>,
+    bar: u64,
+    _binding: peerdma_p2pdma::Binding,
+}
+
+fn rig(iommu: bool) -> Rig {
+    let text = include_str!("../tests/platform.toml");
+    let fabric = Arc::new(file::load_str(text, "platform.toml").unwrap());
+    let dma = Arc::new(DmaSystem::new(fabric.clone(), true));
+    let p2p = P2pDma::new(fabric.clone());
+    let gpu = fabric.lookup("gpu0").unwrap();
+    for n in ["nic0", "nic1"] {
+        let d = fabric.lookup(n).unwrap();
+        dma.configure(
+            d,
+            DmaConfig {
+                iommu: n == "nic0" || iommu,
+                ..DmaConfig::default()
+            },
+        )
+        .unwrap();
+    }
+    let binding = p2p.bind(gpu).unwrap();
+    binding.init().unwrap();
+    let provider = binding.provider(2).unwrap().unwrap();
+    let bar = fabric.bar(gpu, 2).unwrap().cpu.unwrap().get();
+    let file = export(ExportInfo {
+        exp_name: "bench".into(),
+        size: 0,
+        flags: 0,
+        ops: Some(Arc::new(Nop)),
+        has_priv: true,
+    })
+    .unwrap();
+    Rig {
+        env: DmaEnv { dma, p2p },
+        provider,
+        file,
+        bar,
+        _binding: binding,
+    }
+}
+
+fn ranges(bar: u64, n: usize) -> Vec<PhysVec> {
+    (0..n as u64)
+        .map(|i| PhysVec {
+            paddr: PhysAddr(bar + i * 8192),
+            len: 4096,
+        })
+        .collect()
+}
+
+fn attach(r: &Rig, dev: Bdf) -> Arc<Attachment> {
+    let ops = ImporterOps {
+        allow_peer2peer: true,
+        invalidate: Some(Arc::new(|_, _| {})),
+        stub: false,
+    };
+    r.file
+        .dmabuf()
+        .unwrap()
+        .dynamic_attach(Some(dev), Some(ops))
+        .unwrap()
+}
+
+/// Times `phys_vec_to_sgt` only: tables are built in batches (so the clock is read rarely)
+/// and freed outside the timing.
+fn time_build(r: &Rig, a: &Attachment, v: &[PhysVec], iters: u64) -> Duration {
+    let size = v.iter().map(|x| x.len).sum();
+    let buf = r.file.dmabuf().unwrap();
+    let g = buf.lock();
+    let batch = (4096 / v.len()).max(1) as u64;
+    let mut total = Duration::ZERO;
+    let mut done = 0;
+    let mut tables = Vec::with_capacity(usize::try_from(batch).unwrap());
+    while done < iters {
+        let k = batch.min(iters - done);
+        let t0 = Instant::now();
+        for _ in 0..k {
+            tables.push(
+                phys_vec_to_sgt(&r.env, a, Some(&r.provider), black_box(v), size, DIR, &g).unwrap(),
+            );
+        }
+        total += t0.elapsed();
+        for t in tables.drain(..) {
+            free_sgt(&r.env, a, t, DIR, &g).unwrap();
+        }
+        done += k;
+    }
+    total
+}
+
+fn bench(c: &mut Criterion) {
+    let bus = rig(true);
+    let iova = rig(true);
+    let direct = rig(false);
+    let nic0 = bus.env.dma.fabric().lookup("nic0").unwrap();
+    let nic1 = bus.env.dma.fabric().lookup("nic1").unwrap();
+    for &n in &COUNTS {
+        let mut g = c.benchmark_group(format!("phys_vec_to_sgt/{n}"));
+        g.throughput(Throughput::Elements(n as u64));
+        if n >= 10_000 {
+            g.sample_size(10);
+        }
+        let v = ranges(bus.bar, n);
+        g.bench_function(BenchmarkId::new("vec_push", n), |b| {
+            b.iter(|| {
+                let mut out: Vec<SgDma> = Vec::with_capacity(n);
+                for x in black_box(&v) {
+                    out.push(SgDma {
+                        addr: DmaAddr(x.paddr.get()),
+                        len: 4096,
+                    });
+                }
+                out
+            });
+        });
+        let a = attach(&bus, nic0);
+        g.bench_function(BenchmarkId::new("bus_addr", n), |b| {
+            b.iter_custom(|it| time_build(&bus, &a, &v, it))
+        });
+        let a = attach(&iova, nic1);
+        g.bench_function(BenchmarkId::new("iova", n), |b| {
+            b.iter_custom(|it| time_build(&iova, &a, &v, it))
+        });
+        g.bench_function(BenchmarkId::new("raw_link", n), |b| {
+            b.iter_custom(|it| {
+                let dma = &iova.env.dma;
+                let mut total = Duration::ZERO;
+                for _ in 0..it {
+                    let mut s = IovaState::default();
+                    let t0 = Instant::now();
+                    assert!(dma.iova_try_alloc(nic1, &mut s, 0, n as u64 * 4096));
+                    for (i, x) in v.iter().enumerate() {
+                        dma.iova_link(
+                            nic1,
+                            &mut s,
+                            x.paddr.get(),
+                            i as u64 * 4096,
+                            4096,
+                            DIR,
+                            attrs::MMIO,
+                        )
+                        .unwrap();
+                    }
+                    dma.iova_sync(nic1, &s, 0, n as u64 * 4096).unwrap();
+                    total += t0.elapsed();
+                    dma.iova_destroy(nic1, &mut s, n as u64 * 4096, DIR, attrs::MMIO);
+                }
+                total
+            });
+        });
+        let a = attach(&direct, nic1);
+        g.bench_function(BenchmarkId::new("per_range", n), |b| {
+            b.iter_custom(|it| time_build(&direct, &a, &v, it))
+        });
+        g.bench_function(BenchmarkId::new("raw_map", n), |b| {
+            b.iter_custom(|it| {
+                let dma = &direct.env.dma;
+                let mut total = Duration::ZERO;
+                let mut got = Vec::with_capacity(n);
+                for _ in 0..it {
+                    let t0 = Instant::now();
+                    for x in &v {
+                        got.push(dma.map_phys(nic1, x.paddr, 4096, DIR, attrs::MMIO).unwrap());
+                    }
+                    total += t0.elapsed();
+                    for a in got.drain(..) {
+                        dma.unmap_phys(nic1, a, 4096, DIR, attrs::MMIO);
+                    }
+                }
+                total
+            });
+        });
+        g.finish();
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_millis(300)).measurement_time(Duration::from_secs(2));
+    targets = bench
+}
+criterion_main!(benches);
