@@ -5,6 +5,8 @@
 //!
 //! Ranges are 4 KiB pages of a 64 GiB BAR, 8 KiB apart, so no two are contiguous.
 
+#![allow(clippy::many_single_char_names, clippy::cast_possible_truncation)]
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -155,11 +157,11 @@ fn bench(c: &mut Criterion) {
         });
         let a = attach(&bus, nic0);
         g.bench_function(BenchmarkId::new("bus_addr", n), |b| {
-            b.iter_custom(|it| time_build(&bus, &a, &v, it))
+            b.iter_custom(|it| time_build(&bus, &a, &v, it));
         });
         let a = attach(&iova, nic1);
         g.bench_function(BenchmarkId::new("iova", n), |b| {
-            b.iter_custom(|it| time_build(&iova, &a, &v, it))
+            b.iter_custom(|it| time_build(&iova, &a, &v, it));
         });
         g.bench_function(BenchmarkId::new("raw_link", n), |b| {
             b.iter_custom(|it| {
@@ -190,7 +192,7 @@ fn bench(c: &mut Criterion) {
         });
         let a = attach(&direct, nic1);
         g.bench_function(BenchmarkId::new("per_range", n), |b| {
-            b.iter_custom(|it| time_build(&direct, &a, &v, it))
+            b.iter_custom(|it| time_build(&direct, &a, &v, it));
         });
         g.bench_function(BenchmarkId::new("raw_map", n), |b| {
             b.iter_custom(|it| {
