@@ -57,7 +57,7 @@ impl DmaSystem {
     /// `dma_iova_try_alloc(dev, state, phys, size)`.
     #[track_caller]
     pub fn iova_try_alloc(&self, bdf: Bdf, state: &mut IovaState, phys: u64, size: u64) -> bool {
-        let at = std::panic::Location::caller().to_string();
+        let at = std::panic::Location::caller();
         *state = IovaState::default();
         let Ok(dev) = self.dev(bdf) else { return false };
         if dev.domain.is_none() || size == 0 || size & DMA_IOVA_USE_SWIOTLB != 0 {

@@ -168,6 +168,9 @@ pub fn dma_info_to_prot(dir: Direction, coherent: bool, attrs: u32) -> u32 {
     }
 }
 
+/// Where in the source a DMA call was made (file:line:column).
+pub type Site = &'static Location<'static>;
+
 /// One mapping DMA debug knows about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DebugEntry {
@@ -180,7 +183,7 @@ pub struct DebugEntry {
     /// Direction.
     pub dir: Direction,
     /// Where it was made (file:line).
-    pub at: String,
+    pub at: Site,
 }
 
 /// What DMA debug complains about.
@@ -195,9 +198,9 @@ pub enum DebugIssue {
         /// Address.
         addr: u64,
         /// Where the bad unmap was.
-        at: String,
+        at: Site,
         /// Where it was unmapped before, if it was.
-        previously: Option<String>,
+        previously: Option<Site>,
     },
     /// Unmapped with another size than mapped.
     WrongSize {
@@ -206,7 +209,7 @@ pub enum DebugIssue {
         /// Size given at unmap.
         size: u64,
         /// Where the unmap was.
-        at: String,
+        at: Site,
     },
     /// Unmapped with another direction than mapped.
     WrongDirection {
@@ -215,14 +218,14 @@ pub enum DebugIssue {
         /// Direction given at unmap.
         dir: Direction,
         /// Where the unmap was.
-        at: String,
+        at: Site,
     },
 }
 
 #[derive(Debug, Default)]
 struct Debug {
     live: HashMap<(Bdf, u64), DebugEntry>,
-    gone: HashMap<(Bdf, u64), String>,
+    gone: HashMap<(Bdf, u64), Site>,
     errors: Vec<DebugIssue>,
 }
 
@@ -393,7 +396,7 @@ impl DmaSystem {
         dir: Direction,
         attrs: u32,
     ) -> Result<DmaAddr, MapError> {
-        let at = Location::caller().to_string();
+        let at = Location::caller();
         let dev = self.dev(bdf)?;
         if dev.cfg.mask.is_none() {
             return Err(MapError::NoDmaMask);
@@ -406,7 +409,11 @@ impl DmaSystem {
             None => self.direct_map(&dev, phys.get(), size, dir, attrs),
         };
         if let Ok(a) = r {
-            sync::lock(&self.debug).live.insert(
+            let mut d = sync::lock(&self.debug);
+            // The address is live again: forget where it was last unmapped, so the record of
+            // unmapped addresses stays as small as the set of addresses in use.
+            d.gone.remove(&(bdf, a));
+            d.live.insert(
                 (bdf, a),
                 DebugEntry {
                     dev: bdf,
@@ -436,7 +443,7 @@ impl DmaSystem {
     /// `dma_unmap_phys(dev, addr, size, dir, attrs)`.
     #[track_caller]
     pub fn unmap_phys(&self, bdf: Bdf, addr: DmaAddr, size: u64, dir: Direction, attrs: u32) {
-        let at = Location::caller().to_string();
+        let at = Location::caller();
         self.debug_unmap(bdf, addr.get(), size, dir, at);
         let Ok(dev) = self.dev(bdf) else { return };
         match dev.domain {
@@ -480,11 +487,11 @@ impl DmaSystem {
         self.unmap_phys(bdf, addr, size, dir, attrs | attrs::MMIO);
     }
 
-    fn debug_unmap(&self, bdf: Bdf, addr: u64, size: u64, dir: Direction, at: String) {
+    fn debug_unmap(&self, bdf: Bdf, addr: u64, size: u64, dir: Direction, at: Site) {
         let mut d = sync::lock(&self.debug);
         match d.live.remove(&(bdf, addr)) {
             None => {
-                let previously = d.gone.get(&(bdf, addr)).cloned();
+                let previously = d.gone.get(&(bdf, addr)).copied();
                 d.errors.push(DebugIssue::NotMapped {
                     dev: bdf,
                     addr,
@@ -497,14 +504,14 @@ impl DmaSystem {
                     d.errors.push(DebugIssue::WrongSize {
                         entry: e.clone(),
                         size,
-                        at: at.clone(),
+                        at,
                     });
                 }
                 if e.dir != dir {
                     d.errors.push(DebugIssue::WrongDirection {
                         entry: e.clone(),
                         dir,
-                        at: at.clone(),
+                        at,
                     });
                 }
                 d.gone.insert((bdf, addr), at);
@@ -739,7 +746,7 @@ impl DmaSystem {
             .is_some_and(|p| p.live.contains_key(&phys))
     }
 
-    pub(crate) fn debug_track(&self, bdf: Bdf, addr: u64, size: u64, at: String) {
+    pub(crate) fn debug_track(&self, bdf: Bdf, addr: u64, size: u64, at: Site) {
         sync::lock(&self.debug).live.insert(
             (bdf, addr),
             DebugEntry {
