@@ -38,3 +38,9 @@ pub use sgt::{DmaEnv, PhysVec, SgDma, SgKind, SgTable, free_sgt, phys_vec_to_sgt
 /// }
 /// ```
 pub mod locking {}
+
+/// The README's examples (this crate sees every crate they use), compiled and run as doc tests
+/// so that they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;

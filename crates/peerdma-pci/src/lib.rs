@@ -69,8 +69,3 @@ pub use function::{Bar, Function, PowerState, ResetCause};
 pub use route::{DmaFault, FaultReason, Hop, Route, Target, Transfer};
 pub use spec::{BarType, DeviceKind, FabricSpec, P2pForwarding};
 pub use translate::{Access, AddressTranslator};
-
-/// The README's examples, compiled and run as doc tests so that they stay true.
-#[cfg(doctest)]
-#[doc = include_str!("../../../README.md")]
-struct ReadmeDoctests;
