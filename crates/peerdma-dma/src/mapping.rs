@@ -270,6 +270,8 @@ pub struct DmaSystem {
     devs: RwLock<HashMap<Bdf, Arc<Dev>>>,
     pool: Mutex<Option<Pool>>,
     debug: Mutex<Debug>,
+    debug_on: std::sync::atomic::AtomicBool,
+
     notices: Mutex<Vec<String>>,
     /// Counters.
     pub counters: Counters,
@@ -298,6 +300,8 @@ impl DmaSystem {
             devs: RwLock::new(HashMap::new()),
             pool: Mutex::new(None),
             debug: Mutex::new(Debug::default()),
+            debug_on: std::sync::atomic::AtomicBool::new(true),
+
             notices: Mutex::new(Vec::new()),
             counters: Counters::default(),
         }
@@ -408,7 +412,7 @@ impl DmaSystem {
             Some(d) => self.iommu_map(bdf, &dev, d, phys.get(), size, dir, attrs),
             None => self.direct_map(&dev, phys.get(), size, dir, attrs),
         };
-        if let Ok(a) = r {
+        if let Some(a) = r.as_ref().ok().copied().filter(|_| self.debug_enabled()) {
             let mut d = sync::lock(&self.debug);
             // The address is live again: forget where it was last unmapped, so the record of
             // unmapped addresses stays as small as the set of addresses in use.
@@ -487,7 +491,22 @@ impl DmaSystem {
         self.unmap_phys(bdf, addr, size, dir, attrs | attrs::MMIO);
     }
 
+    /// Turns DMA debug accounting on (the default) or off, as booting with or without
+    /// `CONFIG_DMA_API_DEBUG`: choose before the first mapping, since mappings made while it
+    /// is off are not known to it afterwards.
+    pub fn set_debug(&self, on: bool) {
+        self.debug_on
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn debug_enabled(&self) -> bool {
+        self.debug_on.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn debug_unmap(&self, bdf: Bdf, addr: u64, size: u64, dir: Direction, at: Site) {
+        if !self.debug_enabled() {
+            return;
+        }
         let mut d = sync::lock(&self.debug);
         match d.live.remove(&(bdf, addr)) {
             None => {
@@ -747,6 +766,9 @@ impl DmaSystem {
     }
 
     pub(crate) fn debug_track(&self, bdf: Bdf, addr: u64, size: u64, at: Site) {
+        if !self.debug_enabled() {
+            return;
+        }
         sync::lock(&self.debug).live.insert(
             (bdf, addr),
             DebugEntry {
@@ -760,6 +782,9 @@ impl DmaSystem {
     }
 
     pub(crate) fn debug_untrack(&self, bdf: Bdf, addr: u64) {
+        if !self.debug_enabled() {
+            return;
+        }
         sync::lock(&self.debug).live.remove(&(bdf, addr));
     }
 

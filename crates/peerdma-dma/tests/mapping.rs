@@ -497,6 +497,30 @@ fn dma_debug_names_leaks_double_unmaps_and_mismatches() {
 }
 
 #[test]
+fn dma_debug_off_records_nothing_but_mappings_still_work() {
+    let (s, nic, _) = system(true);
+    s.configure(
+        nic,
+        DmaConfig {
+            iommu: true,
+            ..DmaConfig::default()
+        },
+    )
+    .unwrap();
+    s.set_debug(false);
+    let a = s
+        .map_phys(nic, PhysAddr(0x1000), 4096, Direction::ToDevice, 0)
+        .unwrap();
+    s.fabric().dma_read(nic, a, &mut [0u8; 16]).unwrap();
+    assert_eq!(s.debug_outstanding(nic), 0);
+    s.unmap_phys(nic, a, 4096, Direction::ToDevice, 0);
+    s.unmap_phys(nic, a, 4096, Direction::ToDevice, 0);
+    assert!(s.debug_report().is_empty());
+    // The unmap itself happened.
+    assert!(s.fabric().dma_read(nic, a, &mut [0u8; 16]).is_err());
+}
+
+#[test]
 fn page_wrappers_map_page_plus_offset_and_refuse_mmio() {
     let (s, nic, gpu) = system(true);
     s.configure(

@@ -3,6 +3,9 @@
 //! - `vec_push`: pushing the same entries into a pre-sized `Vec` (the cost of the table alone);
 //! - `raw_link` / `raw_map`: the DMA-layer calls the path makes, with no table at all.
 //!
+//! The per-range path and its floor also run with DMA debug accounting off (`_nodebug`): with
+//! it on, a million live mappings make its bookkeeping the dominant cost.
+//!
 //! Ranges are 4 KiB pages of a 64 GiB BAR, 8 KiB apart, so no two are contiguous.
 
 #![allow(clippy::many_single_char_names, clippy::cast_possible_truncation)]
@@ -13,12 +16,11 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use peerdma_dma::iova_api::IovaState;
-use peerdma_dma::{Direction, DmaConfig, DmaSystem, attrs};
+use peerdma_dma::{Direction, attrs};
 use peerdma_dmabuf::buf::{DmaBufOps, ExportInfo, export, ops};
-use peerdma_dmabuf::sgt::{DmaEnv, PhysVec, SgDma, SgTable, free_sgt, phys_vec_to_sgt};
+use peerdma_dmabuf::sgt::{PhysVec, SgDma, SgTable, free_sgt, phys_vec_to_sgt};
 use peerdma_dmabuf::{Attachment, File, ImporterOps, ResvGuard};
-use peerdma_p2pdma::{P2pDma, Provider};
-use peerdma_pci::{Bdf, DmaAddr, Errno, PhysAddr, file};
+use peerdma_pci::{Bdf, DmaAddr, Errno, PhysAddr};
 
 const DIR: Direction = Direction::Bidirectional;
 const COUNTS: [usize; 4] = [1, 100, 10_000, 1_000_000];
@@ -35,50 +37,20 @@ impl DmaBufOps for Nop {
     fn release(&self, _: &peerdma_dmabuf::DmaBuf) {}
 }
 
-struct Rig {
-    env: DmaEnv,
-    provider: Provider,
-    file: Arc<File>,
-    bar: u64,
-    _binding: peerdma_p2pdma::Binding,
-}
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{Rig, rig};
 
-fn rig(iommu: bool) -> Rig {
-    let text = include_str!("../tests/platform.toml");
-    let fabric = Arc::new(file::load_str(text, "platform.toml").unwrap());
-    let dma = Arc::new(DmaSystem::new(fabric.clone(), true));
-    let p2p = P2pDma::new(fabric.clone());
-    let gpu = fabric.lookup("gpu0").unwrap();
-    for n in ["nic0", "nic1"] {
-        let d = fabric.lookup(n).unwrap();
-        dma.configure(
-            d,
-            DmaConfig {
-                iommu: n == "nic0" || iommu,
-                ..DmaConfig::default()
-            },
-        )
-        .unwrap();
-    }
-    let binding = p2p.bind(gpu).unwrap();
-    binding.init().unwrap();
-    let provider = binding.provider(2).unwrap().unwrap();
-    let bar = fabric.bar(gpu, 2).unwrap().cpu.unwrap().get();
-    let file = export(ExportInfo {
+/// A buffer to attach to (its exporter is never called here).
+fn buffer() -> Arc<File> {
+    let info = ExportInfo {
         exp_name: "bench".into(),
         size: 0,
         flags: 0,
         ops: Some(Arc::new(Nop)),
         has_priv: true,
-    })
-    .unwrap();
-    Rig {
-        env: DmaEnv { dma, p2p },
-        provider,
-        file,
-        bar,
-        _binding: binding,
-    }
+    };
+    export(info).unwrap()
 }
 
 fn ranges(bar: u64, n: usize) -> Vec<PhysVec> {
@@ -90,14 +62,13 @@ fn ranges(bar: u64, n: usize) -> Vec<PhysVec> {
         .collect()
 }
 
-fn attach(r: &Rig, dev: Bdf) -> Arc<Attachment> {
+fn attach(f: &File, dev: Bdf) -> Arc<Attachment> {
     let ops = ImporterOps {
         allow_peer2peer: true,
         invalidate: Some(Arc::new(|_, _| {})),
         stub: false,
     };
-    r.file
-        .dmabuf()
+    f.dmabuf()
         .unwrap()
         .dynamic_attach(Some(dev), Some(ops))
         .unwrap()
@@ -105,9 +76,9 @@ fn attach(r: &Rig, dev: Bdf) -> Arc<Attachment> {
 
 /// Times `phys_vec_to_sgt` only: tables are built in batches (so the clock is read rarely)
 /// and freed outside the timing.
-fn time_build(r: &Rig, a: &Attachment, v: &[PhysVec], iters: u64) -> Duration {
+fn time_build(r: &Rig, f: &File, a: &Attachment, v: &[PhysVec], iters: u64) -> Duration {
     let size = v.iter().map(|x| x.len).sum();
-    let buf = r.file.dmabuf().unwrap();
+    let buf = f.dmabuf().unwrap();
     let g = buf.lock();
     let batch = (4096 / v.len()).max(1) as u64;
     let mut total = Duration::ZERO;
@@ -130,12 +101,36 @@ fn time_build(r: &Rig, a: &Attachment, v: &[PhysVec], iters: u64) -> Duration {
     total
 }
 
+/// The floor of the per-range path: one `map_phys` per range, no table.
+fn raw_map(r: &Rig, v: &[PhysVec], iters: u64) -> Duration {
+    let dma = &r.env.dma;
+    let mut total = Duration::ZERO;
+    let mut got = Vec::with_capacity(v.len());
+    for _ in 0..iters {
+        let t0 = Instant::now();
+        for x in v {
+            got.push(
+                dma.map_phys(r.nic1, x.paddr, 4096, DIR, attrs::MMIO)
+                    .unwrap(),
+            );
+        }
+        total += t0.elapsed();
+        for a in got.drain(..) {
+            dma.unmap_phys(r.nic1, a, 4096, DIR, attrs::MMIO);
+        }
+    }
+    total
+}
+
 fn bench(c: &mut Criterion) {
     let bus = rig(true);
     let iova = rig(true);
     let direct = rig(false);
-    let nic0 = bus.env.dma.fabric().lookup("nic0").unwrap();
-    let nic1 = bus.env.dma.fabric().lookup("nic1").unwrap();
+    // The same machine without DMA debug accounting (a kernel without CONFIG_DMA_API_DEBUG).
+    let quiet = rig(false);
+    quiet.env.dma.set_debug(false);
+    let file = buffer();
+    let nic1 = iova.nic1;
     for &n in &COUNTS {
         let mut g = c.benchmark_group(format!("phys_vec_to_sgt/{n}"));
         g.throughput(Throughput::Elements(n as u64));
@@ -155,13 +150,13 @@ fn bench(c: &mut Criterion) {
                 out
             });
         });
-        let a = attach(&bus, nic0);
+        let a = attach(&file, bus.nic0);
         g.bench_function(BenchmarkId::new("bus_addr", n), |b| {
-            b.iter_custom(|it| time_build(&bus, &a, &v, it));
+            b.iter_custom(|it| time_build(&bus, &file, &a, &v, it));
         });
-        let a = attach(&iova, nic1);
+        let a = attach(&file, iova.nic1);
         g.bench_function(BenchmarkId::new("iova", n), |b| {
-            b.iter_custom(|it| time_build(&iova, &a, &v, it));
+            b.iter_custom(|it| time_build(&iova, &file, &a, &v, it));
         });
         g.bench_function(BenchmarkId::new("raw_link", n), |b| {
             b.iter_custom(|it| {
@@ -190,28 +185,17 @@ fn bench(c: &mut Criterion) {
                 total
             });
         });
-        let a = attach(&direct, nic1);
-        g.bench_function(BenchmarkId::new("per_range", n), |b| {
-            b.iter_custom(|it| time_build(&direct, &a, &v, it));
-        });
-        g.bench_function(BenchmarkId::new("raw_map", n), |b| {
-            b.iter_custom(|it| {
-                let dma = &direct.env.dma;
-                let mut total = Duration::ZERO;
-                let mut got = Vec::with_capacity(n);
-                for _ in 0..it {
-                    let t0 = Instant::now();
-                    for x in &v {
-                        got.push(dma.map_phys(nic1, x.paddr, 4096, DIR, attrs::MMIO).unwrap());
-                    }
-                    total += t0.elapsed();
-                    for a in got.drain(..) {
-                        dma.unmap_phys(nic1, a, 4096, DIR, attrs::MMIO);
-                    }
-                }
-                total
+        for (name, r) in [("per_range", &direct), ("per_range_nodebug", &quiet)] {
+            let a = attach(&file, r.nic1);
+            g.bench_function(BenchmarkId::new(name, n), |b| {
+                b.iter_custom(|it| time_build(r, &file, &a, &v, it));
             });
-        });
+        }
+        for (name, r) in [("raw_map", &direct), ("raw_map_nodebug", &quiet)] {
+            g.bench_function(BenchmarkId::new(name, n), |b| {
+                b.iter_custom(|it| raw_map(r, &v, it));
+            });
+        }
         g.finish();
     }
 }

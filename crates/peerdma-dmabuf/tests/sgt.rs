@@ -47,6 +47,18 @@ fn buf(f: &Arc<File>) -> &DmaBuf {
     f.dmabuf().unwrap()
 }
 
+/// `phys_vec_to_sgt` of the rig's provider for `ranges` (size: their sum) with a fault plan.
+fn build(
+    r: &Rig,
+    a: &Attachment,
+    ranges: &[PhysVec],
+    g: &peerdma_dmabuf::ResvGuard<'_>,
+    inj: &mut Inject,
+) -> Result<SgTable, Errno> {
+    let size = ranges.iter().map(|x| x.len).sum();
+    phys_vec_to_sgt_inject(&r.env, a, Some(&r.provider), ranges, size, DIR, g, inj)
+}
+
 /// Three scattered ranges of the BAR, 28 KiB in all.
 fn scattered(r: &Rig) -> Vec<PhysVec> {
     vec![
@@ -80,7 +92,7 @@ fn bus_addr_path_gives_bus_addresses_and_bytes_land() {
     let (f, a) = buffer(&r, r.nic0);
     let ranges = scattered(&r);
     let g = buf(&f).lock();
-    let t = phys_vec_to_sgt(&r.env, &a, Some(&r.provider), &ranges, 0x7000, DIR, &g).unwrap();
+    let t = build(&r, &a, &ranges, &g, &mut Inject::none()).unwrap();
     assert_eq!(t.kind(), SgKind::BusAddr);
     assert_eq!((t.nents(), t.orig_nents(), t.size()), (3, 0, 0x7000));
     for (e, x) in t.entries().iter().zip(&ranges) {
@@ -162,7 +174,7 @@ fn iova_path_is_one_contiguous_range_each_range_at_its_own_offset() {
     let (f, a) = buffer(&r, r.nic1);
     let ranges = scattered(&r);
     let g = buf(&f).lock();
-    let t = phys_vec_to_sgt(&r.env, &a, Some(&r.provider), &ranges, 0x7000, DIR, &g).unwrap();
+    let t = build(&r, &a, &ranges, &g, &mut Inject::none()).unwrap();
     assert_eq!(t.kind(), SgKind::Iova);
     assert_eq!(t.nents(), 1);
     assert_eq!(u64::from(t.entries()[0].len), 0x7000);
@@ -181,7 +193,7 @@ fn per_range_path_on_dma_direct_gives_cpu_addresses() {
     let (f, a) = buffer(&r, r.nic1);
     let ranges = scattered(&r);
     let g = buf(&f).lock();
-    let t = phys_vec_to_sgt(&r.env, &a, Some(&r.provider), &ranges, 0x7000, DIR, &g).unwrap();
+    let t = build(&r, &a, &ranges, &g, &mut Inject::none()).unwrap();
     assert_eq!(t.kind(), SgKind::PerRange);
     let addrs: Vec<u64> = t.entries().iter().map(|e| e.addr.get()).collect();
     assert_eq!(
@@ -201,17 +213,7 @@ fn per_range_path_when_the_iova_allocation_fails() {
     let g = buf(&f).lock();
     // Step 0 is the wrapper, 1 the state, 2 the IOVA allocation.
     let mut inj = Inject::at(2);
-    let t = phys_vec_to_sgt_inject(
-        &r.env,
-        &a,
-        Some(&r.provider),
-        &ranges,
-        0x7000,
-        DIR,
-        &g,
-        &mut inj,
-    )
-    .unwrap();
+    let t = build(&r, &a, &ranges, &g, &mut inj).unwrap();
     assert_eq!(inj.fired(), Some(Step::IovaAlloc));
     assert_eq!(t.kind(), SgKind::PerRange);
     assert_eq!(t.nents(), 3);
@@ -225,16 +227,7 @@ fn not_supported_is_einval_and_maps_nothing() {
     let r = rig(true);
     let (f, a) = buffer(&r, r.nic2);
     let g = buf(&f).lock();
-    let e = phys_vec_to_sgt(
-        &r.env,
-        &a,
-        Some(&r.provider),
-        &scattered(&r),
-        0x7000,
-        DIR,
-        &g,
-    )
-    .unwrap_err();
+    let e = build(&r, &a, &scattered(&r), &g, &mut Inject::none()).unwrap_err();
     assert_eq!(e, Errno::EINVAL);
     r.assert_clean();
     assert_eq!(r.env.dma.iova_allocated_pages(r.nic2), 0);
@@ -304,16 +297,7 @@ fn inject_everywhere(iommu: bool, dev_of: fn(&Rig) -> Bdf, expect: &[Step]) {
     let mut seen = Vec::new();
     for n in 0.. {
         let mut inj = Inject::at(n);
-        let res = phys_vec_to_sgt_inject(
-            &r.env,
-            &a,
-            Some(&r.provider),
-            &ranges,
-            0x7000,
-            DIR,
-            &g,
-            &mut inj,
-        );
+        let res = build(&r, &a, &ranges, &g, &mut inj);
         let Some(step) = inj.fired() else {
             free_sgt(&r.env, &a, res.unwrap(), DIR, &g).unwrap();
             break;
@@ -329,7 +313,7 @@ fn inject_everywhere(iommu: bool, dev_of: fn(&Rig) -> Bdf, expect: &[Step]) {
         }
         r.assert_clean();
         assert_eq!(r.env.iommu_entries(dev), 0, "after {step:?}");
-        let t = phys_vec_to_sgt(&r.env, &a, Some(&r.provider), &ranges, 0x7000, DIR, &g).unwrap();
+        let t = build(&r, &a, &ranges, &g, &mut Inject::none()).unwrap();
         bytes_land(&r, dev, &t, &ranges, u8::try_from(n).unwrap());
         free_sgt(&r.env, &a, t, DIR, &g).unwrap();
         r.assert_clean();
@@ -389,34 +373,14 @@ fn fault_injection_per_range_after_iova_failure() {
     // Steps: 0 wrapper, 1 state, 2 IOVA allocation, 3 table, 4.. map of range k.
     for k in 0..3 {
         let mut inj = Inject::at_all(&[2, 4 + k]);
-        let e = phys_vec_to_sgt_inject(
-            &r.env,
-            &a,
-            Some(&r.provider),
-            &ranges,
-            0x7000,
-            DIR,
-            &g,
-            &mut inj,
-        )
-        .unwrap_err();
+        let e = build(&r, &a, &ranges, &g, &mut inj).unwrap_err();
         assert_eq!(e, Errno::ENOMEM);
         assert_eq!(inj.hits(), [Step::IovaAlloc, Step::MapPhys(k)]);
         r.assert_clean();
         assert_eq!(r.env.iommu_entries(r.nic1), 0);
     }
     let mut inj = Inject::at(2);
-    let t = phys_vec_to_sgt_inject(
-        &r.env,
-        &a,
-        Some(&r.provider),
-        &ranges,
-        0x7000,
-        DIR,
-        &g,
-        &mut inj,
-    )
-    .unwrap();
+    let t = build(&r, &a, &ranges, &g, &mut inj).unwrap();
     bytes_land(&r, r.nic1, &t, &ranges, 7);
     free_sgt(&r.env, &a, t, DIR, &g).unwrap();
     r.assert_clean();
@@ -430,7 +394,7 @@ fn a_range_over_4_gib_splits_at_page_aligned_chunks() {
         let (f, a) = buffer(&r, dev);
         let g = buf(&f).lock();
         let ranges = [r.range(1 << 30, len)];
-        let t = phys_vec_to_sgt(&r.env, &a, Some(&r.provider), &ranges, len, DIR, &g).unwrap();
+        let t = build(&r, &a, &ranges, &g, &mut Inject::none()).unwrap();
         assert_eq!(t.kind(), kind);
         let lens: Vec<u64> = t.entries().iter().map(|e| u64::from(e.len)).collect();
         assert_eq!(
@@ -456,7 +420,7 @@ fn an_unaligned_link_after_the_first_fails_and_unwinds() {
     let (f, a) = buffer(&r, r.nic1);
     let g = buf(&f).lock();
     let ranges = [r.range(0, 0x1000), r.range(0x5800, 0x800)];
-    let e = phys_vec_to_sgt(&r.env, &a, Some(&r.provider), &ranges, 0x1800, DIR, &g).unwrap_err();
+    let e = build(&r, &a, &ranges, &g, &mut Inject::none()).unwrap_err();
     assert_eq!(e, Errno::EIO);
     r.assert_clean();
     assert_eq!(r.env.iommu_entries(r.nic1), 0);
@@ -485,7 +449,7 @@ fn divergence_links_at_offset_zero_collide() {
     let (f, a) = buffer(&r, r.nic1);
     let g = buf(&f).lock();
     let ranges = [r.range(0, 0x1000), r.range(0x10_000, 0x1000)];
-    let t = phys_vec_to_sgt(&r.env, &a, Some(&r.provider), &ranges, 0x2000, DIR, &g).unwrap();
+    let t = build(&r, &a, &ranges, &g, &mut Inject::none()).unwrap();
     r.dma_write(r.nic1, &t, 0xffc, b"seam!!!!").unwrap();
     assert_eq!(r.bar_bytes(0xffc, 4), b"seam");
     assert_eq!(r.bar_bytes(0x10_000, 4), b"!!!!");
@@ -502,17 +466,7 @@ fn divergence_first_link_failure_frees_the_iova() {
     let g = buf(&f).lock();
     // Step 4 is the link of range 0.
     let mut inj = Inject::at(4);
-    let e = phys_vec_to_sgt_inject(
-        &r.env,
-        &a,
-        Some(&r.provider),
-        &scattered(&r),
-        0x7000,
-        DIR,
-        &g,
-        &mut inj,
-    )
-    .unwrap_err();
+    let e = build(&r, &a, &scattered(&r), &g, &mut inj).unwrap_err();
     assert_eq!((e, inj.fired()), (Errno::ENOMEM, Some(Step::Link(0))));
     r.assert_clean();
 }
@@ -528,17 +482,7 @@ fn divergence_per_range_unmap_matches_the_map() {
     let len = 5u64 << 30;
     let ranges = [r.range(0, 0x1000), r.range(4 << 30, len)];
     let mut inj = Inject::at(2);
-    let t = phys_vec_to_sgt_inject(
-        &r.env,
-        &a,
-        Some(&r.provider),
-        &ranges,
-        len + 0x1000,
-        DIR,
-        &g,
-        &mut inj,
-    )
-    .unwrap();
+    let t = build(&r, &a, &ranges, &g, &mut inj).unwrap();
     assert_eq!((t.kind(), t.nents()), (SgKind::PerRange, 3));
     r.dma_write(r.nic1, &t, len + 0x1000 - 4, b"tail").unwrap();
     free_sgt(&r.env, &a, t, DIR, &g).unwrap();
@@ -625,8 +569,7 @@ mod properties {
             if let Some(b) = big {
                 ranges.push(r.range(20 << 30, b));
             }
-            let size = ranges.iter().map(|x| x.len).sum();
-            let t = phys_vec_to_sgt(&r.env, &a, Some(&r.provider), &ranges, size, DIR, &g).unwrap();
+            let t = build(&r, &a, &ranges, &g, &mut Inject::none()).unwrap();
             check(&t, &ranges, SgKind::BusAddr);
             free_sgt(&r.env, &a, t, DIR, &g).unwrap();
         }
@@ -642,8 +585,7 @@ mod properties {
                 let l = ranges.last_mut().unwrap();
                 l.len = l.len - 4096 + last_tail;
             }
-            let size = ranges.iter().map(|x| x.len).sum();
-            let t = phys_vec_to_sgt(&r.env, &a, Some(&r.provider), &ranges, size, DIR, &g).unwrap();
+            let t = build(&r, &a, &ranges, &g, &mut Inject::none()).unwrap();
             check(&t, &ranges, SgKind::Iova);
             bytes_land(&r, r.nic1, &t, &ranges, 9);
             free_sgt(&r.env, &a, t, DIR, &g).unwrap();
@@ -656,8 +598,7 @@ mod properties {
             let (f, a) = buffer(&r, r.nic1);
             let g = buf(&f).lock();
             let ranges: Vec<PhysVec> = raw.iter().map(|&(p, l)| r.range(p, l)).collect();
-            let size = ranges.iter().map(|x| x.len).sum();
-            let t = phys_vec_to_sgt(&r.env, &a, Some(&r.provider), &ranges, size, DIR, &g).unwrap();
+            let t = build(&r, &a, &ranges, &g, &mut Inject::none()).unwrap();
             check(&t, &ranges, SgKind::PerRange);
             free_sgt(&r.env, &a, t, DIR, &g).unwrap();
             r.assert_clean();
