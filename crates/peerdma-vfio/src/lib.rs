@@ -1,0 +1,14 @@
+//! # peerdma-vfio — VFIO on the emulated machine
+//!
+//! | module | kernel | what |
+//! |---|---|---|
+//! | [`registration`] | drivers/vfio/vfio_main.c | the device registration count; unregister waits for holders |
+//! | [`feature`] | drivers/vfio/vfio_main.c | `VFIO_DEVICE_FEATURE` on raw bytes: header checks, `vfio_check_feature` |
+//! | [`pci`] | drivers/vfio/pci/vfio_pci_{core,config,dmabuf}.c | vfio-pci devices: config writes, reset, low power, `memory_lock`, dma-buf export and revocation |
+
+pub mod feature;
+pub mod pci;
+pub mod registration;
+
+pub use pci::{DeviceFd, VfioPci};
+pub use registration::{RegRef, Registration};

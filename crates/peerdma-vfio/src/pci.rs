@@ -1,0 +1,609 @@
+//! A vfio-pci device on the emulated machine: open/close, the user's config writes that
+//! reach the device, `VFIO_DEVICE_RESET`, runtime-PM low-power entry/exit, `memory_lock`, and
+//! the `VFIO_DEVICE_FEATURE_DMA_BUF` export whose buffers are revoked whenever the device
+//! stops decoding memory (Linux 7.2 semantics; rulebook §4.3–§4.8).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockWriteGuard, Weak};
+use std::time::Duration;
+
+use peerdma_dma::Direction;
+use peerdma_dmabuf::buf::{ExportInfo, ops};
+use peerdma_dmabuf::sgt::{DmaEnv, PhysVec, SgTable, free_sgt, phys_vec_to_sgt};
+use peerdma_dmabuf::{Attachment, DmaBuf, DmaBufOps, File, Process, ResvGuard, Usage};
+use peerdma_p2pdma::{Binding, Provider};
+use peerdma_pci::{AsErrno, Bdf, Errno, Fabric, PhysAddr, PowerState, regs, sync};
+use peerdma_uapi::feature::{DMA_BUF_LEN, O_CLOEXEC, parse_dma_buf, parse_range};
+
+use crate::feature::{self, GET, SET, id};
+use crate::registration::{RegRef, Registration};
+
+/// `VFIO_PCI_ROM_REGION_INDEX`: BARs are regions 0–5.
+pub const ROM_REGION_INDEX: u32 = 6;
+const PAGE: u64 = 4096;
+/// `PCI_EXP_DEVCTL` offset in the PCIe capability.
+const EXP_DEVCTL: u16 = 0x08;
+/// `PCI_EXP_DEVCAP` offset.
+const EXP_DEVCAP: u16 = 0x04;
+const EXP_DEVCAP_FLR: u32 = 1 << 28;
+const EXP_DEVCTL_BCR_FLR: u16 = 0x8000;
+/// `PCI_AF_CAP` / `PCI_AF_CTRL` offsets in the AF capability.
+const AF_CAP: u16 = 0x03;
+const AF_CTRL: u16 = 0x04;
+const AF_CAP_TP: u8 = 0x01;
+const AF_CAP_FLR: u8 = 0x02;
+const AF_CTRL_FLR: u8 = 0x01;
+/// `PCI_PM_CTRL` offset in the PM capability.
+const PM_CTRL: u16 = 0x04;
+
+/// What `memory_lock` protects.
+#[derive(Debug, Default)]
+struct Mem {
+    open_count: u32,
+    /// The virtual COMMAND register: what the user last wrote.
+    vcommand: u16,
+    /// Runtime-PM low-power engaged.
+    engaged: bool,
+}
+
+struct Dev {
+    fabric: Arc<Fabric>,
+    bdf: Bdf,
+    env: DmaEnv,
+    binding: Binding,
+    p2p: bool,
+    is_vf: bool,
+    reg: Registration,
+    mem: RwLock<Mem>,
+    bufs: Mutex<Vec<Arc<BufState>>>,
+}
+
+/// A vfio-pci bound device.
+pub struct VfioPci {
+    dev: Arc<Dev>,
+}
+
+impl std::fmt::Debug for VfioPci {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VfioPci")
+            .field("bdf", &self.dev.bdf)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An open device file (`vfio_device_file`): holds a registration reference until closed.
+pub struct DeviceFd {
+    dev: Arc<Dev>,
+    reg: Option<RegRef>,
+}
+
+impl std::fmt::Debug for DeviceFd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceFd")
+            .field("bdf", &self.dev.bdf)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A vfio dma-buf's exporter state (`struct vfio_pci_dma_buf`).
+struct BufState {
+    file: Mutex<Option<Arc<File>>>,
+    revoked: AtomicBool,
+    ranges: Vec<PhysVec>,
+    provider: Provider,
+    env: DmaEnv,
+    /// The device, until close cleanup or release unlinks the buffer.
+    dev: Mutex<Option<Weak<Dev>>>,
+    reg: Mutex<Option<RegRef>>,
+    maps: Mutex<usize>,
+    unmapped: Condvar,
+}
+
+struct Exporter(Arc<BufState>);
+
+impl DmaBufOps for Exporter {
+    fn provides(&self) -> u32 {
+        ops::MAP | ops::UNMAP | ops::RELEASE | ops::PIN | ops::UNPIN
+    }
+    fn attach(&self, _buf: &DmaBuf, a: &Attachment) -> Result<(), Errno> {
+        if !a.peer2peer || !a.is_revocable() {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        if self.0.revoked.load(Ordering::Acquire) {
+            return Err(Errno::ENODEV);
+        }
+        Ok(())
+    }
+    fn pin(&self, _a: &Attachment, _g: &ResvGuard<'_>) -> Result<(), Errno> {
+        Err(Errno::EOPNOTSUPP)
+    }
+    fn map(&self, a: &Attachment, dir: Direction, g: &ResvGuard<'_>) -> Result<SgTable, Errno> {
+        if self.0.revoked.load(Ordering::Acquire) {
+            return Err(Errno::ENODEV);
+        }
+        let size = self.0.ranges.iter().map(|r| r.len).sum();
+        let t = phys_vec_to_sgt(
+            &self.0.env,
+            a,
+            Some(&self.0.provider),
+            &self.0.ranges,
+            size,
+            dir,
+            g,
+        )?;
+        *sync::lock(&self.0.maps) += 1;
+        Ok(t)
+    }
+    fn unmap(&self, a: &Attachment, sgt: SgTable, dir: Direction, g: &ResvGuard<'_>) {
+        if free_sgt(&self.0.env, a, sgt, dir, g).is_ok() {
+            let mut m = sync::lock(&self.0.maps);
+            *m = m.saturating_sub(1);
+            self.0.unmapped.notify_all();
+        }
+    }
+    fn release(&self, _buf: &DmaBuf) {
+        let dev = sync::lock(&self.0.dev).take().and_then(|w| w.upgrade());
+        if let Some(dev) = dev {
+            let _m = sync::write(&dev.mem);
+            sync::lock(&dev.bufs).retain(|b| !Arc::ptr_eq(b, &self.0));
+        }
+        sync::lock(&self.0.reg).take();
+        sync::lock(&self.0.file).take();
+    }
+}
+
+impl BufState {
+    /// Waits until every importer mapping is gone (after an invalidation).
+    fn wait_unmapped(&self) {
+        let mut m = sync::lock(&self.maps);
+        while *m > 0 {
+            let (g, t) = self
+                .unmapped
+                .wait_timeout(m, Duration::from_secs(10))
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            m = g;
+            if t.timed_out() && *m > 0 {
+                tracing::warn!(target: "peerdma::vfio", "revoke waits for {} importer mapping(s)", *m);
+            }
+        }
+    }
+}
+
+/// Proof that `memory_lock` is held for write.
+type MemGuard<'a> = RwLockWriteGuard<'a, Mem>;
+
+impl Dev {
+    fn command_hw(&self) -> u16 {
+        self.fabric
+            .config_read(self.bdf, regs::COMMAND, 2)
+            .map_or(0, |v| v as u16)
+    }
+
+    /// `__vfio_pci_memory_enabled`.
+    fn memory_enabled(&self, m: &Mem) -> bool {
+        let d0ish = self
+            .fabric
+            .power_state(self.bdf)
+            .is_ok_and(|p| p < PowerState::D3Hot);
+        d0ish && (self.is_vf || m.vcommand & regs::COMMAND_MEMORY != 0)
+    }
+
+    /// `vfio_pci_dma_buf_move(vdev, revoked)`; `memory_lock` held for write.
+    fn move_bufs(&self, _m: &MemGuard<'_>, revoked: bool) {
+        let bufs: Vec<Arc<BufState>> = sync::lock(&self.bufs).clone();
+        for b in bufs {
+            let Some(f) = sync::lock(&b.file).clone().and_then(|f| f.get_active()) else {
+                continue;
+            };
+            if let Some(buf) = f.dmabuf() {
+                if b.revoked.load(Ordering::Acquire) != revoked {
+                    {
+                        let g = buf.lock();
+                        b.revoked.store(revoked, Ordering::Release);
+                        let _ = buf.invalidate_mappings(&g);
+                        if revoked {
+                            g.wait(Usage::Bookkeep, Duration::from_secs(3600));
+                        }
+                    }
+                    if revoked {
+                        b.wait_unmapped();
+                    }
+                }
+            }
+            f.put();
+        }
+    }
+
+    fn unrevoke_if_enabled(&self, m: &MemGuard<'_>) {
+        if self.memory_enabled(m) {
+            self.move_bufs(m, false);
+        }
+    }
+
+    /// `vfio_pci_dma_buf_cleanup`: every live buffer revoked for good and unlinked.
+    fn cleanup_bufs(&self, m: &MemGuard<'_>) {
+        let _ = m;
+        let bufs: Vec<Arc<BufState>> = sync::lock(&self.bufs).clone();
+        for b in bufs {
+            let Some(f) = sync::lock(&b.file).clone().and_then(|f| f.get_active()) else {
+                continue;
+            };
+            if let Some(buf) = f.dmabuf() {
+                {
+                    let g = buf.lock();
+                    sync::lock(&self.bufs).retain(|x| !Arc::ptr_eq(x, &b));
+                    sync::lock(&b.dev).take();
+                    b.revoked.store(true, Ordering::Release);
+                    let _ = buf.invalidate_mappings(&g);
+                    g.wait(Usage::Bookkeep, Duration::from_secs(3600));
+                }
+                b.wait_unmapped();
+                sync::lock(&b.reg).take();
+            }
+            f.put();
+        }
+    }
+}
+
+impl VfioPci {
+    /// Binds vfio-pci to a function: P2PDMA is initialised for it (`pcim_p2pdma_init`); a
+    /// refusal with `EOPNOTSUPP` leaves a working device that cannot export, any other
+    /// failure fails the bind.
+    pub fn bind(env: &DmaEnv, bdf: Bdf) -> Result<VfioPci, Errno> {
+        let fabric = env.dma.fabric().clone();
+        let f = fabric.function(bdf).map_err(|_| Errno::ENODEV)?;
+        let is_vf = f.is_vf();
+        let binding = env.p2p.bind(bdf).map_err(|e| e.errno())?;
+        let p2p = match binding.init() {
+            Ok(()) => true,
+            Err(e) if e.errno() == Errno::EOPNOTSUPP => false,
+            Err(e) => return Err(e.errno()),
+        };
+        Ok(VfioPci {
+            dev: Arc::new(Dev {
+                fabric,
+                bdf,
+                env: env.clone(),
+                binding,
+                p2p,
+                is_vf,
+                reg: Registration::new(),
+                mem: RwLock::new(Mem::default()),
+                bufs: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// The function.
+    pub fn bdf(&self) -> Bdf {
+        self.dev.bdf
+    }
+    /// Whether P2PDMA was initialised (else the device cannot export).
+    pub fn p2p_ready(&self) -> bool {
+        self.dev.p2p
+    }
+    /// The registration (for unregister and holder counts).
+    pub fn registration(&self) -> &Registration {
+        &self.dev.reg
+    }
+    /// How many dma-bufs are linked to the device.
+    pub fn dmabuf_count(&self) -> usize {
+        sync::lock(&self.dev.bufs).len()
+    }
+    /// The open count.
+    pub fn open_count(&self) -> u32 {
+        sync::read(&self.dev.mem).open_count
+    }
+
+    /// Opens the device (`vfio_df_open`): `ENODEV` once unregistering. The first open enables
+    /// the device and takes the virtual COMMAND register from it.
+    pub fn open(&self) -> Result<DeviceFd, Errno> {
+        let reg = self.dev.reg.try_get("device file").ok_or(Errno::ENODEV)?;
+        let mut m = sync::write(&self.dev.mem);
+        if m.open_count == 0 {
+            let d = &self.dev;
+            let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
+            let cmd = (d.command_hw() | regs::COMMAND_MEMORY) & !regs::COMMAND_MASTER;
+            let _ = d
+                .fabric
+                .config_write(d.bdf, regs::COMMAND, 2, u32::from(cmd));
+            m.vcommand = cmd;
+            m.engaged = false;
+        }
+        m.open_count += 1;
+        Ok(DeviceFd {
+            dev: self.dev.clone(),
+            reg: Some(reg),
+        })
+    }
+
+    /// `vfio_unregister_group_dev`: waits for every holder (open files, live dma-bufs),
+    /// calling `request` every `slice` while it waits; returns the number of requests.
+    pub fn unregister(&self, slice: Duration, request: impl FnMut(u32, &[String])) -> u32 {
+        self.dev.reg.unregister(slice, request)
+    }
+}
+
+fn le_u16(data: &[u8]) -> u16 {
+    u16::from_le_bytes([
+        data.first().copied().unwrap_or(0),
+        data.get(1).copied().unwrap_or(0),
+    ])
+}
+
+impl DeviceFd {
+    /// The device's memory is enabled now (as `memory_lock` readers see it).
+    pub fn memory_enabled(&self) -> bool {
+        self.dev.memory_enabled(&sync::read(&self.dev.mem))
+    }
+
+    /// `VFIO_DEVICE_FEATURE` on the caller's bytes; returns the ioctl's value (an fd for
+    /// DMA_BUF, else 0).
+    pub fn feature(&self, proc: &Process, buf: &[u8]) -> Result<i32, Errno> {
+        let req = feature::parse(buf)?;
+        let f = req.feature();
+        if feature::is_core_feature(f) {
+            return Err(Errno::ENOTTY);
+        }
+        match f {
+            id::DMA_BUF => self.dma_buf(proc, &req),
+            id::LOW_POWER_ENTRY | id::LOW_POWER_ENTRY_WITH_WAKEUP => {
+                let minsz = if f == id::LOW_POWER_ENTRY { 0 } else { 8 };
+                if !feature::check_feature(req.flags, req.data_argsz(), SET, minsz)? {
+                    return Ok(0);
+                }
+                self.low_power_entry().map(|()| 0)
+            }
+            id::LOW_POWER_EXIT => {
+                if !feature::check_feature(req.flags, req.data_argsz(), SET, 0)? {
+                    return Ok(0);
+                }
+                self.low_power_exit();
+                Ok(0)
+            }
+            _ => Err(Errno::ENOTTY),
+        }
+    }
+
+    fn low_power_entry(&self) -> Result<(), Errno> {
+        let d = &self.dev;
+        let mut m = sync::write(&d.mem);
+        // Linux revokes before checking whether low power is already engaged, and a second
+        // entry then fails without unrevoking; here the check comes first
+        // (docs/divergences.md).
+        if m.engaged {
+            return Err(Errno::EINVAL);
+        }
+        d.move_bufs(&m, true);
+        m.engaged = true;
+        let _ = d.fabric.set_power_state(d.bdf, PowerState::D3Hot);
+        Ok(())
+    }
+
+    fn low_power_exit(&self) {
+        let d = &self.dev;
+        let mut m = sync::write(&d.mem);
+        if m.engaged {
+            m.engaged = false;
+            let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
+        }
+        d.unrevoke_if_enabled(&m);
+    }
+
+    /// A user config write (1, 2 or 4 bytes at `offset`), through vfio-pci's virtualisation:
+    /// COMMAND (memory off revokes; every COMMAND write then unrevokes if memory is enabled),
+    /// PM control (≥ D3hot revokes), PCIe DevCtl and AF FLR (revoke, reset, unrevoke).
+    pub fn config_write(&self, offset: u16, data: &[u8]) -> Result<(), Errno> {
+        if !matches!(data.len(), 1 | 2 | 4) || usize::from(offset) + data.len() > regs::CFG_SIZE {
+            return Err(Errno::EINVAL);
+        }
+        let d = &self.dev;
+        let caps = d.fabric.function(d.bdf).map_err(|_| Errno::ENODEV)?.caps();
+        let mut value = 0u32;
+        for (i, b) in data.iter().enumerate() {
+            value |= u32::from(*b) << (8 * i);
+        }
+        let mut m = sync::write(&d.mem);
+        let hw = |off: u16, len: usize, v: u32| {
+            d.fabric
+                .config_write(d.bdf, off, len, v)
+                .map_err(|_| Errno::EIO)
+        };
+        if offset == regs::COMMAND && data.len() >= 2 {
+            let new = le_u16(data);
+            if new & regs::COMMAND_MEMORY == 0 {
+                d.move_bufs(&m, true);
+            }
+            hw(offset, data.len(), value)?;
+            m.vcommand = new;
+            d.unrevoke_if_enabled(&m);
+            return Ok(());
+        }
+        if let Some(pm) = caps
+            .pm
+            .filter(|&pm| offset == pm + PM_CTRL && data.len() >= 2)
+        {
+            let state = le_u16(data) & 0x3;
+            if state >= 3 {
+                d.move_bufs(&m, true);
+            }
+            hw(pm + PM_CTRL, data.len(), value)?;
+            d.unrevoke_if_enabled(&m);
+            return Ok(());
+        }
+        if let Some(exp) = caps
+            .exp
+            .filter(|&e| offset == e + EXP_DEVCTL && data.len() >= 2)
+        {
+            let devcap = d
+                .fabric
+                .config_read(d.bdf, exp + EXP_DEVCAP, 4)
+                .unwrap_or(0);
+            let ctl = le_u16(data);
+            if ctl & EXP_DEVCTL_BCR_FLR != 0 && devcap & EXP_DEVCAP_FLR != 0 {
+                d.move_bufs(&m, true);
+                let _ = d.fabric.reset_function(d.bdf);
+                // The FLR bit never sticks; the rest of the write goes through.
+                hw(offset, data.len(), value & !u32::from(EXP_DEVCTL_BCR_FLR))?;
+                d.unrevoke_if_enabled(&m);
+                return Ok(());
+            }
+            return hw(offset, data.len(), value);
+        }
+        if let Some(af) = caps.af.filter(|&a| offset == a + AF_CTRL) {
+            let cap = d.fabric.config_read(d.bdf, af + AF_CAP, 1).unwrap_or(0) as u8;
+            if data[0] & AF_CTRL_FLR != 0 && cap & AF_CAP_FLR != 0 && cap & AF_CAP_TP != 0 {
+                d.move_bufs(&m, true);
+                let _ = d.fabric.reset_function(d.bdf);
+                d.unrevoke_if_enabled(&m);
+                return Ok(());
+            }
+        }
+        hw(offset, data.len(), value)
+    }
+
+    /// `VFIO_DEVICE_RESET`: `EINVAL` if the function cannot be reset; else revoke, force D0,
+    /// reset, unrevoke if memory is enabled.
+    pub fn reset(&self) -> Result<(), Errno> {
+        let d = &self.dev;
+        let caps = d.fabric.function(d.bdf).map_err(|_| Errno::ENODEV)?.caps();
+        let flr = caps.exp.is_some_and(|e| {
+            d.fabric.config_read(d.bdf, e + EXP_DEVCAP, 4).unwrap_or(0) & EXP_DEVCAP_FLR != 0
+        }) || caps.af.is_some();
+        if !flr {
+            return Err(Errno::EINVAL);
+        }
+        let m = sync::write(&d.mem);
+        d.move_bufs(&m, true);
+        let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
+        let r = d.fabric.reset_function(d.bdf).map_err(|_| Errno::EIO);
+        d.unrevoke_if_enabled(&m);
+        r.map(|_| ())
+    }
+
+    /// Closes the file (`vfio_df_close`); the last close revokes every dma-buf for good
+    /// **before** disabling the device (7.2 order), then disables it.
+    pub fn close(mut self) {
+        self.close_inner();
+    }
+
+    fn close_inner(&mut self) {
+        let Some(reg) = self.reg.take() else { return };
+        let d = &self.dev;
+        {
+            let mut m = sync::write(&d.mem);
+            if m.open_count == 1 {
+                d.cleanup_bufs(&m);
+                m.engaged = false;
+                let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
+                let cmd = d.command_hw() & !(regs::COMMAND_MEMORY | regs::COMMAND_MASTER);
+                let _ = d
+                    .fabric
+                    .config_write(d.bdf, regs::COMMAND, 2, u32::from(cmd));
+                m.vcommand = cmd;
+            }
+            m.open_count = m.open_count.saturating_sub(1);
+        }
+        drop(reg);
+    }
+
+    /// `VFIO_DEVICE_FEATURE_DMA_BUF` (GET): validation in the kernel's order, then export.
+    fn dma_buf(&self, proc: &Process, req: &feature::Request<'_>) -> Result<i32, Errno> {
+        let d = &self.dev;
+        if !feature::check_feature(req.flags, req.data_argsz(), GET, DMA_BUF_LEN as u32)? {
+            return Ok(0);
+        }
+        let hdr = parse_dma_buf(req.data).ok_or(Errno::EFAULT)?;
+        if hdr.nr_ranges == 0 || hdr.flags != 0 {
+            return Err(Errno::EINVAL);
+        }
+        if hdr.region_index >= ROM_REGION_INDEX {
+            return Err(Errno::ENODEV);
+        }
+        let idx = hdr.region_index as u8;
+        // The BAR is claimed (requested and mapped) before the ranges are looked at.
+        let bar = d.fabric.bar(d.bdf, idx).map_err(|_| Errno::ENODEV)?;
+        if bar.bar.size == 0 {
+            return Err(Errno::ENODEV);
+        }
+        let n = hdr.nr_ranges as usize;
+        // kvmalloc refuses more than INT_MAX bytes.
+        if n.checked_mul(16).is_none_or(|b| b > i32::MAX as usize) {
+            return Err(Errno::ENOMEM);
+        }
+        let mut raw = Vec::new();
+        raw.try_reserve_exact(n).map_err(|_| Errno::ENOMEM)?;
+        for i in 0..n {
+            raw.push(parse_range(req.data, i).ok_or(Errno::EFAULT)?);
+        }
+        let mut total = 0u64;
+        for &(off, len) in &raw {
+            if len == 0 || off % PAGE != 0 || len % PAGE != 0 {
+                return Err(Errno::EINVAL);
+            }
+            total = total.checked_add(len).ok_or(Errno::EINVAL)?;
+        }
+        if total & (1 << 63) != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let (true, Ok(Some(provider))) = (d.p2p, d.binding.provider(idx)) else {
+            return Err(Errno::EINVAL);
+        };
+        let start = bar.cpu.ok_or(Errno::EINVAL)?.get();
+        let mut ranges = Vec::with_capacity(n);
+        for &(off, len) in &raw {
+            let paddr = start.checked_add(off).ok_or(Errno::EOVERFLOW)?;
+            let end = paddr.checked_add(len).ok_or(Errno::EOVERFLOW)?;
+            if end > start + bar.bar.size {
+                return Err(Errno::EINVAL);
+            }
+            ranges.push(PhysVec {
+                paddr: PhysAddr(paddr),
+                len,
+            });
+        }
+        let reg = d.reg.try_get("dma-buf").ok_or(Errno::ENODEV)?;
+        let state = Arc::new(BufState {
+            file: Mutex::new(None),
+            revoked: AtomicBool::new(false),
+            ranges,
+            provider,
+            env: d.env.clone(),
+            dev: Mutex::new(Some(Arc::downgrade(d))),
+            reg: Mutex::new(Some(reg)),
+            maps: Mutex::new(0),
+            unmapped: Condvar::new(),
+        });
+        let file = peerdma_dmabuf::export(ExportInfo {
+            exp_name: "vfio-pci".into(),
+            size: total,
+            flags: hdr.open_flags,
+            ops: Some(Arc::new(Exporter(state.clone()))),
+            has_priv: true,
+        })?;
+        {
+            let m = sync::write(&d.mem);
+            let buf = file.dmabuf().ok_or(Errno::EINVAL)?;
+            let _g = buf.lock();
+            state
+                .revoked
+                .store(!d.memory_enabled(&m), Ordering::Release);
+            *sync::lock(&state.file) = Some(file.clone());
+            sync::lock(&d.bufs).push(state);
+        }
+        match proc.install(file, hdr.open_flags & O_CLOEXEC != 0) {
+            Ok(fd) => Ok(fd),
+            Err((e, file)) => {
+                // Only the buffer is dropped: its release unlinks it and puts the registration.
+                file.put();
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for DeviceFd {
+    fn drop(&mut self) {
+        self.close_inner();
+    }
+}
