@@ -440,6 +440,16 @@ impl DmaBuf {
     }
 }
 
+impl Drop for Process {
+    /// Process exit: every open file is closed.
+    fn drop(&mut self) {
+        let files = std::mem::take(&mut *sync::lock(&self.fds));
+        for (_, (f, _)) in files {
+            f.put();
+        }
+    }
+}
+
 impl Default for Process {
     fn default() -> Self {
         Process::new()

@@ -169,8 +169,35 @@ impl BufState {
     }
 }
 
-/// Proof that `memory_lock` is held for write.
-type MemGuard<'a> = RwLockWriteGuard<'a, Mem>;
+/// `memory_lock` held for write. File references taken while it is held are given back
+/// only after it is dropped: a last reference runs the buffer's release, which takes
+/// `memory_lock` itself (the kernel defers final `fput` for the same reason).
+struct MemGuard<'a> {
+    m: Option<RwLockWriteGuard<'a, Mem>>,
+    puts: Vec<Arc<File>>,
+}
+
+impl std::ops::Deref for MemGuard<'_> {
+    type Target = Mem;
+    fn deref(&self) -> &Mem {
+        self.m.as_ref().expect("held until drop")
+    }
+}
+
+impl std::ops::DerefMut for MemGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Mem {
+        self.m.as_mut().expect("held until drop")
+    }
+}
+
+impl Drop for MemGuard<'_> {
+    fn drop(&mut self) {
+        self.m.take();
+        for f in self.puts.drain(..) {
+            f.put();
+        }
+    }
+}
 
 impl Dev {
     fn command_hw(&self) -> u16 {
@@ -189,7 +216,14 @@ impl Dev {
     }
 
     /// `vfio_pci_dma_buf_move(vdev, revoked)`; `memory_lock` held for write.
-    fn move_bufs(&self, _m: &MemGuard<'_>, revoked: bool) {
+    fn lock_mem(&self) -> MemGuard<'_> {
+        MemGuard {
+            m: Some(sync::write(&self.mem)),
+            puts: Vec::new(),
+        }
+    }
+
+    fn move_bufs(&self, m: &mut MemGuard<'_>, revoked: bool) {
         let bufs: Vec<Arc<BufState>> = sync::lock(&self.bufs).clone();
         for b in bufs {
             let Some(f) = sync::lock(&b.file).clone().and_then(|f| f.get_active()) else {
@@ -210,19 +244,18 @@ impl Dev {
                     }
                 }
             }
-            f.put();
+            m.puts.push(f);
         }
     }
 
-    fn unrevoke_if_enabled(&self, m: &MemGuard<'_>) {
+    fn unrevoke_if_enabled(&self, m: &mut MemGuard<'_>) {
         if self.memory_enabled(m) {
             self.move_bufs(m, false);
         }
     }
 
     /// `vfio_pci_dma_buf_cleanup`: every live buffer revoked for good and unlinked.
-    fn cleanup_bufs(&self, m: &MemGuard<'_>) {
-        let _ = m;
+    fn cleanup_bufs(&self, m: &mut MemGuard<'_>) {
         let bufs: Vec<Arc<BufState>> = sync::lock(&self.bufs).clone();
         for b in bufs {
             let Some(f) = sync::lock(&b.file).clone().and_then(|f| f.get_active()) else {
@@ -240,7 +273,7 @@ impl Dev {
                 b.wait_unmapped();
                 sync::lock(&b.reg).take();
             }
-            f.put();
+            m.puts.push(f);
         }
     }
 }
@@ -298,8 +331,11 @@ impl VfioPci {
     /// Opens the device (`vfio_df_open`): `ENODEV` once unregistering. The first open enables
     /// the device and takes the virtual COMMAND register from it.
     pub fn open(&self) -> Result<DeviceFd, Errno> {
+        if self.dev.reg.is_unregistering() {
+            return Err(Errno::ENODEV);
+        }
         let reg = self.dev.reg.try_get("device file").ok_or(Errno::ENODEV)?;
-        let mut m = sync::write(&self.dev.mem);
+        let mut m = self.dev.lock_mem();
         if m.open_count == 0 {
             let d = &self.dev;
             let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
@@ -367,14 +403,14 @@ impl DeviceFd {
 
     fn low_power_entry(&self) -> Result<(), Errno> {
         let d = &self.dev;
-        let mut m = sync::write(&d.mem);
+        let mut m = d.lock_mem();
         // Linux revokes before checking whether low power is already engaged, and a second
         // entry then fails without unrevoking; here the check comes first
         // (docs/divergences.md).
         if m.engaged {
             return Err(Errno::EINVAL);
         }
-        d.move_bufs(&m, true);
+        d.move_bufs(&mut m, true);
         m.engaged = true;
         let _ = d.fabric.set_power_state(d.bdf, PowerState::D3Hot);
         Ok(())
@@ -382,12 +418,12 @@ impl DeviceFd {
 
     fn low_power_exit(&self) {
         let d = &self.dev;
-        let mut m = sync::write(&d.mem);
+        let mut m = d.lock_mem();
         if m.engaged {
             m.engaged = false;
             let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
         }
-        d.unrevoke_if_enabled(&m);
+        d.unrevoke_if_enabled(&mut m);
     }
 
     /// A user config write (1, 2 or 4 bytes at `offset`), through vfio-pci's virtualisation:
@@ -403,7 +439,7 @@ impl DeviceFd {
         for (i, b) in data.iter().enumerate() {
             value |= u32::from(*b) << (8 * i);
         }
-        let mut m = sync::write(&d.mem);
+        let mut m = d.lock_mem();
         let hw = |off: u16, len: usize, v: u32| {
             d.fabric
                 .config_write(d.bdf, off, len, v)
@@ -412,11 +448,11 @@ impl DeviceFd {
         if offset == regs::COMMAND && data.len() >= 2 {
             let new = le_u16(data);
             if new & regs::COMMAND_MEMORY == 0 {
-                d.move_bufs(&m, true);
+                d.move_bufs(&mut m, true);
             }
             hw(offset, data.len(), value)?;
             m.vcommand = new;
-            d.unrevoke_if_enabled(&m);
+            d.unrevoke_if_enabled(&mut m);
             return Ok(());
         }
         if let Some(pm) = caps
@@ -425,10 +461,10 @@ impl DeviceFd {
         {
             let state = le_u16(data) & 0x3;
             if state >= 3 {
-                d.move_bufs(&m, true);
+                d.move_bufs(&mut m, true);
             }
             hw(pm + PM_CTRL, data.len(), value)?;
-            d.unrevoke_if_enabled(&m);
+            d.unrevoke_if_enabled(&mut m);
             return Ok(());
         }
         if let Some(exp) = caps
@@ -441,11 +477,11 @@ impl DeviceFd {
                 .unwrap_or(0);
             let ctl = le_u16(data);
             if ctl & EXP_DEVCTL_BCR_FLR != 0 && devcap & EXP_DEVCAP_FLR != 0 {
-                d.move_bufs(&m, true);
+                d.move_bufs(&mut m, true);
                 let _ = d.fabric.reset_function(d.bdf);
                 // The FLR bit never sticks; the rest of the write goes through.
                 hw(offset, data.len(), value & !u32::from(EXP_DEVCTL_BCR_FLR))?;
-                d.unrevoke_if_enabled(&m);
+                d.unrevoke_if_enabled(&mut m);
                 return Ok(());
             }
             return hw(offset, data.len(), value);
@@ -453,9 +489,9 @@ impl DeviceFd {
         if let Some(af) = caps.af.filter(|&a| offset == a + AF_CTRL) {
             let cap = d.fabric.config_read(d.bdf, af + AF_CAP, 1).unwrap_or(0) as u8;
             if data[0] & AF_CTRL_FLR != 0 && cap & AF_CAP_FLR != 0 && cap & AF_CAP_TP != 0 {
-                d.move_bufs(&m, true);
+                d.move_bufs(&mut m, true);
                 let _ = d.fabric.reset_function(d.bdf);
-                d.unrevoke_if_enabled(&m);
+                d.unrevoke_if_enabled(&mut m);
                 return Ok(());
             }
         }
@@ -473,11 +509,11 @@ impl DeviceFd {
         if !flr {
             return Err(Errno::EINVAL);
         }
-        let m = sync::write(&d.mem);
-        d.move_bufs(&m, true);
+        let mut m = d.lock_mem();
+        d.move_bufs(&mut m, true);
         let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
         let r = d.fabric.reset_function(d.bdf).map_err(|_| Errno::EIO);
-        d.unrevoke_if_enabled(&m);
+        d.unrevoke_if_enabled(&mut m);
         r.map(|_| ())
     }
 
@@ -491,9 +527,9 @@ impl DeviceFd {
         let Some(reg) = self.reg.take() else { return };
         let d = &self.dev;
         {
-            let mut m = sync::write(&d.mem);
+            let mut m = d.lock_mem();
             if m.open_count == 1 {
-                d.cleanup_bufs(&m);
+                d.cleanup_bufs(&mut m);
                 m.engaged = false;
                 let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
                 let cmd = d.command_hw() & !(regs::COMMAND_MEMORY | regs::COMMAND_MASTER);
@@ -582,7 +618,7 @@ impl DeviceFd {
             has_priv: true,
         })?;
         {
-            let m = sync::write(&d.mem);
+            let m = d.lock_mem();
             let buf = file.dmabuf().ok_or(Errno::EINVAL)?;
             let _g = buf.lock();
             state

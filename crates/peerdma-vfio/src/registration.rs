@@ -16,6 +16,7 @@ use peerdma_pci::sync;
 #[derive(Debug, Default)]
 struct Inner {
     count: AtomicUsize,
+    unregistering: std::sync::atomic::AtomicBool,
     next: AtomicU64,
     holders: Mutex<BTreeMap<u64, String>>,
     done: Mutex<bool>,
@@ -103,6 +104,11 @@ impl Registration {
         sync::lock(&self.inner.holders).values().cloned().collect()
     }
 
+    /// Whether unregistering has begun (new opens are refused from then on).
+    pub fn is_unregistering(&self) -> bool {
+        self.inner.unregistering.load(Ordering::Acquire)
+    }
+
     /// Whether the last reference is gone.
     pub fn is_complete(&self) -> bool {
         *sync::lock(&self.inner.done)
@@ -113,11 +119,8 @@ impl Registration {
     /// `request(n, holders)` with n = 0, 1, 2, … Returns how many requests were made. Calling
     /// it again after it returned does nothing.
     pub fn unregister(&self, slice: Duration, mut request: impl FnMut(u32, &[String])) -> u32 {
-        {
-            let done = sync::lock(&self.inner.done);
-            if *done {
-                return 0;
-            }
+        if self.inner.unregistering.swap(true, Ordering::AcqRel) {
+            return 0;
         }
         self.inner.put();
         let mut n = 0;

@@ -1,0 +1,615 @@
+//! vfio-pci on the emulated machine: the DMA_BUF feature's errnos in the kernel's order, and
+//! revocation, checked by bytes: after every revoke event DMA through the old mapping does
+//! not reach the BAR, a new map gets ENODEV, and after the unrevoke point it works again.
+
+#![allow(clippy::many_single_char_names, clippy::semicolon_if_nothing_returned)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use peerdma_dma::{Direction, DmaConfig, DmaSystem};
+use peerdma_dmabuf::sgt::DmaEnv;
+use peerdma_dmabuf::{Attachment, File, ImporterOps, Process, ResvGuard, SgTable};
+use peerdma_p2pdma::P2pDma;
+use peerdma_pci::{Bdf, Errno, Fabric, file, regs};
+use peerdma_uapi::feature::{DmaBufRequest, O_CLOEXEC, O_RDWR, header_bytes};
+use peerdma_vfio::VfioPci;
+use peerdma_vfio::feature::{GET, PROBE, SET, id};
+
+const DIR: Direction = Direction::Bidirectional;
+const BAR_GIB: u64 = 64;
+
+struct Rig {
+    fabric: Arc<Fabric>,
+    env: DmaEnv,
+    gpu: Bdf,
+    nic1: Bdf,
+    nic0: Bdf,
+    proc: Process,
+}
+
+/// The dma-buf test machine, gpu0 with AF FLR as well as PCIe FLR.
+fn rig() -> Rig {
+    let text = include_str!("../../peerdma-dmabuf/tests/platform.toml")
+        .replace("class = 0x030200", "class = 0x030200\naf_flr = true");
+    let fabric = Arc::new(file::load_str(&text, "platform.toml").unwrap());
+    let dma = Arc::new(DmaSystem::new(fabric.clone(), true));
+    let p2p = P2pDma::new(fabric.clone());
+    let [gpu, nic0, nic1] = ["gpu0", "nic0", "nic1"].map(|n| fabric.lookup(n).unwrap());
+    for d in [nic0, nic1] {
+        dma.configure(
+            d,
+            DmaConfig {
+                iommu: true,
+                ..DmaConfig::default()
+            },
+        )
+        .unwrap();
+    }
+    Rig {
+        fabric,
+        env: DmaEnv { dma, p2p },
+        gpu,
+        nic1,
+        nic0,
+        proc: Process::new(),
+    }
+}
+
+fn get(r: &Rig, fd: i32) -> Arc<File> {
+    r.proc.dma_buf_get(fd).unwrap()
+}
+
+/// A dynamic, peer-to-peer, revocable importer that drops its mapping when told to, and
+/// tries to map again from inside the callback (recording what that gave).
+struct Importer {
+    att: Arc<Attachment>,
+    table: Arc<Mutex<Option<SgTable>>>,
+    remaps: Arc<Mutex<Vec<Result<(), Errno>>>>,
+}
+
+fn import(_r: &Rig, f: &Arc<File>, dev: Bdf) -> Result<Importer, Errno> {
+    let table: Arc<Mutex<Option<SgTable>>> = Arc::new(Mutex::new(None));
+    let remaps = Arc::new(Mutex::new(Vec::new()));
+    // A plain Arc clone: the importer's own file reference is the caller's.
+    let (t2, r2, file) = (table.clone(), remaps.clone(), Arc::clone(f));
+    let ops = ImporterOps {
+        allow_peer2peer: true,
+        invalidate: Some(Arc::new(move |a: &Attachment, g: &ResvGuard<'_>| {
+            let b = file.dmabuf().unwrap();
+            if let Some(t) = t2.lock().unwrap().take() {
+                b.unmap_attachment(a, t, DIR, g);
+                let again = b
+                    .map_attachment(a, DIR, g)
+                    .map(|t| b.unmap_attachment(a, t, DIR, g));
+                r2.lock().unwrap().push(again);
+            }
+        })),
+        stub: false,
+    };
+    let att = f.dmabuf().unwrap().dynamic_attach(Some(dev), Some(ops))?;
+    Ok(Importer { att, table, remaps })
+}
+
+impl Importer {
+    fn map(&self, f: &File) -> Result<(), Errno> {
+        let b = f.dmabuf().unwrap();
+        let g = b.lock();
+        let t = b.map_attachment(&self.att, DIR, &g)?;
+        *self.table.lock().unwrap() = Some(t);
+        Ok(())
+    }
+    fn first_addr(&self) -> Option<peerdma_pci::DmaAddr> {
+        self.table
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|t| t.entries()[0].addr)
+    }
+}
+
+fn export(r: &Rig, dev: &peerdma_vfio::DeviceFd, req: &DmaBufRequest) -> Result<i32, Errno> {
+    dev.feature(&r.proc, &req.to_bytes())
+}
+
+fn ok_req() -> DmaBufRequest {
+    DmaBufRequest::new(2, vec![(0, 0x4000), (0x10_000, 0x2000)])
+}
+
+// ---- errnos, in order ---------------------------------------------------------------------
+
+#[test]
+fn dma_buf_errnos_in_the_kernels_order() {
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    let with = |f: &dyn Fn(&mut DmaBufRequest)| {
+        let mut q = ok_req();
+        f(&mut q);
+        export(&r, &d, &q)
+    };
+    // check_feature: SET refused even with PROBE; PROBE answers 0; argsz short.
+    assert_eq!(
+        with(&|q| q.feature_flags = SET | id::DMA_BUF),
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(
+        with(&|q| q.feature_flags = SET | PROBE | id::DMA_BUF),
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(
+        with(&|q| q.feature_flags = GET | PROBE | id::DMA_BUF),
+        Ok(0)
+    );
+    assert_eq!(with(&|q| q.argsz = Some(8 + 15)), Err(Errno::EINVAL));
+    // nr_ranges and flags before region_index.
+    assert_eq!(
+        with(&|q| {
+            q.nr_ranges = Some(0);
+            q.region_index = 9
+        }),
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(
+        with(&|q| {
+            q.flags = 1;
+            q.region_index = 9
+        }),
+        Err(Errno::EINVAL)
+    );
+    // region_index before the ranges; an unimplemented BAR is ENODEV.
+    assert_eq!(
+        with(&|q| {
+            q.region_index = 6;
+            q.ranges[0].1 = 0
+        }),
+        Err(Errno::ENODEV)
+    );
+    assert_eq!(
+        with(&|q| {
+            q.region_index = 4;
+            q.ranges[0].1 = 0
+        }),
+        Err(Errno::ENODEV)
+    );
+    // A huge nr_ranges is ENOMEM; one past the buffer is EFAULT.
+    assert_eq!(with(&|q| q.nr_ranges = Some(u32::MAX)), Err(Errno::ENOMEM));
+    assert_eq!(with(&|q| q.nr_ranges = Some(3)), Err(Errno::EFAULT));
+    // Range checks: empty, unaligned → EINVAL; the alignment check beats the overflow one.
+    assert_eq!(with(&|q| q.ranges[1].1 = 0), Err(Errno::EINVAL));
+    assert_eq!(with(&|q| q.ranges[1].0 = 0x10_800), Err(Errno::EINVAL));
+    assert_eq!(with(&|q| q.ranges[1].1 = 0x2800), Err(Errno::EINVAL));
+    // Total overflows u64 → EINVAL; total with bit 63 → EINVAL.
+    assert_eq!(
+        with(&|q| q.ranges = vec![(0, 1 << 63), (0, 1 << 63)]),
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(with(&|q| q.ranges = vec![(0, 1 << 63)]), Err(Errno::EINVAL));
+    // Offset + length past the BAR → EINVAL; overflowing u64 → EOVERFLOW.
+    assert_eq!(
+        with(&|q| q.ranges = vec![((BAR_GIB << 30) - 0x1000, 0x2000)]),
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(
+        with(&|q| q.ranges = vec![(!0xfffu64, 0x1000)]),
+        Err(Errno::EOVERFLOW)
+    );
+    assert_eq!(
+        with(&|q| q.ranges = vec![(0x1000, (u64::MAX >> 1) & !0xfff)]),
+        Err(Errno::EINVAL)
+    );
+    // Nothing was exported by any of that.
+    assert_eq!(v.dmabuf_count(), 0);
+    assert_eq!(r.proc.fds(), vec![0, 1, 2]);
+    // Success: an fd whose buffer is the sum of the ranges.
+    let fd = export(&r, &d, &ok_req()).unwrap();
+    assert_eq!(fd, 3);
+    assert_eq!(get(&r, fd).dmabuf().unwrap().size(), 0x6000);
+    assert!(r.proc.cloexec(fd).unwrap());
+    assert_eq!(get(&r, fd).flags(), O_RDWR);
+    let q = DmaBufRequest {
+        open_flags: O_RDWR,
+        ..ok_req()
+    };
+    let fd2 = export(&r, &d, &q).unwrap();
+    assert!(!r.proc.cloexec(fd2).unwrap());
+}
+
+#[test]
+fn feature_header_errnos_and_unknown_features() {
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    assert_eq!(d.feature(&r.proc, &[0; 4]), Err(Errno::EFAULT));
+    assert_eq!(
+        d.feature(&r.proc, &header_bytes(4, GET | id::DMA_BUF)),
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(
+        d.feature(&r.proc, &header_bytes(8, (1 << 20) | id::DMA_BUF)),
+        Err(Errno::EINVAL)
+    );
+    for f in [
+        id::MIGRATION,
+        id::MIG_DEVICE_STATE,
+        id::DMA_LOGGING_START,
+        id::MIG_DATA_SIZE,
+        id::BUS_MASTER,
+        12,
+        0xffff,
+    ] {
+        assert_eq!(
+            d.feature(&r.proc, &header_bytes(8, GET | PROBE | f)),
+            Err(Errno::ENOTTY),
+            "feature {f}"
+        );
+    }
+    assert_eq!(
+        d.feature(&r.proc, &header_bytes(8, SET | PROBE | id::LOW_POWER_ENTRY)),
+        Ok(0)
+    );
+    assert_eq!(
+        d.feature(&r.proc, &header_bytes(8, GET | id::LOW_POWER_ENTRY)),
+        Err(Errno::EINVAL)
+    );
+}
+
+#[test]
+fn a_device_whose_p2p_init_is_refused_works_but_cannot_export() {
+    let r = rig();
+    r.env.p2p.set_non_mappable_bars(r.gpu, true);
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    assert!(!v.p2p_ready());
+    let d = v.open().unwrap();
+    assert_eq!(export(&r, &d, &ok_req()), Err(Errno::EINVAL));
+    d.reset().unwrap();
+}
+
+// ---- exporter rules -----------------------------------------------------------------------
+
+#[test]
+fn attach_needs_a_p2p_revocable_importer_and_pin_is_refused() {
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let b = f.dmabuf().unwrap();
+    assert_eq!(b.attach(r.nic1).unwrap_err(), Errno::EOPNOTSUPP);
+    let noop: peerdma_dmabuf::Invalidate = Arc::new(|_, _| {});
+    let no_p2p = ImporterOps {
+        allow_peer2peer: false,
+        invalidate: Some(noop.clone()),
+        stub: false,
+    };
+    assert_eq!(
+        b.dynamic_attach(Some(r.nic1), Some(no_p2p)).unwrap_err(),
+        Errno::EOPNOTSUPP
+    );
+    let stub = ImporterOps {
+        allow_peer2peer: true,
+        invalidate: Some(noop.clone()),
+        stub: true,
+    };
+    assert_eq!(
+        b.dynamic_attach(Some(r.nic1), Some(stub)).unwrap_err(),
+        Errno::EOPNOTSUPP
+    );
+    let imp = import(&r, &f, r.nic1).unwrap();
+    let g = b.lock();
+    assert_eq!(b.pin(&imp.att, &g).unwrap_err(), Errno::EOPNOTSUPP);
+}
+
+/// Maps, DMAs a marker into the BAR through the mapping, returns the importer.
+fn live_mapping(r: &Rig, f: &Arc<File>, marker: &[u8]) -> Importer {
+    let imp = import(r, f, r.nic1).unwrap();
+    imp.map(f).unwrap();
+    r.fabric
+        .dma_write(r.nic1, imp.first_addr().unwrap(), marker)
+        .unwrap();
+    let mut back = vec![0; marker.len()];
+    r.fabric.bar_peek(r.gpu, 2, 0, &mut back).unwrap();
+    assert_eq!(back, marker);
+    imp
+}
+
+fn bar0(r: &Rig, n: usize) -> Vec<u8> {
+    let mut v = vec![0; n];
+    r.fabric.bar_peek(r.gpu, 2, 0, &mut v).unwrap();
+    v
+}
+
+/// After a revoke: the importer was told (its table is gone and unmapped), a map tried from
+/// its callback got ENODEV, and DMA to the old address does not land.
+fn assert_revoked(r: &Rig, imp: &Importer, old: peerdma_pci::DmaAddr) {
+    assert!(imp.table.lock().unwrap().is_none(), "importer invalidated");
+    assert_eq!(imp.remaps.lock().unwrap().as_slice(), [Err(Errno::ENODEV)]);
+    let before = bar0(r, 8);
+    let _ = r.fabric.dma_write(r.nic1, old, b"LEAKED!!");
+    assert_eq!(bar0(r, 8), before, "DMA after revoke must not land");
+}
+
+// ---- revoke events ------------------------------------------------------------------------
+
+/// Runs `revoke` then `unrevoke` around a live mapping and checks both sides by bytes.
+fn revoke_cycle(
+    revoke: impl Fn(&peerdma_vfio::DeviceFd),
+    unrevoke: impl Fn(&peerdma_vfio::DeviceFd),
+) {
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let imp = live_mapping(&r, &f, b"mapped-1");
+    let old = imp.first_addr().unwrap();
+    revoke(&d);
+    assert_revoked(&r, &imp, old);
+    if !d.memory_enabled() {
+        // Still revoked (memory off, D3hot, low power): maps are refused until the unrevoke.
+        assert_eq!(imp.map(&f), Err(Errno::ENODEV));
+    }
+    unrevoke(&d);
+    assert!(d.memory_enabled());
+    imp.map(&f).unwrap();
+    r.fabric
+        .dma_write(r.nic1, imp.first_addr().unwrap(), b"mapped-2")
+        .unwrap();
+    assert_eq!(bar0(&r, 8), b"mapped-2");
+    r.env.dma.iommu().unwrap();
+}
+
+fn cmd(d: &peerdma_vfio::DeviceFd, mem: bool) {
+    let v: u16 = if mem { regs::COMMAND_MEMORY } else { 0 };
+    d.config_write(regs::COMMAND, &v.to_le_bytes()).unwrap();
+}
+
+#[test]
+fn command_memory_off_revokes_and_on_unrevokes() {
+    revoke_cycle(|d| cmd(d, false), |d| cmd(d, true));
+}
+
+fn pm_ctrl(r: &Rig) -> u16 {
+    r.fabric.function(r.gpu).unwrap().caps().pm.unwrap() + 4
+}
+
+#[test]
+fn d3hot_revokes_and_d0_unrevokes() {
+    let r = rig();
+    let pm = pm_ctrl(&r);
+    revoke_cycle(
+        |d| d.config_write(pm, &3u16.to_le_bytes()).unwrap(),
+        |d| d.config_write(pm, &0u16.to_le_bytes()).unwrap(),
+    );
+}
+
+#[test]
+fn pcie_flr_revokes_then_unrevokes_after_the_reset() {
+    let r = rig();
+    let devctl = r.fabric.function(r.gpu).unwrap().caps().exp.unwrap() + 8;
+    revoke_cycle(
+        |d| d.config_write(devctl, &0x8000u16.to_le_bytes()).unwrap(),
+        |_| {},
+    );
+}
+
+#[test]
+fn af_flr_revokes_then_unrevokes_after_the_reset() {
+    let r = rig();
+    let ctrl = r.fabric.function(r.gpu).unwrap().caps().af.unwrap() + 4;
+    revoke_cycle(|d| d.config_write(ctrl, &[1]).unwrap(), |_| {});
+}
+
+#[test]
+fn device_reset_revokes_then_unrevokes() {
+    revoke_cycle(|d| d.reset().unwrap(), |_| {});
+}
+
+#[test]
+fn low_power_entry_revokes_and_exit_unrevokes() {
+    let r = rig();
+    let p = Process::new();
+    let _ = &r;
+    revoke_cycle(
+        |d| {
+            assert_eq!(
+                d.feature(&p, &header_bytes(8, SET | id::LOW_POWER_ENTRY)),
+                Ok(0)
+            )
+        },
+        |d| {
+            assert_eq!(
+                d.feature(&p, &header_bytes(8, SET | id::LOW_POWER_EXIT)),
+                Ok(0)
+            )
+        },
+    );
+}
+
+/// Divergence 5 (docs/divergences.md): Linux revokes on a second low-power entry and then
+/// fails it with EINVAL, leaving buffers revoked with nothing to unrevoke them; here the
+/// second entry fails first and changes nothing.
+#[test]
+fn divergence_second_low_power_entry_changes_nothing() {
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let entry = header_bytes(8, SET | id::LOW_POWER_ENTRY);
+    assert_eq!(d.feature(&r.proc, &entry), Ok(0));
+    assert_eq!(d.feature(&r.proc, &entry), Err(Errno::EINVAL));
+    assert_eq!(
+        d.feature(&r.proc, &header_bytes(8, SET | id::LOW_POWER_EXIT)),
+        Ok(0)
+    );
+    let imp = import(&r, &f, r.nic1).unwrap();
+    imp.map(&f).unwrap();
+    r.fabric
+        .dma_write(r.nic1, imp.first_addr().unwrap(), b"awake!!!")
+        .unwrap();
+    assert_eq!(bar0(&r, 8), b"awake!!!");
+}
+
+#[test]
+fn a_buffer_exported_with_memory_off_is_born_revoked() {
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    cmd(&d, false);
+    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let imp = import(&r, &f, r.nic1);
+    assert_eq!(
+        imp.err(),
+        Some(Errno::ENODEV),
+        "attach refuses a revoked buffer"
+    );
+    cmd(&d, true);
+    let imp = import(&r, &f, r.nic1).unwrap();
+    imp.map(&f).unwrap();
+}
+
+// ---- lifecycles ---------------------------------------------------------------------------
+
+#[test]
+fn close_revokes_for_good_and_the_fd_outlives_the_device() {
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    let fd = export(&r, &d, &ok_req()).unwrap();
+    let f = get(&r, fd);
+    let imp = live_mapping(&r, &f, b"open....");
+    let old = imp.first_addr().unwrap();
+    assert_eq!(
+        v.registration().count(),
+        3,
+        "initial + device file + dma-buf"
+    );
+    d.close();
+    assert_revoked(&r, &imp, old);
+    assert_eq!(imp.map(&f), Err(Errno::ENODEV));
+    assert_eq!(v.dmabuf_count(), 0);
+    assert_eq!(
+        v.registration().count(),
+        1,
+        "the buffer gave its registration back at close"
+    );
+    // Reopening does not bring the old buffer back.
+    let d2 = v.open().unwrap();
+    assert_eq!(imp.map(&f), Err(Errno::ENODEV));
+    drop(d2);
+    // The fd is still a file, and closing it releases the buffer.
+    f.put();
+    r.proc.close(fd).unwrap();
+}
+
+#[test]
+fn buffer_released_before_close_unlinks_and_puts_its_registration() {
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    let fd = export(&r, &d, &ok_req()).unwrap();
+    assert_eq!((v.dmabuf_count(), v.registration().count()), (1, 3));
+    r.proc.close(fd).unwrap();
+    assert_eq!((v.dmabuf_count(), v.registration().count()), (0, 2));
+    d.close();
+    assert_eq!(v.registration().count(), 1);
+}
+
+#[test]
+fn unregister_waits_for_a_live_buffer_and_finishes_when_it_goes() {
+    let r = rig();
+    let v = Arc::new(VfioPci::bind(&r.env, r.gpu).unwrap());
+    let d = v.open().unwrap();
+    let fd = export(&r, &d, &ok_req()).unwrap();
+    let v2 = v.clone();
+    let seen: Arc<Mutex<Vec<Vec<String>>>> = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let t = std::thread::spawn(move || {
+        v2.unregister(Duration::from_millis(20), |_, h| {
+            s2.lock().unwrap().push(h.to_vec())
+        })
+    });
+    std::thread::sleep(Duration::from_millis(60));
+    assert_eq!(
+        v.open().unwrap_err(),
+        Errno::ENODEV,
+        "no new opens while unregistering"
+    );
+    let mut first = seen.lock().unwrap()[0].clone();
+    first.sort();
+    assert_eq!(first, ["device file", "dma-buf"]);
+    // The buffer goes: the device file still holds it.
+    r.proc.close(fd).unwrap();
+    std::thread::sleep(Duration::from_millis(60));
+    assert!(!v.registration().is_complete());
+    assert_eq!(seen.lock().unwrap().last().unwrap(), &["device file"]);
+    d.close();
+    let n = t.join().unwrap();
+    assert!(n >= 4, "requests made: {n}");
+    assert!(v.registration().is_complete());
+}
+
+#[test]
+fn closing_the_device_drops_the_buffers_registration_so_unregister_finishes() {
+    let r = rig();
+    let v = Arc::new(VfioPci::bind(&r.env, r.gpu).unwrap());
+    let d = v.open().unwrap();
+    let fd = export(&r, &d, &ok_req()).unwrap();
+    d.close();
+    assert_eq!(
+        v.unregister(Duration::from_secs(5), |_, h| panic!("held by {h:?}")),
+        0
+    );
+    // The buffer's fd is still open, dead.
+    assert!(r.proc.dma_buf_get(fd).is_ok());
+}
+
+#[test]
+fn release_racing_a_revoke_from_another_thread() {
+    for _ in 0..30 {
+        let r = rig();
+        let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+        let d = v.open().unwrap();
+        let fd = export(&r, &d, &ok_req()).unwrap();
+        let f = get(&r, fd);
+        let imp = live_mapping(&r, &f, b"race....");
+        let d = Arc::new(d);
+        let d2 = d.clone();
+        let t = std::thread::spawn(move || {
+            cmd(&d2, false);
+            cmd(&d2, true);
+        });
+        {
+            let b = f.dmabuf().unwrap();
+            let g = b.lock();
+            if let Some(tb) = imp.table.lock().unwrap().take() {
+                b.unmap_attachment(&imp.att, tb, DIR, &g);
+            }
+        }
+        b_detach(&f, &imp);
+        f.put();
+        r.proc.close(fd).unwrap();
+        t.join().unwrap();
+        assert_eq!(v.dmabuf_count(), 0);
+        assert!(r.env.dma.debug_report().is_empty());
+    }
+}
+
+fn b_detach(f: &File, imp: &Importer) {
+    f.dmabuf().unwrap().detach(&imp.att);
+}
+
+#[test]
+fn bus_address_importer_gets_bus_addresses() {
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let imp = import(&r, &f, r.nic0).unwrap();
+    imp.map(&f).unwrap();
+    r.fabric
+        .dma_write(r.nic0, imp.first_addr().unwrap(), b"switch!!")
+        .unwrap();
+    assert_eq!(bar0(&r, 8), b"switch!!");
+    cmd(&d, false);
+    assert!(imp.table.lock().unwrap().is_none());
+    let _ = O_CLOEXEC;
+}
