@@ -12,7 +12,7 @@ use peerdma_dmabuf::buf::{ExportInfo, ops};
 use peerdma_dmabuf::sgt::{DmaEnv, PhysVec, SgTable, free_sgt, phys_vec_to_sgt};
 use peerdma_dmabuf::{Attachment, DmaBuf, DmaBufOps, File, Process, ResvGuard, Usage};
 use peerdma_p2pdma::{Binding, Provider};
-use peerdma_pci::{AsErrno, Bdf, Errno, Fabric, PhysAddr, PowerState, regs, sync};
+use peerdma_pci::{AsErrno, Bdf, DeviceKind, Errno, Fabric, PhysAddr, PowerState, regs, sync};
 use peerdma_uapi::feature::{DMA_BUF_LEN, O_CLOEXEC, parse_dma_buf, parse_range};
 
 use crate::feature::{self, GET, SET, id};
@@ -220,6 +220,20 @@ impl Dev {
         MemGuard {
             m: Some(sync::write(&self.mem)),
             puts: Vec::new(),
+        }
+    }
+
+    fn try_lock_mem(&self) -> Option<MemGuard<'_>> {
+        match self.mem.try_write() {
+            Ok(g) => Some(MemGuard {
+                m: Some(g),
+                puts: Vec::new(),
+            }),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(MemGuard {
+                m: Some(p.into_inner()),
+                puts: Vec::new(),
+            }),
+            Err(std::sync::TryLockError::WouldBlock) => None,
         }
     }
 
@@ -515,6 +529,75 @@ impl DeviceFd {
         let r = d.fabric.reset_function(d.bdf).map_err(|_| Errno::EIO);
         d.unrevoke_if_enabled(&mut m);
         r.map(|_| ())
+    }
+
+    /// `VFIO_DEVICE_PCI_HOT_RESET`: a secondary bus reset of the bridge above this device.
+    /// Every function below that bridge must be one of `owned` (`EINVAL` otherwise, as for a
+    /// device the caller does not own); each device's `memory_lock` is only tried (`EBUSY` if
+    /// contended). Each device is revoked before the reset; afterwards, in reverse order, a
+    /// device that is open and has memory enabled is unrevoked.
+    pub fn hot_reset(&self, owned: &[&VfioPci]) -> Result<(), Errno> {
+        let d = &self.dev;
+        let f = &d.fabric;
+        let bridge = f
+            .upstream_bridge(d.bdf)
+            .ok()
+            .flatten()
+            .ok_or(Errno::EINVAL)?;
+        let below = |mut b: Bdf| loop {
+            match f.upstream_bridge(b) {
+                Ok(Some(u)) if u == bridge => return true,
+                Ok(Some(u)) => b = u,
+                _ => return false,
+            }
+        };
+        let affected: Vec<Bdf> = f
+            .functions()
+            .filter(|x| matches!(x.kind(), DeviceKind::Endpoint | DeviceKind::Vf))
+            .map(peerdma_pci::Function::bdf)
+            .filter(|&b| below(b))
+            .collect();
+        let mut set: Vec<&Arc<Dev>> = Vec::new();
+        for b in &affected {
+            let v = owned
+                .iter()
+                .find(|v| v.dev.bdf == *b)
+                .ok_or(Errno::EINVAL)?;
+            set.push(&v.dev);
+        }
+        let mut locked: Vec<(&Arc<Dev>, MemGuard<'_>)> = Vec::new();
+        let mut res = Ok(());
+        for dev in &set {
+            if let Some(mut m) = dev.try_lock_mem() {
+                dev.move_bufs(&mut m, true);
+                locked.push((dev, m));
+            } else {
+                res = Err(Errno::EBUSY);
+                break;
+            }
+        }
+        if res.is_ok() {
+            let saved: Vec<_> = affected
+                .iter()
+                .filter_map(|&b| f.save_config(b).ok())
+                .collect();
+            let bctl = f.config_read(bridge, regs::BRIDGE_CONTROL, 2).unwrap_or(0);
+            let on = bctl | u32::from(regs::BRIDGE_CTL_BUS_RESET);
+            let off = bctl & !u32::from(regs::BRIDGE_CTL_BUS_RESET);
+            res = f
+                .config_write(bridge, regs::BRIDGE_CONTROL, 2, on)
+                .and_then(|()| f.config_write(bridge, regs::BRIDGE_CONTROL, 2, off))
+                .map_err(|_| Errno::EIO);
+            for s in &saved {
+                let _ = f.restore_config(s);
+            }
+        }
+        while let Some((dev, mut m)) = locked.pop() {
+            if m.open_count > 0 && dev.memory_enabled(&m) {
+                dev.move_bufs(&mut m, false);
+            }
+        }
+        res
     }
 
     /// Closes the file (`vfio_df_close`); the last close revokes every dma-buf for good

@@ -613,3 +613,53 @@ fn bus_address_importer_gets_bus_addresses() {
     assert!(imp.table.lock().unwrap().is_none());
     let _ = O_CLOEXEC;
 }
+
+#[test]
+fn hot_reset_revokes_then_unrevokes_and_refuses_unowned_or_busy_sets() {
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let imp = live_mapping(&r, &f, b"before..");
+    let old = imp.first_addr().unwrap();
+    // The bus holds gpu0 only; a caller that does not prove it owns gpu0 is refused.
+    assert_eq!(d.hot_reset(&[]), Err(Errno::EINVAL));
+    assert!(
+        imp.table.lock().unwrap().is_some(),
+        "nothing revoked by a refused reset"
+    );
+    d.hot_reset(&[&v]).unwrap();
+    assert_revoked(&r, &imp, old);
+    assert!(d.memory_enabled(), "registers restored after the bus reset");
+    imp.map(&f).unwrap();
+    r.fabric
+        .dma_write(r.nic1, imp.first_addr().unwrap(), b"after...")
+        .unwrap();
+    assert_eq!(bar0(&r, 8), b"after...");
+}
+
+#[test]
+fn hot_reset_is_ebusy_while_memory_lock_is_held() {
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = Arc::new(v.open().unwrap());
+    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    // An importer that takes its time to let go: its callback runs under memory_lock.
+    let noop_slow: peerdma_dmabuf::Invalidate =
+        Arc::new(|_, _| std::thread::sleep(Duration::from_millis(300)));
+    let ops = ImporterOps {
+        allow_peer2peer: true,
+        invalidate: Some(noop_slow),
+        stub: false,
+    };
+    f.dmabuf()
+        .unwrap()
+        .dynamic_attach(Some(r.nic1), Some(ops))
+        .unwrap();
+    let d2 = d.clone();
+    let t = std::thread::spawn(move || cmd(&d2, false));
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(d.hot_reset(&[&v]), Err(Errno::EBUSY));
+    t.join().unwrap();
+    d.hot_reset(&[&v]).unwrap();
+}
