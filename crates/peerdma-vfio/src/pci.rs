@@ -36,6 +36,76 @@ const AF_CTRL_FLR: u8 = 0x01;
 /// `PCI_PM_CTRL` offset in the PM capability.
 const PM_CTRL: u16 = 0x04;
 
+/// Device memory a variant driver exposes as a BAR-numbered region instead of a real BAR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemRegion {
+    /// CPU physical address of the memory.
+    pub phys: u64,
+    /// Its real length; the region the user sees may be larger (padding).
+    pub len: u64,
+    /// The real BAR whose P2PDMA provider stands for this memory.
+    pub provider_bar: u8,
+}
+
+/// What a variant driver changes of vfio-pci (`struct vfio_pci_device_ops`): here, which
+/// regions are device memory rather than BARs (its `get_dmabuf_phys`).
+pub trait Variant: Send + Sync {
+    /// The driver's name.
+    fn name(&self) -> &'static str;
+    /// Device memory behind region `index`, if the variant owns that region.
+    fn mem_region(&self, index: u8) -> Option<MemRegion>;
+    /// The size of region `index` as the user sees it, for a region the variant owns.
+    fn region_size(&self, index: u8) -> Option<u64> {
+        self.mem_region(index).map(|m| m.len)
+    }
+}
+
+/// Plain vfio-pci: every region is the BAR it names.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DefaultPci;
+
+impl Variant for DefaultPci {
+    fn name(&self) -> &'static str {
+        "vfio-pci"
+    }
+    fn mem_region(&self, _index: u8) -> Option<MemRegion> {
+        None
+    }
+}
+
+/// nvgrace-gpu: the GPU's coherent device memory, split into a reserved part (resmem, shown
+/// as BAR 2) and a usable part (usemem, BAR 4), each shown at a power-of-two size; the
+/// padding past the real length cannot be exported. BAR 0's provider stands for both.
+#[derive(Debug, Clone, Copy)]
+pub struct NvgraceGpu {
+    /// resmem: (physical address, length).
+    pub resmem: (u64, u64),
+    /// usemem: (physical address, length).
+    pub usemem: (u64, u64),
+}
+
+impl Variant for NvgraceGpu {
+    fn name(&self) -> &'static str {
+        "nvgrace-gpu"
+    }
+    fn mem_region(&self, index: u8) -> Option<MemRegion> {
+        let (phys, len) = match index {
+            2 => self.resmem,
+            4 => self.usemem,
+            _ => return None,
+        };
+        Some(MemRegion {
+            phys,
+            len,
+            provider_bar: 0,
+        })
+    }
+    fn region_size(&self, index: u8) -> Option<u64> {
+        self.mem_region(index)
+            .map(|m| m.len.checked_next_power_of_two().unwrap_or(m.len))
+    }
+}
+
 /// What `memory_lock` protects.
 #[derive(Debug, Default)]
 struct Mem {
@@ -56,6 +126,7 @@ struct Dev {
     reg: Registration,
     mem: RwLock<Mem>,
     bufs: Mutex<Vec<Arc<BufState>>>,
+    variant: Arc<dyn Variant>,
 }
 
 /// A vfio-pci bound device.
@@ -247,8 +318,15 @@ impl Dev {
                 if b.revoked.load(Ordering::Acquire) != revoked {
                     {
                         let g = buf.lock();
-                        b.revoked.store(revoked, Ordering::Release);
+                        // Revoke: flag, then tell importers. Unrevoke (7.2): tell importers,
+                        // then clear the flag, so nothing maps before they have heard.
+                        if revoked {
+                            b.revoked.store(true, Ordering::Release);
+                        }
                         let _ = buf.invalidate_mappings(&g);
+                        if !revoked {
+                            b.revoked.store(false, Ordering::Release);
+                        }
                         if revoked {
                             g.wait(Usage::Bookkeep, Duration::from_secs(3600));
                         }
@@ -297,6 +375,15 @@ impl VfioPci {
     /// refusal with `EOPNOTSUPP` leaves a working device that cannot export, any other
     /// failure fails the bind.
     pub fn bind(env: &DmaEnv, bdf: Bdf) -> Result<VfioPci, Errno> {
+        VfioPci::bind_variant(env, bdf, Arc::new(DefaultPci))
+    }
+
+    /// Binds a variant driver (same P2PDMA rule as [`Self::bind`]).
+    pub fn bind_variant(
+        env: &DmaEnv,
+        bdf: Bdf,
+        variant: Arc<dyn Variant>,
+    ) -> Result<VfioPci, Errno> {
         let fabric = env.dma.fabric().clone();
         let f = fabric.function(bdf).map_err(|_| Errno::ENODEV)?;
         let is_vf = f.is_vf();
@@ -317,6 +404,7 @@ impl VfioPci {
                 reg: Registration::new(),
                 mem: RwLock::new(Mem::default()),
                 bufs: Mutex::new(Vec::new()),
+                variant,
             }),
         })
     }
@@ -324,6 +412,10 @@ impl VfioPci {
     /// The function.
     pub fn bdf(&self) -> Bdf {
         self.dev.bdf
+    }
+    /// The driver's name.
+    pub fn driver(&self) -> &'static str {
+        self.dev.variant.name()
     }
     /// Whether P2PDMA was initialised (else the device cannot export).
     pub fn p2p_ready(&self) -> bool {
@@ -640,11 +732,17 @@ impl DeviceFd {
             return Err(Errno::ENODEV);
         }
         let idx = hdr.region_index as u8;
-        // The BAR is claimed (requested and mapped) before the ranges are looked at.
-        let bar = d.fabric.bar(d.bdf, idx).map_err(|_| Errno::ENODEV)?;
-        if bar.bar.size == 0 {
-            return Err(Errno::ENODEV);
-        }
+        let mem = d.variant.mem_region(idx);
+        // A real BAR is claimed (requested and mapped) before the ranges are looked at.
+        let (start, region_len) = if let Some(m) = mem {
+            (Some(m.phys), m.len)
+        } else {
+            let bar = d.fabric.bar(d.bdf, idx).map_err(|_| Errno::ENODEV)?;
+            if bar.bar.size == 0 {
+                return Err(Errno::ENODEV);
+            }
+            (bar.cpu.map(PhysAddr::get), bar.bar.size)
+        };
         let n = hdr.nr_ranges as usize;
         // kvmalloc refuses more than INT_MAX bytes.
         if n.checked_mul(16).is_none_or(|b| b > i32::MAX as usize) {
@@ -665,15 +763,16 @@ impl DeviceFd {
         if total & (1 << 63) != 0 {
             return Err(Errno::EINVAL);
         }
-        let (true, Ok(Some(provider))) = (d.p2p, d.binding.provider(idx)) else {
+        let pbar = mem.map_or(idx, |m| m.provider_bar);
+        let (true, Ok(Some(provider))) = (d.p2p, d.binding.provider(pbar)) else {
             return Err(Errno::EINVAL);
         };
-        let start = bar.cpu.ok_or(Errno::EINVAL)?.get();
+        let start = start.ok_or(Errno::EINVAL)?;
         let mut ranges = Vec::with_capacity(n);
         for &(off, len) in &raw {
             let paddr = start.checked_add(off).ok_or(Errno::EOVERFLOW)?;
             let end = paddr.checked_add(len).ok_or(Errno::EOVERFLOW)?;
-            if end > start + bar.bar.size {
+            if end > start.saturating_add(region_len) {
                 return Err(Errno::EINVAL);
             }
             ranges.push(PhysVec {

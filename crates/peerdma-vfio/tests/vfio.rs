@@ -663,3 +663,98 @@ fn hot_reset_is_ebusy_while_memory_lock_is_held() {
     t.join().unwrap();
     d.hot_reset(&[&v]).unwrap();
 }
+
+// ---- nvgrace-gpu --------------------------------------------------------------------------
+
+/// resmem 16 MiB and usemem 3 MiB (shown as 4 MiB) of coherent device memory, placed in the
+/// machine's memory map above 8 GiB.
+const RESMEM: (u64, u64) = (0x2_0000_0000, 16 << 20);
+const USEMEM: (u64, u64) = (0x2_4000_0000, 3 << 20);
+
+fn nvgrace(r: &Rig) -> VfioPci {
+    let variant = Arc::new(peerdma_vfio::pci::NvgraceGpu {
+        resmem: RESMEM,
+        usemem: USEMEM,
+    });
+    VfioPci::bind_variant(&r.env, r.gpu, variant).unwrap()
+}
+
+#[test]
+fn nvgrace_exports_device_memory_and_refuses_the_padding() {
+    use peerdma_vfio::pci::Variant;
+    let r = rig();
+    let v = nvgrace(&r);
+    assert_eq!(v.driver(), "nvgrace-gpu");
+    let nv = peerdma_vfio::pci::NvgraceGpu {
+        resmem: RESMEM,
+        usemem: USEMEM,
+    };
+    assert_eq!(nv.region_size(4), Some(4 << 20));
+    let d = v.open().unwrap();
+    // usemem: the whole real length is fine, the padding is not.
+    assert!(export(&r, &d, &DmaBufRequest::new(4, vec![(0, 3 << 20)])).is_ok());
+    assert_eq!(
+        export(&r, &d, &DmaBufRequest::new(4, vec![(3 << 20, 0x1000)])),
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(
+        export(&r, &d, &DmaBufRequest::new(4, vec![(0, 4 << 20)])),
+        Err(Errno::EINVAL)
+    );
+    // resmem and usemem, bytes checked: an importer DMAs into the device memory itself.
+    for (region, (phys, _)) in [(2u32, RESMEM), (4, USEMEM)] {
+        let f = get(
+            &r,
+            export(&r, &d, &DmaBufRequest::new(region, vec![(0x2000, 0x1000)])).unwrap(),
+        );
+        let imp = import(&r, &f, r.nic1).unwrap();
+        imp.map(&f).unwrap();
+        r.fabric
+            .dma_write(r.nic1, imp.first_addr().unwrap(), b"devmem!!")
+            .unwrap();
+        let mut back = [0u8; 8];
+        r.fabric
+            .ram_peek(peerdma_pci::PhysAddr(phys + 0x2000), &mut back)
+            .unwrap();
+        assert_eq!(&back, b"devmem!!", "region {region}");
+        // Revocation works the same way for device memory.
+        cmd(&d, false);
+        assert!(imp.table.lock().unwrap().is_none());
+        assert_eq!(imp.map(&f), Err(Errno::ENODEV));
+        cmd(&d, true);
+    }
+    // Regions the variant does not own are the plain BARs.
+    assert!(export(&r, &d, &DmaBufRequest::new(0, vec![(0, 0x1000)])).is_ok());
+}
+
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// Any bytes at all: an errno or a valid fd, never a panic; a failed call exports
+        /// nothing.
+        #[test]
+        fn any_feature_buffer_gets_an_errno_or_an_fd(
+            raw in prop::collection::vec(any::<u8>(), 0..96),
+            feature in prop::sample::select(vec![id::DMA_BUF, id::LOW_POWER_ENTRY, id::LOW_POWER_EXIT, 0, 12]),
+            flags in prop::sample::select(vec![GET, SET, PROBE | GET, GET | SET, 0]),
+            keep_header in any::<bool>(),
+        ) {
+            let r = rig();
+            let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+            let d = v.open().unwrap();
+            let mut buf = raw.clone();
+            if keep_header && buf.len() >= 8 {
+                let argsz = u32::try_from(buf.len()).unwrap();
+                buf[..8].copy_from_slice(&header_bytes(argsz, flags | feature));
+            }
+            match d.feature(&r.proc, &buf) {
+                Ok(fd) if fd >= 3 => prop_assert_eq!(v.dmabuf_count(), 1),
+                Ok(_) | Err(_) => prop_assert_eq!(v.dmabuf_count(), 0),
+            }
+        }
+    }
+}
