@@ -758,3 +758,30 @@ mod hostile {
         }
     }
 }
+
+#[test]
+fn low_power_with_wakeup_needs_its_payload_and_revokes_like_entry() {
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let imp = live_mapping(&r, &f, b"wake....");
+    let short = header_bytes(8 + 4, SET | id::LOW_POWER_ENTRY_WITH_WAKEUP);
+    let mut short_buf = short.clone();
+    short_buf.extend_from_slice(&[0; 4]);
+    assert_eq!(d.feature(&r.proc, &short_buf), Err(Errno::EINVAL));
+    assert!(
+        imp.table.lock().unwrap().is_some(),
+        "a refused entry revokes nothing"
+    );
+    let mut ok = header_bytes(8 + 8, SET | id::LOW_POWER_ENTRY_WITH_WAKEUP);
+    ok.extend_from_slice(&[0; 8]);
+    assert_eq!(d.feature(&r.proc, &ok), Ok(0));
+    assert!(imp.table.lock().unwrap().is_none());
+    assert!(!d.memory_enabled());
+    assert_eq!(
+        d.feature(&r.proc, &header_bytes(8, SET | id::LOW_POWER_EXIT)),
+        Ok(0)
+    );
+    imp.map(&f).unwrap();
+}
