@@ -294,6 +294,48 @@ impl Dev {
         }
     }
 
+    /// The bridge above the device and every endpoint function below that bridge (what a
+    /// secondary bus reset of it resets).
+    fn bus_scope(&self) -> Option<(Bdf, Vec<Bdf>)> {
+        let f = &self.fabric;
+        let bridge = f.upstream_bridge(self.bdf).ok().flatten()?;
+        let below = |mut b: Bdf| loop {
+            match f.upstream_bridge(b) {
+                Ok(Some(u)) if u == bridge => return true,
+                Ok(Some(u)) => b = u,
+                _ => return false,
+            }
+        };
+        let affected = f
+            .functions()
+            .filter(|x| matches!(x.kind(), DeviceKind::Endpoint | DeviceKind::Vf))
+            .map(peerdma_pci::Function::bdf)
+            .filter(|&b| below(b))
+            .collect();
+        Some((bridge, affected))
+    }
+
+    /// Pulses the bridge's secondary bus reset, saving and restoring the state of every
+    /// function below it (`pci_reset_bus`).
+    fn secondary_bus_reset(&self, bridge: Bdf, affected: &[Bdf]) -> Result<(), Errno> {
+        let f = &self.fabric;
+        let saved: Vec<_> = affected
+            .iter()
+            .filter_map(|&b| f.save_config(b).ok())
+            .collect();
+        let bctl = f.config_read(bridge, regs::BRIDGE_CONTROL, 2).unwrap_or(0);
+        let on = bctl | u32::from(regs::BRIDGE_CTL_BUS_RESET);
+        let off = bctl & !u32::from(regs::BRIDGE_CTL_BUS_RESET);
+        let res = f
+            .config_write(bridge, regs::BRIDGE_CONTROL, 2, on)
+            .and_then(|()| f.config_write(bridge, regs::BRIDGE_CONTROL, 2, off))
+            .map_err(|_| Errno::EIO);
+        for s in &saved {
+            let _ = f.restore_config(s);
+        }
+        res
+    }
+
     fn try_lock_mem(&self) -> Option<MemGuard<'_>> {
         match self.mem.try_write() {
             Ok(g) => Some(MemGuard {
@@ -608,19 +650,30 @@ impl DeviceFd {
     /// reset, unrevoke if memory is enabled.
     pub fn reset(&self) -> Result<(), Errno> {
         let d = &self.dev;
-        let caps = d.fabric.function(d.bdf).map_err(|_| Errno::ENODEV)?.caps();
-        let flr = caps.exp.is_some_and(|e| {
-            d.fabric.config_read(d.bdf, e + EXP_DEVCAP, 4).unwrap_or(0) & EXP_DEVCAP_FLR != 0
-        }) || caps.af.is_some();
-        if !flr {
-            return Err(Errno::EINVAL);
-        }
+        let func = d.fabric.function(d.bdf).map_err(|_| Errno::ENODEV)?;
+        // Reset methods in the kernel's order: FLR, AF FLR, then a bus reset when the device
+        // is alone below its bridge (how a device without FLR behind a switch port resets).
+        let bus = if func.has_flr() || func.has_af_flr() {
+            None
+        } else {
+            match d.bus_scope() {
+                Some((bridge, affected)) if affected == [d.bdf] => Some((bridge, affected)),
+                _ => return Err(Errno::EINVAL),
+            }
+        };
         let mut m = d.lock_mem();
         d.move_bufs(&mut m, true);
         let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
-        let r = d.fabric.reset_function(d.bdf).map_err(|_| Errno::EIO);
+        let r = match &bus {
+            None => d
+                .fabric
+                .reset_function(d.bdf)
+                .map(|_| ())
+                .map_err(|_| Errno::EIO),
+            Some((bridge, affected)) => d.secondary_bus_reset(*bridge, affected),
+        };
         d.unrevoke_if_enabled(&mut m);
-        r.map(|_| ())
+        r
     }
 
     /// `VFIO_DEVICE_PCI_HOT_RESET`: a secondary bus reset of the bridge above this device.
@@ -630,25 +683,7 @@ impl DeviceFd {
     /// device that is open and has memory enabled is unrevoked.
     pub fn hot_reset(&self, owned: &[&VfioPci]) -> Result<(), Errno> {
         let d = &self.dev;
-        let f = &d.fabric;
-        let bridge = f
-            .upstream_bridge(d.bdf)
-            .ok()
-            .flatten()
-            .ok_or(Errno::EINVAL)?;
-        let below = |mut b: Bdf| loop {
-            match f.upstream_bridge(b) {
-                Ok(Some(u)) if u == bridge => return true,
-                Ok(Some(u)) => b = u,
-                _ => return false,
-            }
-        };
-        let affected: Vec<Bdf> = f
-            .functions()
-            .filter(|x| matches!(x.kind(), DeviceKind::Endpoint | DeviceKind::Vf))
-            .map(peerdma_pci::Function::bdf)
-            .filter(|&b| below(b))
-            .collect();
+        let (bridge, affected) = d.bus_scope().ok_or(Errno::EINVAL)?;
         let mut set: Vec<&Arc<Dev>> = Vec::new();
         for b in &affected {
             let v = owned
@@ -669,20 +704,7 @@ impl DeviceFd {
             }
         }
         if res.is_ok() {
-            let saved: Vec<_> = affected
-                .iter()
-                .filter_map(|&b| f.save_config(b).ok())
-                .collect();
-            let bctl = f.config_read(bridge, regs::BRIDGE_CONTROL, 2).unwrap_or(0);
-            let on = bctl | u32::from(regs::BRIDGE_CTL_BUS_RESET);
-            let off = bctl & !u32::from(regs::BRIDGE_CTL_BUS_RESET);
-            res = f
-                .config_write(bridge, regs::BRIDGE_CONTROL, 2, on)
-                .and_then(|()| f.config_write(bridge, regs::BRIDGE_CONTROL, 2, off))
-                .map_err(|_| Errno::EIO);
-            for s in &saved {
-                let _ = f.restore_config(s);
-            }
+            res = d.secondary_bus_reset(bridge, &affected);
         }
         while let Some((dev, mut m)) = locked.pop() {
             if m.open_count > 0 && dev.memory_enabled(&m) {
@@ -793,7 +815,7 @@ impl DeviceFd {
             unmapped: Condvar::new(),
         });
         let file = peerdma_dmabuf::export(ExportInfo {
-            exp_name: "vfio-pci".into(),
+            exp_name: "vfio_pci_core".into(),
             size: total,
             flags: hdr.open_flags,
             ops: Some(Arc::new(Exporter(state.clone()))),

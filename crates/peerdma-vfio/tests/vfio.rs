@@ -202,9 +202,19 @@ fn dma_buf_errnos_in_the_kernels_order() {
     assert_eq!(v.dmabuf_count(), 0);
     assert_eq!(r.proc.fds(), vec![0, 1, 2]);
     // Success: an fd whose buffer is the sum of the ranges.
+    // What the real 7.2 kernel answered under QEMU (real-kernel observations).
+    assert_eq!(with(&|q| q.nr_ranges = Some(1 << 28)), Err(Errno::ENOMEM));
+    assert_eq!(with(&|q| q.flags = 0x8000_0000), Err(Errno::EINVAL));
+    assert_eq!(with(&|q| q.region_index = 7), Err(Errno::ENODEV));
+    assert_eq!(with(&|q| q.region_index = u32::MAX), Err(Errno::ENODEV));
+    assert_eq!(
+        with(&|q| q.ranges = vec![(BAR_GIB << 30, 0x1000)]),
+        Err(Errno::EINVAL)
+    );
     let fd = export(&r, &d, &ok_req()).unwrap();
     assert_eq!(fd, 3);
     assert_eq!(get(&r, fd).dmabuf().unwrap().size(), 0x6000);
+    assert_eq!(get(&r, fd).dmabuf().unwrap().exp_name(), "vfio_pci_core");
     assert!(r.proc.cloexec(fd).unwrap());
     assert_eq!(get(&r, fd).flags(), O_RDWR);
     let q = DmaBufRequest {
@@ -784,4 +794,39 @@ fn low_power_with_wakeup_needs_its_payload_and_revokes_like_entry() {
         Ok(0)
     );
     imp.map(&f).unwrap();
+}
+
+#[test]
+fn a_device_without_flr_alone_below_its_port_resets_by_bus_reset() {
+    // As ivshmem behind a switch port under QEMU: no FLR, yet VFIO_DEVICE_RESET works.
+    let text = include_str!("../../peerdma-dmabuf/tests/platform.toml")
+        .replace("class = 0x030200", "class = 0x030200\nflr = false");
+    let mut r = rig();
+    r.fabric = Arc::new(file::load_str(&text, "platform.toml").unwrap());
+    let dma = Arc::new(DmaSystem::new(r.fabric.clone(), true));
+    dma.configure(
+        r.nic1,
+        DmaConfig {
+            iommu: true,
+            ..DmaConfig::default()
+        },
+    )
+    .unwrap();
+    r.env = DmaEnv {
+        dma,
+        p2p: P2pDma::new(r.fabric.clone()),
+    };
+    assert!(!r.fabric.function(r.gpu).unwrap().has_flr());
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let imp = live_mapping(&r, &f, b"sbr.....");
+    let old = imp.first_addr().unwrap();
+    d.reset().unwrap();
+    assert_revoked(&r, &imp, old);
+    imp.map(&f).unwrap();
+    r.fabric
+        .dma_write(r.nic1, imp.first_addr().unwrap(), b"sbr-ok!!")
+        .unwrap();
+    assert_eq!(bar0(&r, 8), b"sbr-ok!!");
 }
