@@ -830,3 +830,71 @@ fn a_device_without_flr_alone_below_its_port_resets_by_bus_reset() {
         .unwrap();
     assert_eq!(bar0(&r, 8), b"sbr-ok!!");
 }
+
+// ---- importers: an ODP RDMA NIC and a static display engine -------------------------------
+
+#[test]
+fn odp_nic_maps_on_demand_fails_while_revoked_and_recovers() {
+    use peerdma_vfio::rdma::{Completion, OdpNic};
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    let fd = export(&r, &d, &ok_req()).unwrap();
+    let f = get(&r, fd);
+    let nic = OdpNic::new(r.fabric.clone(), r.nic1);
+    let key = nic.register_mr(&f).unwrap();
+    assert!(!nic.is_mapped(key), "nothing mapped before first use");
+    // A write spanning both ranges of the buffer (0x4000 of range 0, then range 1).
+    assert_eq!(nic.write(key, 0x3ffc, b"spanning"), Completion::Success);
+    assert!(nic.is_mapped(key));
+    assert_eq!(bar0_at(&r, 0x3ffc, 4), b"span");
+    assert_eq!(bar0_at(&r, 0x10_000, 4), b"ning");
+    let mut back = [0u8; 8];
+    assert_eq!(nic.read(key, 0x3ffc, &mut back), Completion::Success);
+    assert_eq!(&back, b"spanning");
+    assert_eq!(
+        nic.write(key, 0x6000 - 4, b"too long"),
+        Completion::OutOfBounds
+    );
+    assert_eq!(nic.write(key + 1, 0, b"x"), Completion::BadKey);
+    // Revoked: the region is invalidated, the next access faults in and fails, no byte lands.
+    cmd(&d, false);
+    assert!(!nic.is_mapped(key));
+    assert_eq!(
+        nic.write(key, 0, b"REVOKED!"),
+        Completion::MapFailed(Errno::ENODEV)
+    );
+    cmd(&d, true);
+    assert_ne!(bar0_at(&r, 0, 8), b"REVOKED!");
+    // Memory back: the same region maps again on demand and the transfer completes.
+    assert_eq!(nic.write(key, 0, b"resumed!"), Completion::Success);
+    assert_eq!(bar0_at(&r, 0, 8), b"resumed!");
+    // Close: dead for good.
+    d.close();
+    assert_eq!(
+        nic.write(key, 0, b"closed!!"),
+        Completion::MapFailed(Errno::ENODEV)
+    );
+    assert_eq!(bar0_at(&r, 0, 8), b"resumed!");
+    nic.dereg_mr(key).unwrap();
+    f.put();
+    r.proc.close(fd).unwrap();
+    assert!(r.env.dma.debug_report().is_empty());
+}
+
+#[test]
+fn a_static_importer_is_refused_at_attach() {
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let display = peerdma_vfio::rdma::DisplayEngine::new(r.nic0);
+    assert_eq!(display.attach(&f).unwrap_err(), Errno::EOPNOTSUPP);
+    assert!(f.dmabuf().unwrap().attachments().is_empty());
+}
+
+fn bar0_at(r: &Rig, off: u64, n: usize) -> Vec<u8> {
+    let mut v = vec![0; n];
+    r.fabric.bar_peek(r.gpu, 2, off, &mut v).unwrap();
+    v
+}
