@@ -57,6 +57,11 @@ pub trait DmaBufOps: Send + Sync {
     fn unmap(&self, a: &Attachment, sgt: SgTable, dir: Direction, g: &ResvGuard<'_>);
     /// `release`, when the last file reference goes.
     fn release(&self, buf: &DmaBuf);
+    /// The exporter itself, for importers that have a private interconnect with a known
+    /// exporter (iommufd with vfio); `None` for exporters that offer none.
+    fn interconnect(&self) -> Option<&dyn Any> {
+        None
+    }
 }
 
 /// What an exporter asks `dma_buf_export` for.

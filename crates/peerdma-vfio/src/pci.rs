@@ -212,6 +212,9 @@ impl DmaBufOps for Exporter {
             self.0.unmapped.notify_all();
         }
     }
+    fn interconnect(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
     fn release(&self, _buf: &DmaBuf) {
         let dev = sync::lock(&self.0.dev).take().and_then(|w| w.upgrade());
         if let Some(dev) = dev {
@@ -237,6 +240,28 @@ impl BufState {
                 tracing::warn!(target: "peerdma::vfio", "revoke waits for {} importer mapping(s)", *m);
             }
         }
+    }
+}
+
+/// The vfio/iommufd private interconnect (`vfio_pci_dma_buf_iommufd_map`): the one physical
+/// range of a vfio dma-buf, for an importer that maps it into an IOMMU itself. Needs the
+/// buffer's lock; a buffer from another exporter or with more than one range is
+/// `EOPNOTSUPP`, a revoked one `ENODEV`.
+pub fn iommufd_map(buf: &DmaBuf, a: &Attachment, g: &ResvGuard<'_>) -> Result<PhysVec, Errno> {
+    a.check_locked(g)?;
+    let Some(e) = buf
+        .ops()
+        .interconnect()
+        .and_then(|x| x.downcast_ref::<Exporter>())
+    else {
+        return Err(Errno::EOPNOTSUPP);
+    };
+    if e.0.revoked.load(Ordering::Acquire) {
+        return Err(Errno::ENODEV);
+    }
+    match e.0.ranges.as_slice() {
+        [one] => Ok(*one),
+        _ => Err(Errno::EOPNOTSUPP),
     }
 }
 

@@ -898,3 +898,106 @@ fn bar0_at(r: &Rig, off: u64, n: usize) -> Vec<u8> {
     r.fabric.bar_peek(r.gpu, 2, off, &mut v).unwrap();
     v
 }
+
+// ---- iommufd ------------------------------------------------------------------------------
+
+#[test]
+fn iommufd_map_file_revocation_keeps_the_area_dead_until_remapped() {
+    use peerdma_vfio::iommufd::Iommufd;
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    let ifd = Iommufd::open(&r.env).unwrap();
+    let ioas = ifd.ioas_alloc().unwrap();
+    ifd.attach(r.nic1, ioas).unwrap();
+    let one = get(
+        &r,
+        export(&r, &d, &DmaBufRequest::new(2, vec![(0, 0x10_0000)])).unwrap(),
+    );
+    let two = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let iova_base: u64 = 0x100_0000;
+    // Refusals: two ranges; a window outside the buffer.
+    assert_eq!(
+        ifd.map_file(ioas, &two, 0, 0x6000, iova_base),
+        Err(Errno::EOPNOTSUPP)
+    );
+    assert_eq!(
+        ifd.map_file(ioas, &one, 0xff000, 0x2000, iova_base),
+        Err(Errno::EINVAL)
+    );
+    // Whole buffer, then the same IOVA again → EEXIST; a partial map elsewhere works.
+    ifd.map_file(ioas, &one, 0, 0x10_0000, iova_base).unwrap();
+    assert_eq!(
+        ifd.map_file(ioas, &one, 0, 0x1000, iova_base + 0x1000),
+        Err(Errno::EEXIST)
+    );
+    ifd.map_file(ioas, &one, 0x2_0000, 0x1000, 0x4000_0000)
+        .unwrap();
+    let dma = |iova: u64, data: &[u8]| r.fabric.dma_write(r.nic1, peerdma_pci::DmaAddr(iova), data);
+    dma(iova_base + 0x10, b"iommufd!").unwrap();
+    assert_eq!(bar0_at(&r, 0x10, 8), b"iommufd!");
+    dma(0x4000_0000, b"partial!").unwrap();
+    assert_eq!(bar0_at(&r, 0x2_0000, 8), b"partial!");
+    // Memory off: both areas die; DMA faults, nothing lands; MAP_FILE now ENODEV.
+    cmd(&d, false);
+    assert_eq!(ifd.is_dead(ioas, iova_base), Some(true));
+    assert!(dma(iova_base + 0x10, b"LEAKED!!").is_err());
+    assert_eq!(
+        ifd.map_file(ioas, &one, 0, 0x1000, 0x8000_0000),
+        Err(Errno::ENODEV)
+    );
+    // Memory back: the area stays dead.
+    cmd(&d, true);
+    assert!(dma(iova_base + 0x10, b"LEAKED!!").is_err());
+    assert_eq!(bar0_at(&r, 0x10, 8), b"iommufd!");
+    // Unmap must be whole; then map again and DMA lands.
+    assert_eq!(ifd.unmap(ioas, iova_base, 0x1000), Err(Errno::EINVAL));
+    ifd.unmap(ioas, iova_base, 0x10_0000).unwrap();
+    ifd.map_file(ioas, &one, 0, 0x10_0000, iova_base).unwrap();
+    dma(iova_base + 0x10, b"again!!!").unwrap();
+    assert_eq!(bar0_at(&r, 0x10, 8), b"again!!!");
+    // Device closed: dead for good.
+    d.close();
+    assert!(dma(iova_base + 0x10, b"closed!!").is_err());
+    ifd.unmap(ioas, iova_base, 0x10_0000).unwrap();
+    assert_eq!(
+        ifd.map_file(ioas, &one, 0, 0x10_0000, iova_base),
+        Err(Errno::ENODEV)
+    );
+    assert_eq!(bar0_at(&r, 0x10, 8), b"again!!!");
+}
+
+#[test]
+fn iommufd_refuses_a_dma_buf_from_another_exporter() {
+    use peerdma_dmabuf::buf::{DmaBufOps, ExportInfo, ops};
+    struct Other;
+    impl DmaBufOps for Other {
+        fn provides(&self) -> u32 {
+            ops::MAP | ops::UNMAP | ops::RELEASE
+        }
+        fn map(&self, _: &Attachment, _: Direction, _: &ResvGuard<'_>) -> Result<SgTable, Errno> {
+            Err(Errno::ENOMEM)
+        }
+        fn unmap(&self, _: &Attachment, _: SgTable, _: Direction, _: &ResvGuard<'_>) {}
+        fn release(&self, _: &peerdma_dmabuf::DmaBuf) {}
+    }
+    let r = rig();
+    let f = peerdma_dmabuf::export(ExportInfo {
+        exp_name: "udmabuf".into(),
+        size: 0x1000,
+        flags: 0,
+        ops: Some(Arc::new(Other)),
+        has_priv: true,
+    })
+    .unwrap();
+    let ifd = peerdma_vfio::iommufd::Iommufd::open(&r.env).unwrap();
+    let ioas = ifd.ioas_alloc().unwrap();
+    assert_eq!(
+        ifd.map_file(ioas, &f, 0, 0x1000, 0x1000),
+        Err(Errno::EOPNOTSUPP)
+    );
+    assert!(
+        f.dmabuf().unwrap().attachments().is_empty(),
+        "the failed import detached"
+    );
+}

@@ -1,0 +1,194 @@
+//! iommufd as a dma-buf importer (Linux 7.2, as observed under QEMU): IOAS objects, devices
+//! attached to them, and `IOMMU_IOAS_MAP_FILE` of a vfio dma-buf through the private vfio
+//! interconnect — one range only, pinned as a revocable importer. An invalidation clears and
+//! syncs the area's IOMMU entries, so the device's DMA faults, and **the area stays dead** when
+//! the buffer comes back: the user unmaps it (whole) and maps the buffer again.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use peerdma_dma::iommu::{Attach, DomainId, prot};
+use peerdma_dmabuf::sgt::DmaEnv;
+use peerdma_dmabuf::{Attachment, File, ImporterOps, ResvGuard};
+use peerdma_pci::{Bdf, Errno, sync};
+
+use crate::pci::iommufd_map;
+
+const PAGE: u64 = 4096;
+
+struct Area {
+    len: u64,
+    file: Arc<File>,
+    att: Arc<Attachment>,
+    dead: Arc<AtomicBool>,
+}
+
+struct Ioas {
+    domain: DomainId,
+    areas: BTreeMap<u64, Area>,
+}
+
+/// An open `/dev/iommu`.
+pub struct Iommufd {
+    env: DmaEnv,
+    ioas: Mutex<BTreeMap<u32, Ioas>>,
+    next: Mutex<u32>,
+}
+
+impl std::fmt::Debug for Iommufd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Iommufd").finish_non_exhaustive()
+    }
+}
+
+impl Iommufd {
+    /// iommufd on a machine with an IOMMU (`ENODEV` without one).
+    pub fn open(env: &DmaEnv) -> Result<Iommufd, Errno> {
+        env.dma.iommu().ok_or(Errno::ENODEV)?;
+        Ok(Iommufd {
+            env: env.clone(),
+            ioas: Mutex::new(BTreeMap::new()),
+            next: Mutex::new(1),
+        })
+    }
+
+    /// `IOMMU_IOAS_ALLOC`: a new, empty I/O address space.
+    pub fn ioas_alloc(&self) -> Result<u32, Errno> {
+        let iommu = self.env.dma.iommu().ok_or(Errno::ENODEV)?;
+        let domain = iommu.new_domain();
+        let mut n = sync::lock(&self.next);
+        let id = *n;
+        *n += 1;
+        sync::lock(&self.ioas).insert(
+            id,
+            Ioas {
+                domain,
+                areas: BTreeMap::new(),
+            },
+        );
+        Ok(id)
+    }
+
+    /// `VFIO_DEVICE_ATTACH_IOMMUFD_PT`: the device's DMA is translated by the IOAS from now on.
+    pub fn attach(&self, dev: Bdf, ioas: u32) -> Result<(), Errno> {
+        let d = sync::lock(&self.ioas)
+            .get(&ioas)
+            .ok_or(Errno::ENOENT)?
+            .domain;
+        let iommu = self.env.dma.iommu().ok_or(Errno::ENODEV)?;
+        iommu.attach(dev, Attach::Paging(d))
+    }
+
+    /// `IOMMU_IOAS_MAP_FILE` of `length` bytes from `start` of a dma-buf at a fixed `iova`.
+    /// Not a vfio buffer, or one with several ranges → `EOPNOTSUPP`; revoked → `ENODEV`;
+    /// an occupied IOVA → `EEXIST`; a window outside the buffer or not page aligned →
+    /// `EINVAL`.
+    pub fn map_file(
+        &self,
+        ioas: u32,
+        file: &Arc<File>,
+        start: u64,
+        length: u64,
+        iova: u64,
+    ) -> Result<(), Errno> {
+        let iommu = self.env.dma.iommu().ok_or(Errno::ENODEV)?.clone();
+        let domain = sync::lock(&self.ioas)
+            .get(&ioas)
+            .ok_or(Errno::ENOENT)?
+            .domain;
+        let buf = file.dmabuf().ok_or(Errno::EINVAL)?;
+        if length == 0
+            || (start | length | iova) % PAGE != 0
+            || start.checked_add(length).is_none_or(|e| e > buf.size())
+        {
+            return Err(Errno::EINVAL);
+        }
+        let dead = Arc::new(AtomicBool::new(false));
+        let (d2, m2) = (dead.clone(), iommu.clone());
+        let ops = ImporterOps {
+            allow_peer2peer: true,
+            invalidate: Some(Arc::new(move |_: &Attachment, _: &ResvGuard<'_>| {
+                // Revoked: the area's entries go and the IOTLB is synced; it stays dead.
+                if !d2.swap(true, Ordering::AcqRel) {
+                    m2.unmap(domain, iova, length);
+                    m2.sync_range(domain, iova, length);
+                }
+            })),
+            stub: false,
+        };
+        // The attachment's device: iommufd itself (the kernel shows it as "iommu").
+        let me = Bdf::new(0, 0, 0, 0).ok_or(Errno::EINVAL)?;
+        let att = buf.dynamic_attach(Some(me), Some(ops))?;
+        let undo = |att: &Arc<Attachment>| buf.detach(att);
+        let r = {
+            let g = buf.lock();
+            iommufd_map(buf, &att, &g).and_then(|pv| {
+                let mut ioas_map = sync::lock(&self.ioas);
+                let io = ioas_map.get_mut(&ioas).ok_or(Errno::ENOENT)?;
+                let end = iova.checked_add(length).ok_or(Errno::EINVAL)?;
+                if io
+                    .areas
+                    .range(..end)
+                    .next_back()
+                    .is_some_and(|(&a, area)| a + area.len > iova)
+                {
+                    return Err(Errno::EEXIST);
+                }
+                let p = prot::READ | prot::WRITE | prot::MMIO;
+                iommu.map(domain, iova, pv.paddr.get() + start, length, p)?;
+                iommu.sync_range(domain, iova, length);
+                io.areas.insert(
+                    iova,
+                    Area {
+                        len: length,
+                        file: file.get(),
+                        att: att.clone(),
+                        dead: dead.clone(),
+                    },
+                );
+                Ok(())
+            })
+        };
+        if r.is_err() {
+            undo(&att);
+        }
+        r
+    }
+
+    /// `IOMMU_IOAS_UNMAP` of a whole area (a dma-buf area is unmapped whole, `EINVAL`
+    /// otherwise; `ENOENT` if nothing is mapped there).
+    pub fn unmap(&self, ioas: u32, iova: u64, length: u64) -> Result<(), Errno> {
+        let iommu = self.env.dma.iommu().ok_or(Errno::ENODEV)?.clone();
+        let (domain, area) = {
+            let mut m = sync::lock(&self.ioas);
+            let io = m.get_mut(&ioas).ok_or(Errno::ENOENT)?;
+            match io.areas.get(&iova) {
+                None => return Err(Errno::ENOENT),
+                Some(a) if a.len != length => return Err(Errno::EINVAL),
+                Some(_) => {}
+            }
+            (io.domain, io.areas.remove(&iova).ok_or(Errno::ENOENT)?)
+        };
+        if let Some(buf) = area.file.dmabuf() {
+            {
+                let _g = buf.lock();
+                if !area.dead.swap(true, Ordering::AcqRel) {
+                    iommu.unmap(domain, iova, area.len);
+                    iommu.sync_range(domain, iova, area.len);
+                }
+            }
+            buf.detach(&area.att);
+        }
+        area.file.put();
+        Ok(())
+    }
+
+    /// Whether the area at `iova` was invalidated (its DMA faults).
+    pub fn is_dead(&self, ioas: u32, iova: u64) -> Option<bool> {
+        sync::lock(&self.ioas)
+            .get(&ioas)
+            .and_then(|io| io.areas.get(&iova))
+            .map(|a| a.dead.load(Ordering::Acquire))
+    }
+}
