@@ -480,6 +480,14 @@ impl VfioPci {
     pub fn bdf(&self) -> Bdf {
         self.dev.bdf
     }
+    /// The P2PDMA provider of BAR `bar`, if P2PDMA is ready and the BAR is memory.
+    pub fn provider(&self, bar: u8) -> Option<Provider> {
+        if !self.dev.p2p {
+            return None;
+        }
+        self.dev.binding.provider(bar).ok().flatten()
+    }
+
     /// The driver's name.
     pub fn driver(&self) -> &'static str {
         self.dev.variant.name()

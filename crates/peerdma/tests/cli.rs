@@ -311,3 +311,54 @@ fn export_and_import_errors_name_the_errno_and_what_it_means() {
     assert_eq!(code, 2);
     assert!(err.contains("is not a PCI address"), "{err}");
 }
+
+#[test]
+fn demo_tells_the_story_and_every_step_holds() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_peerdma"))
+        .arg("demo")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    for step in [
+        "export",
+        "nic-dma",
+        "iommufd-dma",
+        "flr",
+        "old-addresses-fault",
+        "revoked-maps-refused",
+        "memory-back",
+        "closed",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("ok") && l.contains(step)),
+            "{step} in\n{text}"
+        );
+    }
+}
+
+#[test]
+fn demo_json_is_one_event_per_line_and_a_bad_cast_exits_1() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_peerdma"))
+        .args(["demo", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let events: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 8);
+    assert!(events.iter().all(|e| e["ok"] == true));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_peerdma"))
+        .args(["demo", "--far", "nvme9"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
