@@ -116,6 +116,17 @@ pub enum FabricEvent {
         /// After.
         to: PowerState,
     },
+    /// A device's DMA reached its target (one event per contiguous segment).
+    DmaLanded {
+        /// The device that issued it.
+        requester: Bdf,
+        /// Where the segment landed.
+        target: crate::route::Target,
+        /// Bytes.
+        len: u64,
+        /// A write (else a read).
+        write: bool,
+    },
 }
 
 /// Receives [`FabricEvent`]s. Called after the event took effect, with no fabric lock held,
@@ -162,6 +173,7 @@ pub struct Fabric {
     pub(crate) ram: Mutex<SparseMemory>,
     pub(crate) translator: RwLock<Arc<dyn AddressTranslator>>,
     pub(crate) observers: RwLock<Vec<Arc<dyn FabricObserver>>>,
+    pub(crate) observed: std::sync::atomic::AtomicBool,
     pub(crate) faults: Mutex<FaultLog>,
     pub(crate) transactions: AtomicU64,
 }
@@ -195,6 +207,7 @@ impl Fabric {
             ram: Mutex::new(SparseMemory::new()),
             translator: RwLock::new(Arc::new(Identity)),
             observers: RwLock::new(Vec::new()),
+            observed: std::sync::atomic::AtomicBool::new(false),
             faults: Mutex::new(FaultLog::default()),
             transactions: AtomicU64::new(0),
         }
@@ -663,6 +676,26 @@ impl Fabric {
     /// Registers an observer of config writes, resets and power changes.
     pub fn subscribe(&self, o: Arc<dyn FabricObserver>) {
         sync::write(&self.observers).push(o);
+        self.observed
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Tells observers where a completed DMA landed (nothing to do without observers).
+    pub(crate) fn notify_dma(&self, requester: Bdf, t: &crate::route::Transfer, write: bool) {
+        if !self.observed.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let events: Vec<FabricEvent> = t
+            .segments
+            .iter()
+            .map(|s| FabricEvent::DmaLanded {
+                requester,
+                target: s.target,
+                len: s.len,
+                write,
+            })
+            .collect();
+        self.notify(&events);
     }
 
     fn notify(&self, events: &[FabricEvent]) {

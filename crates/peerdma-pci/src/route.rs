@@ -418,7 +418,7 @@ impl Fabric {
         addr: DmaAddr,
         data: &[u8],
     ) -> Result<Transfer, DmaFault> {
-        self.transfer(
+        let t = self.transfer(
             Initiator::Device(requester),
             addr.get(),
             data.len() as u64,
@@ -426,7 +426,9 @@ impl Fabric {
             |fab, t, at, n| {
                 fab.store(t, &data[at..at + n]);
             },
-        )
+        )?;
+        self.notify_dma(requester, &t, true);
+        Ok(t)
     }
 
     /// Routes a DMA read from `requester` and fills `buf` from where it lands.
@@ -437,7 +439,7 @@ impl Fabric {
         buf: &mut [u8],
     ) -> Result<Transfer, DmaFault> {
         let len = buf.len() as u64;
-        self.transfer(
+        let t = self.transfer(
             Initiator::Device(requester),
             addr.get(),
             len,
@@ -445,7 +447,9 @@ impl Fabric {
             |fab, t, at, n| {
                 fab.load(t, &mut buf[at..at + n]);
             },
-        )
+        )?;
+        self.notify_dma(requester, &t, false);
+        Ok(t)
     }
 
     /// Routes a DMA without moving data: where would it go?

@@ -98,8 +98,8 @@ fn story(fabric: &Arc<Fabric>, cast: &Cast, log: &mut Log) -> Option<()> {
         p2p: P2pDma::new(fabric.clone()),
     };
     let proc = Process::new();
-    let v = VfioPci::bind(&env, gpu).ok()?;
-    let dev = v.open().ok()?;
+    let vfio = VfioPci::bind(&env, gpu).ok()?;
+    let dev = vfio.open().ok()?;
     let bytes = DmaBufRequest::new(cast.bar, vec![(0, LEN)]).to_bytes();
     let fd = match dev.feature(&proc, &bytes) {
         Ok(fd) => fd,
@@ -121,7 +121,7 @@ fn story(fabric: &Arc<Fabric>, cast: &Cast, log: &mut Log) -> Option<()> {
             cast.gpu, cast.bar
         ),
     );
-    let provider = v.provider(cast.bar as u8)?;
+    let provider = vfio.provider(cast.bar as u8)?;
     let kind = |c| env.p2p.map_type(&provider, &Device::Pci(c)).as_str();
 
     let bar_has = |off: u64, data: &[u8]| {
@@ -248,6 +248,14 @@ fn story(fabric: &Arc<Fabric>, cast: &Cast, log: &mut Log) -> Option<()> {
         gone,
         format!(
             "device closed: NIC access {c:?}, iommufd map {m:?}; the fd stays, the buffer is dead"
+        ),
+    );
+    let n = vfio.revoked_landings();
+    log.say(
+        "no-landing-while-revoked",
+        n == 0,
+        format!(
+            "every DMA of the story was watched: {n} landed in the BAR while the buffer was revoked"
         ),
     );
     let _ = rnic.dereg_mr(key);

@@ -12,7 +12,10 @@ use peerdma_dmabuf::buf::{ExportInfo, ops};
 use peerdma_dmabuf::sgt::{DmaEnv, PhysVec, SgTable, free_sgt, phys_vec_to_sgt};
 use peerdma_dmabuf::{Attachment, DmaBuf, DmaBufOps, File, Process, ResvGuard, Usage};
 use peerdma_p2pdma::{Binding, Provider};
-use peerdma_pci::{AsErrno, Bdf, DeviceKind, Errno, Fabric, PhysAddr, PowerState, regs, sync};
+use peerdma_pci::{
+    AsErrno, Bdf, DeviceKind, Errno, Fabric, FabricEvent, FabricObserver, PhysAddr, PowerState,
+    Target, regs, sync,
+};
 use peerdma_uapi::feature::{DMA_BUF_LEN, O_CLOEXEC, parse_dma_buf, parse_range};
 
 use crate::feature::{self, GET, SET, id};
@@ -127,6 +130,36 @@ struct Dev {
     mem: RwLock<Mem>,
     bufs: Mutex<Vec<Arc<BufState>>>,
     variant: Arc<dyn Variant>,
+    /// DMAs that reached the device's BARs while one of its buffers was revoked.
+    revoked_landings: std::sync::atomic::AtomicUsize,
+}
+
+/// Watches every DMA on the fabric: one that lands in the device's BAR while any of its
+/// linked buffers is revoked breaks the revocation promise, and is counted (and logged).
+struct Watch(Weak<Dev>);
+
+impl FabricObserver for Watch {
+    fn event(&self, ev: &FabricEvent) {
+        let FabricEvent::DmaLanded {
+            requester,
+            target: Target::Bar { bdf, bar, offset },
+            ..
+        } = ev
+        else {
+            return;
+        };
+        let Some(d) = self.0.upgrade() else { return };
+        if *bdf != d.bdf {
+            return;
+        }
+        let revoked = sync::lock(&d.bufs)
+            .iter()
+            .any(|b| b.revoked.load(Ordering::Acquire));
+        if revoked {
+            d.revoked_landings.fetch_add(1, Ordering::AcqRel);
+            tracing::error!(target: "peerdma::vfio", "DMA from {requester} landed in {bdf} BAR{bar}+{offset:#x} while its dma-buf is revoked");
+        }
+    }
 }
 
 /// A vfio-pci bound device.
@@ -460,26 +493,33 @@ impl VfioPci {
             Err(e) if e.errno() == Errno::EOPNOTSUPP => false,
             Err(e) => return Err(e.errno()),
         };
-        Ok(VfioPci {
-            dev: Arc::new(Dev {
-                fabric,
-                bdf,
-                env: env.clone(),
-                binding,
-                p2p,
-                is_vf,
-                reg: Registration::new(),
-                mem: RwLock::new(Mem::default()),
-                bufs: Mutex::new(Vec::new()),
-                variant,
-            }),
-        })
+        let dev = Arc::new(Dev {
+            fabric,
+            bdf,
+            env: env.clone(),
+            binding,
+            p2p,
+            is_vf,
+            reg: Registration::new(),
+            mem: RwLock::new(Mem::default()),
+            bufs: Mutex::new(Vec::new()),
+            variant,
+            revoked_landings: std::sync::atomic::AtomicUsize::new(0),
+        });
+        dev.fabric.subscribe(Arc::new(Watch(Arc::downgrade(&dev))));
+        Ok(VfioPci { dev })
     }
 
     /// The function.
     pub fn bdf(&self) -> Bdf {
         self.dev.bdf
     }
+    /// DMAs that reached this device's BARs while one of its buffers was revoked (every DMA
+    /// on the fabric is watched from bind on); anything but 0 is a broken revocation.
+    pub fn revoked_landings(&self) -> usize {
+        self.dev.revoked_landings.load(Ordering::Acquire)
+    }
+
     /// The P2PDMA provider of BAR `bar`, if P2PDMA is ready and the BAR is memory.
     pub fn provider(&self, bar: u8) -> Option<Provider> {
         if !self.dev.p2p {

@@ -20,7 +20,8 @@ fn the_demo_story_holds_on_the_gpu_server() {
             "old-addresses-fault",
             "revoked-maps-refused",
             "memory-back",
-            "closed"
+            "closed",
+            "no-landing-while-revoked"
         ],
         "{steps:#?}"
     );

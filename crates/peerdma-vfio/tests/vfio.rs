@@ -364,7 +364,7 @@ fn revoke_cycle(
         .dma_write(r.nic1, imp.first_addr().unwrap(), b"mapped-2")
         .unwrap();
     assert_eq!(bar0(&r, 8), b"mapped-2");
-    r.env.dma.iommu().unwrap();
+    assert_eq!(v.revoked_landings(), 0, "no DMA landed while revoked");
 }
 
 fn cmd(d: &peerdma_vfio::DeviceFd, mem: bool) {
@@ -876,6 +876,7 @@ fn odp_nic_maps_on_demand_fails_while_revoked_and_recovers() {
         Completion::MapFailed(Errno::ENODEV)
     );
     assert_eq!(bar0_at(&r, 0, 8), b"resumed!");
+    assert_eq!(v.revoked_landings(), 0, "no DMA landed while revoked");
     nic.dereg_mr(key).unwrap();
     f.put();
     r.proc.close(fd).unwrap();
@@ -965,6 +966,7 @@ fn iommufd_map_file_revocation_keeps_the_area_dead_until_remapped() {
         Err(Errno::ENODEV)
     );
     assert_eq!(bar0_at(&r, 0x10, 8), b"again!!!");
+    assert_eq!(v.revoked_landings(), 0, "no DMA landed while revoked");
 }
 
 #[test]
@@ -1000,4 +1002,35 @@ fn iommufd_refuses_a_dma_buf_from_another_exporter() {
         f.dmabuf().unwrap().attachments().is_empty(),
         "the failed import detached"
     );
+}
+
+#[test]
+fn the_watch_catches_a_dma_that_lands_while_revoked() {
+    // An importer that keeps DMAing with the bus address after being told to stop: its write
+    // lands (memory is still decoding at that instant) and the watch counts it.
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let bus = r.fabric.bar(r.gpu, 2).unwrap().bus.get();
+    let fabric = r.fabric.clone();
+    let nic0 = r.nic0;
+    let rogue = ImporterOps {
+        allow_peer2peer: true,
+        invalidate: Some(Arc::new(move |_: &Attachment, _: &ResvGuard<'_>| {
+            let _ = fabric.dma_write(nic0, peerdma_pci::DmaAddr(bus), b"rogue!!!");
+        })),
+        stub: false,
+    };
+    f.dmabuf()
+        .unwrap()
+        .dynamic_attach(Some(r.nic0), Some(rogue))
+        .unwrap();
+    r.fabric
+        .dma_write(r.nic0, peerdma_pci::DmaAddr(bus), b"allowed!")
+        .unwrap();
+    assert_eq!(v.revoked_landings(), 0);
+    cmd(&d, false);
+    assert_eq!(v.revoked_landings(), 1);
+    assert_eq!(bar0(&r, 8), b"rogue!!!");
 }

@@ -354,7 +354,7 @@ fn demo_json_is_one_event_per_line_and_a_bad_cast_exits_1() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(events.len(), 8);
+    assert_eq!(events.len(), 9);
     assert!(events.iter().all(|e| e["ok"] == true));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_peerdma"))
         .args(["demo", "--far", "nvme9"])
