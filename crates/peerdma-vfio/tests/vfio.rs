@@ -646,6 +646,7 @@ fn hot_reset_revokes_then_unrevokes_and_refuses_unowned_or_busy_sets() {
         .dma_write(r.nic1, imp.first_addr().unwrap(), b"after...")
         .unwrap();
     assert_eq!(bar0(&r, 8), b"after...");
+    assert_eq!(v.revoked_landings(), 0);
 }
 
 #[test]
@@ -733,6 +734,7 @@ fn nvgrace_exports_device_memory_and_refuses_the_padding() {
         assert_eq!(imp.map(&f), Err(Errno::ENODEV));
         cmd(&d, true);
     }
+    assert_eq!(v.revoked_landings(), 0);
     // Regions the variant does not own are the plain BARs.
     assert!(export(&r, &d, &DmaBufRequest::new(0, vec![(0, 0x1000)])).is_ok());
 }
@@ -829,6 +831,7 @@ fn a_device_without_flr_alone_below_its_port_resets_by_bus_reset() {
         .dma_write(r.nic1, imp.first_addr().unwrap(), b"sbr-ok!!")
         .unwrap();
     assert_eq!(bar0(&r, 8), b"sbr-ok!!");
+    assert_eq!(v.revoked_landings(), 0);
 }
 
 // ---- importers: an ODP RDMA NIC and a static display engine -------------------------------
