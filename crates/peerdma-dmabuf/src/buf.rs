@@ -9,7 +9,6 @@
 use std::any::Any;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
 
 use peerdma_dma::Direction;
 use peerdma_pci::sync::{self, Arc, Mutex};
@@ -403,12 +402,10 @@ impl DmaBuf {
                 return Err(e);
             }
         };
-        if !a.is_dynamic() && !g.wait(Usage::Kernel, Duration::from_secs(60)) {
-            self.ops.unmap(a, sgt, dir, g);
-            if pinned {
-                self.ops.unpin(a, g);
-            }
-            return Err(Errno::EINTR);
+        if !a.is_dynamic() {
+            // Unbounded, as the kernel's wait (which only a signal interrupts; signals are
+            // not modelled).
+            g.wait_all(Usage::Kernel);
         }
         Ok(sgt)
     }

@@ -56,6 +56,14 @@ impl Fence {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .signaled
     }
+    /// Waits until signalled, however long that takes.
+    pub fn wait_forever(&self) {
+        let (m, cv) = &*self.inner;
+        let s = m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _s = cv
+            .wait_while(s, |s| !s.signaled)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    }
     /// Waits until signalled or `timeout` passes; true if signalled.
     pub fn wait(&self, timeout: Duration) -> bool {
         let (m, cv) = &*self.inner;
@@ -157,6 +165,14 @@ impl ResvGuard<'_> {
             .filter(|(f, u)| *u <= usage && !f.is_signaled())
             .map(|(f, _)| f.clone())
             .collect()
+    }
+
+    /// Waits, without a bound, for every fence of `usage` or stronger (the kernel's
+    /// `dma_resv_wait_timeout` with `MAX_SCHEDULE_TIMEOUT`).
+    pub fn wait_all(&self, usage: Usage) {
+        for f in self.fences(usage) {
+            f.wait_forever();
+        }
     }
 
     /// Waits for every fence of `usage` or stronger (`dma_resv_wait_timeout`); false on

@@ -311,24 +311,19 @@ pub fn phys_vec_to_sgt_inject(
     };
     let use_iova = state.is_some_and(|s| s.use_iova());
     let nents = if use_iova { chunks(size) } else { range_chunks };
-    let free_state = |state: &mut Option<IovaState>| {
+    let mut entries = Vec::new();
+    // More entries than a u32 counts is EINVAL (nents overflows to 0 in the kernel).
+    let reserved = match u32::try_from(nents) {
+        Err(_) => Err(Errno::EINVAL),
+        Ok(_) if inj.fail(Step::AllocTable) => Err(Errno::ENOMEM),
+        Ok(n) => entries
+            .try_reserve_exact(n as usize)
+            .map_err(|_| Errno::ENOMEM),
+    };
+    if let Err(e) = reserved {
         if let Some(s) = state.as_mut() {
             env.dma.iova_free(dev, s);
         }
-    };
-    let mut entries = Vec::new();
-    let reserved = usize::try_from(nents)
-        .ok()
-        .filter(|_| u32::try_from(nents).is_ok())
-        .ok_or(Errno::EINVAL)
-        .and_then(|n| {
-            if inj.fail(Step::AllocTable) {
-                return Err(Errno::ENOMEM);
-            }
-            entries.try_reserve_exact(n).map_err(|_| Errno::ENOMEM)
-        });
-    if let Err(e) = reserved {
-        free_state(&mut state);
         return Err(e);
     }
 

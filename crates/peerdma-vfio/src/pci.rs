@@ -24,20 +24,6 @@ use crate::registration::{RegRef, Registration};
 /// `VFIO_PCI_ROM_REGION_INDEX`: BARs are regions 0–5.
 pub const ROM_REGION_INDEX: u32 = 6;
 const PAGE: u64 = 4096;
-/// `PCI_EXP_DEVCTL` offset in the PCIe capability.
-const EXP_DEVCTL: u16 = 0x08;
-/// `PCI_EXP_DEVCAP` offset.
-const EXP_DEVCAP: u16 = 0x04;
-const EXP_DEVCAP_FLR: u32 = 1 << 28;
-const EXP_DEVCTL_BCR_FLR: u16 = 0x8000;
-/// `PCI_AF_CAP` / `PCI_AF_CTRL` offsets in the AF capability.
-const AF_CAP: u16 = 0x03;
-const AF_CTRL: u16 = 0x04;
-const AF_CAP_TP: u8 = 0x01;
-const AF_CAP_FLR: u8 = 0x02;
-const AF_CTRL_FLR: u8 = 0x01;
-/// `PCI_PM_CTRL` offset in the PM capability.
-const PM_CTRL: u16 = 0x04;
 
 /// Device memory a variant driver exposes as a BAR-numbered region instead of a real BAR.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -428,7 +414,7 @@ impl Dev {
                             b.revoked.store(false, Ordering::Release);
                         }
                         if revoked {
-                            g.wait(Usage::Bookkeep, Duration::from_secs(3600));
+                            g.wait_all(Usage::Bookkeep);
                         }
                     }
                     if revoked {
@@ -460,7 +446,7 @@ impl Dev {
                     sync::lock(&b.dev).take();
                     b.revoked.store(true, Ordering::Release);
                     let _ = buf.invalidate_mappings(&g);
-                    g.wait(Usage::Bookkeep, Duration::from_secs(3600));
+                    g.wait_all(Usage::Bookkeep);
                 }
                 b.wait_unmapped();
                 sync::lock(&b.reg).take();
@@ -581,13 +567,6 @@ impl VfioPci {
     }
 }
 
-fn le_u16(data: &[u8]) -> u16 {
-    u16::from_le_bytes([
-        data.first().copied().unwrap_or(0),
-        data.get(1).copied().unwrap_or(0),
-    ])
-}
-
 impl DeviceFd {
     /// The device's memory is enabled now (as `memory_lock` readers see it).
     pub fn memory_enabled(&self) -> bool {
@@ -655,68 +634,57 @@ impl DeviceFd {
             return Err(Errno::EINVAL);
         }
         let d = &self.dev;
-        let caps = d.fabric.function(d.bdf).map_err(|_| Errno::ENODEV)?.caps();
-        let mut value = 0u32;
-        for (i, b) in data.iter().enumerate() {
-            value |= u32::from(*b) << (8 * i);
-        }
+        let func = d.fabric.function(d.bdf).map_err(|_| Errno::ENODEV)?;
+        let caps = func.caps();
+        let value = data
+            .iter()
+            .enumerate()
+            .fold(0u32, |v, (i, b)| v | u32::from(*b) << (8 * i));
+        // The low 16 bits, for the 2- and 4-byte writes the registers below need.
+        #[allow(clippy::cast_possible_truncation)]
+        let low16 = value as u16;
+        let wide = data.len() >= 2;
         let mut m = d.lock_mem();
-        let hw = |off: u16, len: usize, v: u32| {
+        let hw = |v: u32| {
             d.fabric
-                .config_write(d.bdf, off, len, v)
+                .config_write(d.bdf, offset, data.len(), v)
                 .map_err(|_| Errno::EIO)
         };
-        if offset == regs::COMMAND && data.len() >= 2 {
-            let new = le_u16(data);
-            if new & regs::COMMAND_MEMORY == 0 {
+        if offset == regs::COMMAND && wide {
+            if low16 & regs::COMMAND_MEMORY == 0 {
                 d.move_bufs(&mut m, true);
             }
-            hw(offset, data.len(), value)?;
-            m.vcommand = new;
+            hw(value)?;
+            m.vcommand = low16;
             d.unrevoke_if_enabled(&mut m);
             return Ok(());
         }
-        if let Some(pm) = caps
-            .pm
-            .filter(|&pm| offset == pm + PM_CTRL && data.len() >= 2)
-        {
-            let state = le_u16(data) & 0x3;
-            if state >= 3 {
+        if caps.pm.is_some_and(|pm| offset == pm + regs::PM_CTRL) && wide {
+            if low16 & regs::PM_CTRL_STATE_MASK >= 3 {
                 d.move_bufs(&mut m, true);
             }
-            hw(pm + PM_CTRL, data.len(), value)?;
+            hw(value)?;
             d.unrevoke_if_enabled(&mut m);
             return Ok(());
         }
-        if let Some(exp) = caps
-            .exp
-            .filter(|&e| offset == e + EXP_DEVCTL && data.len() >= 2)
-        {
-            let devcap = d
-                .fabric
-                .config_read(d.bdf, exp + EXP_DEVCAP, 4)
-                .unwrap_or(0);
-            let ctl = le_u16(data);
-            if ctl & EXP_DEVCTL_BCR_FLR != 0 && devcap & EXP_DEVCAP_FLR != 0 {
-                d.move_bufs(&mut m, true);
-                let _ = d.fabric.reset_function(d.bdf);
-                // The FLR bit never sticks; the rest of the write goes through.
-                hw(offset, data.len(), value & !u32::from(EXP_DEVCTL_BCR_FLR))?;
-                d.unrevoke_if_enabled(&mut m);
-                return Ok(());
+        let pcie_flr = caps.exp.is_some_and(|e| offset == e + regs::EXP_DEVCTL)
+            && wide
+            && low16 & regs::EXP_DEVCTL_BCR_FLR != 0
+            && func.has_flr();
+        let af_flr = caps.af.is_some_and(|a| offset == a + regs::AF_CTRL)
+            && data[0] & regs::AF_CTRL_FLR != 0
+            && func.has_af_flr();
+        if pcie_flr || af_flr {
+            d.move_bufs(&mut m, true);
+            let _ = d.fabric.reset_function(d.bdf);
+            if pcie_flr {
+                // The FLR bit never sticks; the rest of the DevCtl write goes through.
+                hw(value & !u32::from(regs::EXP_DEVCTL_BCR_FLR))?;
             }
-            return hw(offset, data.len(), value);
+            d.unrevoke_if_enabled(&mut m);
+            return Ok(());
         }
-        if let Some(af) = caps.af.filter(|&a| offset == a + AF_CTRL) {
-            let cap = d.fabric.config_read(d.bdf, af + AF_CAP, 1).unwrap_or(0) as u8;
-            if data[0] & AF_CTRL_FLR != 0 && cap & AF_CAP_FLR != 0 && cap & AF_CAP_TP != 0 {
-                d.move_bufs(&mut m, true);
-                let _ = d.fabric.reset_function(d.bdf);
-                d.unrevoke_if_enabled(&mut m);
-                return Ok(());
-            }
-        }
-        hw(offset, data.len(), value)
+        hw(value)
     }
 
     /// `VFIO_DEVICE_RESET`: `EINVAL` if the function cannot be reset; else revoke, force D0,
