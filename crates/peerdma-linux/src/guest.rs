@@ -26,7 +26,7 @@ pub const EDU: Bdf = Bdf::from_devfn(0, 4, 0);
 const BAR2_SIZE: u64 = 1 << 20;
 const IOVA: u64 = 0x100_0000;
 /// Where a page of RAM is mapped for edu to read patterns from.
-const RAM_IOVA: u64 = 0x80_0000;
+const RAM_IOVA: u64 = crate::vfio::EDU_RAM_IOVA;
 
 type Outcome = Result<(), String>;
 
@@ -318,46 +318,11 @@ fn write_command(be: &mut LinuxBackend, dev: DevHandle, v: u16) -> Outcome {
         .map_err(|e| format!("config write: {e}"))
 }
 
-/// One run of edu's DMA engine: `cmd` bit 0 starts it, bit 1 set = from its buffer (device
-/// address 0x40000) to memory, clear = from memory into its buffer.
-fn edu_run(
-    be: &mut LinuxBackend,
-    edu: DevHandle,
-    src: u64,
-    dst: u64,
-    len: usize,
-    to_memory: bool,
-) -> Outcome {
-    let e = |x: Errno| format!("edu register access: {x}");
-    be.region_write(edu, 0, 0x80, &src.to_le_bytes())
-        .map_err(e)?;
-    be.region_write(edu, 0, 0x88, &dst.to_le_bytes())
-        .map_err(e)?;
-    be.region_write(edu, 0, 0x90, &(len as u64).to_le_bytes())
-        .map_err(e)?;
-    let cmd: u64 = if to_memory { 3 } else { 1 };
-    be.region_write(edu, 0, 0x98, &cmd.to_le_bytes())
-        .map_err(e)?;
-    for _ in 0..2000 {
-        let mut c = [0u8; 8];
-        be.region_read(edu, 0, 0x98, &mut c).map_err(e)?;
-        if u64::from_le_bytes(c) & 1 == 0 {
-            return Ok(());
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-    Err("edu DMA did not finish".into())
-}
-
-/// edu copies `data` to device address `dst`: the pattern goes into RAM (mapped at
-/// `RAM_IOVA`), edu reads it into its buffer, then writes its buffer to `dst`. The RAM mapping
-/// is never revoked, so only the final write can fail.
+/// edu copies `data` to device address `dst` (through RAM mapped at `RAM_IOVA`, never
+/// revoked, so only the final write can fail).
 fn edu_dma(be: &mut LinuxBackend, edu: DevHandle, dst: u64, data: &[u8]) -> Outcome {
-    const BUF: u64 = 0x40000;
-    be.anon_write(RAM_IOVA, data)
-        .map_err(|e| format!("filling RAM: {e}"))?;
-    edu_run(be, edu, RAM_IOVA, BUF, data.len(), false)?;
-    edu_run(be, edu, BUF, dst, data.len(), true)
+    be.edu_dma(edu, dst, data)
+        .map_err(|e| format!("edu DMA: {e}"))
 }
 
 fn pattern(step: u8) -> Vec<u8> {

@@ -17,21 +17,27 @@ use std::sync::Arc;
 
 use iommufd_bindings::iommufd::{iommu_ioas_map, iommu_ioas_map_file, iommu_ioas_unmap};
 use iommufd_ioctls::{IommuFd, IommufdIoas};
-use peerdma_pci::{Bdf, Errno};
+use peerdma_pci::{Bdf, Errno, regs};
+use peerdma_uapi::backend::{Landed, MAP_FIXED_IOVA, MAP_READABLE, MAP_WRITEABLE, ScenarioBackend};
 use peerdma_uapi::{DevHandle, DmabufInfo, IoasId, OpenPath, UapiBackend};
 use vfio_bindings::bindings::vfio::{VFIO_BASE, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_TYPE};
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioIommufd, VfioOps};
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ptr};
 
-use nr::{VFIO_DEVICE_FEATURE, VFIO_DEVICE_RESET};
+use nr::{VFIO_DEVICE_FEATURE, VFIO_DEVICE_PCI_HOT_RESET, VFIO_DEVICE_RESET};
 
-/// The two ioctl numbers the crates keep private.
+/// The ioctl numbers the crates keep private.
 mod nr {
     #![allow(missing_docs)]
     use super::{VFIO_BASE, VFIO_TYPE};
     use vmm_sys_util::ioctl_io_nr;
     ioctl_io_nr!(VFIO_DEVICE_RESET, u32::from(VFIO_TYPE), VFIO_BASE + 11);
     ioctl_io_nr!(VFIO_DEVICE_FEATURE, u32::from(VFIO_TYPE), VFIO_BASE + 17);
+    ioctl_io_nr!(
+        VFIO_DEVICE_PCI_HOT_RESET,
+        u32::from(VFIO_TYPE),
+        VFIO_BASE + 13
+    );
 }
 
 /// The errno at the bottom of an error chain (an `io::Error` or a `vmm_sys_util` errno),
@@ -51,6 +57,10 @@ pub fn errno_of(e: &(dyn std::error::Error + 'static)) -> Errno {
     }
     Errno::EIO
 }
+
+/// Where [`LinuxBackend::edu_dma`] maps the RAM page edu reads its patterns from (below the
+/// IOVAs scenarios use, inside edu's 28-bit DMA mask).
+pub const EDU_RAM_IOVA: u64 = 0x80_0000;
 
 fn last_errno() -> Errno {
     Errno(
@@ -93,6 +103,8 @@ pub struct LinuxBackend {
     ioas: HashMap<u32, IommufdIoas>,
     files: HashMap<RawFd, File>,
     anon: Vec<AnonPage>,
+    /// The IOAS each device was attached to.
+    attached: HashMap<u32, IoasId>,
     /// Where sysfs is (for tests on captured trees; `/sys` normally).
     pub sysfs: PathBuf,
 }
@@ -238,6 +250,62 @@ impl LinuxBackend {
         // concurrently, which is why it is written through a raw pointer and never borrowed.
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), page.ptr.add(off), data.len()) };
         Ok(())
+    }
+
+    /// One run of edu's DMA engine: `cmd` bit 0 starts it, bit 1 set = from its buffer (device
+    /// address 0x40000) to memory, clear = from memory into its buffer.
+    fn edu_run(
+        &self,
+        edu: DevHandle,
+        src: u64,
+        dst: u64,
+        len: usize,
+        to_memory: bool,
+    ) -> Result<(), Errno> {
+        self.region_write(edu, 0, 0x80, &src.to_le_bytes())?;
+        self.region_write(edu, 0, 0x88, &dst.to_le_bytes())?;
+        self.region_write(edu, 0, 0x90, &(len as u64).to_le_bytes())?;
+        let cmd: u64 = if to_memory { 3 } else { 1 };
+        self.region_write(edu, 0, 0x98, &cmd.to_le_bytes())?;
+        for _ in 0..2000 {
+            let mut c = [0u8; 8];
+            self.region_read(edu, 0, 0x98, &mut c)?;
+            if u64::from_le_bytes(c) & 1 == 0 {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Err(Errno::ETIMEDOUT)
+    }
+
+    /// QEMU's edu device `edu` copies `data` to device address `dst`: the pattern goes into
+    /// RAM mapped at [`EDU_RAM_IOVA`] of the edu's IOAS (mapped on first use), edu reads it
+    /// into its buffer, then writes its buffer to `dst`. Bus mastering is switched on first.
+    /// A write that faults in the IOMMU completes all the same (edu does not report it).
+    pub fn edu_dma(&mut self, edu: DevHandle, dst: u64, data: &[u8]) -> Result<(), Errno> {
+        const BUF: u64 = 0x40000;
+        if data.len() > 4096 {
+            return Err(Errno::EINVAL);
+        }
+        if !self.anon.iter().any(|p| p.iova == EDU_RAM_IOVA) {
+            let ioas = *self.attached.get(&edu.0).ok_or(Errno::EINVAL)?;
+            self.ioas_map_anon(
+                ioas,
+                4096,
+                EDU_RAM_IOVA,
+                MAP_FIXED_IOVA | MAP_READABLE | MAP_WRITEABLE,
+            )?;
+        }
+        let mut c = [0u8; 2];
+        self.config_read(edu, u64::from(regs::COMMAND), &mut c)?;
+        let cmd = u16::from_le_bytes(c);
+        let want = cmd | regs::COMMAND_MEMORY | regs::COMMAND_MASTER;
+        if want != cmd {
+            self.config_write(edu, u64::from(regs::COMMAND), &want.to_le_bytes())?;
+        }
+        self.anon_write(EDU_RAM_IOVA, data)?;
+        self.edu_run(edu, EDU_RAM_IOVA, BUF, data.len(), false)?;
+        self.edu_run(edu, BUF, dst, data.len(), true)
     }
 
     /// Takes ownership of a dma-buf fd the backend handed out (the caller closes it).
@@ -396,7 +464,9 @@ impl UapiBackend for LinuxBackend {
         self.dev(dev)?
             .device
             .attach_hwpt(ioas.0)
-            .map_err(|e| errno_of(&e))
+            .map_err(|e| errno_of(&e))?;
+        self.attached.insert(dev.0, ioas);
+        Ok(())
     }
 
     fn ioas_map_file(
@@ -431,5 +501,62 @@ impl UapiBackend for LinuxBackend {
         };
         i.unmap_iommu_ioas(&mut u).map_err(|e| errno_of(&e))?;
         Ok(u.length)
+    }
+}
+
+/// `struct vfio_pci_hot_reset` with no group fds.
+#[repr(C)]
+struct HotReset {
+    argsz: u32,
+    flags: u32,
+    count: u32,
+}
+
+impl ScenarioBackend for LinuxBackend {
+    /// `provider` is the first ivshmem (1af4:1110), `initiator` the first edu (1234:11e8).
+    fn role(&self, role: &str) -> Result<Bdf, Errno> {
+        let want = match role {
+            "provider" => ("0x1af4", "0x1110"),
+            "initiator" => ("0x1234", "0x11e8"),
+            _ => return Err(Errno::ENODEV),
+        };
+        let dir = self.sysfs.join("bus/pci/devices");
+        let mut found: Vec<Bdf> = std::fs::read_dir(&dir)
+            .map_err(|_| Errno::ENODEV)?
+            .filter_map(Result::ok)
+            .filter(|e| {
+                let id = |f: &str| std::fs::read_to_string(e.path().join(f)).unwrap_or_default();
+                (id("vendor").trim(), id("device").trim()) == want
+            })
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect();
+        found.sort();
+        found.first().copied().ok_or(Errno::ENODEV)
+    }
+
+    fn hot_reset(&mut self, dev: DevHandle) -> Result<(), Errno> {
+        let fd = self.dev(dev)?.device.as_raw_fd();
+        let mut arg = HotReset {
+            argsz: 12,
+            flags: 0,
+            count: 0,
+        };
+        let file = std::mem::ManuallyDrop::new(
+            // SAFETY: as in `device_feature`: a borrowed view of the open device's fd.
+            unsafe { File::from_raw_fd(fd) },
+        );
+        // SAFETY: the ioctl reads `argsz` (12) bytes of `arg`, which is that long, and no
+        // group fds (count 0).
+        let ret = unsafe { ioctl_with_mut_ptr(&*file, VFIO_DEVICE_PCI_HOT_RESET(), &raw mut arg) };
+        if ret < 0 { Err(last_errno()) } else { Ok(()) }
+    }
+
+    fn dma(&mut self, dev: DevHandle, iova: u64, data: &[u8]) -> Result<(), Errno> {
+        self.edu_dma(dev, iova, data)
+    }
+
+    /// Only the host can read the ivshmem backing file.
+    fn landed(&mut self, _bdf: Bdf, _region: u32, _offset: u64, _data: &[u8]) -> Landed {
+        Landed::Later
     }
 }

@@ -62,6 +62,8 @@ struct Proto {
     af_flr: bool,
     acs: Option<u16>,
     no_soft_reset: bool,
+    pm: bool,
+    express: bool,
     sriov: Option<(u16, u16, u16, u16)>, // vfs, offset, stride, vf device id
     key: String,
 }
@@ -397,6 +399,8 @@ impl Fabric {
                 af_flr: d.af_flr,
                 acs: d.acs,
                 no_soft_reset: d.no_soft_reset,
+                pm: d.pm,
+                express: d.express,
                 sriov,
                 key,
             });
@@ -634,6 +638,8 @@ impl Fabric {
                     af_flr: false,
                     acs: None,
                     no_soft_reset: true,
+                    pm: true,
+                    express: true,
                     sriov: None,
                     key: format!("{}.sriov.vf[{n}]", protos[pf].key),
                 });
@@ -1349,7 +1355,7 @@ fn power_on_config(p: &Proto, multifunction: bool) -> (ConfigSpace, Caps) {
         c.set_wmask(regs::BRIDGE_CONTROL, 2, 0x0fff);
     }
     let mut caps = Caps::default();
-    if !is_vf && p.kind != DeviceKind::HostBridgeFunction {
+    if !is_vf && p.pm && p.kind != DeviceKind::HostBridgeFunction {
         let pm = c
             .add_cap(regs::CAP_ID_PM, regs::PM_SIZEOF)
             .expect("empty config space has room");
@@ -1365,7 +1371,7 @@ fn power_on_config(p: &Proto, multifunction: bool) -> (ConfigSpace, Caps) {
         c.set_wmask(pm + regs::PM_CTRL, 2, regs::PM_CTRL_STATE_MASK.into());
         caps.pm = Some(pm);
     }
-    if let Some(t) = p.kind.pcie_type() {
+    if let Some(t) = p.kind.pcie_type().filter(|_| p.express) {
         let e = c
             .add_cap(regs::CAP_ID_EXP, regs::EXP_SIZEOF_V2)
             .expect("room for the PCIe capability");

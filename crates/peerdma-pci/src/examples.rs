@@ -14,13 +14,17 @@ pub const ARM_OFFSET: &str = include_str!("../../../examples/arm-offset.toml");
 pub const SRIOV_NIC: &str = include_str!("../../../examples/sriov-nic.toml");
 /// An AMD machine with two host bridges.
 pub const TWO_HOST_BRIDGES: &str = include_str!("../../../examples/two-host-bridges.toml");
+/// The QEMU harness's machine (q35, Intel IOMMU, a switch with ivshmem and edu below it):
+/// the emulated backend of the conformance suite.
+pub const QEMU_Q35: &str = include_str!("../../../examples/qemu-q35.toml");
 
 /// Every example, with its file name.
-pub const ALL: [(&str, &str); 6] = [
+pub const ALL: [(&str, &str); 7] = [
     ("gpu-server.toml", GPU_SERVER),
     ("gpu-nic-switch.toml", GPU_NIC_SWITCH),
     ("two-root-ports-acs.toml", TWO_ROOT_PORTS_ACS),
     ("arm-offset.toml", ARM_OFFSET),
     ("sriov-nic.toml", SRIOV_NIC),
     ("two-host-bridges.toml", TWO_HOST_BRIDGES),
+    ("qemu-q35.toml", QEMU_Q35),
 ];

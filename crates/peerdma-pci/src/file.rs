@@ -4,7 +4,8 @@
 //! The schema is a contract (see the crate's README section in the project docs and the files
 //! under `examples/`): `[platform]` with `cpu` and `ram`, `[[host_bridge]]` with `name`,
 //! `domain`, `bus`, `p2p`, `mmio`, and `[[device]]` entries with `bdf`, `kind`, `parent`,
-//! `name`, `vendor`, `device`, `class`, `flr`, `af_flr`, `acs`, `no_soft_reset`, `bars`,
+//! `name`, `vendor`, `device`, `class`, `flr`, `af_flr`, `acs`, `no_soft_reset`, `pm`,
+//! `express`, `bars`,
 //! `sriov`. Unknown keys are refused, so a typo never silently changes a platform.
 //!
 //! Sizes and addresses may be integers or strings (`"16M"`, `"0x8000_0000"`); addresses at or
@@ -188,6 +189,8 @@ struct RawDevice {
     af_flr: Option<bool>,
     acs: Option<Vec<String>>,
     no_soft_reset: Option<bool>,
+    pm: Option<bool>,
+    express: Option<bool>,
     #[serde(default)]
     bars: Vec<RawBar>,
     sriov: Option<RawSriov>,
@@ -356,7 +359,21 @@ fn convert(raw: &RawFile) -> Result<FabricSpec, FabricError> {
         spec.vendor = d.vendor.unwrap_or(spec.vendor);
         spec.device = d.device.unwrap_or(spec.device);
         spec.class = d.class;
-        spec.flr = d.flr.unwrap_or(true);
+        spec.pm = d.pm.unwrap_or(true);
+        spec.express = d.express.unwrap_or(true);
+        if !spec.express && kind != DeviceKind::Endpoint {
+            return Err(FabricError::at(
+                format!("{k}.express"),
+                "only an endpoint can be conventional PCI",
+            ));
+        }
+        spec.flr = d.flr.unwrap_or(spec.express);
+        if spec.flr && !spec.express {
+            return Err(FabricError::at(
+                format!("{k}.flr"),
+                "FLR needs the PCIe capability (express = true)",
+            ));
+        }
         spec.af_flr = d.af_flr.unwrap_or(false);
         spec.acs = acs;
         spec.no_soft_reset = d.no_soft_reset.unwrap_or(true);

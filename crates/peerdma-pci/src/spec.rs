@@ -320,6 +320,11 @@ pub struct DeviceSpec {
     pub acs: Option<u16>,
     /// PM capability's No_Soft_Reset: when false, D3hot→D0 resets the function.
     pub no_soft_reset: bool,
+    /// Has a Power Management capability (D-states through PMCSR).
+    pub pm: bool,
+    /// Has a PCI Express capability (false: a conventional PCI endpoint, e.g. QEMU's
+    /// ivshmem, even below a PCIe port); FLR needs it.
+    pub express: bool,
     /// BARs.
     pub bars: Vec<BarSpec>,
     /// SR-IOV capability (PFs only).
@@ -327,7 +332,8 @@ pub struct DeviceSpec {
 }
 
 impl DeviceSpec {
-    /// A function with defaults: FLR on, no AF, no ACS, No_Soft_Reset set, no BARs.
+    /// A function with defaults: PM and PCIe capabilities, FLR on, no AF, no ACS,
+    /// No_Soft_Reset set, no BARs.
     pub fn new(bdf: Bdf, kind: DeviceKind, parent: impl Into<String>) -> DeviceSpec {
         DeviceSpec {
             bdf,
@@ -341,6 +347,8 @@ impl DeviceSpec {
             af_flr: false,
             acs: None,
             no_soft_reset: true,
+            pm: true,
+            express: true,
             bars: Vec::new(),
             sriov: None,
         }

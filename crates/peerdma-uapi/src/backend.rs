@@ -101,6 +101,34 @@ pub trait UapiBackend {
     fn ioas_unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64, Errno>;
 }
 
+/// Whether a pattern a device wrote is in the provider's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Landed {
+    /// The bytes are there.
+    Yes,
+    /// They are not.
+    No,
+    /// Only someone outside this backend can tell (the real kernel in a QEMU guest: the host
+    /// reads the ivshmem backing file after the guest powers off).
+    Later,
+}
+
+/// What the conformance suite needs beyond the raw uAPI: devices by role, a hot reset, and a
+/// DMA engine whose writes can be checked.
+pub trait ScenarioBackend: UapiBackend {
+    /// The function playing `role` (`provider`, `initiator`) on this backend; `ENODEV` if none.
+    fn role(&self, role: &str) -> Result<Bdf, Errno>;
+    /// `VFIO_DEVICE_PCI_HOT_RESET` of the bus above `dev`, with ownership proven the cdev way
+    /// (every affected device open in this process's iommufd; no group fds given).
+    fn hot_reset(&mut self, dev: DevHandle) -> Result<(), Errno>;
+    /// Makes the initiator `dev` (attached to an IOAS) write `data` at `iova`. A DMA that
+    /// faults is not an error of the call: the check is whether the bytes landed.
+    fn dma(&mut self, dev: DevHandle, iova: u64, data: &[u8]) -> Result<(), Errno>;
+    /// Whether `data` is at `offset` of region `region` of the provider `bdf`.
+    fn landed(&mut self, bdf: Bdf, region: u32, offset: u64, data: &[u8]) -> Landed;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -36,6 +36,13 @@ pub struct Iommufd {
     next: Mutex<u32>,
 }
 
+impl Drop for Iommufd {
+    /// Closing `/dev/iommu` unmaps every area, giving back its dma-buf references.
+    fn drop(&mut self) {
+        self.release_all();
+    }
+}
+
 impl std::fmt::Debug for Iommufd {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Iommufd").finish_non_exhaustive()
@@ -182,6 +189,16 @@ impl Iommufd {
         }
         area.file.put();
         Ok(())
+    }
+
+    fn release_all(&self) {
+        let all: Vec<(u32, u64, u64)> = sync::lock(&self.ioas)
+            .iter()
+            .flat_map(|(&id, io)| io.areas.iter().map(move |(&v, a)| (id, v, a.len)))
+            .collect();
+        for (id, iova, len) in all {
+            let _ = self.unmap(id, iova, len);
+        }
     }
 
     /// Whether the area at `iova` was invalidated (its DMA faults).

@@ -7,9 +7,12 @@
 //! | [`feature`] | drivers/vfio/vfio_main.c | `VFIO_DEVICE_FEATURE` on raw bytes: header checks, `vfio_check_feature` |
 //! | [`iommufd`] | drivers/iommu/iommufd (IOAS, MAP_FILE of a dma-buf) | iommufd as a revocable importer whose dead areas stay dead |
 //! | [`rdma`] | drivers/infiniband (ODP umem over dma-buf) | an on-demand-paging RDMA NIC and a static importer |
+//! | [`emulated`] | — | the emulated machine behind the same userspace boundary as the real kernel (conformance suite) |
 //! | [`pci`] | drivers/vfio/pci/vfio_pci_{core,config,dmabuf}.c | vfio-pci devices: config writes, reset, low power, `memory_lock`, dma-buf export and revocation |
 
 pub mod demo;
+pub mod emulated;
+
 pub mod feature;
 pub mod iommufd;
 pub mod pci;

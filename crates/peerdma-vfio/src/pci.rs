@@ -626,6 +626,18 @@ impl DeviceFd {
         d.unrevoke_if_enabled(&mut m);
     }
 
+    /// A user config read (1, 2 or 4 bytes at `offset`), as vfio-pci passes it through: the
+    /// device's own registers.
+    pub fn config_read(&self, offset: u16, size: usize) -> Result<u32, Errno> {
+        if !matches!(size, 1 | 2 | 4) || usize::from(offset) + size > regs::CFG_SIZE {
+            return Err(Errno::EINVAL);
+        }
+        let d = &self.dev;
+        d.fabric
+            .config_read(d.bdf, offset, size)
+            .map_err(|_| Errno::EIO)
+    }
+
     /// A user config write (1, 2 or 4 bytes at `offset`), through vfio-pci's virtualisation:
     /// COMMAND (memory off revokes; every COMMAND write then unrevokes if memory is enabled),
     /// PM control (≥ D3hot revokes), PCIe DevCtl and AF FLR (revoke, reset, unrevoke).

@@ -6,11 +6,14 @@
 //! | `explain` | why a provider/client pair gets its P2P map type, hop by hop |
 //! | `export` | (real machine) export BAR ranges of a vfio-pci device as a dma-buf |
 //! | `import` | (real machine) map such a buffer into an iommufd IOAS another device uses |
+//! | `demo` | the export → import → revoke → recover story on the emulated machine |
+//! | `scenario` | the conformance suite: run scenario files on a backend, or compare two runs |
 //!
 //! Errors go to stderr in plain words; bad input exits with status 2.
 
 mod p2p;
 mod real;
+mod scenario;
 mod topo;
 
 use std::path::PathBuf;
@@ -118,6 +121,12 @@ enum Command {
         /// Where to write.
         out: PathBuf,
     },
+    /// The conformance suite: scenario files (docs/scenarios.md) run on the emulated
+    /// machine or the real kernel, and the table comparing the two.
+    Scenario {
+        #[command(subcommand)]
+        cmd: ScenarioCmd,
+    },
     /// Explain the P2P map type of one provider/client pair, hop by hop.
     Explain {
         /// The provider: a device name from the fabric file or an address (0000:03:00.0).
@@ -128,6 +137,49 @@ enum Command {
         #[arg(long)]
         fabric: Option<PathBuf>,
         /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ScenarioCmd {
+    /// Run scenario files (or directories of them) on one backend; exits 1 if a step's
+    /// outcome is not the expected one.
+    Run {
+        /// Scenario files or directories.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// `emulated` (the QEMU harness's machine, emulated) or `linux` (this machine's
+        /// kernel: root, vfio-pci bound to an ivshmem and an edu device).
+        #[arg(long, default_value = "emulated")]
+        backend: String,
+        /// With `--backend emulated`: another fabric file (devices named by role).
+        #[arg(long)]
+        fabric: Option<PathBuf>,
+        /// One JSON object per step.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the scenarios on the emulated machine and compare with a real run's JSON lines:
+    /// prints the agreement table; exits 1 on an undocumented disagreement.
+    Compare {
+        /// Scenario files or directories.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The real run (`scenario run --backend linux --json` output; other lines ignored).
+        #[arg(long)]
+        real: PathBuf,
+        /// The ivshmem backing file, to decide the real run's pending DMAs.
+        #[arg(long)]
+        shm: Option<PathBuf>,
+        /// Where documented divergences are listed.
+        #[arg(long, default_value = "docs/divergences.md")]
+        divergences: PathBuf,
+        /// Another fabric file for the emulated side.
+        #[arg(long)]
+        fabric: Option<PathBuf>,
+        /// One JSON object per row.
         #[arg(long)]
         json: bool,
     },
@@ -357,6 +409,29 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 })
             }
         }
+        Command::Scenario { cmd } => match cmd {
+            ScenarioCmd::Run {
+                files,
+                backend,
+                fabric,
+                json,
+            } => scenario::run(&files, &backend, fabric.as_ref(), json),
+            ScenarioCmd::Compare {
+                files,
+                real,
+                shm,
+                divergences,
+                fabric,
+                json,
+            } => scenario::compare(
+                &files,
+                &real,
+                shm.as_ref(),
+                &divergences,
+                fabric.as_ref(),
+                json,
+            ),
+        },
         Command::Explain {
             provider,
             client,

@@ -1,0 +1,842 @@
+//! Scenario files: TOML in, [`Scenario`] out. Every error names the file, the step and the
+//! key; unknown keys are refused, so a typo never silently changes a scenario.
+//!
+//! ```toml
+//! about = "A whole-BAR export gives a 1 MiB dma-buf"
+//!
+//! [[step]]
+//! do = "open"
+//! dev = "provider"        # a role, resolved by the backend
+//! as = "p"
+//!
+//! [[step]]
+//! do = "export"
+//! dev = "p"
+//! region = 2
+//! ranges = [[0, "1M"]]
+//! as = "buf"
+//! expect = { fd = true, size = "1M", exp_name = "vfio_pci_core" }
+//! ```
+
+use std::path::Path;
+
+use peerdma_pci::Errno;
+use peerdma_uapi::OpenPath;
+use peerdma_uapi::feature::{
+    DmaBufRequest, O_CLOEXEC, O_RDWR, VFIO_DEVICE_FEATURE_DMA_BUF, VFIO_DEVICE_FEATURE_GET,
+    VFIO_DEVICE_FEATURE_PROBE, VFIO_DEVICE_FEATURE_SET,
+};
+use toml::{Table, Value};
+
+/// A scenario: a name, what it shows, its steps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scenario {
+    /// The file's stem.
+    pub name: String,
+    /// One line saying what it shows.
+    pub about: String,
+    /// The steps, in order.
+    pub steps: Vec<Step>,
+}
+
+/// One step: what to do and what must come of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Step {
+    /// The action.
+    pub action: Action,
+    /// The expected result.
+    pub expect: Expect,
+}
+
+/// What a step does. Device, fd and IOAS fields are names given earlier with `as`, except
+/// `open`'s `dev`, which is a role.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Open the device playing `role` as `name`.
+    Open {
+        /// Role (`provider`, `initiator`).
+        role: String,
+        /// Name for later steps.
+        name: String,
+        /// Group/container or cdev/iommufd.
+        path: OpenPath,
+    },
+    /// Close a device fd.
+    Close {
+        /// Device name.
+        dev: String,
+    },
+    /// `VFIO_DEVICE_FEATURE` with a header built from `flags` and `argsz`, then `data`.
+    Feature {
+        /// Device name.
+        dev: String,
+        /// The header's flags word (feature number and GET/SET/PROBE bits).
+        flags: u32,
+        /// `argsz` (default: header + data).
+        argsz: Option<u32>,
+        /// Bytes after the header.
+        data: Vec<u8>,
+        /// Name for an fd that comes back.
+        name: Option<String>,
+    },
+    /// `VFIO_DEVICE_FEATURE_DMA_BUF` from structured fields.
+    Export {
+        /// Device name.
+        dev: String,
+        /// The request (every field may be set independently of the others).
+        req: DmaBufRequest,
+        /// Name for the fd.
+        name: Option<String>,
+    },
+    /// Close a dma-buf fd.
+    CloseFd {
+        /// Fd name.
+        fd: String,
+    },
+    /// Look at a dma-buf fd's fdinfo.
+    Fdinfo {
+        /// Fd name.
+        fd: String,
+    },
+    /// Read config space through the VFIO config region.
+    ConfigRead {
+        /// Device name.
+        dev: String,
+        /// Offset.
+        offset: u16,
+        /// 1, 2 or 4.
+        size: usize,
+        /// Bits compared.
+        mask: u32,
+    },
+    /// Write config space through the VFIO config region.
+    ConfigWrite {
+        /// Device name.
+        dev: String,
+        /// Offset.
+        offset: u16,
+        /// 1, 2 or 4.
+        size: usize,
+        /// Value.
+        value: u32,
+    },
+    /// Read COMMAND, set or clear Memory Space Enable, write it back.
+    Memory {
+        /// Device name.
+        dev: String,
+        /// On or off.
+        on: bool,
+    },
+    /// Write PMCSR's power state (found through the capability list).
+    Power {
+        /// Device name.
+        dev: String,
+        /// 0 = D0 … 3 = D3hot.
+        state: u16,
+    },
+    /// PCIe Function Level Reset through DevCtl.
+    Flr {
+        /// Device name.
+        dev: String,
+    },
+    /// Advanced Features FLR.
+    AfFlr {
+        /// Device name.
+        dev: String,
+    },
+    /// `VFIO_DEVICE_RESET`.
+    Reset {
+        /// Device name.
+        dev: String,
+    },
+    /// `VFIO_DEVICE_PCI_HOT_RESET` (cdev ownership, no group fds).
+    HotReset {
+        /// Device name.
+        dev: String,
+    },
+    /// `VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY` / `_EXIT`.
+    LowPower {
+        /// Device name.
+        dev: String,
+        /// Entry (true) or exit.
+        enter: bool,
+    },
+    /// `IOMMU_IOAS_ALLOC`.
+    IoasAlloc {
+        /// Name.
+        name: String,
+    },
+    /// Attach a device to an IOAS.
+    Attach {
+        /// Device name.
+        dev: String,
+        /// IOAS name.
+        ioas: String,
+    },
+    /// `IOMMU_IOAS_MAP_FILE`.
+    Map {
+        /// IOAS name.
+        ioas: String,
+        /// Fd name.
+        fd: String,
+        /// Offset in the buffer.
+        start: u64,
+        /// Length.
+        length: u64,
+        /// IOVA.
+        iova: u64,
+    },
+    /// `IOMMU_IOAS_UNMAP`.
+    Unmap {
+        /// IOAS name.
+        ioas: String,
+        /// IOVA.
+        iova: u64,
+        /// Length.
+        length: u64,
+    },
+    /// The initiator writes a fresh 64-byte pattern at (or just past) `iova`, inside a
+    /// window mapped by an earlier `map` step; the provider's memory is then checked.
+    Dma {
+        /// Initiator device name.
+        dev: String,
+        /// IOVA.
+        iova: u64,
+    },
+}
+
+impl Action {
+    /// The `do` word.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Action::Open { .. } => "open",
+            Action::Close { .. } => "close",
+            Action::Feature { .. } => "feature",
+            Action::Export { .. } => "export",
+            Action::CloseFd { .. } => "close_fd",
+            Action::Fdinfo { .. } => "fdinfo",
+            Action::ConfigRead { .. } => "config_read",
+            Action::ConfigWrite { .. } => "config_write",
+            Action::Memory { .. } => "memory",
+            Action::Power { .. } => "power",
+            Action::Flr { .. } => "flr",
+            Action::AfFlr { .. } => "af_flr",
+            Action::Reset { .. } => "reset",
+            Action::HotReset { .. } => "hot_reset",
+            Action::LowPower { .. } => "low_power",
+            Action::IoasAlloc { .. } => "ioas",
+            Action::Attach { .. } => "attach",
+            Action::Map { .. } => "map",
+            Action::Unmap { .. } => "unmap",
+            Action::Dma { .. } => "dma",
+        }
+    }
+}
+
+/// What a step must produce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// Success without an fd.
+    Ok,
+    /// An fd; the fields given must match its fdinfo.
+    Fd {
+        /// `size`.
+        size: Option<u64>,
+        /// `count`.
+        count: Option<u64>,
+        /// `exp_name`.
+        exp_name: Option<String>,
+    },
+    /// This errno.
+    Errno(Errno),
+    /// The DMA's bytes are in the provider's memory (true) or not.
+    Landed(bool),
+    /// A config read gives this value (after the mask).
+    Value(u32),
+    /// The device lacks the capability a `power`, `flr` or `af_flr` step needs.
+    NoCapability,
+}
+
+impl Expect {
+    /// Whether a step's outcome (see [`crate::run`]) is what this expects.
+    pub fn matches(&self, outcome: &str) -> bool {
+        match self {
+            Expect::Ok => outcome == "ok",
+            Expect::Errno(e) => e.name() == Some(outcome),
+            Expect::Landed(true) => outcome == "landed",
+            Expect::Landed(false) => outcome == "not landed",
+            Expect::Value(v) => outcome == format!("{v:#06x}"),
+            Expect::NoCapability => outcome.starts_with("no "),
+            Expect::Fd {
+                size,
+                count,
+                exp_name,
+            } => {
+                let mut words = outcome.split(' ');
+                if words.next() != Some("fd") {
+                    return false;
+                }
+                let kv: Vec<(&str, &str)> = words.filter_map(|w| w.split_once('=')).collect();
+                let has = |k: &str, v: &str| kv.iter().any(|&(a, b)| a == k && b == v);
+                size.is_none_or(|s| has("size", &s.to_string()))
+                    && count.is_none_or(|c| has("count", &c.to_string()))
+                    && exp_name.as_deref().is_none_or(|n| has("exp_name", n))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Expect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Expect::Ok => f.write_str("ok"),
+            Expect::Errno(e) => f.write_str(e.name().unwrap_or("errno?")),
+            Expect::Landed(true) => f.write_str("landed"),
+            Expect::Landed(false) => f.write_str("not landed"),
+            Expect::Value(v) => write!(f, "{v:#06x}"),
+            Expect::NoCapability => f.write_str("no capability"),
+            Expect::Fd {
+                size,
+                count,
+                exp_name,
+            } => {
+                f.write_str("fd")?;
+                if let Some(s) = size {
+                    write!(f, " size={s}")?;
+                }
+                if let Some(c) = count {
+                    write!(f, " count={c}")?;
+                }
+                if let Some(n) = exp_name {
+                    write!(f, " exp_name={n}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A scenario file that cannot be read: where and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FormatError {
+    /// `file: step[N].key` or `file`.
+    pub at: String,
+    /// What is wrong.
+    pub why: String,
+}
+
+impl std::fmt::Display for FormatError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.at, self.why)
+    }
+}
+
+impl std::error::Error for FormatError {}
+
+/// Reads a scenario file; its name is the file stem.
+pub fn load_path(path: &Path) -> Result<Scenario, FormatError> {
+    let text = std::fs::read_to_string(path).map_err(|e| FormatError {
+        at: path.display().to_string(),
+        why: e.to_string(),
+    })?;
+    let name = path
+        .file_stem()
+        .map_or_else(|| "scenario".into(), |s| s.to_string_lossy().into_owned());
+    load_str(&text, &name)
+}
+
+/// Parses scenario text named `name`.
+pub fn load_str(text: &str, name: &str) -> Result<Scenario, FormatError> {
+    let top: Table = text.parse().map_err(|e: toml::de::Error| FormatError {
+        at: name.into(),
+        why: e.message().to_string(),
+    })?;
+    let mut f = Fields::new(top, name.to_string());
+    let about = f.string("about")?;
+    let steps_v = f.take("step").ok_or_else(|| f.err("step", "no [[step]]"))?;
+    let bad_steps = f.err("step", "must be [[step]] tables");
+    f.done()?;
+    let Value::Array(items) = steps_v else {
+        return Err(bad_steps);
+    };
+    let mut steps = Vec::new();
+    for (i, v) in items.into_iter().enumerate() {
+        let at = format!("{name}: step[{}]", i + 1);
+        let Value::Table(t) = v else {
+            return Err(FormatError {
+                at,
+                why: "must be a table".into(),
+            });
+        };
+        steps.push(step(Fields::new(t, at))?);
+    }
+    if steps.is_empty() {
+        return Err(FormatError {
+            at: name.into(),
+            why: "no steps".into(),
+        });
+    }
+    Ok(Scenario {
+        name: name.to_string(),
+        about,
+        steps,
+    })
+}
+
+/// A table whose keys are taken one by one; [`Fields::done`] refuses whatever is left.
+struct Fields {
+    t: Table,
+    at: String,
+}
+
+impl Fields {
+    fn new(t: Table, at: String) -> Fields {
+        Fields { t, at }
+    }
+    fn err(&self, key: &str, why: impl Into<String>) -> FormatError {
+        FormatError {
+            at: format!("{}.{key}", self.at),
+            why: why.into(),
+        }
+    }
+    fn take(&mut self, key: &str) -> Option<Value> {
+        self.t.remove(key)
+    }
+    fn opt_string(&mut self, key: &str) -> Result<Option<String>, FormatError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(_) => Err(self.err(key, "must be a string")),
+        }
+    }
+    fn string(&mut self, key: &str) -> Result<String, FormatError> {
+        self.opt_string(key)?
+            .ok_or_else(|| self.err(key, "missing"))
+    }
+    fn opt_num(&mut self, key: &str) -> Result<Option<u64>, FormatError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(v) => num(&v).map(Some).map_err(|w| self.err(key, w)),
+        }
+    }
+    fn num(&mut self, key: &str) -> Result<u64, FormatError> {
+        self.opt_num(key)?.ok_or_else(|| self.err(key, "missing"))
+    }
+    fn opt_u32(&mut self, key: &str) -> Result<Option<u32>, FormatError> {
+        match self.opt_num(key)? {
+            None => Ok(None),
+            Some(n) => u32::try_from(n)
+                .map(Some)
+                .map_err(|_| self.err(key, "does not fit 32 bits")),
+        }
+    }
+    fn opt_bool(&mut self, key: &str) -> Result<Option<bool>, FormatError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(Value::Boolean(b)) => Ok(Some(b)),
+            Some(_) => Err(self.err(key, "must be true or false")),
+        }
+    }
+    fn done(self) -> Result<(), FormatError> {
+        match self.t.keys().next() {
+            None => Ok(()),
+            Some(k) => Err(self.err(k, "unknown key")),
+        }
+    }
+}
+
+/// A number: a non-negative integer, or a string — decimal, `0x` hex, or a size with a `K`,
+/// `M`, `G` or `T` suffix; `_` separators allowed.
+pub fn num(v: &Value) -> Result<u64, String> {
+    match v {
+        Value::Integer(i) => u64::try_from(*i).map_err(|_| format!("{i} is negative")),
+        Value::String(s) => parse_num(s).ok_or_else(|| format!("{s:?} is not a number or size")),
+        _ => Err("must be a number or a string like \"0x1000\" or \"4K\"".into()),
+    }
+}
+
+fn parse_num(s: &str) -> Option<u64> {
+    let t: String = s.trim().chars().filter(|&c| c != '_').collect();
+    if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        return u64::from_str_radix(h, 16).ok();
+    }
+    let (digits, shift) = match t.chars().last()? {
+        'K' | 'k' => (&t[..t.len() - 1], 10),
+        'M' => (&t[..t.len() - 1], 20),
+        'G' => (&t[..t.len() - 1], 30),
+        'T' => (&t[..t.len() - 1], 40),
+        _ => (&t[..], 0),
+    };
+    let n: u64 = digits.parse().ok()?;
+    n.checked_mul(1u64 << shift)
+}
+
+fn hex_bytes(s: &str) -> Option<Vec<u8>> {
+    let t: String = s
+        .chars()
+        .filter(|c| !c.is_whitespace() && *c != '_')
+        .collect();
+    if t.len() % 2 != 0 {
+        return None;
+    }
+    (0..t.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(t.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Feature flags: a number, or a list of words (`get`, `set`, `probe`, `dma_buf`,
+/// `low_power_entry`, `low_power_exit`, …) and numbers, OR-ed.
+fn feature_flags(f: &Fields, key: &str, v: &Value) -> Result<u32, FormatError> {
+    let word = |w: &str| -> Option<u32> {
+        Some(match w {
+            "get" => VFIO_DEVICE_FEATURE_GET,
+            "set" => VFIO_DEVICE_FEATURE_SET,
+            "probe" => VFIO_DEVICE_FEATURE_PROBE,
+            "pci_vf_token" => 0,
+            "migration" => 1,
+            "mig_device_state" => 2,
+            "low_power_entry" => 3,
+            "low_power_entry_with_wakeup" => 4,
+            "low_power_exit" => 5,
+            "dma_logging_start" => 6,
+            "bus_master" => 10,
+            "dma_buf" => VFIO_DEVICE_FEATURE_DMA_BUF,
+            _ => return None,
+        })
+    };
+    let one = |v: &Value| -> Result<u32, FormatError> {
+        match v {
+            Value::String(s) if word(s).is_some() => Ok(word(s).unwrap_or(0)),
+            other => num(other)
+                .ok()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| f.err(key, format!("unknown feature flag {other}"))),
+        }
+    };
+    match v {
+        Value::Array(a) => a.iter().try_fold(0, |acc, x| Ok(acc | one(x)?)),
+        other => one(other),
+    }
+}
+
+fn expect(f: &mut Fields, default: Option<Expect>) -> Result<Expect, FormatError> {
+    let Some(v) = f.take("expect") else {
+        return default.ok_or_else(|| f.err("expect", "missing (this step has no default)"));
+    };
+    match v {
+        Value::String(s) => match s.as_str() {
+            "ok" => Ok(Expect::Ok),
+            "fd" => Ok(Expect::Fd {
+                size: None,
+                count: None,
+                exp_name: None,
+            }),
+            "landed" => Ok(Expect::Landed(true)),
+            "not_landed" | "not landed" => Ok(Expect::Landed(false)),
+            "no_capability" => Ok(Expect::NoCapability),
+            other => Errno::from_name(other).map(Expect::Errno).ok_or_else(|| {
+                f.err(
+                    "expect",
+                    format!("{other:?}: not ok, fd, landed, not_landed or an errno name"),
+                )
+            }),
+        },
+        Value::Table(t) => {
+            let mut e = Fields::new(t, format!("{}.expect", f.at));
+            if let Some(v) = e.opt_num("value")? {
+                let v = u32::try_from(v).map_err(|_| e.err("value", "does not fit 32 bits"))?;
+                e.done()?;
+                return Ok(Expect::Value(v));
+            }
+            let fd = e.opt_bool("fd")?;
+            if fd == Some(false) {
+                return Err(e.err("fd", "say the errno instead of fd = false"));
+            }
+            let r = Expect::Fd {
+                size: e.opt_num("size")?,
+                count: e.opt_num("count")?,
+                exp_name: e.opt_string("exp_name")?,
+            };
+            e.done()?;
+            Ok(r)
+        }
+        _ => Err(f.err("expect", "must be a string or a table")),
+    }
+}
+
+fn step(mut f: Fields) -> Result<Step, FormatError> {
+    let word = f.string("do")?;
+    let ok = Some(Expect::Ok);
+    let fd = Some(Expect::Fd {
+        size: None,
+        count: None,
+        exp_name: None,
+    });
+    let (action, default) = match word.as_str() {
+        "open" => {
+            let path = match f.opt_string("path")?.as_deref() {
+                None | Some("cdev") => OpenPath::CdevIommufd,
+                Some("group") => OpenPath::GroupContainer,
+                Some(p) => return Err(f.err("path", format!("{p:?}: cdev or group"))),
+            };
+            (
+                Action::Open {
+                    role: f.string("dev")?,
+                    name: f.string("as")?,
+                    path,
+                },
+                ok,
+            )
+        }
+        "close" => (
+            Action::Close {
+                dev: f.string("dev")?,
+            },
+            ok,
+        ),
+        "feature" => {
+            let dev = f.string("dev")?;
+            let fv = f.take("flags").ok_or_else(|| f.err("flags", "missing"))?;
+            let flags = feature_flags(&f, "flags", &fv)?;
+            let argsz = f.opt_u32("argsz")?;
+            let data = match f.opt_string("data")? {
+                None => Vec::new(),
+                Some(h) => hex_bytes(&h).ok_or_else(|| f.err("data", "not hex bytes"))?,
+            };
+            let name = f.opt_string("as")?;
+            (
+                Action::Feature {
+                    dev,
+                    flags,
+                    argsz,
+                    data,
+                    name,
+                },
+                ok,
+            )
+        }
+        "export" => {
+            let dev = f.string("dev")?;
+            let region = f.opt_u32("region")?.unwrap_or(2);
+            let ranges = match f.take("ranges") {
+                None => Vec::new(),
+                Some(Value::Array(a)) => {
+                    let mut out = Vec::new();
+                    for r in &a {
+                        let pair = match r {
+                            Value::Array(p) if p.len() == 2 => p,
+                            _ => return Err(f.err("ranges", "each range is [offset, length]")),
+                        };
+                        let o = num(&pair[0]).map_err(|w| f.err("ranges", w))?;
+                        let l = num(&pair[1]).map_err(|w| f.err("ranges", w))?;
+                        out.push((o, l));
+                    }
+                    out
+                }
+                Some(_) => return Err(f.err("ranges", "must be a list of [offset, length]")),
+            };
+            let mut req = DmaBufRequest::new(region, ranges);
+            if let Some(v) = f.take("feature") {
+                req.feature_flags = feature_flags(&f, "feature", &v)?;
+            }
+            if let Some(n) = f.opt_u32("nr_ranges")? {
+                req.nr_ranges = Some(n);
+            }
+            if let Some(n) = f.opt_u32("flags")? {
+                req.flags = n;
+            }
+            if let Some(n) = f.opt_u32("argsz")? {
+                req.argsz = Some(n);
+            }
+            if let Some(c) = f.opt_bool("cloexec")? {
+                req.open_flags = O_RDWR | if c { O_CLOEXEC } else { 0 };
+            }
+            if let Some(n) = f.opt_u32("open_flags")? {
+                req.open_flags = n;
+            }
+            (
+                Action::Export {
+                    dev,
+                    req,
+                    name: f.opt_string("as")?,
+                },
+                fd,
+            )
+        }
+        "close_fd" => (
+            Action::CloseFd {
+                fd: f.string("fd")?,
+            },
+            ok,
+        ),
+        "fdinfo" => (
+            Action::Fdinfo {
+                fd: f.string("fd")?,
+            },
+            fd,
+        ),
+        "config_read" | "config_write" => {
+            let dev = f.string("dev")?;
+            let offset = match f.take("offset") {
+                Some(Value::String(s)) if s == "command" => u64::from(peerdma_pci::regs::COMMAND),
+                Some(v) => num(&v).map_err(|w| f.err("offset", w))?,
+                None => return Err(f.err("offset", "missing")),
+            };
+            let offset = u16::try_from(offset).map_err(|_| f.err("offset", "past 64 KiB"))?;
+            let size = f.opt_num("size")?.unwrap_or(2);
+            let size = match size {
+                1 | 2 | 4 => size as usize,
+                _ => return Err(f.err("size", "1, 2 or 4")),
+            };
+            if word == "config_read" {
+                let mask = f.opt_u32("mask")?.unwrap_or(u32::MAX);
+                (
+                    Action::ConfigRead {
+                        dev,
+                        offset,
+                        size,
+                        mask,
+                    },
+                    None,
+                )
+            } else {
+                let value = f
+                    .opt_u32("value")?
+                    .ok_or_else(|| f.err("value", "missing"))?;
+                (
+                    Action::ConfigWrite {
+                        dev,
+                        offset,
+                        size,
+                        value,
+                    },
+                    ok,
+                )
+            }
+        }
+        "memory" => (
+            Action::Memory {
+                dev: f.string("dev")?,
+                on: f.opt_bool("on")?.ok_or_else(|| f.err("on", "missing"))?,
+            },
+            ok,
+        ),
+        "power" => {
+            let dev = f.string("dev")?;
+            let state = match f.string("state")?.as_str() {
+                "D0" => 0,
+                "D1" => 1,
+                "D2" => 2,
+                "D3hot" => 3,
+                s => return Err(f.err("state", format!("{s:?}: D0, D1, D2 or D3hot"))),
+            };
+            (Action::Power { dev, state }, ok)
+        }
+        "flr" => (
+            Action::Flr {
+                dev: f.string("dev")?,
+            },
+            ok,
+        ),
+        "af_flr" => (
+            Action::AfFlr {
+                dev: f.string("dev")?,
+            },
+            ok,
+        ),
+        "reset" => (
+            Action::Reset {
+                dev: f.string("dev")?,
+            },
+            ok,
+        ),
+        "hot_reset" => (
+            Action::HotReset {
+                dev: f.string("dev")?,
+            },
+            ok,
+        ),
+        "low_power" => (
+            Action::LowPower {
+                dev: f.string("dev")?,
+                enter: f
+                    .opt_bool("enter")?
+                    .ok_or_else(|| f.err("enter", "missing"))?,
+            },
+            ok,
+        ),
+        "ioas" => (
+            Action::IoasAlloc {
+                name: f.string("as")?,
+            },
+            ok,
+        ),
+        "attach" => (
+            Action::Attach {
+                dev: f.string("dev")?,
+                ioas: f.string("ioas")?,
+            },
+            ok,
+        ),
+        "map" => (
+            Action::Map {
+                ioas: f.string("ioas")?,
+                fd: f.string("fd")?,
+                start: f.opt_num("start")?.unwrap_or(0),
+                length: f.num("length")?,
+                iova: f.num("iova")?,
+            },
+            ok,
+        ),
+        "unmap" => (
+            Action::Unmap {
+                ioas: f.string("ioas")?,
+                iova: f.num("iova")?,
+                length: f.num("length")?,
+            },
+            ok,
+        ),
+        "dma" => {
+            let dev = f.string("dev")?;
+            let iova = f.num("iova")?;
+            if iova % crate::run::PATTERN_LEN != 0 {
+                return Err(f.err("iova", "must be 64-byte aligned"));
+            }
+            (Action::Dma { dev, iova }, None)
+        }
+        other => {
+            return Err(f.err(
+                "do",
+                format!(
+                    "unknown action {other:?} (open, close, feature, export, close_fd, fdinfo, \
+                     config_read, config_write, memory, power, flr, af_flr, reset, hot_reset, \
+                     low_power, ioas, attach, map, unmap, dma)"
+                ),
+            ));
+        }
+    };
+    let expect = expect(&mut f, default)?;
+    f.done()?;
+    Ok(Step { action, expect })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_and_sizes() {
+        assert_eq!(parse_num("4K"), Some(4096));
+        assert_eq!(parse_num("1M"), Some(1 << 20));
+        assert_eq!(
+            parse_num("0xffff_ffff_ffff_f001"),
+            Some(0xffff_ffff_ffff_f001)
+        );
+        assert_eq!(parse_num("12"), Some(12));
+        assert_eq!(parse_num("99999999999T"), None);
+        assert_eq!(parse_num("x"), None);
+        assert_eq!(hex_bytes("00 01ff"), Some(vec![0, 1, 0xff]));
+        assert_eq!(hex_bytes("0"), None);
+    }
+}

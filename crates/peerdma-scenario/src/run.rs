@@ -1,0 +1,458 @@
+//! Plays a [`Scenario`] on a backend and records what each step produced.
+//!
+//! Outcomes are short, backend-independent words so two runs can be compared as strings:
+//! `ok`; an errno name (`EINVAL`); `fd size=… count=… exp_name=…` for a new dma-buf; a
+//! masked config value (`0x0002`); `landed` / `not landed` for a DMA (or `pending` when only
+//! the host can look); `error: …` when the scenario itself is wrong (a name never given).
+
+use std::collections::{HashMap, HashSet};
+
+use peerdma_pci::{Bdf, Errno, regs};
+use peerdma_uapi::backend::{Landed, ScenarioBackend};
+use peerdma_uapi::feature::{VFIO_DEVICE_FEATURE_SET, header_bytes};
+use peerdma_uapi::{DevHandle, IoasId};
+use serde::{Deserialize, Serialize};
+
+use crate::format::{Action, Scenario};
+
+/// Bytes each DMA step writes.
+pub const PATTERN_LEN: u64 = 64;
+
+/// Where a pending DMA must be looked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    /// The provider's region (BAR).
+    pub region: u32,
+    /// Offset in it.
+    pub offset: u64,
+    /// The pattern, hex.
+    pub hex: String,
+}
+
+/// What one step produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepResult {
+    /// The scenario's name.
+    pub scenario: String,
+    /// The step, from 1.
+    pub step: usize,
+    /// Its `do` word.
+    #[serde(rename = "do")]
+    pub action: String,
+    /// What it expects.
+    pub expect: String,
+    /// What it got.
+    pub outcome: String,
+    /// Whether that is what it expects (`None` while pending).
+    pub pass: Option<bool>,
+    /// For a pending DMA: where to look.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<Check>,
+}
+
+/// State that lives across the scenarios of one run (one boot of the guest, one emulated
+/// machine): which bytes of the providers' memory earlier DMAs used, so that every DMA of
+/// the run writes a fresh place and a later one cannot fake or hide an earlier result.
+#[derive(Debug, Default)]
+pub struct RunCtx {
+    used: HashSet<(Bdf, u32, u64)>,
+    seq: u32,
+}
+
+struct Export {
+    bdf: Bdf,
+    region: u32,
+    ranges: Vec<(u64, u64)>,
+}
+
+struct Window {
+    iova: u64,
+    length: u64,
+    fd: String,
+    start: u64,
+}
+
+#[derive(Default)]
+struct State {
+    devs: HashMap<String, (DevHandle, Bdf)>,
+    fds: HashMap<String, (i32, Option<usize>)>,
+    exports: Vec<Export>,
+    ioas: HashMap<String, IoasId>,
+    windows: Vec<Window>,
+}
+
+/// Plays `s` on `be`. Every step runs, whatever earlier ones produced.
+pub fn run(s: &Scenario, be: &mut dyn ScenarioBackend, ctx: &mut RunCtx) -> Vec<StepResult> {
+    let mut st = State::default();
+    let mut out = Vec::new();
+    for (i, step) in s.steps.iter().enumerate() {
+        let (outcome, check) = match play(&step.action, be, &mut st, ctx) {
+            Ok(o) => o,
+            Err(e) => (e, None),
+        };
+        let pass = if outcome == "pending" {
+            None
+        } else {
+            Some(step.expect.matches(&outcome))
+        };
+        out.push(StepResult {
+            scenario: s.name.clone(),
+            step: i + 1,
+            action: step.action.word().into(),
+            expect: step.expect.to_string(),
+            outcome,
+            pass,
+            check,
+        });
+    }
+    out
+}
+
+type Played = Result<(String, Option<Check>), String>;
+
+fn errno_word(e: Errno) -> String {
+    e.name()
+        .map_or_else(|| format!("errno {}", e.0), str::to_string)
+}
+
+fn ok_or_errno(r: Result<(), Errno>) -> Played {
+    Ok((r.map_or_else(errno_word, |()| "ok".into()), None))
+}
+
+fn fd_outcome(be: &mut dyn ScenarioBackend, fd: i32) -> String {
+    match be.dmabuf_info(fd) {
+        Ok(i) => format!(
+            "fd size={} count={} exp_name={}",
+            i.size, i.count, i.exp_name
+        ),
+        Err(e) => format!("fd (fdinfo: {})", errno_word(e)),
+    }
+}
+
+impl State {
+    fn dev(&self, name: &str) -> Result<(DevHandle, Bdf), String> {
+        self.devs
+            .get(name)
+            .copied()
+            .ok_or_else(|| format!("error: no device named {name:?}"))
+    }
+    fn fd(&self, name: &str) -> Result<(i32, Option<usize>), String> {
+        self.fds
+            .get(name)
+            .copied()
+            .ok_or_else(|| format!("error: no fd named {name:?}"))
+    }
+    fn ioas(&self, name: &str) -> Result<IoasId, String> {
+        self.ioas
+            .get(name)
+            .copied()
+            .ok_or_else(|| format!("error: no IOAS named {name:?}"))
+    }
+    /// Keeps a new fd under `name`; `export` says which export made it.
+    fn keep(&mut self, name: Option<&String>, fd: i32, export: Option<Export>) {
+        let idx = export.map(|e| {
+            self.exports.push(e);
+            self.exports.len() - 1
+        });
+        if let Some(n) = name {
+            self.fds.insert(n.clone(), (fd, idx));
+        }
+    }
+}
+
+fn read_cfg(
+    be: &mut dyn ScenarioBackend,
+    d: DevHandle,
+    off: u16,
+    size: usize,
+) -> Result<u32, Errno> {
+    let mut b = vec![0u8; size];
+    be.config_read(d, u64::from(off), &mut b)?;
+    Ok(b.iter()
+        .enumerate()
+        .fold(0u32, |v, (i, x)| v | u32::from(*x) << (8 * i)))
+}
+
+/// Finds capability `id` by walking the list through config reads, as a user would.
+fn find_cap(be: &mut dyn ScenarioBackend, d: DevHandle, id: u8) -> Result<Option<u16>, Errno> {
+    let status = read_cfg(be, d, regs::STATUS, 2)?;
+    if status & u32::from(regs::STATUS_CAP_LIST) == 0 {
+        return Ok(None);
+    }
+    let mut p = read_cfg(be, d, regs::CAPABILITY_LIST, 1)? as u16 & 0xfc;
+    for _ in 0..48 {
+        if p == 0 {
+            break;
+        }
+        let hdr = read_cfg(be, d, p, 2)?;
+        if hdr & 0xff == u32::from(id) {
+            return Ok(Some(p));
+        }
+        p = (hdr >> 8) as u16 & 0xfc;
+    }
+    Ok(None)
+}
+
+/// The provider memory a DMA at `iova` would reach through the newest window holding it, at
+/// a 64-byte slot no earlier DMA of the run used: (iova, provider, region, offset).
+fn pick_target(st: &State, ctx: &RunCtx, iova: u64) -> Result<(u64, Bdf, u32, u64), String> {
+    let w = st
+        .windows
+        .iter()
+        .rev()
+        .find(|w| iova >= w.iova && iova - w.iova < w.length)
+        .ok_or_else(|| format!("error: {iova:#x} is in no window an earlier map step made"))?;
+    let (_, idx) = st.fd(&w.fd)?;
+    let e = &st.exports[idx.ok_or("error: the window's fd is not an export")?];
+    let mut cand = iova;
+    while cand + PATTERN_LEN <= w.iova + w.length {
+        let mut b = cand - w.iova + w.start;
+        let mut at = None;
+        for &(off, len) in &e.ranges {
+            if b < len {
+                at = (b + PATTERN_LEN <= len).then_some(off + b);
+                break;
+            }
+            b -= len;
+        }
+        if let Some(off) = at {
+            if !ctx.used.contains(&(e.bdf, e.region, off / PATTERN_LEN)) {
+                return Ok((cand, e.bdf, e.region, off));
+            }
+        }
+        cand += PATTERN_LEN;
+    }
+    Err("error: no unused 64-byte slot left in the window".into())
+}
+
+fn pattern(seq: u32) -> Vec<u8> {
+    let mut p = b"peerdma!".to_vec();
+    p.extend_from_slice(&seq.to_le_bytes());
+    while p.len() < PATTERN_LEN as usize {
+        let i = p.len() as u32;
+        p.push((seq.wrapping_mul(31).wrapping_add(i.wrapping_mul(7)) as u8) | 1);
+    }
+    p
+}
+
+fn hex(b: &[u8]) -> String {
+    use std::fmt::Write;
+    b.iter().fold(String::new(), |mut s, x| {
+        let _ = write!(s, "{x:02x}");
+        s
+    })
+}
+
+fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunCtx) -> Played {
+    match a {
+        Action::Open { role, name, path } => {
+            let bdf = be
+                .role(role)
+                .map_err(|_| format!("error: no device plays {role:?} here"))?;
+            match be.open_device(bdf, *path) {
+                Ok(h) => {
+                    st.devs.insert(name.clone(), (h, bdf));
+                    Ok(("ok".into(), None))
+                }
+                Err(e) => Ok((errno_word(e), None)),
+            }
+        }
+        Action::Close { dev } => {
+            let (d, _) = st.dev(dev)?;
+            st.devs.remove(dev);
+            ok_or_errno(be.close_device(d))
+        }
+        Action::Feature {
+            dev,
+            flags,
+            argsz,
+            data,
+            name,
+        } => {
+            let (d, _) = st.dev(dev)?;
+            let total = u32::try_from(8 + data.len()).unwrap_or(u32::MAX);
+            let mut b = header_bytes(argsz.unwrap_or(total), *flags);
+            b.extend_from_slice(data);
+            match be.device_feature(d, &mut b) {
+                Ok(0) => Ok(("ok".into(), None)),
+                Ok(fd) => {
+                    st.keep(name.as_ref(), fd, None);
+                    Ok((fd_outcome(be, fd), None))
+                }
+                Err(e) => Ok((errno_word(e), None)),
+            }
+        }
+        Action::Export { dev, req, name } => {
+            let (d, bdf) = st.dev(dev)?;
+            let mut b = req.to_bytes();
+            match be.device_feature(d, &mut b) {
+                Ok(0) => Ok(("ok".into(), None)),
+                Ok(fd) => {
+                    let e = Export {
+                        bdf,
+                        region: req.region_index,
+                        ranges: req.ranges.clone(),
+                    };
+                    st.keep(name.as_ref(), fd, Some(e));
+                    Ok((fd_outcome(be, fd), None))
+                }
+                Err(e) => Ok((errno_word(e), None)),
+            }
+        }
+        Action::CloseFd { fd } => {
+            let (n, _) = st.fd(fd)?;
+            st.fds.remove(fd);
+            ok_or_errno(be.close_fd(n))
+        }
+        Action::Fdinfo { fd } => {
+            let (n, _) = st.fd(fd)?;
+            Ok((fd_outcome(be, n), None))
+        }
+        Action::ConfigRead {
+            dev,
+            offset,
+            size,
+            mask,
+        } => {
+            let (d, _) = st.dev(dev)?;
+            Ok((
+                read_cfg(be, d, *offset, *size)
+                    .map_or_else(errno_word, |v| format!("{:#06x}", v & mask)),
+                None,
+            ))
+        }
+        Action::ConfigWrite {
+            dev,
+            offset,
+            size,
+            value,
+        } => {
+            let (d, _) = st.dev(dev)?;
+            let bytes = value.to_le_bytes();
+            ok_or_errno(be.config_write(d, u64::from(*offset), &bytes[..*size]))
+        }
+        Action::Memory { dev, on } => {
+            let (d, _) = st.dev(dev)?;
+            let r = read_cfg(be, d, regs::COMMAND, 2).and_then(|c| {
+                let m = u32::from(regs::COMMAND_MEMORY);
+                let v = if *on { c | m } else { c & !m } as u16;
+                be.config_write(d, u64::from(regs::COMMAND), &v.to_le_bytes())
+            });
+            ok_or_errno(r)
+        }
+        Action::Power { dev, state } => {
+            let (d, _) = st.dev(dev)?;
+            let Some(pm) = find_cap(be, d, regs::CAP_ID_PM).map_err(errno_word)? else {
+                return Ok(("no PM capability".into(), None));
+            };
+            let r = read_cfg(be, d, pm + regs::PM_CTRL, 2).and_then(|c| {
+                let v = (c as u16 & !regs::PM_CTRL_STATE_MASK) | state;
+                be.config_write(d, u64::from(pm + regs::PM_CTRL), &v.to_le_bytes())
+            });
+            ok_or_errno(r)
+        }
+        Action::Flr { dev } => {
+            let (d, _) = st.dev(dev)?;
+            let Some(e) = find_cap(be, d, regs::CAP_ID_EXP).map_err(errno_word)? else {
+                return Ok(("no PCIe capability".into(), None));
+            };
+            let cap = read_cfg(be, d, e + regs::EXP_DEVCAP, 4).map_err(errno_word)?;
+            if cap & regs::EXP_DEVCAP_FLR == 0 {
+                return Ok(("no FLR".into(), None));
+            }
+            let r = read_cfg(be, d, e + regs::EXP_DEVCTL, 2).and_then(|c| {
+                let v = c as u16 | regs::EXP_DEVCTL_BCR_FLR;
+                be.config_write(d, u64::from(e + regs::EXP_DEVCTL), &v.to_le_bytes())
+            });
+            ok_or_errno(r)
+        }
+        Action::AfFlr { dev } => {
+            let (d, _) = st.dev(dev)?;
+            let Some(a) = find_cap(be, d, regs::CAP_ID_AF).map_err(errno_word)? else {
+                return Ok(("no AF capability".into(), None));
+            };
+            ok_or_errno(be.config_write(d, u64::from(a + regs::AF_CTRL), &[regs::AF_CTRL_FLR]))
+        }
+        Action::Reset { dev } => {
+            let (d, _) = st.dev(dev)?;
+            ok_or_errno(be.reset(d))
+        }
+        Action::HotReset { dev } => {
+            let (d, _) = st.dev(dev)?;
+            ok_or_errno(be.hot_reset(d))
+        }
+        Action::LowPower { dev, enter } => {
+            let (d, _) = st.dev(dev)?;
+            let id = if *enter { 3 } else { 5 };
+            let mut b = header_bytes(8, VFIO_DEVICE_FEATURE_SET | id);
+            ok_or_errno(be.device_feature(d, &mut b).map(drop))
+        }
+        Action::IoasAlloc { name } => match be.ioas_alloc() {
+            Ok(id) => {
+                st.ioas.insert(name.clone(), id);
+                Ok(("ok".into(), None))
+            }
+            Err(e) => Ok((errno_word(e), None)),
+        },
+        Action::Attach { dev, ioas } => {
+            let (d, _) = st.dev(dev)?;
+            let i = st.ioas(ioas)?;
+            ok_or_errno(be.attach_ioas(d, i))
+        }
+        Action::Map {
+            ioas,
+            fd,
+            start,
+            length,
+            iova,
+        } => {
+            let i = st.ioas(ioas)?;
+            let (n, _) = st.fd(fd)?;
+            let flags = peerdma_uapi::backend::MAP_FIXED_IOVA
+                | peerdma_uapi::backend::MAP_READABLE
+                | peerdma_uapi::backend::MAP_WRITEABLE;
+            let r = be.ioas_map_file(i, n, *start, *length, *iova, flags);
+            if r.is_ok() {
+                st.windows.push(Window {
+                    iova: *iova,
+                    length: *length,
+                    fd: fd.clone(),
+                    start: *start,
+                });
+            }
+            ok_or_errno(r)
+        }
+        Action::Unmap { ioas, iova, length } => {
+            let i = st.ioas(ioas)?;
+            Ok((
+                match be.ioas_unmap(i, *iova, *length) {
+                    Ok(n) if n == *length => "ok".into(),
+                    Ok(n) => format!("unmapped {n:#x}"),
+                    Err(e) => errno_word(e),
+                },
+                None,
+            ))
+        }
+        Action::Dma { dev, iova } => {
+            let (d, _) = st.dev(dev)?;
+            let (at, bdf, region, offset) = pick_target(st, ctx, *iova)?;
+            ctx.seq += 1;
+            let p = pattern(ctx.seq);
+            ctx.used.insert((bdf, region, offset / PATTERN_LEN));
+            be.dma(d, at, &p)
+                .map_err(|e| format!("error: the DMA engine failed: {}", errno_word(e)))?;
+            Ok(match be.landed(bdf, region, offset, &p) {
+                Landed::Yes => ("landed".into(), None),
+                Landed::No => ("not landed".into(), None),
+                Landed::Later => (
+                    "pending".into(),
+                    Some(Check {
+                        region,
+                        offset,
+                        hex: hex(&p),
+                    }),
+                ),
+            })
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! The emulated machine as a [`ScenarioBackend`]: the same userspace boundary the real
+//! kernel offers (`peerdma_linux::vfio::LinuxBackend`), so one scenario runs on both.
+//!
+//! A [`Machine`] is the hardware and its drivers: a fabric, the DMA system with an IOMMU, and
+//! vfio-pci bound to every endpoint (as the harness's guest binds ivshmem and edu). It lives
+//! for a whole run, like the QEMU guest. An [`Emulated`] backend is one process on it: its
+//! file table, open devices and iommufd; dropping it closes everything, as a process exit
+//! does.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use peerdma_dma::{DmaConfig, DmaSystem};
+use peerdma_dmabuf::Process;
+use peerdma_dmabuf::sgt::DmaEnv;
+use peerdma_p2pdma::P2pDma;
+use peerdma_pci::{Bdf, DeviceKind, DmaAddr, Errno, Fabric, regs};
+use peerdma_uapi::backend::{Landed, ScenarioBackend};
+use peerdma_uapi::feature::O_CLOEXEC;
+use peerdma_uapi::{DevHandle, DmabufInfo, IoasId, OpenPath, UapiBackend};
+
+use crate::iommufd::Iommufd;
+use crate::pci::{DeviceFd, VfioPci};
+
+/// The emulated hardware with vfio-pci bound to every endpoint.
+pub struct Machine {
+    fabric: Arc<Fabric>,
+    env: DmaEnv,
+    vfio: BTreeMap<Bdf, VfioPci>,
+}
+
+impl std::fmt::Debug for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Machine")
+            .field("vfio", &self.vfio.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Machine {
+    /// Builds the machine on `fabric`: an IOMMU translating every endpoint's DMA, vfio-pci
+    /// bound to every endpoint.
+    pub fn new(fabric: Arc<Fabric>) -> Result<Machine, Errno> {
+        let dma = Arc::new(DmaSystem::new(fabric.clone(), true));
+        let endpoints: Vec<Bdf> = fabric
+            .functions()
+            .filter(|f| matches!(f.kind(), DeviceKind::Endpoint | DeviceKind::Vf))
+            .map(peerdma_pci::Function::bdf)
+            .collect();
+        for &b in &endpoints {
+            dma.configure(
+                b,
+                DmaConfig {
+                    iommu: true,
+                    ..DmaConfig::default()
+                },
+            )?;
+        }
+        let env = DmaEnv {
+            dma,
+            p2p: P2pDma::new(fabric.clone()),
+        };
+        let mut vfio = BTreeMap::new();
+        for b in endpoints {
+            vfio.insert(b, VfioPci::bind(&env, b)?);
+        }
+        Ok(Machine { fabric, env, vfio })
+    }
+
+    /// The fabric.
+    pub fn fabric(&self) -> &Arc<Fabric> {
+        &self.fabric
+    }
+
+    /// The vfio-pci device of `bdf`.
+    pub fn vfio(&self, bdf: Bdf) -> Option<&VfioPci> {
+        self.vfio.get(&bdf)
+    }
+
+    /// DMAs that reached a device's BAR while one of its buffers was revoked, over every
+    /// device (0 unless revocation is broken).
+    pub fn revoked_landings(&self) -> usize {
+        self.vfio.values().map(VfioPci::revoked_landings).sum()
+    }
+
+    /// A process on the machine.
+    pub fn process(&self) -> Emulated<'_> {
+        Emulated {
+            m: self,
+            iommufd: None,
+            devs: HashMap::new(),
+            next: 0,
+            proc: Process::new(),
+        }
+    }
+}
+
+struct Open {
+    bdf: Bdf,
+    path: OpenPath,
+    fd: DeviceFd,
+}
+
+/// One process on an emulated [`Machine`]. Field order is the teardown order: iommufd's
+/// mappings go first (they hold dma-buf references), then the file table, then the devices.
+pub struct Emulated<'m> {
+    m: &'m Machine,
+    iommufd: Option<Iommufd>,
+    proc: Process,
+    devs: HashMap<u32, Open>,
+    next: u32,
+}
+
+impl std::fmt::Debug for Emulated<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Emulated")
+            .field("devices", &self.devs.len())
+            .field("fds", &self.proc.fds())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Emulated<'_> {
+    fn dev(&self, d: DevHandle) -> Result<&Open, Errno> {
+        self.devs.get(&d.0).ok_or(Errno::EBADF)
+    }
+
+    fn iommufd(&mut self) -> Result<&Iommufd, Errno> {
+        if self.iommufd.is_none() {
+            self.iommufd = Some(Iommufd::open(&self.m.env)?);
+        }
+        self.iommufd.as_ref().ok_or(Errno::ENODEV)
+    }
+}
+
+impl UapiBackend for Emulated<'_> {
+    fn open_device(&mut self, bdf: Bdf, path: OpenPath) -> Result<DevHandle, Errno> {
+        let v = self.m.vfio.get(&bdf).ok_or(Errno::ENODEV)?;
+        let fd = v.open()?;
+        let h = self.next;
+        self.next += 1;
+        self.devs.insert(h, Open { bdf, path, fd });
+        Ok(DevHandle(h))
+    }
+
+    fn close_device(&mut self, dev: DevHandle) -> Result<(), Errno> {
+        let o = self.devs.remove(&dev.0).ok_or(Errno::EBADF)?;
+        o.fd.close();
+        Ok(())
+    }
+
+    fn device_feature(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<i32, Errno> {
+        let o = self.devs.get(&dev.0).ok_or(Errno::EBADF)?;
+        o.fd.feature(&self.proc, buf)
+    }
+
+    fn config_read(&mut self, dev: DevHandle, offset: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        let o = self.dev(dev)?;
+        let off = u16::try_from(offset).map_err(|_| Errno::EINVAL)?;
+        let v = o.fd.config_read(off, buf.len())?;
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = (v >> (8 * i)) as u8;
+        }
+        Ok(())
+    }
+
+    fn config_write(&mut self, dev: DevHandle, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        let o = self.dev(dev)?;
+        let off = u16::try_from(offset).map_err(|_| Errno::EINVAL)?;
+        o.fd.config_write(off, data)
+    }
+
+    fn reset(&mut self, dev: DevHandle) -> Result<(), Errno> {
+        self.dev(dev)?.fd.reset()
+    }
+
+    fn close_fd(&mut self, fd: i32) -> Result<(), Errno> {
+        self.proc.close(fd)
+    }
+
+    fn dmabuf_info(&mut self, fd: i32) -> Result<DmabufInfo, Errno> {
+        let f = self.proc.fget(fd)?;
+        let cloexec = self.proc.cloexec(fd).unwrap_or(false);
+        let info = f.dmabuf().map(|b| DmabufInfo {
+            size: b.size(),
+            // Less the reference this look took.
+            count: f.refs().saturating_sub(1) as u64,
+            exp_name: b.exp_name().to_string(),
+            flags: f.flags() | if cloexec { O_CLOEXEC } else { 0 },
+        });
+        f.put();
+        info.ok_or(Errno::EINVAL)
+    }
+
+    fn ioas_alloc(&mut self) -> Result<IoasId, Errno> {
+        self.iommufd()?.ioas_alloc().map(IoasId)
+    }
+
+    fn attach_ioas(&mut self, dev: DevHandle, ioas: IoasId) -> Result<(), Errno> {
+        let bdf = self.dev(dev)?.bdf;
+        self.iommufd()?.attach(bdf, ioas.0)
+    }
+
+    fn ioas_map_file(
+        &mut self,
+        ioas: IoasId,
+        fd: i32,
+        start: u64,
+        length: u64,
+        iova: u64,
+        _flags: u32,
+    ) -> Result<(), Errno> {
+        let file = self.proc.fget(fd)?;
+        let r = match self.iommufd() {
+            Ok(i) => i.map_file(ioas.0, &file, start, length, iova),
+            Err(e) => Err(e),
+        };
+        file.put();
+        r
+    }
+
+    fn ioas_unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64, Errno> {
+        self.iommufd()?.unmap(ioas.0, iova, length)?;
+        Ok(length)
+    }
+}
+
+impl ScenarioBackend for Emulated<'_> {
+    fn role(&self, role: &str) -> Result<Bdf, Errno> {
+        self.m.fabric.lookup(role).map_err(|_| Errno::ENODEV)
+    }
+
+    fn hot_reset(&mut self, dev: DevHandle) -> Result<(), Errno> {
+        let o = self.dev(dev)?;
+        // Without group fds, only a device opened through its cdev can prove ownership.
+        if o.path != OpenPath::CdevIommufd {
+            return Err(Errno::EINVAL);
+        }
+        let owned: Vec<&VfioPci> = self
+            .devs
+            .values()
+            .filter(|d| d.path == OpenPath::CdevIommufd)
+            .filter_map(|d| self.m.vfio.get(&d.bdf))
+            .collect();
+        o.fd.hot_reset(&owned)
+    }
+
+    /// Switches bus mastering on (as a driver of the engine would, and as the real backend
+    /// does for edu), then writes.
+    fn dma(&mut self, dev: DevHandle, iova: u64, data: &[u8]) -> Result<(), Errno> {
+        let o = self.dev(dev)?;
+        let bdf = o.bdf;
+        let cmd = o.fd.config_read(regs::COMMAND, 2)? as u16;
+        let want = cmd | regs::COMMAND_MEMORY | regs::COMMAND_MASTER;
+        if want != cmd {
+            o.fd.config_write(regs::COMMAND, &want.to_le_bytes())?;
+        }
+        // A fault is what a revoked mapping must produce; the caller checks the bytes.
+        let _ = self.m.fabric.dma_write(bdf, DmaAddr(iova), data);
+        Ok(())
+    }
+
+    fn landed(&mut self, bdf: Bdf, region: u32, offset: u64, data: &[u8]) -> Landed {
+        let Ok(bar) = u8::try_from(region) else {
+            return Landed::No;
+        };
+        let mut got = vec![0u8; data.len()];
+        match self.m.fabric.bar_peek(bdf, bar, offset, &mut got) {
+            Ok(()) if got == data => Landed::Yes,
+            _ => Landed::No,
+        }
+    }
+}
