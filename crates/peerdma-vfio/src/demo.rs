@@ -206,7 +206,7 @@ fn story(fabric: &Arc<Fabric>, cast: &Cast, log: &mut Log) -> Option<()> {
     let c = rnic.write(key, 0x100, b"while off!!!");
     let m = ifd
         .unmap(ioas, IOVA, LEN)
-        .and_then(|()| ifd.map_file(ioas, &file, 0, LEN, IOVA));
+        .and_then(|_| ifd.map_file(ioas, &file, 0, LEN, IOVA));
     let refused = c == Completion::MapFailed(Errno::ENODEV)
         && m == Err(Errno::ENODEV)
         && bar_has(0x100, b"from the NIC");

@@ -220,8 +220,7 @@ impl UapiBackend for Emulated<'_> {
     }
 
     fn ioas_unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64, Errno> {
-        self.iommufd()?.unmap(ioas.0, iova, length)?;
-        Ok(length)
+        self.iommufd()?.unmap(ioas.0, iova, length)
     }
 }
 

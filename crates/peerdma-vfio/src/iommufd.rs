@@ -163,32 +163,51 @@ impl Iommufd {
         r
     }
 
-    /// `IOMMU_IOAS_UNMAP` of a whole area (a dma-buf area is unmapped whole, `EINVAL`
-    /// otherwise; `ENOENT` if nothing is mapped there).
-    pub fn unmap(&self, ioas: u32, iova: u64, length: u64) -> Result<(), Errno> {
+    /// `IOMMU_IOAS_UNMAP` of `[iova, iova + length)`: every area inside it goes and the
+    /// bytes unmapped are returned. An area only partly inside, or no area at all, is
+    /// `ENOENT` (and nothing is unmapped), as on Linux 7.2.
+    pub fn unmap(&self, ioas: u32, iova: u64, length: u64) -> Result<u64, Errno> {
         let iommu = self.env.dma.iommu().ok_or(Errno::ENODEV)?.clone();
-        let (domain, area) = {
+        let end = iova.checked_add(length).ok_or(Errno::EINVAL)?;
+        if length == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let (domain, gone) = {
             let mut m = sync::lock(&self.ioas);
             let io = m.get_mut(&ioas).ok_or(Errno::ENOENT)?;
-            match io.areas.get(&iova) {
-                None => return Err(Errno::ENOENT),
-                Some(a) if a.len != length => return Err(Errno::EINVAL),
-                Some(_) => {}
+            // Areas overlapping the range: the last one starting before its end, walking back.
+            let hit: Vec<u64> = io
+                .areas
+                .range(..end)
+                .rev()
+                .take_while(|(a, area)| **a + area.len > iova)
+                .map(|(a, _)| *a)
+                .collect();
+            if hit.is_empty() || hit.iter().any(|a| *a < iova || *a + io.areas[a].len > end) {
+                return Err(Errno::ENOENT);
             }
-            (io.domain, io.areas.remove(&iova).ok_or(Errno::ENOENT)?)
+            let gone: Vec<(u64, Area)> = hit
+                .into_iter()
+                .filter_map(|a| io.areas.remove(&a).map(|x| (a, x)))
+                .collect();
+            (io.domain, gone)
         };
-        if let Some(buf) = area.file.dmabuf() {
-            {
-                let _g = buf.lock();
-                if !area.dead.swap(true, Ordering::AcqRel) {
-                    iommu.unmap(domain, iova, area.len);
-                    iommu.sync_range(domain, iova, area.len);
+        let mut total = 0;
+        for (at, area) in gone {
+            if let Some(buf) = area.file.dmabuf() {
+                {
+                    let _g = buf.lock();
+                    if !area.dead.swap(true, Ordering::AcqRel) {
+                        iommu.unmap(domain, at, area.len);
+                        iommu.sync_range(domain, at, area.len);
+                    }
                 }
+                buf.detach(&area.att);
             }
-            buf.detach(&area.att);
+            total += area.len;
+            area.file.put();
         }
-        area.file.put();
-        Ok(())
+        Ok(total)
     }
 
     fn release_all(&self) {
