@@ -8,6 +8,7 @@
 //! naming ``scenario `NAME` step N``).
 
 use std::collections::HashMap;
+use std::fmt::Write;
 
 use serde::Serialize;
 
@@ -102,7 +103,6 @@ fn resolve(r: &StepResult, shm: Option<&[u8]>) -> String {
     let n = c.hex.len() / 2;
     let got = shm.get(off..off + n).map(|b| {
         b.iter().fold(String::new(), |mut s, x| {
-            use std::fmt::Write;
             let _ = write!(s, "{x:02x}");
             s
         })
@@ -186,7 +186,7 @@ pub fn table(rows: &[Row]) -> String {
             if i + 1 == c.len() {
                 s.push_str(x);
             } else {
-                s.push_str(&format!("{x:<width$}  ", width = w[i]));
+                let _ = write!(s, "{x:<width$}  ", width = w[i]);
             }
         }
         s.push('\n');

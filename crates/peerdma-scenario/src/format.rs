@@ -520,6 +520,7 @@ fn feature_flags(f: &Fields, key: &str, v: &Value) -> Result<u32, FormatError> {
     }
 }
 
+#[allow(clippy::many_single_char_names)]
 fn expect(f: &mut Fields, default: Option<Expect>) -> Result<Expect, FormatError> {
     let Some(v) = f.take("expect") else {
         return default.ok_or_else(|| f.err("expect", "missing (this step has no default)"));

@@ -362,3 +362,122 @@ fn demo_json_is_one_event_per_line_and_a_bad_cast_exits_1() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
 }
+
+fn scenarios() -> String {
+    format!("{}/../../scenarios", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn scenario_run_passes_every_file_on_the_emulated_machine() {
+    let (code, out, err) = peerdma(&["scenario", "run", &scenarios()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("memory-off-revokes — Memory decode off revokes"));
+    assert!(
+        out.contains(" 0 failed, 0 pending"),
+        "{}",
+        out.lines().last().unwrap()
+    );
+    let (code, out, _) = peerdma(&[
+        "scenario",
+        "run",
+        &format!("{}/export-not-a-bar.toml", scenarios()),
+        "--json",
+    ]);
+    assert_eq!(code, 0);
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4);
+    assert_eq!(lines[1]["do"], "export");
+    assert_eq!(lines[1]["outcome"], "ENODEV");
+    assert_eq!(lines[1]["pass"], true);
+}
+
+#[test]
+fn scenario_errors_are_plain() {
+    let dir = std::env::temp_dir().join(format!("peerdma-scn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "about = \"x\"\n[[step]]\ndo = \"open\"\ndev = 3\nas = \"p\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = peerdma(&["scenario", "run", bad.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert_eq!(err.trim(), "peerdma: bad: step[1].dev: must be a string");
+    let (code, _, err) = peerdma(&["scenario", "run", &scenarios(), "--backend", "qemu"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown backend \"qemu\""), "{err}");
+    // A scenario whose expectation is wrong fails the run with exit 1.
+    let wrong = dir.join("wrong.toml");
+    std::fs::write(
+        &wrong,
+        "about = \"x\"\n[[step]]\ndo = \"open\"\ndev = \"provider\"\nas = \"p\"\n\
+         [[step]]\ndo = \"export\"\ndev = \"p\"\nregion = 6\nranges = [[0, \"4K\"]]\nexpect = \"EINVAL\"\n",
+    )
+    .unwrap();
+    let (code, out, _) = peerdma(&["scenario", "run", wrong.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(out.contains("ENODEV") && out.contains("FAILED"), "{out}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn scenario_compare_prints_the_table_and_fails_on_an_undocumented_disagreement() {
+    let dir = std::env::temp_dir().join(format!("peerdma-cmp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = format!("{}/export-unaligned.toml", scenarios());
+    let (_, json, _) = peerdma(&["scenario", "run", &file, "--json"]);
+    let real = dir.join("real.jsonl");
+    let none = dir.join("none.md");
+    std::fs::write(&none, "nothing documented\n").unwrap();
+    // The guest's console around the results is ignored.
+    std::fs::write(
+        &real,
+        format!("[    1.0] booting\n{json}PEERDMA-END rc=0\n"),
+    )
+    .unwrap();
+    let args = |d: &std::path::Path| {
+        vec![
+            "scenario".to_string(),
+            "compare".into(),
+            file.clone(),
+            "--real".into(),
+            real.to_str().unwrap().into(),
+            "--divergences".into(),
+            d.to_str().unwrap().into(),
+        ]
+    };
+    let run = |a: Vec<String>| {
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        peerdma(&a)
+    };
+    let (code, out, err) = run(args(&none));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("scenario "), "{out}");
+    assert!(out.contains("TEST scenario:export-unaligned ... ok"));
+    assert!(out.contains("scenario steps: 5 passed, 0 failed"), "{out}");
+    // The real kernel answered differently at step 3.
+    let changed = json.replacen(
+        "\"step\":3,\"do\":\"export\",\"expect\":\"EINVAL\",\"outcome\":\"EINVAL\"",
+        "\"step\":3,\"do\":\"export\",\"expect\":\"EINVAL\",\"outcome\":\"EFAULT\"",
+        1,
+    );
+    assert_ne!(changed, json);
+    std::fs::write(&real, changed).unwrap();
+    let (code, out, _) = run(args(&none));
+    assert_eq!(code, 1);
+    assert!(out.contains("DISAGREE"), "{out}");
+    assert!(out.contains(
+        "TEST scenario:export-unaligned ... FAILED: step 3 DISAGREE: emulated \"EINVAL\", real \"EFAULT\""
+    ));
+    // Documented, it passes.
+    let doc = dir.join("div.md");
+    std::fs::write(&doc, "| 9 | … | see scenario `export-unaligned` step 3 |\n").unwrap();
+    let (code, out, _) = run(args(&doc));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("divergence (documented)"));
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -1,0 +1,381 @@
+//! The conformance suite on the emulated machine, the agreement rules, and the scenario
+//! format's errors.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use peerdma_pci::{Bdf, Errno};
+use peerdma_scenario::{
+    Expect, RunCtx, Scenario, StepResult, Verdict, agreement, documented_divergences, load_path,
+    load_str, run,
+};
+use peerdma_uapi::backend::{Landed, ScenarioBackend};
+use peerdma_uapi::{DevHandle, DmabufInfo, IoasId, OpenPath, UapiBackend};
+use peerdma_vfio::emulated::Machine;
+use proptest::prelude::*;
+
+fn dir() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../scenarios"))
+}
+
+fn all() -> Vec<Scenario> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    files.iter().map(|f| load_path(f).unwrap()).collect()
+}
+
+fn machine() -> Machine {
+    let f = peerdma_pci::file::load_str(peerdma_pci::examples::QEMU_Q35, "qemu-q35.toml").unwrap();
+    Machine::new(Arc::new(f)).unwrap()
+}
+
+fn run_all(m: &Machine, scenarios: &[Scenario]) -> Vec<StepResult> {
+    let mut ctx = RunCtx::default();
+    let mut out = Vec::new();
+    for s in scenarios {
+        let mut be = m.process();
+        out.extend(run(s, &mut be, &mut ctx));
+    }
+    out
+}
+
+#[test]
+fn every_scenario_passes_on_the_emulated_machine() {
+    let scenarios = all();
+    assert!(scenarios.len() >= 40, "{} scenarios", scenarios.len());
+    let m = machine();
+    let results = run_all(&m, &scenarios);
+    let failed: Vec<&StepResult> = results.iter().filter(|r| r.pass != Some(true)).collect();
+    assert!(failed.is_empty(), "{failed:#?}");
+    assert_eq!(m.revoked_landings(), 0);
+    // The suite really moves bytes: DMAs land, and revoked ones do not.
+    let count = |o: &str| results.iter().filter(|r| r.outcome == o).count();
+    assert!(count("landed") >= 40, "{}", count("landed"));
+    assert!(count("not landed") >= 15, "{}", count("not landed"));
+    // Every action the format has is exercised somewhere.
+    for word in [
+        "open",
+        "close",
+        "feature",
+        "export",
+        "close_fd",
+        "fdinfo",
+        "config_read",
+        "memory",
+        "power",
+        "flr",
+        "af_flr",
+        "reset",
+        "hot_reset",
+        "low_power",
+        "ioas",
+        "attach",
+        "map",
+        "unmap",
+        "dma",
+    ] {
+        assert!(results.iter().any(|r| r.action == word), "no {word} step");
+    }
+}
+
+#[test]
+fn every_dma_of_a_run_writes_a_fresh_place() {
+    let m = machine();
+    let s = load_path(&dir().join("memory-off-revokes.toml")).unwrap();
+    // Twice in one run: the second run's DMAs must not reuse the first run's bytes, or a
+    // "landed" could be an old pattern and a "not landed" could hide a new one.
+    let mut ctx = RunCtx::default();
+    let a = run(&s, &mut m.process(), &mut ctx);
+    let b = run(&s, &mut m.process(), &mut ctx);
+    assert!(a.iter().chain(&b).all(|r| r.pass == Some(true)));
+}
+
+/// The emulated backend, broken on purpose: COMMAND writes swallowed (memory decode never
+/// goes off), or DMAs reported the way the guest reports them (only the host can judge).
+struct Tweaked<'m> {
+    inner: peerdma_vfio::emulated::Emulated<'m>,
+    deaf_to_command: bool,
+    pending_dmas: bool,
+}
+
+impl UapiBackend for Tweaked<'_> {
+    fn open_device(&mut self, bdf: Bdf, path: OpenPath) -> Result<DevHandle, Errno> {
+        self.inner.open_device(bdf, path)
+    }
+    fn close_device(&mut self, dev: DevHandle) -> Result<(), Errno> {
+        self.inner.close_device(dev)
+    }
+    fn device_feature(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<i32, Errno> {
+        self.inner.device_feature(dev, buf)
+    }
+    fn config_read(&mut self, dev: DevHandle, offset: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        self.inner.config_read(dev, offset, buf)
+    }
+    fn config_write(&mut self, dev: DevHandle, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        if self.deaf_to_command && offset == u64::from(peerdma_pci::regs::COMMAND) {
+            return Ok(());
+        }
+        self.inner.config_write(dev, offset, data)
+    }
+    fn reset(&mut self, dev: DevHandle) -> Result<(), Errno> {
+        self.inner.reset(dev)
+    }
+    fn close_fd(&mut self, fd: i32) -> Result<(), Errno> {
+        self.inner.close_fd(fd)
+    }
+    fn dmabuf_info(&mut self, fd: i32) -> Result<DmabufInfo, Errno> {
+        self.inner.dmabuf_info(fd)
+    }
+    fn ioas_alloc(&mut self) -> Result<IoasId, Errno> {
+        self.inner.ioas_alloc()
+    }
+    fn attach_ioas(&mut self, dev: DevHandle, ioas: IoasId) -> Result<(), Errno> {
+        self.inner.attach_ioas(dev, ioas)
+    }
+    fn ioas_map_file(
+        &mut self,
+        ioas: IoasId,
+        fd: i32,
+        start: u64,
+        length: u64,
+        iova: u64,
+        flags: u32,
+    ) -> Result<(), Errno> {
+        self.inner
+            .ioas_map_file(ioas, fd, start, length, iova, flags)
+    }
+    fn ioas_unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64, Errno> {
+        self.inner.ioas_unmap(ioas, iova, length)
+    }
+}
+
+impl ScenarioBackend for Tweaked<'_> {
+    fn role(&self, role: &str) -> Result<Bdf, Errno> {
+        self.inner.role(role)
+    }
+    fn hot_reset(&mut self, dev: DevHandle) -> Result<(), Errno> {
+        self.inner.hot_reset(dev)
+    }
+    fn dma(&mut self, dev: DevHandle, iova: u64, data: &[u8]) -> Result<(), Errno> {
+        self.inner.dma(dev, iova, data)
+    }
+    fn landed(&mut self, bdf: Bdf, region: u32, offset: u64, data: &[u8]) -> Landed {
+        if self.pending_dmas {
+            return Landed::Later;
+        }
+        self.inner.landed(bdf, region, offset, data)
+    }
+}
+
+#[test]
+fn a_backend_that_never_revokes_fails_the_revocation_steps() {
+    let m = machine();
+    let s = load_path(&dir().join("memory-off-revokes.toml")).unwrap();
+    let mut be = Tweaked {
+        inner: m.process(),
+        deaf_to_command: true,
+        pending_dmas: false,
+    };
+    let r = run(&s, &mut be, &mut RunCtx::default());
+    let failed: Vec<(usize, &str)> = r
+        .iter()
+        .filter(|r| r.pass == Some(false))
+        .map(|r| (r.step, r.outcome.as_str()))
+        .collect();
+    // The DMA after "memory off" lands, the map that must be ENODEV works, and the old
+    // mapping is still alive when memory is "back".
+    assert_eq!(failed, vec![(9, "landed"), (10, "ok"), (12, "landed")]);
+}
+
+fn results_of(name: &str) -> (Vec<Scenario>, Vec<StepResult>) {
+    let s = vec![load_path(&dir().join(format!("{name}.toml"))).unwrap()];
+    let r = run_all(&machine(), &s);
+    (s, r)
+}
+
+#[test]
+fn the_table_agrees_disagrees_documents_and_misses() {
+    let (s, emu) = results_of("export-unaligned");
+    let rows = agreement(&s, &emu, &emu, None, &[]);
+    assert!(
+        rows.iter().all(|r| r.verdict == Verdict::Agree),
+        "{rows:#?}"
+    );
+
+    let mut real = emu.clone();
+    real[2].outcome = "EFAULT".into();
+    real.pop();
+    let rows = agreement(&s, &emu, &real, None, &[]);
+    assert_eq!(rows[2].verdict, Verdict::Disagree);
+    assert_eq!(rows[2].real, "EFAULT");
+    assert_eq!(rows.last().unwrap().verdict, Verdict::Missing);
+    assert!(!rows[2].verdict.passed() && !Verdict::Missing.passed());
+
+    let doc = "Linux answers EFAULT here: scenario `export-unaligned` step 3.";
+    let rows = agreement(&s, &emu, &real, None, &documented_divergences(doc));
+    assert_eq!(rows[2].verdict, Verdict::Divergence);
+    assert!(rows[2].verdict.passed());
+
+    // Both wrong the same way is still a failure.
+    let mut both = emu.clone();
+    both[1].outcome = "ok".into();
+    let rows = agreement(&s, &both, &both, None, &[]);
+    assert_eq!(rows[1].verdict, Verdict::BothUnexpected);
+}
+
+#[test]
+fn pending_real_dmas_are_decided_by_the_backing_file() {
+    let (s, emu) = results_of("import-whole-buffer");
+    let dmas: Vec<usize> = emu
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.action == "dma")
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(dmas.len(), 3);
+    // The real run as the guest reports it: every DMA pending, with where to look.
+    let m = machine();
+    let mut ctx = RunCtx::default();
+    let mut be = Tweaked {
+        inner: m.process(),
+        deaf_to_command: false,
+        pending_dmas: true,
+    };
+    let real = run(&s[0], &mut be, &mut ctx);
+    let checks: Vec<_> = dmas
+        .iter()
+        .map(|&i| real[i].check.clone().unwrap())
+        .collect();
+    assert!(
+        dmas.iter()
+            .all(|&i| real[i].outcome == "pending" && real[i].pass.is_none())
+    );
+    // A backing file holding the two patterns that landed, not the third.
+    let mut shm = vec![0u8; 1 << 20];
+    for c in &checks[..2] {
+        let bytes: Vec<u8> = (0..c.hex.len() / 2)
+            .map(|i| u8::from_str_radix(&c.hex[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        let o = c.offset as usize;
+        shm[o..o + bytes.len()].copy_from_slice(&bytes);
+    }
+    let rows = agreement(&s, &emu, &real, Some(&shm), &[]);
+    assert!(
+        rows.iter().all(|r| r.verdict == Verdict::Agree),
+        "{rows:#?}"
+    );
+    // An empty file: the landed ones disagree.
+    let rows = agreement(&s, &emu, &real, Some(&vec![0u8; 1 << 20]), &[]);
+    let bad: Vec<usize> = rows
+        .iter()
+        .filter(|r| r.verdict == Verdict::Disagree)
+        .map(|r| r.step)
+        .collect();
+    assert_eq!(bad, vec![7, 8]);
+    // No file at all: pending never agrees with a decided outcome.
+    let rows = agreement(&s, &emu, &real, None, &[]);
+    assert_eq!(rows.iter().filter(|r| !r.verdict.passed()).count(), 3);
+}
+
+#[test]
+fn format_errors_name_the_step_and_the_key() {
+    let e = |t: &str| load_str(t, "s").unwrap_err().to_string();
+    let head = "about = \"x\"\n[[step]]\n";
+    assert_eq!(e("about = \"x\"\n"), "s.step: no [[step]]");
+    assert!(
+        e(&format!("{head}do = \"opne\"\n")).starts_with("s: step[1].do: unknown action \"opne\"")
+    );
+    assert_eq!(
+        e(&format!(
+            "{head}do = \"open\"\ndev = \"provider\"\nas = \"p\"\ncolour = 1\n"
+        )),
+        "s: step[1].colour: unknown key"
+    );
+    assert_eq!(
+        e(&format!(
+            "{head}do = \"close\"\ndev = \"p\"\nexpect = \"EWHAT\"\n"
+        )),
+        "s: step[1].expect: \"EWHAT\": not ok, fd, landed, not_landed or an errno name"
+    );
+    assert_eq!(
+        e(&format!(
+            "{head}do = \"export\"\ndev = \"p\"\nranges = [[0]]\n"
+        )),
+        "s: step[1].ranges: each range is [offset, length]"
+    );
+    assert_eq!(
+        e(&format!("{head}do = \"dma\"\ndev = \"e\"\niova = 0x1000\n")),
+        "s: step[1].expect: missing (this step has no default)"
+    );
+    assert_eq!(
+        e(&format!(
+            "{head}do = \"dma\"\ndev = \"e\"\niova = 100\nexpect = \"landed\"\n"
+        )),
+        "s: step[1].iova: must be 64-byte aligned"
+    );
+    assert_eq!(
+        e(&format!(
+            "{head}do = \"map\"\nioas = \"a\"\nfd = \"b\"\nlength = -1\niova = 0\n"
+        )),
+        "s: step[1].length: -1 is negative"
+    );
+}
+
+#[test]
+fn names_never_given_are_errors_of_the_step_not_panics() {
+    let s = load_str(
+        "about = \"x\"\n[[step]]\ndo = \"close_fd\"\nfd = \"nope\"\n\
+         [[step]]\ndo = \"dma\"\ndev = \"e\"\niova = 0x1000\nexpect = \"landed\"\n\
+         [[step]]\ndo = \"open\"\ndev = \"gpu\"\nas = \"g\"\n",
+        "s",
+    )
+    .unwrap();
+    let r = run(&s, &mut machine().process(), &mut RunCtx::default());
+    assert_eq!(r[0].outcome, "error: no fd named \"nope\"");
+    assert_eq!(r[1].outcome, "error: no device named \"e\"");
+    assert_eq!(r[2].outcome, "error: no device plays \"gpu\" here");
+    assert!(r.iter().all(|r| r.pass == Some(false)));
+}
+
+#[test]
+fn expectations_match_outcomes_exactly() {
+    let fd = Expect::Fd {
+        size: Some(4096),
+        count: None,
+        exp_name: Some("vfio_pci_core".into()),
+    };
+    assert!(fd.matches("fd size=4096 count=1 exp_name=vfio_pci_core"));
+    assert!(!fd.matches("fd size=40960 count=1 exp_name=vfio_pci_core"));
+    assert!(!fd.matches("EINVAL"));
+    assert!(Expect::Errno(Errno::ENODEV).matches("ENODEV"));
+    assert!(!Expect::Errno(Errno::ENODEV).matches("ENODEVX"));
+    assert!(Expect::Value(2).matches("0x0002"));
+    assert!(!Expect::Landed(true).matches("pending"));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    /// Mutated scenario files load or are refused with a located error; never a panic.
+    #[test]
+    fn mutated_scenarios_never_panic_the_loader(which in 0usize..61, line in any::<u16>(), how in 0u8..4, n in any::<i64>()) {
+        let scenarios: Vec<PathBuf> = {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(dir()).unwrap().map(|e| e.unwrap().path()).collect();
+            v.sort();
+            v
+        };
+        let text = std::fs::read_to_string(&scenarios[which % scenarios.len()]).unwrap();
+        let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+        let i = usize::from(line) % lines.len();
+        match how {
+            0 => { lines.remove(i); }
+            1 => lines[i] = lines[i].replace(|c: char| c.is_ascii_digit(), &n.to_string()),
+            2 => lines[i] = format!("{} = {n}", lines[i].split('=').next().unwrap_or("x").trim()),
+            _ => { let j = (i + 1) % lines.len(); lines.swap(i, j); }
+        }
+        let _ = load_str(&lines.join("\n"), "mutated");
+    }
+}
