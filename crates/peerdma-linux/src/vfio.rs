@@ -513,11 +513,13 @@ struct HotReset {
 }
 
 impl ScenarioBackend for LinuxBackend {
-    /// `provider` is the first ivshmem (1af4:1110), `initiator` the first edu (1234:11e8).
+        /// `provider` is the first ivshmem (1af4:1110), `initiator` the first edu (1234:11e8),
+    /// `pm_provider` the first QEMU NVMe controller (1b36:0010, its CMB is BAR2).
     fn role(&self, role: &str) -> Result<Bdf, Errno> {
         let want = match role {
             "provider" => ("0x1af4", "0x1110"),
             "initiator" => ("0x1234", "0x11e8"),
+            "pm_provider" => ("0x1b36", "0x0010"),
             _ => return Err(Errno::ENODEV),
         };
         let dir = self.sysfs.join("bus/pci/devices");
@@ -555,8 +557,67 @@ impl ScenarioBackend for LinuxBackend {
         self.edu_dma(dev, iova, data)
     }
 
-    /// Only the host can read the ivshmem backing file.
-    fn landed(&mut self, _bdf: Bdf, _region: u32, _offset: u64, _data: &[u8]) -> Landed {
-        Landed::Later
+        /// ivshmem: only the host can tell, from the backing file. Any other device: its BAR
+    /// as the CPU sees it now, through a mapping of the sysfs resource file (a device that
+    /// does not decode memory, or sleeps in D3hot, shows nothing: nothing can have landed).
+    fn landed(
+        &mut self,
+        bdf: Bdf,
+        region: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<Landed, Errno> {
+        let dir = self.sysfs.join("bus/pci/devices").join(bdf.to_string());
+        let id = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        if (id("vendor").trim(), id("device").trim()) == ("0x1af4", "0x1110") {
+            return Ok(Landed::Later);
+        }
+        let got = read_bar(&dir.join(format!("resource{region}")), offset, data.len())?;
+        Ok(if got == data { Landed::Yes } else { Landed::No })
     }
+}
+
+/// Reads `len` bytes at `offset` of a BAR through its sysfs resource file (mapped, read with
+/// volatile loads, unmapped).
+fn read_bar(path: &std::path::Path, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_SYNC)
+        .open(path)
+        .map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EIO)))?;
+    let page = offset & !0xfff;
+    let within = (offset - page) as usize;
+    let span = (within + len).next_multiple_of(4096);
+    let at = libc::off_t::try_from(page).map_err(|_| Errno::EINVAL)?;
+    // SAFETY: a fresh shared read-only mapping of the BAR at a kernel-chosen address; it is
+    // only read below, within `span`, and unmapped before returning.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            span,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            at,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(last_errno());
+    }
+        // 32-bit loads, as device memory wants: from the aligned word at or below `within`.
+    let first = within & !3;
+    let words = (within + len - first).div_ceil(4);
+    let base = p.cast::<u32>();
+    let mut bytes = Vec::with_capacity(words * 4);
+    for w in 0..words {
+        // SAFETY: `first + 4 * w + 4 <= span`, inside the mapping, 4-byte aligned (the
+        // mapping is page aligned); volatile, as device memory.
+        let v = unsafe { std::ptr::read_volatile(base.add(first / 4 + w)) };
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    let out = bytes[within - first..within - first + len].to_vec();
+    // SAFETY: `p`/`span` are exactly what mmap returned.
+    unsafe { libc::munmap(p, span) };
+    Ok(out)
 }

@@ -442,10 +442,14 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
             ctx.used.insert((bdf, region, offset / PATTERN_LEN));
             be.dma(d, at, &p)
                 .map_err(|e| format!("error: the DMA engine failed: {}", errno_word(e)))?;
-            Ok(match be.landed(bdf, region, offset, &p) {
-                Landed::Yes => ("landed".into(), None),
-                Landed::No => ("not landed".into(), None),
-                Landed::Later => (
+                        Ok(match be.landed(bdf, region, offset, &p) {
+                Err(e) => (
+                    format!("error: cannot read the provider's memory: {}", errno_word(e)),
+                    None,
+                ),
+                Ok(Landed::Yes) => ("landed".into(), None),
+                Ok(Landed::No) => ("not landed".into(), None),
+                Ok(Landed::Later) => (
                     "pending".into(),
                     Some(Check {
                         region,

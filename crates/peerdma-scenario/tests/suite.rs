@@ -163,9 +163,15 @@ impl ScenarioBackend for Tweaked<'_> {
     fn dma(&mut self, dev: DevHandle, iova: u64, data: &[u8]) -> Result<(), Errno> {
         self.inner.dma(dev, iova, data)
     }
-    fn landed(&mut self, bdf: Bdf, region: u32, offset: u64, data: &[u8]) -> Landed {
+        fn landed(
+        &mut self,
+        bdf: Bdf,
+        region: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<Landed, Errno> {
         if self.pending_dmas {
-            return Landed::Later;
+            return Ok(Landed::Later);
         }
         self.inner.landed(bdf, region, offset, data)
     }

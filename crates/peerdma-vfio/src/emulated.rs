@@ -259,14 +259,19 @@ impl ScenarioBackend for Emulated<'_> {
         Ok(())
     }
 
-    fn landed(&mut self, bdf: Bdf, region: u32, offset: u64, data: &[u8]) -> Landed {
-        let Ok(bar) = u8::try_from(region) else {
-            return Landed::No;
-        };
+        fn landed(
+        &mut self,
+        bdf: Bdf,
+        region: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<Landed, Errno> {
+        let bar = u8::try_from(region).map_err(|_| Errno::EINVAL)?;
         let mut got = vec![0u8; data.len()];
-        match self.m.fabric.bar_peek(bdf, bar, offset, &mut got) {
-            Ok(()) if got == data => Landed::Yes,
-            _ => Landed::No,
-        }
+        self.m
+            .fabric
+            .bar_peek(bdf, bar, offset, &mut got)
+            .map_err(|_| Errno::EINVAL)?;
+        Ok(if got == data { Landed::Yes } else { Landed::No })
     }
 }
