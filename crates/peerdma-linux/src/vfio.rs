@@ -513,7 +513,7 @@ struct HotReset {
 }
 
 impl ScenarioBackend for LinuxBackend {
-        /// `provider` is the first ivshmem (1af4:1110), `initiator` the first edu (1234:11e8),
+    /// `provider` is the first ivshmem (1af4:1110), `initiator` the first edu (1234:11e8),
     /// `pm_provider` the first QEMU NVMe controller (1b36:0010, its CMB is BAR2).
     fn role(&self, role: &str) -> Result<Bdf, Errno> {
         let want = match role {
@@ -557,16 +557,10 @@ impl ScenarioBackend for LinuxBackend {
         self.edu_dma(dev, iova, data)
     }
 
-        /// ivshmem: only the host can tell, from the backing file. Any other device: its BAR
+    /// ivshmem: only the host can tell, from the backing file. Any other device: its BAR
     /// as the CPU sees it now, through a mapping of the sysfs resource file (a device that
     /// does not decode memory, or sleeps in D3hot, shows nothing: nothing can have landed).
-    fn landed(
-        &mut self,
-        bdf: Bdf,
-        region: u32,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<Landed, Errno> {
+    fn landed(&mut self, bdf: Bdf, region: u32, offset: u64, data: &[u8]) -> Result<Landed, Errno> {
         let dir = self.sysfs.join("bus/pci/devices").join(bdf.to_string());
         let id = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
         if (id("vendor").trim(), id("device").trim()) == ("0x1af4", "0x1110") {
@@ -605,7 +599,7 @@ fn read_bar(path: &std::path::Path, offset: u64, len: usize) -> Result<Vec<u8>, 
     if p == libc::MAP_FAILED {
         return Err(last_errno());
     }
-        // 32-bit loads, as device memory wants: from the aligned word at or below `within`.
+    // 32-bit loads, as device memory wants: from the aligned word at or below `within`.
     let first = within & !3;
     let words = (within + len - first).div_ceil(4);
     let base = p.cast::<u32>();

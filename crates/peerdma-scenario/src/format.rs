@@ -195,7 +195,7 @@ pub enum Action {
         /// Length.
         length: u64,
     },
-    /// The initiator writes a fresh 64-byte pattern at (or just past) `iova`, inside a
+    /// The initiator writes a fresh 16-byte pattern at (or just past) `iova`, inside a
     /// window mapped by an earlier `map` step; the provider's memory is then checked.
     Dma {
         /// Initiator device name.
@@ -802,7 +802,7 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
             let dev = f.string("dev")?;
             let iova = f.num("iova")?;
             if iova % crate::run::PATTERN_LEN != 0 {
-                return Err(f.err("iova", "must be 64-byte aligned"));
+                return Err(f.err("iova", "must be 16-byte aligned"));
             }
             (Action::Dma { dev, iova }, None)
         }

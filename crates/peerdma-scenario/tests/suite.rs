@@ -163,13 +163,7 @@ impl ScenarioBackend for Tweaked<'_> {
     fn dma(&mut self, dev: DevHandle, iova: u64, data: &[u8]) -> Result<(), Errno> {
         self.inner.dma(dev, iova, data)
     }
-        fn landed(
-        &mut self,
-        bdf: Bdf,
-        region: u32,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<Landed, Errno> {
+    fn landed(&mut self, bdf: Bdf, region: u32, offset: u64, data: &[u8]) -> Result<Landed, Errno> {
         if self.pending_dmas {
             return Ok(Landed::Later);
         }
@@ -321,7 +315,7 @@ fn format_errors_name_the_step_and_the_key() {
         e(&format!(
             "{head}do = \"dma\"\ndev = \"e\"\niova = 100\nexpect = \"landed\"\n"
         )),
-        "s: step[1].iova: must be 64-byte aligned"
+        "s: step[1].iova: must be 16-byte aligned"
     );
     assert_eq!(
         e(&format!(

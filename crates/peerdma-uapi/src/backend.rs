@@ -117,7 +117,7 @@ pub enum Landed {
 /// What the conformance suite needs beyond the raw uAPI: devices by role, a hot reset, and a
 /// DMA engine whose writes can be checked.
 pub trait ScenarioBackend: UapiBackend {
-        /// The function playing `role` on this backend (`provider`: memory to export, no
+    /// The function playing `role` on this backend (`provider`: memory to export, no
     /// capabilities; `initiator`: a DMA engine; `pm_provider`: memory to export on a device
     /// with PM and FLR); `ENODEV` if none.
     fn role(&self, role: &str) -> Result<Bdf, Errno>;
@@ -127,10 +127,9 @@ pub trait ScenarioBackend: UapiBackend {
     /// Makes the initiator `dev` (attached to an IOAS) write `data` at `iova`. A DMA that
     /// faults is not an error of the call: the check is whether the bytes landed.
     fn dma(&mut self, dev: DevHandle, iova: u64, data: &[u8]) -> Result<(), Errno>;
-        /// Whether `data` is at `offset` of region `region` of the provider `bdf`; an errno if
+    /// Whether `data` is at `offset` of region `region` of the provider `bdf`; an errno if
     /// the backend cannot look.
-    fn landed(&mut self, bdf: Bdf, region: u32, offset: u64, data: &[u8])
-    -> Result<Landed, Errno>;
+    fn landed(&mut self, bdf: Bdf, region: u32, offset: u64, data: &[u8]) -> Result<Landed, Errno>;
 }
 
 #[cfg(test)]

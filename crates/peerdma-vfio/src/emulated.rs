@@ -259,13 +259,7 @@ impl ScenarioBackend for Emulated<'_> {
         Ok(())
     }
 
-        fn landed(
-        &mut self,
-        bdf: Bdf,
-        region: u32,
-        offset: u64,
-        data: &[u8],
-    ) -> Result<Landed, Errno> {
+    fn landed(&mut self, bdf: Bdf, region: u32, offset: u64, data: &[u8]) -> Result<Landed, Errno> {
         let bar = u8::try_from(region).map_err(|_| Errno::EINVAL)?;
         let mut got = vec![0u8; data.len()];
         self.m
