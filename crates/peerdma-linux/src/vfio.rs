@@ -514,12 +514,28 @@ struct HotReset {
 
 impl ScenarioBackend for LinuxBackend {
     /// `provider` is the first ivshmem (1af4:1110), `initiator` the first edu (1234:11e8),
-    /// `pm_provider` the first QEMU NVMe controller (1b36:0010, its CMB is BAR2).
+    /// `pm_provider` the first QEMU NVMe controller (1b36:0010, its CMB is BAR2), `sibling`
+    /// function 1 of the same device.
     fn role(&self, role: &str) -> Result<Bdf, Errno> {
         let want = match role {
             "provider" => ("0x1af4", "0x1110"),
             "initiator" => ("0x1234", "0x11e8"),
             "pm_provider" => ("0x1b36", "0x0010"),
+            "sibling" => {
+                // Function 1 of the pm_provider's device.
+                let pm = self.role("pm_provider")?;
+                let b = pm.with_function(1).ok_or(Errno::ENODEV)?;
+                return if self
+                    .sysfs
+                    .join("bus/pci/devices")
+                    .join(b.to_string())
+                    .exists()
+                {
+                    Ok(b)
+                } else {
+                    Err(Errno::ENODEV)
+                };
+            }
             _ => return Err(Errno::ENODEV),
         };
         let dir = self.sysfs.join("bus/pci/devices");

@@ -119,7 +119,8 @@ pub enum Landed {
 pub trait ScenarioBackend: UapiBackend {
     /// The function playing `role` on this backend (`provider`: memory to export, no
     /// capabilities; `initiator`: a DMA engine; `pm_provider`: memory to export on a device
-    /// with PM and FLR); `ENODEV` if none.
+    /// with PM and FLR; `sibling`: another function of the pm_provider's device, in its
+    /// hot-reset set); `ENODEV` if none.
     fn role(&self, role: &str) -> Result<Bdf, Errno>;
     /// `VFIO_DEVICE_PCI_HOT_RESET` of the bus above `dev`, with ownership proven the cdev way
     /// (every affected device open in this process's iommufd; no group fds given).

@@ -20,7 +20,7 @@ use peerdma_uapi::feature::O_CLOEXEC;
 use peerdma_uapi::{DevHandle, DmabufInfo, IoasId, OpenPath, UapiBackend};
 
 use crate::iommufd::Iommufd;
-use crate::pci::{DeviceFd, VfioPci};
+use crate::pci::{DeviceFd, VfioPci, iommu_group};
 
 /// The emulated hardware with vfio-pci bound to every endpoint.
 pub struct Machine {
@@ -235,11 +235,20 @@ impl ScenarioBackend for Emulated<'_> {
         if o.path != OpenPath::CdevIommufd {
             return Err(Errno::EINVAL);
         }
-        let owned: Vec<&VfioPci> = self
+        // Ownership is per IOMMU group: a group with one device open in this process's
+        // iommufd is owned whole.
+        let f = &self.m.fabric;
+        let groups: Vec<Bdf> = self
             .devs
             .values()
             .filter(|d| d.path == OpenPath::CdevIommufd)
-            .filter_map(|d| self.m.vfio.get(&d.bdf))
+            .map(|d| iommu_group(f, d.bdf))
+            .collect();
+        let owned: Vec<&VfioPci> = self
+            .m
+            .vfio
+            .values()
+            .filter(|v| groups.contains(&iommu_group(f, v.bdf())))
             .collect();
         o.fd.hot_reset(&owned)
     }

@@ -900,3 +900,54 @@ impl Drop for DeviceFd {
         self.close_inner();
     }
 }
+
+/// The IOMMU group of `bdf`, named by one of its functions, by Linux's PCI grouping rules
+/// (`pci_device_group`): a function below a bridge whose path to the root lacks ACS
+/// isolation (source validation, request and completion redirect, upstream forwarding) is in
+/// that bridge's group; a function of a multifunction device without ACS is in function 0's.
+/// Ownership for a hot reset is proven per group: one device of a group open in the caller's
+/// iommufd owns the whole group.
+pub fn iommu_group(fabric: &Fabric, bdf: Bdf) -> Bdf {
+    const REQ: u16 = regs::ACS_SV | regs::ACS_RR | regs::ACS_CR | regs::ACS_UF;
+    let multifunction = |b: Bdf| {
+        fabric
+            .functions()
+            .any(|f| f.bdf() != b && f.bdf().bus() == b.bus() && f.bdf().device() == b.device())
+    };
+    let acs_ok = |b: Bdf| {
+        let has = || {
+            fabric
+                .acs_ctrl(b)
+                .ok()
+                .flatten()
+                .is_some_and(|c| c & REQ == REQ)
+        };
+        match fabric.function(b).map(peerdma_pci::Function::kind) {
+            Ok(DeviceKind::RootPort | DeviceKind::SwitchDownstream) => has(),
+            Ok(DeviceKind::Endpoint | DeviceKind::SwitchUpstream | DeviceKind::Rciep) => {
+                !multifunction(b) || has()
+            }
+            _ => true,
+        }
+    };
+    let path_ok = |mut b: Bdf| loop {
+        if !acs_ok(b) {
+            return false;
+        }
+        match fabric.upstream_bridge(b) {
+            Ok(Some(up)) => b = up,
+            _ => return true,
+        }
+    };
+    if let Ok(Some(bridge)) = fabric.upstream_bridge(bdf) {
+        if !path_ok(bridge) {
+            return iommu_group(fabric, bridge);
+        }
+    }
+    if bdf.function() != 0 && multifunction(bdf) && !acs_ok(bdf) {
+        if let Some(f0) = bdf.with_function(0) {
+            return iommu_group(fabric, f0);
+        }
+    }
+    bdf
+}
