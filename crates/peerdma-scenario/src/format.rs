@@ -39,6 +39,37 @@ pub struct Scenario {
     pub steps: Vec<Step>,
 }
 
+impl Scenario {
+    /// Whether a step uses iommufd (an IOAS, a mapping, a DMA through one).
+    pub fn needs_iommufd(&self) -> bool {
+        self.steps.iter().any(|s| {
+            matches!(
+                s.action,
+                Action::IoasAlloc { .. }
+                    | Action::Attach { .. }
+                    | Action::Map { .. }
+                    | Action::Unmap { .. }
+                    | Action::Dma { .. }
+            )
+        })
+    }
+
+    /// The scenario for a kernel without iommufd: every device opened the group/container
+    /// way; `None` if it needs iommufd.
+    pub fn on_group_path(&self) -> Option<Scenario> {
+        if self.needs_iommufd() {
+            return None;
+        }
+        let mut s = self.clone();
+        for st in &mut s.steps {
+            if let Action::Open { path, .. } = &mut st.action {
+                *path = OpenPath::GroupContainer;
+            }
+        }
+        Some(s)
+    }
+}
+
 /// One step: what to do and what must come of it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Step {

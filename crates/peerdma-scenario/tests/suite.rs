@@ -379,3 +379,23 @@ proptest! {
         let _ = load_str(&lines.join("\n"), "mutated");
     }
 }
+
+#[test]
+fn the_group_path_subset_runs_without_iommufd() {
+    let all = all();
+    let group: Vec<Scenario> = all.iter().filter_map(Scenario::on_group_path).collect();
+    assert!(group.len() >= 30, "{}", group.len());
+    assert!(group.len() < all.len());
+    for s in &group {
+        assert!(!s.needs_iommufd());
+        for st in &s.steps {
+            if let peerdma_scenario::Action::Open { path, .. } = &st.action {
+                assert_eq!(*path, OpenPath::GroupContainer, "{}", s.name);
+            }
+        }
+    }
+    let m = machine();
+    let r = run_all(&m, &group);
+    assert!(r.iter().all(|r| r.pass == Some(true)), "{r:#?}");
+    assert!(!r.iter().any(|r| r.action == "dma" || r.action == "map"));
+}

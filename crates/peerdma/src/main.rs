@@ -157,6 +157,10 @@ enum ScenarioCmd {
         /// With `--backend emulated`: another fabric file (devices named by role).
         #[arg(long)]
         fabric: Option<PathBuf>,
+        /// For a kernel without iommufd: skip the scenarios that need it and open every
+        /// device through its group and a container.
+        #[arg(long)]
+        group_only: bool,
         /// One JSON object per step.
         #[arg(long)]
         json: bool,
@@ -179,6 +183,9 @@ enum ScenarioCmd {
         /// Another fabric file for the emulated side.
         #[arg(long)]
         fabric: Option<PathBuf>,
+        /// The real run was made with `--group-only`: compare the same subset, the same way.
+        #[arg(long)]
+        group_only: bool,
         /// One JSON object per row.
         #[arg(long)]
         json: bool,
@@ -414,14 +421,16 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 files,
                 backend,
                 fabric,
+                group_only,
                 json,
-            } => scenario::run(&files, &backend, fabric.as_ref(), json),
+            } => scenario::run(&files, &backend, fabric.as_ref(), group_only, json),
             ScenarioCmd::Compare {
                 files,
                 real,
                 shm,
                 divergences,
                 fabric,
+                group_only,
                 json,
             } => scenario::compare(
                 &files,
@@ -429,6 +438,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 shm.as_ref(),
                 &divergences,
                 fabric.as_ref(),
+                group_only,
                 json,
             ),
         },

@@ -15,8 +15,9 @@ fn bad(message: String) -> CliError {
     CliError { message, status: 2 }
 }
 
-/// Expands directories into their `*.toml` files (sorted) and loads every scenario.
-pub fn load_all(paths: &[PathBuf]) -> Result<Vec<Scenario>, CliError> {
+/// Expands directories into their `*.toml` files (sorted) and loads every scenario; with
+/// `group_only`, keeps those that run without iommufd, opening devices the group way.
+pub fn load_all(paths: &[PathBuf], group_only: bool) -> Result<Vec<Scenario>, CliError> {
     let mut files = Vec::new();
     for p in paths {
         if p.is_dir() {
@@ -42,6 +43,9 @@ pub fn load_all(paths: &[PathBuf]) -> Result<Vec<Scenario>, CliError> {
             return Err(bad(format!("two scenarios are named {:?}", s.name)));
         }
         out.push(s);
+    }
+    if group_only {
+        out = out.iter().filter_map(Scenario::on_group_path).collect();
     }
     Ok(out)
 }
@@ -88,9 +92,10 @@ pub fn run(
     files: &[PathBuf],
     backend: &str,
     fabric: Option<&PathBuf>,
+    group_only: bool,
     json: bool,
 ) -> Result<(), CliError> {
-    let scenarios = load_all(files)?;
+    let scenarios = load_all(files, group_only)?;
     let (results, landings) = match backend {
         "emulated" => run_emulated(&scenarios, fabric)?,
         "linux" => (run_linux(&scenarios), 0),
@@ -169,9 +174,10 @@ pub fn compare(
     shm: Option<&PathBuf>,
     divergences: &Path,
     fabric: Option<&PathBuf>,
+    group_only: bool,
     json: bool,
 ) -> Result<(), CliError> {
-    let scenarios = load_all(files)?;
+    let scenarios = load_all(files, group_only)?;
     let real = read_real(real)?;
     let shm = match shm {
         Some(p) => Some(std::fs::read(p).map_err(|e| bad(format!("{}: {e}", p.display())))?),
