@@ -277,6 +277,8 @@ pub enum Expect {
         count: Option<u64>,
         /// `exp_name`.
         exp_name: Option<String>,
+        /// `flags` (the file's open flags, with `O_CLOEXEC` when the fd has it).
+        flags: Option<u32>,
     },
     /// This errno.
     Errno(Errno),
@@ -302,6 +304,7 @@ impl Expect {
                 size,
                 count,
                 exp_name,
+                flags,
             } => {
                 let mut words = outcome.split(' ');
                 if words.next() != Some("fd") {
@@ -312,6 +315,7 @@ impl Expect {
                 size.is_none_or(|s| has("size", &s.to_string()))
                     && count.is_none_or(|c| has("count", &c.to_string()))
                     && exp_name.as_deref().is_none_or(|n| has("exp_name", n))
+                    && flags.is_none_or(|x| has("flags", &format!("{x:#o}")))
             }
         }
     }
@@ -330,6 +334,7 @@ impl std::fmt::Display for Expect {
                 size,
                 count,
                 exp_name,
+                flags,
             } => {
                 f.write_str("fd")?;
                 if let Some(s) = size {
@@ -340,6 +345,9 @@ impl std::fmt::Display for Expect {
                 }
                 if let Some(n) = exp_name {
                     write!(f, " exp_name={n}")?;
+                }
+                if let Some(x) = flags {
+                    write!(f, " flags={x:#o}")?;
                 }
                 Ok(())
             }
@@ -563,6 +571,7 @@ fn expect(f: &mut Fields, default: Option<Expect>) -> Result<Expect, FormatError
                 size: None,
                 count: None,
                 exp_name: None,
+                flags: None,
             }),
             "landed" => Ok(Expect::Landed(true)),
             "not_landed" | "not landed" => Ok(Expect::Landed(false)),
@@ -589,6 +598,7 @@ fn expect(f: &mut Fields, default: Option<Expect>) -> Result<Expect, FormatError
                 size: e.opt_num("size")?,
                 count: e.opt_num("count")?,
                 exp_name: e.opt_string("exp_name")?,
+                flags: e.opt_u32("flags")?,
             };
             e.done()?;
             Ok(r)
@@ -604,6 +614,7 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
         size: None,
         count: None,
         exp_name: None,
+        flags: None,
     });
     let (action, default) = match word.as_str() {
         "open" => {

@@ -1,7 +1,8 @@
 //! Plays a [`Scenario`] on a backend and records what each step produced.
 //!
 //! Outcomes are short, backend-independent words so two runs can be compared as strings:
-//! `ok`; an errno name (`EINVAL`); `fd size=… count=… exp_name=…` for a new dma-buf; a
+//! `ok`; an errno name (`EINVAL`); `fd size=… count=… exp_name=… flags=0o…` for a new
+//! dma-buf (its fdinfo); a
 //! masked config value (`0x0002`); `landed` / `not landed` for a DMA (or `pending` when only
 //! the host can look); `error: …` when the scenario itself is wrong (a name never given).
 
@@ -125,8 +126,8 @@ fn ok_or_errno(r: Result<(), Errno>) -> Played {
 fn fd_outcome(be: &mut dyn ScenarioBackend, fd: i32) -> String {
     match be.dmabuf_info(fd) {
         Ok(i) => format!(
-            "fd size={} count={} exp_name={}",
-            i.size, i.count, i.exp_name
+            "fd size={} count={} exp_name={} flags={:#o}",
+            i.size, i.count, i.exp_name, i.flags
         ),
         Err(e) => format!("fd (fdinfo: {})", errno_word(e)),
     }

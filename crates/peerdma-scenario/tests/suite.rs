@@ -347,9 +347,11 @@ fn expectations_match_outcomes_exactly() {
         size: Some(4096),
         count: None,
         exp_name: Some("vfio_pci_core".into()),
+        flags: Some(0o2000002),
     };
-    assert!(fd.matches("fd size=4096 count=1 exp_name=vfio_pci_core"));
-    assert!(!fd.matches("fd size=40960 count=1 exp_name=vfio_pci_core"));
+    assert!(fd.matches("fd size=4096 count=1 exp_name=vfio_pci_core flags=0o2000002"));
+    assert!(!fd.matches("fd size=4096 count=1 exp_name=vfio_pci_core flags=0o2"));
+    assert!(!fd.matches("fd size=40960 count=1 exp_name=vfio_pci_core flags=0o2000002"));
     assert!(!fd.matches("EINVAL"));
     assert!(Expect::Errno(Errno::ENODEV).matches("ENODEV"));
     assert!(!Expect::Errno(Errno::ENODEV).matches("ENODEVX"));
