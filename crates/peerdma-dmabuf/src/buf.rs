@@ -31,6 +31,16 @@ pub mod ops {
     pub const UNPIN: u32 = 16;
 }
 
+/// `lseek` whence values.
+pub mod whence {
+    /// `SEEK_SET`.
+    pub const SET: i32 = 0;
+    /// `SEEK_CUR`.
+    pub const CUR: i32 = 1;
+    /// `SEEK_END`.
+    pub const END: i32 = 2;
+}
+
 /// `O_ACCMODE | O_NONBLOCK`: what a dma-buf file keeps of the export flags.
 pub const FILE_FLAGS_KEPT: u32 = 0o3 | 0o4000;
 
@@ -287,6 +297,26 @@ impl DmaBuf {
     pub fn resv(&self) -> &Resv {
         &self.resv
     }
+    /// `lseek` on the buffer's file (`dma_buf_llseek`): only offset 0 from the start (→ 0) or
+    /// the end (→ the size) — how userspace learns the size; anything else is `EINVAL`.
+    pub fn llseek(&self, offset: i64, whence: i32) -> Result<u64, Errno> {
+        if offset != 0 {
+            return Err(Errno::EINVAL);
+        }
+        match whence {
+            whence::END => Ok(self.size),
+            whence::SET => Ok(0),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    /// `mmap` of the buffer's file. The kernel refuses with `EINVAL` when the exporter has
+    /// no `mmap` operation; no exporter here maps buffers for the CPU (vfio's has none on
+    /// 7.2), so every request gets that answer.
+    pub fn mmap(&self, _offset: u64, _len: u64) -> Result<(), Errno> {
+        Err(Errno::EINVAL)
+    }
+
     /// The attachments now (newest first).
     pub fn attachments(&self) -> Vec<Arc<Attachment>> {
         sync::lock(&self.attachments).clone()

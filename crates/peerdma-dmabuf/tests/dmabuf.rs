@@ -122,6 +122,21 @@ fn file_keeps_only_access_mode_and_nonblock() {
 }
 
 #[test]
+fn lseek_tells_the_size_and_mmap_is_refused() {
+    use peerdma_dmabuf::buf::whence;
+    let r = rig(true);
+    let f = file_of(&exporter(&r, ALL));
+    let b = buf(&f);
+    assert_eq!(b.llseek(0, whence::END), Ok(b.size()));
+    assert_eq!(b.llseek(0, whence::SET), Ok(0));
+    assert_eq!(b.llseek(0, whence::CUR), Err(Errno::EINVAL));
+    assert_eq!(b.llseek(4096, whence::SET), Err(Errno::EINVAL));
+    assert_eq!(b.llseek(-1, whence::END), Err(Errno::EINVAL));
+    assert_eq!(b.llseek(0, 7), Err(Errno::EINVAL));
+    assert_eq!(b.mmap(0, 4096), Err(Errno::EINVAL));
+}
+
+#[test]
 fn fds_lowest_free_from_3_cloexec_and_exec() {
     let r = rig(true);
     let p = Process::new();

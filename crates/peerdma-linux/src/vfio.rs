@@ -449,6 +449,41 @@ impl UapiBackend for LinuxBackend {
         Ok(DmabufInfo::parse(&t))
     }
 
+    fn dmabuf_seek(&mut self, fd: i32, offset: i64, whence: i32) -> Result<u64, Errno> {
+        if !self.files.contains_key(&fd) {
+            return Err(Errno::EBADF);
+        }
+        // SAFETY: lseek on a descriptor this backend owns; no memory is involved.
+        let r = unsafe { libc::lseek(fd, offset, whence) };
+        u64::try_from(r).map_err(|_| last_errno())
+    }
+
+    fn dmabuf_mmap(&mut self, fd: i32, offset: u64, len: u64) -> Result<(), Errno> {
+        if !self.files.contains_key(&fd) {
+            return Err(Errno::EBADF);
+        }
+        let len = usize::try_from(len).map_err(|_| Errno::EINVAL)?;
+        let off = libc::off_t::try_from(offset).map_err(|_| Errno::EINVAL)?;
+        // SAFETY: a fresh shared read-only mapping at a kernel-chosen address; if it is made,
+        // it is unmapped at once and never touched.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd,
+                off,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(last_errno());
+        }
+        // SAFETY: `p`/`len` are exactly what mmap returned.
+        unsafe { libc::munmap(p, len) };
+        Ok(())
+    }
+
     fn ioas_alloc(&mut self) -> Result<IoasId, Errno> {
         let fd = self.iommufd()?;
         let ioas = IommufdIoas::new(fd).map_err(|e| errno_of(&e))?;

@@ -129,6 +129,24 @@ pub enum Action {
         /// Fd name.
         fd: String,
     },
+    /// `lseek` on a dma-buf fd.
+    Seek {
+        /// Fd name.
+        fd: String,
+        /// Offset (may be negative).
+        offset: i64,
+        /// `SEEK_SET` (0), `SEEK_CUR` (1) or `SEEK_END` (2).
+        whence: i32,
+    },
+    /// `mmap` of a dma-buf fd.
+    Mmap {
+        /// Fd name.
+        fd: String,
+        /// Offset.
+        offset: u64,
+        /// Length.
+        length: u64,
+    },
     /// Read config space through the VFIO config region.
     ConfigRead {
         /// Device name.
@@ -246,6 +264,8 @@ impl Action {
             Action::Export { .. } => "export",
             Action::CloseFd { .. } => "close_fd",
             Action::Fdinfo { .. } => "fdinfo",
+            Action::Seek { .. } => "seek",
+            Action::Mmap { .. } => "mmap",
             Action::ConfigRead { .. } => "config_read",
             Action::ConfigWrite { .. } => "config_write",
             Action::Memory { .. } => "memory",
@@ -288,6 +308,8 @@ pub enum Expect {
     Value(u32),
     /// The device lacks the capability a `power`, `flr` or `af_flr` step needs.
     NoCapability,
+    /// A `seek` lands at this position.
+    Position(u64),
 }
 
 impl Expect {
@@ -300,6 +322,7 @@ impl Expect {
             Expect::Landed(false) => outcome == "not landed",
             Expect::Value(v) => outcome == format!("{v:#06x}"),
             Expect::NoCapability => outcome.starts_with("no "),
+            Expect::Position(p) => outcome == format!("position {p}"),
             Expect::Fd {
                 size,
                 count,
@@ -330,6 +353,7 @@ impl std::fmt::Display for Expect {
             Expect::Landed(false) => f.write_str("not landed"),
             Expect::Value(v) => write!(f, "{v:#06x}"),
             Expect::NoCapability => f.write_str("no capability"),
+            Expect::Position(p) => write!(f, "position {p}"),
             Expect::Fd {
                 size,
                 count,
@@ -585,6 +609,10 @@ fn expect(f: &mut Fields, default: Option<Expect>) -> Result<Expect, FormatError
         },
         Value::Table(t) => {
             let mut e = Fields::new(t, format!("{}.expect", f.at));
+            if let Some(p) = e.opt_num("position")? {
+                e.done()?;
+                return Ok(Expect::Position(p));
+            }
             if let Some(v) = e.opt_num("value")? {
                 let v = u32::try_from(v).map_err(|_| e.err("value", "does not fit 32 bits"))?;
                 e.done()?;
@@ -718,6 +746,29 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
                 fd: f.string("fd")?,
             },
             fd,
+        ),
+        "seek" => {
+            let fd = f.string("fd")?;
+            let offset = match f.take("offset") {
+                None => 0,
+                Some(Value::Integer(i)) => i,
+                Some(_) => return Err(f.err("offset", "must be an integer")),
+            };
+            let whence = match f.opt_string("whence")?.as_deref() {
+                None | Some("set") => 0,
+                Some("cur") => 1,
+                Some("end") => 2,
+                Some(w) => return Err(f.err("whence", format!("{w:?}: set, cur or end"))),
+            };
+            (Action::Seek { fd, offset, whence }, None)
+        }
+        "mmap" => (
+            Action::Mmap {
+                fd: f.string("fd")?,
+                offset: f.opt_num("offset")?.unwrap_or(0),
+                length: f.opt_num("length")?.unwrap_or(4096),
+            },
+            ok,
         ),
         "config_read" | "config_write" => {
             let dev = f.string("dev")?;
@@ -853,7 +904,7 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
                 "do",
                 format!(
                     "unknown action {other:?} (open, close, feature, export, close_fd, fdinfo, \
-                     config_read, config_write, memory, power, flr, af_flr, reset, hot_reset, \
+                     seek, mmap, config_read, config_write, memory, power, flr, af_flr, reset, hot_reset, \
                      low_power, ioas, attach, map, unmap, dma)"
                 ),
             ));

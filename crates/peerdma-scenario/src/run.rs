@@ -312,6 +312,18 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
             let (n, _) = st.fd(fd)?;
             Ok((fd_outcome(be, n), None))
         }
+        Action::Seek { fd, offset, whence } => {
+            let (n, _) = st.fd(fd)?;
+            Ok((
+                be.dmabuf_seek(n, *offset, *whence)
+                    .map_or_else(errno_word, |p| format!("position {p}")),
+                None,
+            ))
+        }
+        Action::Mmap { fd, offset, length } => {
+            let (n, _) = st.fd(fd)?;
+            ok_or_errno(be.dmabuf_mmap(n, *offset, *length))
+        }
         Action::ConfigRead {
             dev,
             offset,

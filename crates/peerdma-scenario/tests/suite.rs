@@ -130,6 +130,12 @@ impl UapiBackend for Tweaked<'_> {
     fn dmabuf_info(&mut self, fd: i32) -> Result<DmabufInfo, Errno> {
         self.inner.dmabuf_info(fd)
     }
+    fn dmabuf_seek(&mut self, fd: i32, offset: i64, whence: i32) -> Result<u64, Errno> {
+        self.inner.dmabuf_seek(fd, offset, whence)
+    }
+    fn dmabuf_mmap(&mut self, fd: i32, offset: u64, len: u64) -> Result<(), Errno> {
+        self.inner.dmabuf_mmap(fd, offset, len)
+    }
     fn ioas_alloc(&mut self) -> Result<IoasId, Errno> {
         self.inner.ioas_alloc()
     }

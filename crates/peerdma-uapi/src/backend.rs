@@ -83,6 +83,10 @@ pub trait UapiBackend {
     fn close_fd(&mut self, fd: i32) -> Result<(), Errno>;
     /// The fdinfo of a dma-buf fd.
     fn dmabuf_info(&mut self, fd: i32) -> Result<DmabufInfo, Errno>;
+    /// `lseek(fd, offset, whence)` on a dma-buf fd; the new position.
+    fn dmabuf_seek(&mut self, fd: i32, offset: i64, whence: i32) -> Result<u64, Errno>;
+    /// `mmap` of `len` bytes at `offset` of a dma-buf fd (unmapped again at once if it works).
+    fn dmabuf_mmap(&mut self, fd: i32, offset: u64, len: u64) -> Result<(), Errno>;
     /// `IOMMU_IOAS_ALLOC`.
     fn ioas_alloc(&mut self) -> Result<IoasId, Errno>;
     /// Attaches an open (cdev) device to an IOAS (`VFIO_DEVICE_ATTACH_IOMMUFD_PT`).

@@ -192,6 +192,25 @@ impl UapiBackend for Emulated<'_> {
         info.ok_or(Errno::EINVAL)
     }
 
+    fn dmabuf_seek(&mut self, fd: i32, offset: i64, whence: i32) -> Result<u64, Errno> {
+        let f = self.proc.fget(fd)?;
+        // A file that is not a dma-buf has its own llseek; only dma-bufs are handed out here.
+        let r = f
+            .dmabuf()
+            .map_or(Err(Errno::EINVAL), |b| b.llseek(offset, whence));
+        f.put();
+        r
+    }
+
+    fn dmabuf_mmap(&mut self, fd: i32, offset: u64, len: u64) -> Result<(), Errno> {
+        let f = self.proc.fget(fd)?;
+        let r = f
+            .dmabuf()
+            .map_or(Err(Errno::ENODEV), |b| b.mmap(offset, len));
+        f.put();
+        r
+    }
+
     fn ioas_alloc(&mut self) -> Result<IoasId, Errno> {
         self.iommufd()?.ioas_alloc().map(IoasId)
     }
