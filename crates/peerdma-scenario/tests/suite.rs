@@ -407,3 +407,166 @@ fn the_group_path_subset_runs_without_iommufd() {
     assert!(r.iter().all(|r| r.pass == Some(true)), "{r:#?}");
     assert!(!r.iter().any(|r| r.action == "dma" || r.action == "map"));
 }
+
+mod random {
+    use super::*;
+    use peerdma_scenario::{Action, Step};
+    use peerdma_uapi::DmaBufRequest;
+
+    fn pick<T: Clone + std::fmt::Debug + 'static>(v: Vec<T>) -> impl Strategy<Value = T> {
+        proptest::sample::select(v)
+    }
+
+    fn dev() -> impl Strategy<Value = String> {
+        pick(vec!["p".to_string(), "e".into(), "n".into(), "s".into()])
+    }
+    fn fd() -> impl Strategy<Value = String> {
+        pick(vec!["a".to_string(), "b".into()])
+    }
+    fn ioas() -> impl Strategy<Value = String> {
+        pick(vec!["x".to_string(), "y".into()])
+    }
+    fn iova() -> impl Strategy<Value = u64> {
+        pick(vec![0x100_0000u64, 0x100_1000, 0x108_0000, 0x200_0000])
+    }
+    fn len() -> impl Strategy<Value = u64> {
+        pick(vec![0u64, 100, 0x1000, 0x1_0000, 0x10_0000, 0x20_0000])
+    }
+
+    fn action() -> impl Strategy<Value = Action> {
+        prop_oneof![
+            (
+                pick(vec![
+                    "provider",
+                    "initiator",
+                    "pm_provider",
+                    "sibling",
+                    "gpu"
+                ]),
+                dev(),
+                any::<bool>()
+            )
+                .prop_map(|(r, name, cdev)| Action::Open {
+                    role: r.into(),
+                    name,
+                    path: if cdev {
+                        OpenPath::CdevIommufd
+                    } else {
+                        OpenPath::GroupContainer
+                    },
+                }),
+            dev().prop_map(|dev| Action::Close { dev }),
+            (
+                dev(),
+                0u32..8,
+                pick(vec![
+                    vec![(0u64, 0x10_0000u64)],
+                    vec![(0, 0x1000), (0x2000, 0x1000)],
+                    vec![(0x8_0000, 0x1_0000)],
+                    vec![(1, 0x1000)],
+                    vec![(0xf_f000, 0x2000)],
+                    vec![],
+                ]),
+                proptest::option::of(0u32..4),
+                fd()
+            )
+                .prop_map(|(dev, region, ranges, nr, name)| {
+                    let mut req = DmaBufRequest::new(region, ranges);
+                    req.nr_ranges = nr;
+                    Action::Export {
+                        dev,
+                        req,
+                        name: Some(name),
+                    }
+                }),
+            fd().prop_map(|fd| Action::CloseFd { fd }),
+            fd().prop_map(|fd| Action::Fdinfo { fd }),
+            (fd(), -2i64..2, 0i32..4).prop_map(|(fd, offset, whence)| Action::Seek {
+                fd,
+                offset,
+                whence
+            }),
+            (fd(), len()).prop_map(|(fd, length)| Action::Mmap {
+                fd,
+                offset: 0,
+                length
+            }),
+            (dev(), any::<bool>()).prop_map(|(dev, on)| Action::Memory { dev, on }),
+            (dev(), pick(vec![0u16, 3])).prop_map(|(dev, state)| Action::Power { dev, state }),
+            dev().prop_map(|dev| Action::Flr { dev }),
+            dev().prop_map(|dev| Action::Reset { dev }),
+            dev().prop_map(|dev| Action::HotReset { dev }),
+            (dev(), any::<bool>()).prop_map(|(dev, enter)| Action::LowPower { dev, enter }),
+            ioas().prop_map(|name| Action::IoasAlloc { name }),
+            (dev(), ioas()).prop_map(|(dev, ioas)| Action::Attach { dev, ioas }),
+            (
+                ioas(),
+                fd(),
+                pick(vec![0u64, 0x1000, 0x10_0000]),
+                len(),
+                iova()
+            )
+                .prop_map(|(ioas, fd, start, length, iova)| Action::Map {
+                    ioas,
+                    fd,
+                    start,
+                    length,
+                    iova
+                }),
+            (ioas(), iova(), len()).prop_map(|(ioas, iova, length)| Action::Unmap {
+                ioas,
+                iova,
+                length
+            }),
+            (dev(), iova()).prop_map(|(dev, iova)| Action::Dma { dev, iova }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// Any sequence of user actions, however wrong, gets outcomes and no panic; when the
+        /// process goes, every device is closed, every buffer released, every registration
+        /// reference given back, and no DMA ever landed in a revoked buffer.
+        #[test]
+        fn any_sequence_of_actions_leaves_nothing_behind(actions in proptest::collection::vec(action(), 1..40)) {
+            let m = machine();
+            let eps: Vec<Bdf> = m
+                .fabric()
+                .functions()
+                .filter(|f| f.kind() == peerdma_pci::DeviceKind::Endpoint)
+                .map(peerdma_pci::Function::bdf)
+                .collect();
+            let before: Vec<usize> = eps.iter().map(|&b| m.vfio(b).unwrap().registration().count()).collect();
+            // A working setup first (a provider's buffer mapped for the initiator), so the
+            // random tail has something to break.
+            let setup = load_path(&dir().join("import-whole-buffer.toml")).unwrap().steps;
+            let mut steps: Vec<Step> = setup.into_iter().take(6).collect();
+            let named = |n: &str| n.replace("buf", "a").replace('a', "x");
+            for st in &mut steps {
+                match &mut st.action {
+                    Action::Export { name: Some(n), .. } => *n = "a".into(),
+                    Action::IoasAlloc { name } => *name = named(name),
+                    Action::Attach { ioas, .. } => *ioas = "x".into(),
+                    Action::Map { ioas, fd, .. } => {
+                        *ioas = "x".into();
+                        *fd = "a".into();
+                    }
+                    _ => {}
+                }
+            }
+            steps.extend(actions.into_iter().map(|action| Step { action, expect: Expect::Ok }));
+            let s = Scenario { name: "random".into(), about: "random".into(), steps };
+            let r = run(&s, &mut m.process(), &mut RunCtx::default());
+            prop_assert_eq!(r.len(), s.steps.len());
+            prop_assert_eq!(&r[5].outcome, "ok", "the setup maps the buffer");
+            prop_assert!(r.iter().all(|r| !r.outcome.is_empty()));
+            for (i, &b) in eps.iter().enumerate() {
+                let v = m.vfio(b).unwrap();
+                prop_assert_eq!(v.open_count(), 0, "{} still open", b);
+                prop_assert_eq!(v.dmabuf_count(), 0, "{} has buffers", b);
+                prop_assert_eq!(v.registration().count(), before[i], "{}: {:?}", b, v.registration().holders());
+            }
+            prop_assert_eq!(m.revoked_landings(), 0);
+        }
+    }
+}
