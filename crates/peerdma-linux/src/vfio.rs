@@ -24,7 +24,9 @@ use vfio_bindings::bindings::vfio::{VFIO_BASE, VFIO_PCI_CONFIG_REGION_INDEX, VFI
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioIommufd, VfioOps};
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ptr};
 
-use nr::{VFIO_DEVICE_FEATURE, VFIO_DEVICE_PCI_HOT_RESET, VFIO_DEVICE_RESET};
+use nr::{
+    VFIO_DEVICE_BIND_IOMMUFD, VFIO_DEVICE_FEATURE, VFIO_DEVICE_PCI_HOT_RESET, VFIO_DEVICE_RESET,
+};
 
 /// The ioctl numbers the crates keep private.
 mod nr {
@@ -37,6 +39,11 @@ mod nr {
         VFIO_DEVICE_PCI_HOT_RESET,
         u32::from(VFIO_TYPE),
         VFIO_BASE + 13
+    );
+    ioctl_io_nr!(
+        VFIO_DEVICE_BIND_IOMMUFD,
+        u32::from(VFIO_TYPE),
+        VFIO_BASE + 18
     );
 }
 
@@ -105,6 +112,8 @@ pub struct LinuxBackend {
     anon: Vec<AnonPage>,
     /// The IOAS each device was attached to.
     attached: HashMap<u32, IoasId>,
+    /// Device cdevs opened but not bound to the iommufd.
+    unbound: HashMap<u32, File>,
     /// Where sysfs is (for tests on captured trees; `/sys` normally).
     pub sysfs: PathBuf,
 }
@@ -137,6 +146,63 @@ impl LinuxBackend {
 
     fn dev(&self, d: DevHandle) -> Result<&Open, Errno> {
         self.devices.get(&d.0).ok_or(Errno::EBADF)
+    }
+
+    /// The descriptor of an open device, bound or not.
+    fn raw(&self, d: DevHandle) -> Result<RawFd, Errno> {
+        if let Some(f) = self.unbound.get(&d.0) {
+            return Ok(f.as_raw_fd());
+        }
+        Ok(self.dev(d)?.device.as_raw_fd())
+    }
+
+    /// Where config space is in the device fd: the region's offset once bound; before that
+    /// vfio-pci's fixed layout (region index << 40), which the kernel refuses anyway.
+    fn config_at(&self, d: DevHandle, offset: u64) -> Result<i64, Errno> {
+        let base = match self.devices.get(&d.0) {
+            Some(o) => o.config_offset,
+            None if self.unbound.contains_key(&d.0) => {
+                u64::from(VFIO_PCI_CONFIG_REGION_INDEX) << 40
+            }
+            None => return Err(Errno::EBADF),
+        };
+        i64::try_from(base + offset).map_err(|_| Errno::EINVAL)
+    }
+
+    fn vfio_iommufd(&mut self) -> Result<Arc<VfioIommufd>, Errno> {
+        if let Some(v) = &self.vfio_iommufd {
+            return Ok(v.clone());
+        }
+        let fd = self.iommufd()?;
+        let v = Arc::new(VfioIommufd::new(fd, None, None).map_err(|e| errno_of(&e))?);
+        self.vfio_iommufd = Some(v.clone());
+        Ok(v)
+    }
+
+    /// `VFIO_DEVICE_BIND_IOMMUFD` on a device fd, with this backend's iommufd.
+    fn bind_raw(&mut self, fd: RawFd) -> Result<(), Errno> {
+        // The 7.2 layout up to `out_devid` (no token): argsz 16.
+        #[repr(C)]
+        struct Bind {
+            argsz: u32,
+            flags: u32,
+            iommufd: i32,
+            out_devid: u32,
+        }
+        let iommufd = self.iommufd()?.as_raw_fd();
+        let mut b = Bind {
+            argsz: 16,
+            flags: 0,
+            iommufd,
+            out_devid: 0,
+        };
+        let file = std::mem::ManuallyDrop::new(
+            // SAFETY: a borrowed view of a descriptor this backend owns, never closed here.
+            unsafe { File::from_raw_fd(fd) },
+        );
+        // SAFETY: the kernel reads and writes at most `argsz` (16) bytes of `b`.
+        let ret = unsafe { ioctl_with_mut_ptr(&*file, VFIO_DEVICE_BIND_IOMMUFD(), &raw mut b) };
+        if ret < 0 { Err(last_errno()) } else { Ok(()) }
     }
 
     /// The raw fd of an open device (for callers that need more than the trait).
@@ -332,16 +398,16 @@ impl UapiBackend for LinuxBackend {
                 VfioDevice::new(&sysfs, c as Arc<dyn VfioOps>, false).map_err(|e| errno_of(&e))?
             }
             OpenPath::CdevIommufd => {
-                let fd = self.iommufd()?;
-                let vi = if let Some(v) = &self.vfio_iommufd {
-                    v.clone()
-                } else {
-                    let v = Arc::new(VfioIommufd::new(fd, None, None).map_err(|e| errno_of(&e))?);
-                    self.vfio_iommufd = Some(v.clone());
-                    v
-                };
+                let vi = self.vfio_iommufd()?;
                 let cdev = VfioDevice::open_cdev(&sysfs).map_err(|e| errno_of(&e))?;
                 VfioDevice::new_from_fd(cdev, vi, false).map_err(|e| errno_of(&e))?
+            }
+            OpenPath::CdevUnbound => {
+                let cdev = VfioDevice::open_cdev(&sysfs).map_err(|e| errno_of(&e))?;
+                let h = self.next;
+                self.next += 1;
+                self.unbound.insert(h, cdev);
+                return Ok(DevHandle(h));
             }
         };
         let config_offset = device.get_region_offset(VFIO_PCI_CONFIG_REGION_INDEX);
@@ -358,11 +424,33 @@ impl UapiBackend for LinuxBackend {
     }
 
     fn close_device(&mut self, dev: DevHandle) -> Result<(), Errno> {
+        if self.unbound.remove(&dev.0).is_some() {
+            return Ok(());
+        }
         self.devices.remove(&dev.0).map(drop).ok_or(Errno::EBADF)
     }
 
+    fn bind_device(&mut self, dev: DevHandle) -> Result<(), Errno> {
+        let fd = self.raw(dev)?;
+        self.bind_raw(fd)?;
+        if let Some(cdev) = self.unbound.remove(&dev.0) {
+            let vi = self.vfio_iommufd()?;
+            let device =
+                VfioDevice::new_from_bound_fd(cdev, vi, false).map_err(|e| errno_of(&e))?;
+            let config_offset = device.get_region_offset(VFIO_PCI_CONFIG_REGION_INDEX);
+            self.devices.insert(
+                dev.0,
+                Open {
+                    device,
+                    config_offset,
+                },
+            );
+        }
+        Ok(())
+    }
+
     fn device_feature(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<i32, Errno> {
-        let fd = self.dev(dev)?.device.as_raw_fd();
+        let fd = self.raw(dev)?;
         // The kernel reads `argsz` bytes: give it at least that many (zero-filled past what
         // the caller wrote) so it never reads past our buffer, up to 1 MiB.
         let argsz = peerdma_uapi::feature::parse_header(buf).map_or(0, |(a, _)| a as usize);
@@ -397,11 +485,9 @@ impl UapiBackend for LinuxBackend {
     }
 
     fn config_read(&mut self, dev: DevHandle, offset: u64, buf: &mut [u8]) -> Result<(), Errno> {
-        let d = self.dev(dev)?;
-        let at = i64::try_from(d.config_offset + offset).map_err(|_| Errno::EINVAL)?;
+        let (fd, at) = (self.raw(dev)?, self.config_at(dev, offset)?);
         // SAFETY: pread writes at most `buf.len()` bytes into `buf`, which we own mutably.
-        let n =
-            unsafe { libc::pread(d.device.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), at) };
+        let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), at) };
         if n < 0 {
             return Err(last_errno());
         }
@@ -412,10 +498,9 @@ impl UapiBackend for LinuxBackend {
     }
 
     fn config_write(&mut self, dev: DevHandle, offset: u64, data: &[u8]) -> Result<(), Errno> {
-        let d = self.dev(dev)?;
-        let at = i64::try_from(d.config_offset + offset).map_err(|_| Errno::EINVAL)?;
+        let (fd, at) = (self.raw(dev)?, self.config_at(dev, offset)?);
         // SAFETY: pwrite reads at most `data.len()` bytes from `data`.
-        let n = unsafe { libc::pwrite(d.device.as_raw_fd(), data.as_ptr().cast(), data.len(), at) };
+        let n = unsafe { libc::pwrite(fd, data.as_ptr().cast(), data.len(), at) };
         if n < 0 {
             return Err(last_errno());
         }
@@ -426,7 +511,7 @@ impl UapiBackend for LinuxBackend {
     }
 
     fn reset(&mut self, dev: DevHandle) -> Result<(), Errno> {
-        let fd = self.dev(dev)?.device.as_raw_fd();
+        let fd = self.raw(dev)?;
         let file = std::mem::ManuallyDrop::new(
             // SAFETY: as in `device_feature`: a borrowed view of the open device's fd.
             unsafe { File::from_raw_fd(fd) },
@@ -588,7 +673,7 @@ impl ScenarioBackend for LinuxBackend {
     }
 
     fn hot_reset(&mut self, dev: DevHandle) -> Result<(), Errno> {
-        let fd = self.dev(dev)?.device.as_raw_fd();
+        let fd = self.raw(dev)?;
         let mut arg = HotReset {
             argsz: 12,
             flags: 0,

@@ -46,6 +46,11 @@ impl Scenario {
             matches!(
                 s.action,
                 Action::IoasAlloc { .. }
+                    | Action::Bind { .. }
+                    | Action::Open {
+                        path: OpenPath::CdevUnbound,
+                        ..
+                    }
                     | Action::Attach { .. }
                     | Action::Map { .. }
                     | Action::Unmap { .. }
@@ -91,6 +96,11 @@ pub enum Action {
         name: String,
         /// Group/container or cdev/iommufd.
         path: OpenPath,
+    },
+    /// `VFIO_DEVICE_BIND_IOMMUFD` of a device opened with `bind = false`.
+    Bind {
+        /// Device name.
+        dev: String,
     },
     /// Close a device fd.
     Close {
@@ -260,6 +270,7 @@ impl Action {
         match self {
             Action::Open { .. } => "open",
             Action::Close { .. } => "close",
+            Action::Bind { .. } => "bind",
             Action::Feature { .. } => "feature",
             Action::Export { .. } => "export",
             Action::CloseFd { .. } => "close_fd",
@@ -651,6 +662,13 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
                 Some("group") => OpenPath::GroupContainer,
                 Some(p) => return Err(f.err("path", format!("{p:?}: cdev or group"))),
             };
+            let path = match (f.opt_bool("bind")?, path) {
+                (None | Some(true), p) => p,
+                (Some(false), OpenPath::CdevIommufd) => OpenPath::CdevUnbound,
+                (Some(false), _) => {
+                    return Err(f.err("bind", "only a cdev opens unbound (path = \"cdev\")"));
+                }
+            };
             (
                 Action::Open {
                     role: f.string("dev")?,
@@ -662,6 +680,12 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
         }
         "close" => (
             Action::Close {
+                dev: f.string("dev")?,
+            },
+            ok,
+        ),
+        "bind" => (
+            Action::Bind {
                 dev: f.string("dev")?,
             },
             ok,
@@ -903,7 +927,7 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
             return Err(f.err(
                 "do",
                 format!(
-                    "unknown action {other:?} (open, close, feature, export, close_fd, fdinfo, \
+                    "unknown action {other:?} (open, bind, close, feature, export, close_fd, fdinfo, \
                      seek, mmap, config_read, config_write, memory, power, flr, af_flr, reset, hot_reset, \
                      low_power, ioas, attach, map, unmap, dma)"
                 ),

@@ -261,6 +261,10 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
                 Err(e) => Ok((errno_word(e), None)),
             }
         }
+        Action::Bind { dev } => {
+            let (d, _) = st.dev(dev)?;
+            ok_or_errno(be.bind_device(d))
+        }
         Action::Close { dev } => {
             let (d, _) = st.dev(dev)?;
             st.devs.remove(dev);

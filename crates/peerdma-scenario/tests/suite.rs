@@ -59,6 +59,7 @@ fn every_scenario_passes_on_the_emulated_machine() {
     // Every action the format has is exercised somewhere.
     for word in [
         "open",
+        "bind",
         "close",
         "feature",
         "export",
@@ -108,6 +109,9 @@ impl UapiBackend for Tweaked<'_> {
     }
     fn close_device(&mut self, dev: DevHandle) -> Result<(), Errno> {
         self.inner.close_device(dev)
+    }
+    fn bind_device(&mut self, dev: DevHandle) -> Result<(), Errno> {
+        self.inner.bind_device(dev)
     }
     fn device_feature(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<i32, Errno> {
         self.inner.device_feature(dev, buf)
@@ -455,6 +459,14 @@ mod random {
                         OpenPath::GroupContainer
                     },
                 }),
+            (pick(vec!["provider", "pm_provider", "sibling"]), dev()).prop_map(|(r, name)| {
+                Action::Open {
+                    role: r.into(),
+                    name,
+                    path: OpenPath::CdevUnbound,
+                }
+            }),
+            dev().prop_map(|dev| Action::Bind { dev }),
             dev().prop_map(|dev| Action::Close { dev }),
             (
                 dev(),
@@ -567,6 +579,16 @@ mod random {
                 prop_assert_eq!(v.registration().count(), before[i], "{}: {:?}", b, v.registration().holders());
             }
             prop_assert_eq!(m.revoked_landings(), 0);
+            // And every group is free again: its file opens, then its cdevs bind.
+            for &b in &eps {
+                let mut p = m.process();
+                let d = p.open_device(b, OpenPath::GroupContainer);
+                prop_assert!(d.is_ok(), "{}: group file: {:?}", b, d);
+                drop(p);
+                let mut p = m.process();
+                let d = p.open_device(b, OpenPath::CdevIommufd);
+                prop_assert!(d.is_ok(), "{}: cdev: {:?}", b, d);
+            }
         }
     }
 }

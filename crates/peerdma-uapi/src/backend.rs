@@ -19,6 +19,9 @@ pub enum OpenPath {
     GroupContainer,
     /// `/dev/vfio/devices/vfioN` + `VFIO_DEVICE_BIND_IOMMUFD`.
     CdevIommufd,
+    /// `/dev/vfio/devices/vfioN` alone: bound later with [`UapiBackend::bind_device`]; until
+    /// then the fd answers every other ioctl with `EINVAL`.
+    CdevUnbound,
 }
 
 /// An open VFIO device of a backend.
@@ -70,6 +73,8 @@ pub trait UapiBackend {
     fn open_device(&mut self, bdf: Bdf, path: OpenPath) -> Result<DevHandle, Errno>;
     /// Closes it (the device fd).
     fn close_device(&mut self, dev: DevHandle) -> Result<(), Errno>;
+    /// `VFIO_DEVICE_BIND_IOMMUFD` of a device opened [`OpenPath::CdevUnbound`].
+    fn bind_device(&mut self, dev: DevHandle) -> Result<(), Errno>;
     /// `ioctl(VFIO_DEVICE_FEATURE)` with exactly these bytes; returns the ioctl's non-negative
     /// result (0, or a new fd for DMA_BUF GET).
     fn device_feature(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<i32, Errno>;

@@ -14,7 +14,7 @@ use peerdma_dma::{DmaConfig, DmaSystem};
 use peerdma_dmabuf::Process;
 use peerdma_dmabuf::sgt::DmaEnv;
 use peerdma_p2pdma::P2pDma;
-use peerdma_pci::{Bdf, DeviceKind, DmaAddr, Errno, Fabric, regs};
+use peerdma_pci::{Bdf, DeviceKind, DmaAddr, Errno, Fabric, regs, sync};
 use peerdma_uapi::backend::{Landed, ScenarioBackend};
 use peerdma_uapi::feature::O_CLOEXEC;
 use peerdma_uapi::{DevHandle, DmabufInfo, IoasId, OpenPath, UapiBackend};
@@ -27,6 +27,19 @@ pub struct Machine {
     fabric: Arc<Fabric>,
     env: DmaEnv,
     vfio: BTreeMap<Bdf, VfioPci>,
+    /// The VFIO groups (by [`iommu_group`]): one group-file opener at a time, never while a
+    /// device of the group is open through its cdev, and no cdev open while the group file
+    /// is (vfio's `group.c`).
+    groups: std::sync::Mutex<HashMap<Bdf, GroupUse>>,
+}
+
+/// Who uses a VFIO group now.
+#[derive(Debug, Default)]
+struct GroupUse {
+    /// The group's char device is open (by the process that opened it).
+    file_open: bool,
+    /// Devices of the group open through their cdev.
+    cdevs: usize,
 }
 
 impl std::fmt::Debug for Machine {
@@ -64,7 +77,12 @@ impl Machine {
         for b in endpoints {
             vfio.insert(b, VfioPci::bind(&env, b)?);
         }
-        Ok(Machine { fabric, env, vfio })
+        Ok(Machine {
+            fabric,
+            env,
+            vfio,
+            groups: std::sync::Mutex::new(HashMap::new()),
+        })
     }
 
     /// The fabric.
@@ -91,6 +109,7 @@ impl Machine {
             devs: HashMap::new(),
             next: 0,
             proc: Process::new(),
+            group_files: HashMap::new(),
         }
     }
 }
@@ -101,14 +120,30 @@ struct Open {
     fd: DeviceFd,
 }
 
-/// One process on an emulated [`Machine`]. Field order is the teardown order: iommufd's
-/// mappings go first (they hold dma-buf references), then the file table, then the devices.
+/// One process on an emulated [`Machine`].
 pub struct Emulated<'m> {
     m: &'m Machine,
     iommufd: Option<Iommufd>,
     proc: Process,
     devs: HashMap<u32, Open>,
     next: u32,
+    /// Group files this process holds open, with how many devices use each.
+    group_files: HashMap<Bdf, usize>,
+}
+
+impl Drop for Emulated<'_> {
+    /// A process exit: iommufd's mappings go first (they hold dma-buf references), then the
+    /// file table, then the devices (each giving back its hold on its group).
+    fn drop(&mut self) {
+        self.iommufd.take();
+        for fd in self.proc.fds() {
+            let _ = self.proc.close(fd);
+        }
+        let handles: Vec<u32> = self.devs.keys().copied().collect();
+        for h in handles {
+            let _ = self.close_device(DevHandle(h));
+        }
+    }
 }
 
 impl std::fmt::Debug for Emulated<'_> {
@@ -121,6 +156,24 @@ impl std::fmt::Debug for Emulated<'_> {
 }
 
 impl Emulated<'_> {
+    /// Gives back what an open of `path` took of `group` (the group file goes with the last
+    /// group-opened device of the process, as the container lets it go; a cdev's block goes
+    /// if it was bound).
+    fn release_group(&mut self, group: Bdf, path: OpenPath, bound: bool) {
+        let mut g = sync::lock(&self.m.groups);
+        let u = g.entry(group).or_default();
+        if path == OpenPath::GroupContainer {
+            let n = self.group_files.entry(group).or_default();
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.group_files.remove(&group);
+                u.file_open = false;
+            }
+        } else if bound {
+            u.cdevs = u.cdevs.saturating_sub(1);
+        }
+    }
+
     fn dev(&self, d: DevHandle) -> Result<&Open, Errno> {
         self.devs.get(&d.0).ok_or(Errno::EBADF)
     }
@@ -136,7 +189,43 @@ impl Emulated<'_> {
 impl UapiBackend for Emulated<'_> {
     fn open_device(&mut self, bdf: Bdf, path: OpenPath) -> Result<DevHandle, Errno> {
         let v = self.m.vfio.get(&bdf).ok_or(Errno::ENODEV)?;
-        let fd = v.open()?;
+        let group = iommu_group(&self.m.fabric, bdf);
+        // The group file or the cdev first: the kernel refuses one while the other is open.
+        let held = self.group_files.get(&group).copied().unwrap_or(0);
+        {
+            let mut g = sync::lock(&self.m.groups);
+            let u = g.entry(group).or_default();
+            match path {
+                OpenPath::GroupContainer if held == 0 => {
+                    if u.file_open || u.cdevs > 0 {
+                        return Err(Errno::EBUSY);
+                    }
+                    u.file_open = true;
+                }
+                // A cdev blocks its group only once bound.
+                OpenPath::GroupContainer | OpenPath::CdevUnbound => {}
+                OpenPath::CdevIommufd => {
+                    if u.file_open {
+                        return Err(Errno::EBUSY);
+                    }
+                    u.cdevs += 1;
+                }
+            }
+        }
+        let opened = match path {
+            OpenPath::CdevUnbound => v.open_cdev(),
+            OpenPath::GroupContainer | OpenPath::CdevIommufd => v.open(),
+        };
+        let fd = match opened {
+            Ok(fd) => fd,
+            Err(e) => {
+                self.release_group(group, path, path == OpenPath::CdevIommufd);
+                return Err(e);
+            }
+        };
+        if path == OpenPath::GroupContainer {
+            *self.group_files.entry(group).or_default() += 1;
+        }
         let h = self.next;
         self.next += 1;
         self.devs.insert(h, Open { bdf, path, fd });
@@ -145,7 +234,31 @@ impl UapiBackend for Emulated<'_> {
 
     fn close_device(&mut self, dev: DevHandle) -> Result<(), Errno> {
         let o = self.devs.remove(&dev.0).ok_or(Errno::EBADF)?;
+        let group = iommu_group(&self.m.fabric, o.bdf);
+        let bound = o.fd.is_bound();
         o.fd.close();
+        self.release_group(group, o.path, bound);
+        Ok(())
+    }
+
+    fn bind_device(&mut self, dev: DevHandle) -> Result<(), Errno> {
+        let o = self.dev(dev)?;
+        // Only a cdev binds; a group-opened fd refuses as the kernel does.
+        if o.path == OpenPath::GroupContainer {
+            return Err(Errno::EINVAL);
+        }
+        if o.fd.is_bound() {
+            return Err(Errno::EINVAL);
+        }
+        let group = iommu_group(&self.m.fabric, o.bdf);
+        let mut g = sync::lock(&self.m.groups);
+        let u = g.entry(group).or_default();
+        // Binding blocks the group: refused while its group file is open.
+        if u.file_open {
+            return Err(Errno::EBUSY);
+        }
+        o.fd.bind()?;
+        u.cdevs += 1;
         Ok(())
     }
 
@@ -251,7 +364,7 @@ impl ScenarioBackend for Emulated<'_> {
     fn hot_reset(&mut self, dev: DevHandle) -> Result<(), Errno> {
         let o = self.dev(dev)?;
         // Without group fds, only a device opened through its cdev can prove ownership.
-        if o.path != OpenPath::CdevIommufd {
+        if o.path == OpenPath::GroupContainer {
             return Err(Errno::EINVAL);
         }
         // Ownership is per IOMMU group: a group with one device open in this process's
@@ -260,7 +373,7 @@ impl ScenarioBackend for Emulated<'_> {
         let groups: Vec<Bdf> = self
             .devs
             .values()
-            .filter(|d| d.path == OpenPath::CdevIommufd)
+            .filter(|d| d.path != OpenPath::GroupContainer && d.fd.is_bound())
             .map(|d| iommu_group(f, d.bdf))
             .collect();
         let owned: Vec<&VfioPci> = self

@@ -165,6 +165,9 @@ impl std::fmt::Debug for VfioPci {
 pub struct DeviceFd {
     dev: Arc<Dev>,
     reg: Option<RegRef>,
+    /// Access granted: opened the group way, or a cdev bound to an iommufd. Until then
+    /// every ioctl, read and write of the fd is `EINVAL`, and the device is not open.
+    granted: AtomicBool,
 }
 
 impl std::fmt::Debug for DeviceFd {
@@ -535,28 +538,26 @@ impl VfioPci {
         sync::read(&self.dev.mem).open_count
     }
 
-    /// Opens the device (`vfio_df_open`): `ENODEV` once unregistering. The first open enables
-    /// the device and takes the virtual COMMAND register from it.
+    /// Opens the device the group way (or a cdev and binds it at once): [`Self::open_cdev`]
+    /// then [`DeviceFd::bind`].
     pub fn open(&self) -> Result<DeviceFd, Errno> {
+        let fd = self.open_cdev()?;
+        fd.bind()?;
+        Ok(fd)
+    }
+
+    /// Opens the device's cdev without binding it to an iommufd: the file holds the
+    /// registration (`ENODEV` once unregistering), but the device is not open and the fd
+    /// answers nothing but [`DeviceFd::bind`] (everything else is `EINVAL`).
+    pub fn open_cdev(&self) -> Result<DeviceFd, Errno> {
         if self.dev.reg.is_unregistering() {
             return Err(Errno::ENODEV);
         }
         let reg = self.dev.reg.try_get("device file").ok_or(Errno::ENODEV)?;
-        let mut m = self.dev.lock_mem();
-        if m.open_count == 0 {
-            let d = &self.dev;
-            let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
-            let cmd = (d.command_hw() | regs::COMMAND_MEMORY) & !regs::COMMAND_MASTER;
-            let _ = d
-                .fabric
-                .config_write(d.bdf, regs::COMMAND, 2, u32::from(cmd));
-            m.vcommand = cmd;
-            m.engaged = false;
-        }
-        m.open_count += 1;
         Ok(DeviceFd {
             dev: self.dev.clone(),
             reg: Some(reg),
+            granted: AtomicBool::new(false),
         })
     }
 
@@ -568,6 +569,43 @@ impl VfioPci {
 }
 
 impl DeviceFd {
+    /// `VFIO_DEVICE_BIND_IOMMUFD` (`vfio_df_open`): access is granted and the device opened;
+    /// the first open enables it and takes the virtual COMMAND register from it. `EINVAL` if
+    /// already bound.
+    pub fn bind(&self) -> Result<(), Errno> {
+        if self.granted.load(Ordering::Acquire) || self.reg.is_none() {
+            return Err(Errno::EINVAL);
+        }
+        let d = &self.dev;
+        let mut m = d.lock_mem();
+        if m.open_count == 0 {
+            let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
+            let cmd = (d.command_hw() | regs::COMMAND_MEMORY) & !regs::COMMAND_MASTER;
+            let _ = d
+                .fabric
+                .config_write(d.bdf, regs::COMMAND, 2, u32::from(cmd));
+            m.vcommand = cmd;
+            m.engaged = false;
+        }
+        m.open_count += 1;
+        self.granted.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Whether access is granted (bound, or opened the group way).
+    pub fn is_bound(&self) -> bool {
+        self.granted.load(Ordering::Acquire)
+    }
+
+    /// The prologue of every ioctl, read and write on a device fd.
+    fn granted(&self) -> Result<(), Errno> {
+        if self.is_bound() {
+            Ok(())
+        } else {
+            Err(Errno::EINVAL)
+        }
+    }
+
     /// The device's memory is enabled now (as `memory_lock` readers see it).
     pub fn memory_enabled(&self) -> bool {
         self.dev.memory_enabled(&sync::read(&self.dev.mem))
@@ -576,6 +614,7 @@ impl DeviceFd {
     /// `VFIO_DEVICE_FEATURE` on the caller's bytes; returns the ioctl's value (an fd for
     /// DMA_BUF, else 0).
     pub fn feature(&self, proc: &Process, buf: &[u8]) -> Result<i32, Errno> {
+        self.granted()?;
         let req = feature::parse(buf)?;
         let f = req.feature();
         if feature::is_core_feature(f) {
@@ -629,6 +668,7 @@ impl DeviceFd {
     /// A user config read (1, 2 or 4 bytes at `offset`), as vfio-pci passes it through: the
     /// device's own registers.
     pub fn config_read(&self, offset: u16, size: usize) -> Result<u32, Errno> {
+        self.granted()?;
         if !matches!(size, 1 | 2 | 4) || usize::from(offset) + size > regs::CFG_SIZE {
             return Err(Errno::EINVAL);
         }
@@ -642,6 +682,7 @@ impl DeviceFd {
     /// COMMAND (memory off revokes; every COMMAND write then unrevokes if memory is enabled),
     /// PM control (≥ D3hot revokes), PCIe DevCtl and AF FLR (revoke, reset, unrevoke).
     pub fn config_write(&self, offset: u16, data: &[u8]) -> Result<(), Errno> {
+        self.granted()?;
         if !matches!(data.len(), 1 | 2 | 4) || usize::from(offset) + data.len() > regs::CFG_SIZE {
             return Err(Errno::EINVAL);
         }
@@ -702,6 +743,7 @@ impl DeviceFd {
     /// `VFIO_DEVICE_RESET`: `EINVAL` if the function cannot be reset; else revoke, force D0,
     /// reset, unrevoke if memory is enabled.
     pub fn reset(&self) -> Result<(), Errno> {
+        self.granted()?;
         let d = &self.dev;
         let func = d.fabric.function(d.bdf).map_err(|_| Errno::ENODEV)?;
         // Reset methods in the kernel's order: FLR, AF FLR, then a bus reset when the device
@@ -735,6 +777,7 @@ impl DeviceFd {
     /// contended). Each device is revoked before the reset; afterwards, in reverse order, a
     /// device that is open and has memory enabled is unrevoked.
     pub fn hot_reset(&self, owned: &[&VfioPci]) -> Result<(), Errno> {
+        self.granted()?;
         let d = &self.dev;
         let (bridge, affected) = d.bus_scope().ok_or(Errno::EINVAL)?;
         let mut set: Vec<&Arc<Dev>> = Vec::new();
@@ -776,7 +819,7 @@ impl DeviceFd {
     fn close_inner(&mut self) {
         let Some(reg) = self.reg.take() else { return };
         let d = &self.dev;
-        {
+        if self.granted.swap(false, Ordering::AcqRel) {
             let mut m = d.lock_mem();
             if m.open_count == 1 {
                 d.cleanup_bufs(&mut m);

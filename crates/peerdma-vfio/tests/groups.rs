@@ -1,4 +1,5 @@
 //! IOMMU groups by Linux's PCI rules, and hot-reset ownership by group.
+#![allow(clippy::many_single_char_names)]
 
 use std::sync::Arc;
 
@@ -58,4 +59,42 @@ fn a_hot_reset_is_owned_through_the_group() {
         .open_device(b("0000:03:00.0"), OpenPath::GroupContainer)
         .unwrap();
     assert_eq!(other.hot_reset(g), Err(Errno::EINVAL));
+}
+
+#[test]
+fn a_group_is_used_through_its_file_or_through_bound_cdevs_never_both() {
+    let f = file::load_str(examples::QEMU_Q35, "q").unwrap();
+    let m = Machine::new(Arc::new(f)).unwrap();
+    let (ivs, nvme, sib) = (b("0000:03:00.0"), b("0000:05:00.0"), b("0000:05:00.1"));
+    let mut a = m.process();
+    let g = a.open_device(nvme, OpenPath::GroupContainer).unwrap();
+    // The same process reaches the group's other device through the open group file.
+    let g2 = a.open_device(sib, OpenPath::GroupContainer).unwrap();
+    // Another process cannot open the group file, nor bind a cdev of the group.
+    let mut b2 = m.process();
+    assert_eq!(
+        b2.open_device(sib, OpenPath::GroupContainer),
+        Err(Errno::EBUSY)
+    );
+    assert_eq!(
+        b2.open_device(nvme, OpenPath::CdevIommufd),
+        Err(Errno::EBUSY)
+    );
+    let u = b2.open_device(nvme, OpenPath::CdevUnbound).unwrap();
+    assert_eq!(b2.bind_device(u), Err(Errno::EBUSY));
+    // Other groups are free.
+    b2.open_device(ivs, OpenPath::CdevIommufd).unwrap();
+    // The group file goes with the last group-opened device.
+    a.close_device(g).unwrap();
+    assert_eq!(b2.bind_device(u), Err(Errno::EBUSY));
+    a.close_device(g2).unwrap();
+    assert_eq!(b2.bind_device(u), Ok(()));
+    assert_eq!(b2.bind_device(u), Err(Errno::EINVAL));
+    // Now the bound cdev blocks the group file, until it closes (or its process ends).
+    assert_eq!(
+        a.open_device(sib, OpenPath::GroupContainer),
+        Err(Errno::EBUSY)
+    );
+    drop(b2);
+    a.open_device(sib, OpenPath::GroupContainer).unwrap();
 }
