@@ -476,6 +476,31 @@ fn a_buffer_exported_with_memory_off_is_born_revoked() {
     imp.map(&f).unwrap();
 }
 
+/// Divergence 6 (docs/divergences.md): Linux computes a new buffer's revoked state while the
+/// export ioctl has runtime-resumed the device, so a buffer exported in low-power mode is born
+/// live on a device that goes straight back to sleep; here it is born revoked, and comes to
+/// life at the exit.
+#[test]
+fn divergence_a_buffer_exported_in_low_power_is_born_revoked() {
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    let entry = header_bytes(8, SET | id::LOW_POWER_ENTRY);
+    assert_eq!(d.feature(&r.proc, &entry), Ok(0));
+    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    assert_eq!(import(&r, &f, r.nic1).err(), Some(Errno::ENODEV));
+    assert_eq!(
+        d.feature(&r.proc, &header_bytes(8, SET | id::LOW_POWER_EXIT)),
+        Ok(0)
+    );
+    let imp = import(&r, &f, r.nic1).unwrap();
+    imp.map(&f).unwrap();
+    r.fabric
+        .dma_write(r.nic1, imp.first_addr().unwrap(), b"woken!!!")
+        .unwrap();
+    assert_eq!(bar0(&r, 8), b"woken!!!");
+}
+
 // ---- lifecycles ---------------------------------------------------------------------------
 
 #[test]
