@@ -594,6 +594,9 @@ fn feature_flags(f: &Fields, key: &str, v: &Value) -> Result<u32, FormatError> {
     }
 }
 
+/// Builds an action from its one name.
+type OneName = fn(String) -> Action;
+
 #[allow(clippy::many_single_char_names)]
 fn expect(f: &mut Fields, default: Option<Expect>) -> Result<Expect, FormatError> {
     let Some(v) = f.take("expect") else {
@@ -655,6 +658,24 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
         exp_name: None,
         flags: None,
     });
+    // The actions that take one name and nothing else.
+    let single: Option<(&str, OneName, Option<Expect>)> = match word.as_str() {
+        "close" => Some(("dev", |dev| Action::Close { dev }, ok.clone())),
+        "bind" => Some(("dev", |dev| Action::Bind { dev }, ok.clone())),
+        "flr" => Some(("dev", |dev| Action::Flr { dev }, ok.clone())),
+        "af_flr" => Some(("dev", |dev| Action::AfFlr { dev }, ok.clone())),
+        "reset" => Some(("dev", |dev| Action::Reset { dev }, ok.clone())),
+        "hot_reset" => Some(("dev", |dev| Action::HotReset { dev }, ok.clone())),
+        "close_fd" => Some(("fd", |fd| Action::CloseFd { fd }, ok.clone())),
+        "fdinfo" => Some(("fd", |fd| Action::Fdinfo { fd }, fd.clone())),
+        _ => None,
+    };
+    if let Some((key, make, default)) = single {
+        let action = make(f.string(key)?);
+        let expect = expect(&mut f, default)?;
+        f.done()?;
+        return Ok(Step { action, expect });
+    }
     let (action, default) = match word.as_str() {
         "open" => {
             let path = match f.opt_string("path")?.as_deref() {
@@ -678,18 +699,6 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
                 ok,
             )
         }
-        "close" => (
-            Action::Close {
-                dev: f.string("dev")?,
-            },
-            ok,
-        ),
-        "bind" => (
-            Action::Bind {
-                dev: f.string("dev")?,
-            },
-            ok,
-        ),
         "feature" => {
             let dev = f.string("dev")?;
             let fv = f.take("flags").ok_or_else(|| f.err("flags", "missing"))?;
@@ -759,18 +768,6 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
                 fd,
             )
         }
-        "close_fd" => (
-            Action::CloseFd {
-                fd: f.string("fd")?,
-            },
-            ok,
-        ),
-        "fdinfo" => (
-            Action::Fdinfo {
-                fd: f.string("fd")?,
-            },
-            fd,
-        ),
         "seek" => {
             let fd = f.string("fd")?;
             let offset = match f.take("offset") {
@@ -851,30 +848,6 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
             };
             (Action::Power { dev, state }, ok)
         }
-        "flr" => (
-            Action::Flr {
-                dev: f.string("dev")?,
-            },
-            ok,
-        ),
-        "af_flr" => (
-            Action::AfFlr {
-                dev: f.string("dev")?,
-            },
-            ok,
-        ),
-        "reset" => (
-            Action::Reset {
-                dev: f.string("dev")?,
-            },
-            ok,
-        ),
-        "hot_reset" => (
-            Action::HotReset {
-                dev: f.string("dev")?,
-            },
-            ok,
-        ),
         "low_power" => (
             Action::LowPower {
                 dev: f.string("dev")?,
