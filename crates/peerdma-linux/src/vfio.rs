@@ -114,6 +114,8 @@ pub struct LinuxBackend {
     attached: HashMap<u32, IoasId>,
     /// Device cdevs opened but not bound to the iommufd.
     unbound: HashMap<u32, File>,
+    /// Eventfds given to wakeup-armed low-power entries.
+    eventfds: Vec<File>,
     /// Where sysfs is (for tests on captured trees; `/sys` normally).
     pub sysfs: PathBuf,
 }
@@ -687,6 +689,23 @@ impl ScenarioBackend for LinuxBackend {
         // group fds (count 0).
         let ret = unsafe { ioctl_with_mut_ptr(&*file, VFIO_DEVICE_PCI_HOT_RESET(), &raw mut arg) };
         if ret < 0 { Err(last_errno()) } else { Ok(()) }
+    }
+
+    fn low_power_wakeup(&mut self, dev: DevHandle) -> Result<(), Errno> {
+        // SAFETY: eventfd creates a new descriptor; no memory is involved.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(last_errno());
+        }
+        // SAFETY: `efd` is the new descriptor, owned from here on by the backend.
+        self.eventfds.push(unsafe { File::from_raw_fd(efd) });
+        let mut b = peerdma_uapi::feature::header_bytes(
+            16,
+            peerdma_uapi::feature::VFIO_DEVICE_FEATURE_SET | 4,
+        );
+        b.extend_from_slice(&efd.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        self.device_feature(dev, &mut b).map(drop)
     }
 
     fn dma(&mut self, dev: DevHandle, iova: u64, data: &[u8]) -> Result<(), Errno> {

@@ -213,12 +213,15 @@ pub enum Action {
         /// Device name.
         dev: String,
     },
-    /// `VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY` / `_EXIT`.
+    /// `VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY` / `_EXIT`, or `_ENTRY_WITH_WAKEUP` with a fresh
+    /// eventfd.
     LowPower {
         /// Device name.
         dev: String,
         /// Entry (true) or exit.
         enter: bool,
+        /// Entry armed with a wakeup eventfd.
+        wakeup: bool,
     },
     /// `IOMMU_IOAS_ALLOC`.
     IoasAlloc {
@@ -848,15 +851,17 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
             };
             (Action::Power { dev, state }, ok)
         }
-        "low_power" => (
-            Action::LowPower {
-                dev: f.string("dev")?,
-                enter: f
-                    .opt_bool("enter")?
-                    .ok_or_else(|| f.err("enter", "missing"))?,
-            },
-            ok,
-        ),
+        "low_power" => {
+            let dev = f.string("dev")?;
+            let enter = f
+                .opt_bool("enter")?
+                .ok_or_else(|| f.err("enter", "missing"))?;
+            let wakeup = f.opt_bool("wakeup")?.unwrap_or(false);
+            if wakeup && !enter {
+                return Err(f.err("wakeup", "only an entry takes a wakeup eventfd"));
+            }
+            (Action::LowPower { dev, enter, wakeup }, ok)
+        }
         "ioas" => (
             Action::IoasAlloc {
                 name: f.string("as")?,

@@ -401,7 +401,15 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
             let (d, _) = st.dev(dev)?;
             ok_or_errno(be.hot_reset(d))
         }
-        Action::LowPower { dev, enter } => {
+        Action::LowPower {
+            dev,
+            enter: true,
+            wakeup: true,
+        } => {
+            let (d, _) = st.dev(dev)?;
+            ok_or_errno(be.low_power_wakeup(d))
+        }
+        Action::LowPower { dev, enter, .. } => {
             let (d, _) = st.dev(dev)?;
             let id = if *enter { 3 } else { 5 };
             let mut b = header_bytes(8, VFIO_DEVICE_FEATURE_SET | id);

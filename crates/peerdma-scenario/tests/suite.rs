@@ -170,6 +170,9 @@ impl ScenarioBackend for Tweaked<'_> {
     fn hot_reset(&mut self, dev: DevHandle) -> Result<(), Errno> {
         self.inner.hot_reset(dev)
     }
+    fn low_power_wakeup(&mut self, dev: DevHandle) -> Result<(), Errno> {
+        self.inner.low_power_wakeup(dev)
+    }
     fn dma(&mut self, dev: DevHandle, iova: u64, data: &[u8]) -> Result<(), Errno> {
         self.inner.dma(dev, iova, data)
     }
@@ -508,7 +511,11 @@ mod random {
             dev().prop_map(|dev| Action::Flr { dev }),
             dev().prop_map(|dev| Action::Reset { dev }),
             dev().prop_map(|dev| Action::HotReset { dev }),
-            (dev(), any::<bool>()).prop_map(|(dev, enter)| Action::LowPower { dev, enter }),
+            (dev(), any::<bool>(), any::<bool>()).prop_map(|(dev, enter, w)| Action::LowPower {
+                dev,
+                enter,
+                wakeup: enter && w
+            }),
             ioas().prop_map(|name| Action::IoasAlloc { name }),
             (dev(), ioas()).prop_map(|(dev, ioas)| Action::Attach { dev, ioas }),
             (

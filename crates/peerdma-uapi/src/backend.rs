@@ -134,6 +134,9 @@ pub trait ScenarioBackend: UapiBackend {
     /// `VFIO_DEVICE_PCI_HOT_RESET` of the bus above `dev`, with ownership proven the cdev way
     /// (every affected device open in this process's iommufd; no group fds given).
     fn hot_reset(&mut self, dev: DevHandle) -> Result<(), Errno>;
+    /// `VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY_WITH_WAKEUP` with a fresh eventfd the backend
+    /// keeps: the next ioctl on the device wakes it out of low power for good.
+    fn low_power_wakeup(&mut self, dev: DevHandle) -> Result<(), Errno>;
     /// Makes the initiator `dev` (attached to an IOAS) write `data` at `iova`. A DMA that
     /// faults is not an error of the call: the check is whether the bytes landed.
     fn dma(&mut self, dev: DevHandle, iova: u64, data: &[u8]) -> Result<(), Errno>;

@@ -385,6 +385,20 @@ impl ScenarioBackend for Emulated<'_> {
         o.fd.hot_reset(&owned)
     }
 
+    fn low_power_wakeup(&mut self, dev: DevHandle) -> Result<(), Errno> {
+        let efd = self
+            .proc
+            .install(peerdma_dmabuf::File::other("eventfd"), true)
+            .map_err(|(e, f)| {
+                f.put();
+                e
+            })?;
+        let mut b = peerdma_uapi::feature::header_bytes(16, crate::feature::SET | 4);
+        b.extend_from_slice(&efd.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        self.device_feature(dev, &mut b).map(drop)
+    }
+
     /// Switches bus mastering on (as a driver of the engine would, and as the real backend
     /// does for edu), then writes.
     fn dma(&mut self, dev: DevHandle, iova: u64, data: &[u8]) -> Result<(), Errno> {

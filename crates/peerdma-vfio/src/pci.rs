@@ -8,7 +8,7 @@ use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockWriteGuard, Weak};
 use std::time::Duration;
 
 use peerdma_dma::Direction;
-use peerdma_dmabuf::buf::{ExportInfo, ops};
+use peerdma_dmabuf::buf::{ExportInfo, FileKind, ops};
 use peerdma_dmabuf::sgt::{DmaEnv, PhysVec, SgTable, free_sgt, phys_vec_to_sgt};
 use peerdma_dmabuf::{Attachment, DmaBuf, DmaBufOps, File, Process, ResvGuard, Usage};
 use peerdma_p2pdma::{Binding, Provider};
@@ -103,6 +103,10 @@ struct Mem {
     vcommand: u16,
     /// Runtime-PM low-power engaged.
     engaged: bool,
+    /// The eventfd a wakeup-armed low-power entry signals when an access wakes the device.
+    wake: Option<Arc<File>>,
+    /// Times the device was woken that way.
+    wakeups: u32,
 }
 
 struct Dev {
@@ -118,6 +122,8 @@ struct Dev {
     variant: Arc<dyn Variant>,
     /// DMAs that reached the device's BARs while one of its buffers was revoked.
     revoked_landings: std::sync::atomic::AtomicUsize,
+    /// A wakeup-armed low power is engaged (so an ioctl must look under `memory_lock`).
+    wake_armed: AtomicBool,
 }
 
 /// Watches every DMA on the fabric: one that lands in the device's BAR while any of its
@@ -494,6 +500,7 @@ impl VfioPci {
             bufs: Mutex::new(Vec::new()),
             variant,
             revoked_landings: std::sync::atomic::AtomicUsize::new(0),
+            wake_armed: AtomicBool::new(false),
         });
         dev.fabric.subscribe(Arc::new(Watch(Arc::downgrade(&dev))));
         Ok(VfioPci { dev })
@@ -615,6 +622,7 @@ impl DeviceFd {
     /// DMA_BUF, else 0).
     pub fn feature(&self, proc: &Process, buf: &[u8]) -> Result<i32, Errno> {
         self.granted()?;
+        self.ioctl_resume();
         let req = feature::parse(buf)?;
         let f = req.feature();
         if feature::is_core_feature(f) {
@@ -622,12 +630,34 @@ impl DeviceFd {
         }
         match f {
             id::DMA_BUF => self.dma_buf(proc, &req),
-            id::LOW_POWER_ENTRY | id::LOW_POWER_ENTRY_WITH_WAKEUP => {
-                let minsz = if f == id::LOW_POWER_ENTRY { 0 } else { 8 };
-                if !feature::check_feature(req.flags, req.data_argsz(), SET, minsz)? {
+            id::LOW_POWER_ENTRY => {
+                if !feature::check_feature(req.flags, req.data_argsz(), SET, 0)? {
                     return Ok(0);
                 }
-                self.low_power_entry().map(|()| 0)
+                self.low_power_entry(None).map(|()| 0)
+            }
+            id::LOW_POWER_ENTRY_WITH_WAKEUP => {
+                if !feature::check_feature(req.flags, req.data_argsz(), SET, 8)? {
+                    return Ok(0);
+                }
+                // struct { s32 wakeup_eventfd; u32 reserved; }
+                let word = |i: usize| {
+                    req.data
+                        .get(i..i + 4)
+                        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                        .ok_or(Errno::EFAULT)
+                };
+                let (fd, reserved) = (i32::from_le_bytes(word(0)?), u32::from_le_bytes(word(4)?));
+                // A negative fd is refused before it is looked up (7.2, as observed).
+                if reserved != 0 || fd < 0 {
+                    return Err(Errno::EINVAL);
+                }
+                let file = proc.fget(fd)?;
+                if !matches!(file.kind(), FileKind::Other(k) if k == "eventfd") {
+                    file.put();
+                    return Err(Errno::EINVAL);
+                }
+                self.low_power_entry(Some(file)).map(|()| 0)
             }
             id::LOW_POWER_EXIT => {
                 if !feature::check_feature(req.flags, req.data_argsz(), SET, 0)? {
@@ -640,29 +670,65 @@ impl DeviceFd {
         }
     }
 
-    fn low_power_entry(&self) -> Result<(), Errno> {
+    fn low_power_entry(&self, wake: Option<Arc<File>>) -> Result<(), Errno> {
         let d = &self.dev;
         let mut m = d.lock_mem();
         // Linux revokes before checking whether low power is already engaged, and a second
         // entry then fails without unrevoking; here the check comes first
         // (docs/divergences.md).
         if m.engaged {
+            m.puts.extend(wake);
             return Err(Errno::EINVAL);
         }
         d.move_bufs(&mut m, true);
         m.engaged = true;
+        d.wake_armed.store(wake.is_some(), Ordering::Release);
+        m.wake = wake;
         let _ = d.fabric.set_power_state(d.bdf, PowerState::D3Hot);
         Ok(())
+    }
+
+    /// Leaves low power (explicitly, or woken): D0, the wake eventfd let go, and — once
+    /// memory is enabled — the buffers back. Linux skips that last part on a wakeup
+    /// (divergence 7).
+    fn leave_low_power(d: &Dev, m: &mut MemGuard<'_>) {
+        if m.engaged {
+            m.engaged = false;
+            let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
+        }
+        if let Some(w) = m.wake.take() {
+            m.puts.push(w);
+        }
+        d.wake_armed.store(false, Ordering::Release);
+        d.unrevoke_if_enabled(m);
     }
 
     fn low_power_exit(&self) {
         let d = &self.dev;
         let mut m = d.lock_mem();
-        if m.engaged {
-            m.engaged = false;
-            let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
+        Self::leave_low_power(d, &mut m);
+    }
+
+    /// Every device-fd ioctl runtime-resumes the device first; a device asleep in a
+    /// wakeup-armed low power wakes for good: the eventfd is signalled and low power left.
+    fn ioctl_resume(&self) {
+        let d = &self.dev;
+        // Only a device asleep with a wakeup armed has anything to do (and only then is
+        // `memory_lock` taken, as the runtime-resume callback takes it).
+        if !d.wake_armed.load(Ordering::Acquire) {
+            return;
         }
-        d.unrevoke_if_enabled(&mut m);
+        let mut m = d.lock_mem();
+        if m.engaged && m.wake.is_some() {
+            m.wakeups += 1;
+            Self::leave_low_power(d, &mut m);
+        }
+    }
+
+    /// How many times an access woke the device out of a wakeup-armed low power (each one
+    /// signals the eventfd given at entry).
+    pub fn wakeups(&self) -> u32 {
+        sync::read(&self.dev.mem).wakeups
     }
 
     /// A user config read (1, 2 or 4 bytes at `offset`), as vfio-pci passes it through: the
@@ -744,6 +810,7 @@ impl DeviceFd {
     /// reset, unrevoke if memory is enabled.
     pub fn reset(&self) -> Result<(), Errno> {
         self.granted()?;
+        self.ioctl_resume();
         let d = &self.dev;
         let func = d.fabric.function(d.bdf).map_err(|_| Errno::ENODEV)?;
         // Reset methods in the kernel's order: FLR, AF FLR, then a bus reset when the device
@@ -778,6 +845,7 @@ impl DeviceFd {
     /// device that is open and has memory enabled is unrevoked.
     pub fn hot_reset(&self, owned: &[&VfioPci]) -> Result<(), Errno> {
         self.granted()?;
+        self.ioctl_resume();
         let d = &self.dev;
         let (bridge, affected) = d.bus_scope().ok_or(Errno::EINVAL)?;
         let mut set: Vec<&Arc<Dev>> = Vec::new();
@@ -824,6 +892,10 @@ impl DeviceFd {
             if m.open_count == 1 {
                 d.cleanup_bufs(&mut m);
                 m.engaged = false;
+                if let Some(w) = m.wake.take() {
+                    m.puts.push(w);
+                }
+                d.wake_armed.store(false, Ordering::Release);
                 let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
                 let cmd = d.command_hw() & !(regs::COMMAND_MEMORY | regs::COMMAND_MASTER);
                 let _ = d

@@ -514,6 +514,51 @@ fn divergence_low_power_keeps_buffers_revoked_whatever_the_user_does() {
     }
 }
 
+/// Divergence 7 (docs/divergences.md): an ioctl wakes a device out of wakeup-armed low power
+/// for good; Linux then leaves its buffers revoked until something else unrevokes them, here
+/// they come back with the wake.
+#[test]
+fn divergence_a_wakeup_brings_the_buffers_back() {
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let efd = r
+        .proc
+        .install(peerdma_dmabuf::File::other("eventfd"), true)
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let mut entry = header_bytes(16, SET | id::LOW_POWER_ENTRY_WITH_WAKEUP);
+    entry.extend_from_slice(&efd.to_le_bytes());
+    entry.extend_from_slice(&0u32.to_le_bytes());
+    assert_eq!(d.feature(&r.proc, &entry), Ok(0));
+    assert_eq!(import(&r, &f, r.nic1).err(), Some(Errno::ENODEV));
+    assert_eq!(d.wakeups(), 0);
+    // Not an eventfd: EINVAL; a negative fd: EINVAL; no such fd: EBADF.
+    let bad = |fd: i32| {
+        let mut b = header_bytes(16, SET | id::LOW_POWER_ENTRY_WITH_WAKEUP);
+        b.extend_from_slice(&fd.to_le_bytes());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b
+    };
+    let probe = header_bytes(8, PROBE | GET | id::DMA_BUF);
+    // Any ioctl wakes it: here a probe.
+    assert_eq!(d.feature(&r.proc, &probe), Ok(0));
+    assert_eq!(d.wakeups(), 1);
+    let imp = import(&r, &f, r.nic1).unwrap();
+    imp.map(&f).unwrap();
+    r.fabric
+        .dma_write(r.nic1, imp.first_addr().unwrap(), b"wakeup!!")
+        .unwrap();
+    assert_eq!(bar0(&r, 8), b"wakeup!!");
+    // Awake for good: entering again works; the wrong eventfds are refused first.
+    let dmabuf_fd = r.proc.fds()[0];
+    assert_eq!(d.feature(&r.proc, &bad(dmabuf_fd)), Err(Errno::EINVAL));
+    assert_eq!(d.feature(&r.proc, &bad(-1)), Err(Errno::EINVAL));
+    assert_eq!(d.feature(&r.proc, &bad(999)), Err(Errno::EBADF));
+    assert_eq!(d.feature(&r.proc, &entry), Ok(0));
+}
+
 // ---- lifecycles ---------------------------------------------------------------------------
 
 #[test]
@@ -824,8 +869,14 @@ fn low_power_with_wakeup_needs_its_payload_and_revokes_like_entry() {
         imp.table.lock().unwrap().is_some(),
         "a refused entry revokes nothing"
     );
+    let efd = r
+        .proc
+        .install(peerdma_dmabuf::File::other("eventfd"), true)
+        .map_err(|(e, _)| e)
+        .unwrap();
     let mut ok = header_bytes(8 + 8, SET | id::LOW_POWER_ENTRY_WITH_WAKEUP);
-    ok.extend_from_slice(&[0; 8]);
+    ok.extend_from_slice(&efd.to_le_bytes());
+    ok.extend_from_slice(&[0; 4]);
     assert_eq!(d.feature(&r.proc, &ok), Ok(0));
     assert!(imp.table.lock().unwrap().is_none());
     assert!(!d.memory_enabled());
