@@ -150,6 +150,18 @@ impl LinuxBackend {
         self.devices.get(&d.0).ok_or(Errno::EBADF)
     }
 
+    /// Keeps an open, bound device under handle `h`.
+    fn keep(&mut self, h: DevHandle, device: VfioDevice) {
+        let config_offset = device.get_region_offset(VFIO_PCI_CONFIG_REGION_INDEX);
+        self.devices.insert(
+            h.0,
+            Open {
+                device,
+                config_offset,
+            },
+        );
+    }
+
     /// The descriptor of an open device, bound or not.
     fn raw(&self, d: DevHandle) -> Result<RawFd, Errno> {
         if let Some(f) = self.unbound.get(&d.0) {
@@ -399,30 +411,25 @@ impl UapiBackend for LinuxBackend {
                 };
                 VfioDevice::new(&sysfs, c as Arc<dyn VfioOps>, false).map_err(|e| errno_of(&e))?
             }
-            OpenPath::CdevIommufd => {
-                let vi = self.vfio_iommufd()?;
+            // The cdev, then (unless asked not to) `VFIO_DEVICE_BIND_IOMMUFD`.
+            OpenPath::CdevIommufd | OpenPath::CdevUnbound => {
                 let cdev = VfioDevice::open_cdev(&sysfs).map_err(|e| errno_of(&e))?;
-                VfioDevice::new_from_fd(cdev, vi, false).map_err(|e| errno_of(&e))?
-            }
-            OpenPath::CdevUnbound => {
-                let cdev = VfioDevice::open_cdev(&sysfs).map_err(|e| errno_of(&e))?;
-                let h = self.next;
+                let h = DevHandle(self.next);
                 self.next += 1;
-                self.unbound.insert(h, cdev);
-                return Ok(DevHandle(h));
+                self.unbound.insert(h.0, cdev);
+                if path == OpenPath::CdevIommufd {
+                    if let Err(e) = self.bind_device(h) {
+                        self.unbound.remove(&h.0);
+                        return Err(e);
+                    }
+                }
+                return Ok(h);
             }
         };
-        let config_offset = device.get_region_offset(VFIO_PCI_CONFIG_REGION_INDEX);
-        let h = self.next;
+        let h = DevHandle(self.next);
         self.next += 1;
-        self.devices.insert(
-            h,
-            Open {
-                device,
-                config_offset,
-            },
-        );
-        Ok(DevHandle(h))
+        self.keep(h, device);
+        Ok(h)
     }
 
     fn close_device(&mut self, dev: DevHandle) -> Result<(), Errno> {
@@ -439,14 +446,7 @@ impl UapiBackend for LinuxBackend {
             let vi = self.vfio_iommufd()?;
             let device =
                 VfioDevice::new_from_bound_fd(cdev, vi, false).map_err(|e| errno_of(&e))?;
-            let config_offset = device.get_region_offset(VFIO_PCI_CONFIG_REGION_INDEX);
-            self.devices.insert(
-                dev.0,
-                Open {
-                    device,
-                    config_offset,
-                },
-            );
+            self.keep(dev, device);
         }
         Ok(())
     }

@@ -101,12 +101,11 @@ fn resolve(r: &StepResult, shm: Option<&[u8]>) -> String {
         return "not landed".into();
     };
     let n = c.hex.len() / 2;
-    let got = shm.get(off..off + n).map(|b| {
-        b.iter().fold(String::new(), |mut s, x| {
-            let _ = write!(s, "{x:02x}");
-            s
-        })
-    });
+    // The offset comes from a file: no arithmetic on it may overflow.
+    let got = off
+        .checked_add(n)
+        .and_then(|end| shm.get(off..end))
+        .map(crate::run::hex);
     if got.as_deref() == Some(c.hex.as_str()) {
         "landed".into()
     } else {

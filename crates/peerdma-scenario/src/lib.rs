@@ -15,4 +15,4 @@ pub mod run;
 
 pub use agree::{Row, Verdict, agreement, documented_divergences};
 pub use format::{Action, Expect, Scenario, Step, load_path, load_str};
-pub use run::{Check, RunCtx, StepResult, run};
+pub use run::{Check, RunCtx, StepResult, run, run_all};

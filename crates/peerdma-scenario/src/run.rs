@@ -71,8 +71,9 @@ struct Export {
 struct Window {
     iova: u64,
     length: u64,
-    fd: String,
     start: u64,
+    /// The export behind the mapped fd, as it was at map time (`None`: not an export).
+    export: Option<usize>,
 }
 
 #[derive(Default)]
@@ -107,6 +108,21 @@ pub fn run(s: &Scenario, be: &mut dyn ScenarioBackend, ctx: &mut RunCtx) -> Vec<
             pass,
             check,
         });
+    }
+    out
+}
+
+/// Plays every scenario in order as one run (one [`RunCtx`]), each in a fresh process from
+/// `process` — dropped at the scenario's end, closing whatever it left open.
+pub fn run_all<B: ScenarioBackend>(
+    scenarios: &[Scenario],
+    mut process: impl FnMut() -> B,
+) -> Vec<StepResult> {
+    let mut ctx = RunCtx::default();
+    let mut out = Vec::new();
+    for s in scenarios {
+        let mut be = process();
+        out.extend(run(s, &mut be, &mut ctx));
     }
     out
 }
@@ -206,8 +222,7 @@ fn pick_target(st: &State, ctx: &RunCtx, iova: u64) -> Result<(u64, Bdf, u32, u6
         .rev()
         .find(|w| iova >= w.iova && iova - w.iova < w.length)
         .ok_or_else(|| format!("error: {iova:#x} is in no window an earlier map step made"))?;
-    let (_, idx) = st.fd(&w.fd)?;
-    let e = &st.exports[idx.ok_or("error: the window's fd is not an export")?];
+    let e = &st.exports[w.export.ok_or("error: the window's fd is not an export")?];
     let mut cand = iova;
     while cand + PATTERN_LEN <= w.iova + w.length {
         let mut b = cand - w.iova + w.start;
@@ -239,7 +254,8 @@ fn pattern(seq: u32) -> Vec<u8> {
     p
 }
 
-fn hex(b: &[u8]) -> String {
+/// Bytes as lowercase hex, as `Check::hex` holds them.
+pub(crate) fn hex(b: &[u8]) -> String {
     use std::fmt::Write;
     b.iter().fold(String::new(), |mut s, x| {
         let _ = write!(s, "{x:02x}");
@@ -435,7 +451,7 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
             iova,
         } => {
             let i = st.ioas(ioas)?;
-            let (n, _) = st.fd(fd)?;
+            let (n, export) = st.fd(fd)?;
             let flags = peerdma_uapi::backend::MAP_FIXED_IOVA
                 | peerdma_uapi::backend::MAP_READABLE
                 | peerdma_uapi::backend::MAP_WRITEABLE;
@@ -444,8 +460,8 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
                 st.windows.push(Window {
                     iova: *iova,
                     length: *length,
-                    fd: fd.clone(),
                     start: *start,
+                    export,
                 });
             }
             ok_or_errno(r)

@@ -34,13 +34,7 @@ fn machine() -> Machine {
 }
 
 fn run_all(m: &Machine, scenarios: &[Scenario]) -> Vec<StepResult> {
-    let mut ctx = RunCtx::default();
-    let mut out = Vec::new();
-    for s in scenarios {
-        let mut be = m.process();
-        out.extend(run(s, &mut be, &mut ctx));
-    }
-    out
+    peerdma_scenario::run_all(scenarios, || m.process())
 }
 
 #[test]

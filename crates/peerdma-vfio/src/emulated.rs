@@ -116,7 +116,8 @@ impl Machine {
 
 struct Open {
     bdf: Bdf,
-    path: OpenPath,
+    /// Opened through the group file (else through the device's cdev).
+    via_group: bool,
     fd: DeviceFd,
 }
 
@@ -156,13 +157,13 @@ impl std::fmt::Debug for Emulated<'_> {
 }
 
 impl Emulated<'_> {
-    /// Gives back what an open of `path` took of `group` (the group file goes with the last
+    /// Gives back what a device open took of `group` (the group file goes with the last
     /// group-opened device of the process, as the container lets it go; a cdev's block goes
     /// if it was bound).
-    fn release_group(&mut self, group: Bdf, path: OpenPath, bound: bool) {
+    fn release_group(&mut self, group: Bdf, via_group: bool, bound: bool) {
         let mut g = sync::lock(&self.m.groups);
         let u = g.entry(group).or_default();
-        if path == OpenPath::GroupContainer {
+        if via_group {
             let n = self.group_files.entry(group).or_default();
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -187,49 +188,44 @@ impl Emulated<'_> {
 }
 
 impl UapiBackend for Emulated<'_> {
+    /// A cdev open with binding is the cdev open, then [`UapiBackend::bind_device`] (which
+    /// is where the group gets blocked); the group path opens the group file first.
     fn open_device(&mut self, bdf: Bdf, path: OpenPath) -> Result<DevHandle, Errno> {
         let v = self.m.vfio.get(&bdf).ok_or(Errno::ENODEV)?;
-        let group = iommu_group(&self.m.fabric, bdf);
-        // The group file or the cdev first: the kernel refuses one while the other is open.
-        let held = self.group_files.get(&group).copied().unwrap_or(0);
-        {
-            let mut g = sync::lock(&self.m.groups);
-            let u = g.entry(group).or_default();
-            match path {
-                OpenPath::GroupContainer if held == 0 => {
-                    if u.file_open || u.cdevs > 0 {
-                        return Err(Errno::EBUSY);
-                    }
-                    u.file_open = true;
+        let fd = if path == OpenPath::GroupContainer {
+            let group = iommu_group(&self.m.fabric, bdf);
+            // The group file, unless this process holds it already: not while another
+            // holds it, nor while a cdev of the group is bound.
+            if !self.group_files.contains_key(&group) {
+                let mut g = sync::lock(&self.m.groups);
+                let u = g.entry(group).or_default();
+                if u.file_open || u.cdevs > 0 {
+                    return Err(Errno::EBUSY);
                 }
-                // A cdev blocks its group only once bound.
-                OpenPath::GroupContainer | OpenPath::CdevUnbound => {}
-                OpenPath::CdevIommufd => {
-                    if u.file_open {
-                        return Err(Errno::EBUSY);
-                    }
-                    u.cdevs += 1;
+                u.file_open = true;
+            }
+            *self.group_files.entry(group).or_default() += 1;
+            match v.open() {
+                Ok(fd) => fd,
+                Err(e) => {
+                    self.release_group(group, true, false);
+                    return Err(e);
                 }
             }
-        }
-        let opened = match path {
-            OpenPath::CdevUnbound => v.open_cdev(),
-            OpenPath::GroupContainer | OpenPath::CdevIommufd => v.open(),
+        } else {
+            v.open_cdev()?
         };
-        let fd = match opened {
-            Ok(fd) => fd,
-            Err(e) => {
-                self.release_group(group, path, path == OpenPath::CdevIommufd);
+        let h = DevHandle(self.next);
+        self.next += 1;
+        let via_group = path == OpenPath::GroupContainer;
+        self.devs.insert(h.0, Open { bdf, via_group, fd });
+        if path == OpenPath::CdevIommufd {
+            if let Err(e) = self.bind_device(h) {
+                let _ = self.close_device(h);
                 return Err(e);
             }
-        };
-        if path == OpenPath::GroupContainer {
-            *self.group_files.entry(group).or_default() += 1;
         }
-        let h = self.next;
-        self.next += 1;
-        self.devs.insert(h, Open { bdf, path, fd });
-        Ok(DevHandle(h))
+        Ok(h)
     }
 
     fn close_device(&mut self, dev: DevHandle) -> Result<(), Errno> {
@@ -237,16 +233,13 @@ impl UapiBackend for Emulated<'_> {
         let group = iommu_group(&self.m.fabric, o.bdf);
         let bound = o.fd.is_bound();
         o.fd.close();
-        self.release_group(group, o.path, bound);
+        self.release_group(group, o.via_group, bound);
         Ok(())
     }
 
     fn bind_device(&mut self, dev: DevHandle) -> Result<(), Errno> {
         let o = self.dev(dev)?;
-        // Only a cdev binds; a group-opened fd refuses as the kernel does.
-        if o.path == OpenPath::GroupContainer {
-            return Err(Errno::EINVAL);
-        }
+        // Only a cdev binds, once; a group-opened fd is bound already, as the kernel says.
         if o.fd.is_bound() {
             return Err(Errno::EINVAL);
         }
@@ -364,7 +357,7 @@ impl ScenarioBackend for Emulated<'_> {
     fn hot_reset(&mut self, dev: DevHandle) -> Result<(), Errno> {
         let o = self.dev(dev)?;
         // Without group fds, only a device opened through its cdev can prove ownership.
-        if o.path == OpenPath::GroupContainer {
+        if o.via_group {
             return Err(Errno::EINVAL);
         }
         // Ownership is per IOMMU group: a group with one device open in this process's
@@ -373,7 +366,7 @@ impl ScenarioBackend for Emulated<'_> {
         let groups: Vec<Bdf> = self
             .devs
             .values()
-            .filter(|d| d.path != OpenPath::GroupContainer && d.fd.is_bound())
+            .filter(|d| !d.via_group && d.fd.is_bound())
             .map(|d| iommu_group(f, d.bdf))
             .collect();
         let owned: Vec<&VfioPci> = self

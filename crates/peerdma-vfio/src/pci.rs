@@ -435,6 +435,15 @@ impl Dev {
         }
     }
 
+    /// Low power is no longer engaged: the wake eventfd (if any) is let go with the lock.
+    fn disengage(&self, m: &mut MemGuard<'_>) {
+        m.engaged = false;
+        if let Some(w) = m.wake.take() {
+            m.puts.push(w);
+        }
+        self.wake_armed.store(false, Ordering::Release);
+    }
+
     fn unrevoke_if_enabled(&self, m: &mut MemGuard<'_>) {
         if self.memory_enabled(m) {
             self.move_bufs(m, false);
@@ -580,7 +589,7 @@ impl DeviceFd {
     /// the first open enables it and takes the virtual COMMAND register from it. `EINVAL` if
     /// already bound.
     pub fn bind(&self) -> Result<(), Errno> {
-        if self.granted.load(Ordering::Acquire) || self.reg.is_none() {
+        if self.granted.load(Ordering::Acquire) {
             return Err(Errno::EINVAL);
         }
         let d = &self.dev;
@@ -693,13 +702,9 @@ impl DeviceFd {
     /// (divergence 7).
     fn leave_low_power(d: &Dev, m: &mut MemGuard<'_>) {
         if m.engaged {
-            m.engaged = false;
             let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
         }
-        if let Some(w) = m.wake.take() {
-            m.puts.push(w);
-        }
-        d.wake_armed.store(false, Ordering::Release);
+        d.disengage(m);
         d.unrevoke_if_enabled(m);
     }
 
@@ -719,7 +724,8 @@ impl DeviceFd {
             return;
         }
         let mut m = d.lock_mem();
-        if m.engaged && m.wake.is_some() {
+        // An armed wake implies low power is engaged.
+        if m.wake.is_some() {
             m.wakeups += 1;
             Self::leave_low_power(d, &mut m);
         }
@@ -891,11 +897,7 @@ impl DeviceFd {
             let mut m = d.lock_mem();
             if m.open_count == 1 {
                 d.cleanup_bufs(&mut m);
-                m.engaged = false;
-                if let Some(w) = m.wake.take() {
-                    m.puts.push(w);
-                }
-                d.wake_armed.store(false, Ordering::Release);
+                d.disengage(&mut m);
                 let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
                 let cmd = d.command_hw() & !(regs::COMMAND_MEMORY | regs::COMMAND_MASTER);
                 let _ = d
@@ -1016,18 +1018,20 @@ impl Drop for DeviceFd {
     }
 }
 
-/// The IOMMU group of `bdf`, named by one of its functions, by Linux's PCI grouping rules
-/// (`pci_device_group`): a function below a bridge whose path to the root lacks ACS
-/// isolation (source validation, request and completion redirect, upstream forwarding) is in
-/// that bridge's group; a function of a multifunction device without ACS is in function 0's.
+/// The IOMMU group of `bdf`, named by one of its functions, by the two rules of Linux's
+/// `pci_device_group` that PCIe topologies exercise (DMA aliases and quirks are not
+/// modelled): a function below a bridge whose path to the root lacks ACS isolation (source
+/// validation, request and completion redirect, upstream forwarding) is in that bridge's
+/// group; a function of a multifunction device (header type bit 7) without ACS is in
+/// function 0's.
 /// Ownership for a hot reset is proven per group: one device of a group open in the caller's
 /// iommufd owns the whole group.
 pub fn iommu_group(fabric: &Fabric, bdf: Bdf) -> Bdf {
     const REQ: u16 = regs::ACS_SV | regs::ACS_RR | regs::ACS_CR | regs::ACS_UF;
     let multifunction = |b: Bdf| {
         fabric
-            .functions()
-            .any(|f| f.bdf() != b && f.bdf().bus() == b.bus() && f.bdf().device() == b.device())
+            .config_read(b, regs::HEADER_TYPE, 1)
+            .is_ok_and(|h| h & u32::from(regs::HEADER_TYPE_MFD) != 0)
     };
     let acs_ok = |b: Bdf| {
         let has = || {

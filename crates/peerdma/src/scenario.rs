@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use peerdma_scenario::agree::table;
 use peerdma_scenario::{
-    RunCtx, Scenario, StepResult, agreement, documented_divergences, load_path,
+    Scenario, StepResult, agreement, documented_divergences, load_path, run_all,
 };
 use peerdma_vfio::emulated::Machine;
 
@@ -68,23 +68,8 @@ pub fn run_emulated(
     fabric: Option<&PathBuf>,
 ) -> Result<(Vec<StepResult>, usize), CliError> {
     let m = machine(fabric)?;
-    let mut ctx = RunCtx::default();
-    let mut out = Vec::new();
-    for s in scenarios {
-        let mut be = m.process();
-        out.extend(peerdma_scenario::run(s, &mut be, &mut ctx));
-    }
+    let out = run_all(scenarios, || m.process());
     Ok((out, m.revoked_landings()))
-}
-
-fn run_linux(scenarios: &[Scenario]) -> Vec<StepResult> {
-    let mut ctx = RunCtx::default();
-    let mut out = Vec::new();
-    for s in scenarios {
-        let mut be = peerdma_linux::vfio::LinuxBackend::new();
-        out.extend(peerdma_scenario::run(s, &mut be, &mut ctx));
-    }
-    out
 }
 
 /// `peerdma scenario run`.
@@ -98,7 +83,10 @@ pub fn run(
     let scenarios = load_all(files, group_only)?;
     let (results, landings) = match backend {
         "emulated" => run_emulated(&scenarios, fabric)?,
-        "linux" => (run_linux(&scenarios), 0),
+        "linux" => (
+            run_all(&scenarios, peerdma_linux::vfio::LinuxBackend::new),
+            0,
+        ),
         other => {
             return Err(bad(format!(
                 "unknown backend {other:?} (emulated or linux)"
