@@ -414,6 +414,16 @@ impl DmaBuf {
         g: &ResvGuard<'_>,
     ) -> Result<SgTable, Errno> {
         self.check(g)?;
+        // An attachment is mapped only while it is attached: decided under the lock that
+        // `detach` takes, so a mapping can never be made on an attachment nobody will be
+        // asked to unmap (in the kernel that would be a use after free).
+        if !sync::lock(&self.attachments)
+            .iter()
+            .any(|x| std::ptr::eq(Arc::as_ptr(x), a))
+        {
+            tracing::warn!(target: "peerdma::dmabuf", "map of a detached attachment");
+            return Err(Errno::EINVAL);
+        }
         let pinned = self.pins_on_map(a);
         if pinned {
             if let Err(e) = self.ops.pin(a, g) {

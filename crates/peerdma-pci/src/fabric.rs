@@ -120,6 +120,11 @@ pub enum FabricEvent {
     DmaLanded {
         /// The device that issued it.
         requester: Bdf,
+        /// The address the segment was issued at (before any IOMMU translation).
+        addr: u64,
+        /// When the DMA started, on the fabric's clock ([`Fabric::tick`]): a mapping taken
+        /// away at an earlier tick cannot have carried it legitimately.
+        started: u64,
         /// Where the segment landed.
         target: crate::route::Target,
         /// Bytes.
@@ -173,6 +178,7 @@ pub struct Fabric {
     pub(crate) ram: Mutex<SparseMemory>,
     pub(crate) translator: RwLock<Arc<dyn AddressTranslator>>,
     pub(crate) observers: RwLock<Vec<Arc<dyn FabricObserver>>>,
+    clock: std::sync::atomic::AtomicU64,
     pub(crate) observed: std::sync::atomic::AtomicBool,
     pub(crate) faults: Mutex<FaultLog>,
     pub(crate) transactions: AtomicU64,
@@ -207,6 +213,7 @@ impl Fabric {
             ram: Mutex::new(SparseMemory::new()),
             translator: RwLock::new(Arc::new(Identity)),
             observers: RwLock::new(Vec::new()),
+            clock: std::sync::atomic::AtomicU64::new(1),
             observed: std::sync::atomic::AtomicBool::new(false),
             faults: Mutex::new(FaultLog::default()),
             transactions: AtomicU64::new(0),
@@ -673,6 +680,13 @@ impl Fabric {
         *sync::write(&self.translator) = t;
     }
 
+    /// The fabric's clock: a strictly increasing number, taken when each device DMA starts
+    /// and by anyone who needs to order an event against DMAs (the revocation watch stamps a
+    /// finished revoke with it).
+    pub fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::SeqCst)
+    }
+
     /// Registers an observer of config writes, resets and power changes.
     pub fn subscribe(&self, o: Arc<dyn FabricObserver>) {
         sync::write(&self.observers).push(o);
@@ -681,7 +695,13 @@ impl Fabric {
     }
 
     /// Tells observers where a completed DMA landed (nothing to do without observers).
-    pub(crate) fn notify_dma(&self, requester: Bdf, t: &crate::route::Transfer, write: bool) {
+    pub(crate) fn notify_dma(
+        &self,
+        requester: Bdf,
+        t: &crate::route::Transfer,
+        write: bool,
+        started: u64,
+    ) {
         if !self.observed.load(std::sync::atomic::Ordering::Acquire) {
             return;
         }
@@ -690,6 +710,8 @@ impl Fabric {
             .iter()
             .map(|s| FabricEvent::DmaLanded {
                 requester,
+                addr: s.addr,
+                started,
                 target: s.target,
                 len: s.len,
                 write,

@@ -418,6 +418,7 @@ impl Fabric {
         addr: DmaAddr,
         data: &[u8],
     ) -> Result<Transfer, DmaFault> {
+        let started = self.tick();
         let t = self.transfer(
             Initiator::Device(requester),
             addr.get(),
@@ -427,7 +428,7 @@ impl Fabric {
                 fab.store(t, &data[at..at + n]);
             },
         )?;
-        self.notify_dma(requester, &t, true);
+        self.notify_dma(requester, &t, true, started);
         Ok(t)
     }
 
@@ -439,6 +440,7 @@ impl Fabric {
         buf: &mut [u8],
     ) -> Result<Transfer, DmaFault> {
         let len = buf.len() as u64;
+        let started = self.tick();
         let t = self.transfer(
             Initiator::Device(requester),
             addr.get(),
@@ -448,7 +450,7 @@ impl Fabric {
                 fab.load(t, &mut buf[at..at + n]);
             },
         )?;
-        self.notify_dma(requester, &t, false);
+        self.notify_dma(requester, &t, false, started);
         Ok(t)
     }
 

@@ -45,7 +45,7 @@ fn every_scenario_passes_on_the_emulated_machine() {
     let results = run_all(&m, &scenarios);
     let failed: Vec<&StepResult> = results.iter().filter(|r| r.pass != Some(true)).collect();
     assert!(failed.is_empty(), "{failed:#?}");
-    assert_eq!(m.revoked_landings(), 0);
+    assert_eq!(m.violation_count(), 0);
     // The suite really moves bytes: DMAs land, and revoked ones do not.
     let count = |o: &str| results.iter().filter(|r| r.outcome == o).count();
     assert!(count("landed") >= 40, "{}", count("landed"));
@@ -579,7 +579,7 @@ mod random {
                 prop_assert_eq!(v.dmabuf_count(), 0, "{} has buffers", b);
                 prop_assert_eq!(v.registration().count(), before[i], "{}: {:?}", b, v.registration().holders());
             }
-            prop_assert_eq!(m.revoked_landings(), 0);
+            prop_assert_eq!(m.violation_count(), 0);
             // And every group is free again: its file opens, then its cdevs bind.
             for &b in &eps {
                 let mut p = m.process();

@@ -250,12 +250,12 @@ fn story(fabric: &Arc<Fabric>, cast: &Cast, log: &mut Log) -> Option<()> {
             "device closed: NIC access {c:?}, iommufd map {m:?}; the fd stays, the buffer is dead"
         ),
     );
-    let n = vfio.revoked_landings();
+    let n = vfio.violation_count();
     log.say(
         "no-landing-while-revoked",
         n == 0,
         format!(
-            "every DMA of the story was watched: {n} landed in the BAR while the buffer was revoked"
+            "every DMA of the story was watched: {n} landed through a mapping that had been revoked, released or unmapped"
         ),
     );
     let _ = rnic.dereg_mr(key);

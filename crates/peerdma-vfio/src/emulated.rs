@@ -95,10 +95,15 @@ impl Machine {
         self.vfio.get(&bdf)
     }
 
-    /// DMAs that reached a device's BAR while one of its buffers was revoked, over every
-    /// device (0 unless revocation is broken).
-    pub fn revoked_landings(&self) -> usize {
-        self.vfio.values().map(VfioPci::revoked_landings).sum()
+    /// DMAs that landed through a mapping that had been taken away (revoked, released or
+    /// unmapped), over every device (0 unless revocation is broken; see [`crate::watch`]).
+    pub fn violation_count(&self) -> usize {
+        self.vfio.values().map(VfioPci::violation_count).sum()
+    }
+
+    /// Those violations, each naming its buffer, mapping and DMA.
+    pub fn violations(&self) -> Vec<crate::watch::Violation> {
+        self.vfio.values().flat_map(VfioPci::violations).collect()
     }
 
     /// A process on the machine.

@@ -5,7 +5,6 @@
 //! the buffer comes back: the user unmaps it (whole) and maps the buffer again.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use peerdma_dma::iommu::{Attach, DomainId, prot};
@@ -17,11 +16,28 @@ use crate::pci::iommufd_map;
 
 const PAGE: u64 = 4096;
 
+/// Where an area's IOMMU entries stand. Changed only with the buffer's reservation lock
+/// held — by `map_file`, by the invalidation callback and by `unmap` — so an invalidation can
+/// never miss entries that exist, nor mark dead an area whose entries come later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AreaState {
+    /// Attached, entries not written yet: an invalidation now has nothing to clear (the map
+    /// itself then looks at the buffer's revocation under the lock).
+    Pending,
+    /// Entries written; DMA goes through.
+    Live,
+    /// Invalidated or unmapped: entries cleared and the IOTLB synced. An invalidated area
+    /// stays dead until the user unmaps it.
+    Dead,
+}
+
 struct Area {
     len: u64,
     file: Arc<File>,
     att: Arc<Attachment>,
-    dead: Arc<AtomicBool>,
+    state: Arc<Mutex<AreaState>>,
+    /// The watch's record of the mapping, ended when the entries go.
+    grant: Option<crate::watch::GrantId>,
 }
 
 struct Ioas {
@@ -111,15 +127,19 @@ impl Iommufd {
         {
             return Err(Errno::EINVAL);
         }
-        let dead = Arc::new(AtomicBool::new(false));
-        let (d2, m2) = (dead.clone(), iommu.clone());
+        let state = Arc::new(Mutex::new(AreaState::Pending));
+        let (s2, m2) = (state.clone(), iommu.clone());
         let ops = ImporterOps {
             allow_peer2peer: true,
             invalidate: Some(Arc::new(move |_: &Attachment, _: &ResvGuard<'_>| {
                 // Revoked: the area's entries go and the IOTLB is synced; it stays dead.
-                if !d2.swap(true, Ordering::AcqRel) {
+                let mut st = sync::lock(&s2);
+                if *st == AreaState::Live {
                     m2.unmap(domain, iova, length);
                     m2.sync_range(domain, iova, length);
+                }
+                if *st != AreaState::Pending {
+                    *st = AreaState::Dead;
                 }
             })),
             stub: false,
@@ -127,9 +147,10 @@ impl Iommufd {
         // The attachment's device: iommufd itself (the kernel shows it as "iommu").
         let me = Bdf::new(0, 0, 0, 0).ok_or(Errno::EINVAL)?;
         let att = buf.dynamic_attach(Some(me), Some(ops))?;
-        let undo = |att: &Arc<Attachment>| buf.detach(att);
+        sync::points::point("iommufd.map_file.attached");
         let r = {
             let g = buf.lock();
+            // The revocation state is read here, under the lock, by the interconnect call.
             iommufd_map(buf, &att, &g).and_then(|pv| {
                 let mut ioas_map = sync::lock(&self.ioas);
                 let io = ioas_map.get_mut(&ioas).ok_or(Errno::ENOENT)?;
@@ -143,22 +164,26 @@ impl Iommufd {
                     return Err(Errno::EEXIST);
                 }
                 let p = prot::READ | prot::WRITE | prot::MMIO;
-                iommu.map(domain, iova, pv.paddr.get() + start, length, p)?;
+                let phys = pv.paddr.get() + start;
+                iommu.map(domain, iova, phys, length, p)?;
                 iommu.sync_range(domain, iova, length);
+                *sync::lock(&state) = AreaState::Live;
+                let grant = crate::watch::grant(buf, None, iova, phys, length, "iommufd area");
                 io.areas.insert(
                     iova,
                     Area {
                         len: length,
                         file: file.get(),
                         att: att.clone(),
-                        dead: dead.clone(),
+                        state: state.clone(),
+                        grant,
                     },
                 );
                 Ok(())
             })
         };
         if r.is_err() {
-            undo(&att);
+            buf.detach(&att);
         }
         r
     }
@@ -197,9 +222,14 @@ impl Iommufd {
             if let Some(buf) = area.file.dmabuf() {
                 {
                     let _g = buf.lock();
-                    if !area.dead.swap(true, Ordering::AcqRel) {
+                    let mut st = sync::lock(&area.state);
+                    if *st == AreaState::Live {
                         iommu.unmap(domain, at, area.len);
                         iommu.sync_range(domain, at, area.len);
+                    }
+                    *st = AreaState::Dead;
+                    if let Some(id) = area.grant {
+                        crate::watch::end(buf, id);
                     }
                 }
                 buf.detach(&area.att);
@@ -225,6 +255,6 @@ impl Iommufd {
         sync::lock(&self.ioas)
             .get(&ioas)
             .and_then(|io| io.areas.get(&iova))
-            .map(|a| a.dead.load(Ordering::Acquire))
+            .map(|a| *sync::lock(&a.state) == AreaState::Dead)
     }
 }

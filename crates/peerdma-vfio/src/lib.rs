@@ -18,6 +18,7 @@ pub mod iommufd;
 pub mod pci;
 pub mod rdma;
 pub mod registration;
+pub mod watch;
 
 pub use pci::{DeviceFd, VfioPci};
 pub use registration::{RegRef, Registration};

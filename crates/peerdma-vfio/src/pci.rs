@@ -3,7 +3,7 @@
 //! the `VFIO_DEVICE_FEATURE_DMA_BUF` export whose buffers are revoked whenever the device
 //! stops decoding memory (Linux 7.2 semantics; rulebook §4.3–§4.8).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockWriteGuard, Weak};
 use std::time::Duration;
 
@@ -14,12 +14,13 @@ use peerdma_dmabuf::{Attachment, DmaBuf, DmaBufOps, File, Process, ResvGuard, Us
 use peerdma_p2pdma::{Binding, Provider};
 use peerdma_pci::{
     AsErrno, Bdf, DeviceKind, Errno, Fabric, FabricEvent, FabricObserver, PhysAddr, PowerState,
-    Target, regs, sync,
+    regs, sync,
 };
 use peerdma_uapi::feature::{DMA_BUF_LEN, O_CLOEXEC, parse_dma_buf, parse_range};
 
 use crate::feature::{self, GET, SET, id};
 use crate::registration::{RegRef, Registration};
+use crate::watch::{BufWatch, Ledger, Piece, Violation, target_phys};
 
 /// `VFIO_PCI_ROM_REGION_INDEX`: BARs are regions 0–5.
 pub const ROM_REGION_INDEX: u32 = 6;
@@ -120,36 +121,34 @@ struct Dev {
     mem: RwLock<Mem>,
     bufs: Mutex<Vec<Arc<BufState>>>,
     variant: Arc<dyn Variant>,
-    /// DMAs that reached the device's BARs while one of its buffers was revoked.
-    revoked_landings: std::sync::atomic::AtomicUsize,
+    /// The revocation watch's ledger of this device's mappings.
+    ledger: Arc<Ledger>,
+    /// Buffers exported so far (numbers them for the watch).
+    exported: AtomicU64,
     /// A wakeup-armed low power is engaged (so an ioctl must look under `memory_lock`).
     wake_armed: AtomicBool,
 }
 
-/// Watches every DMA on the fabric: one that lands in the device's BAR while any of its
-/// linked buffers is revoked breaks the revocation promise, and is counted (and logged).
+/// Watches every DMA on the fabric for the device's ledger (see [`crate::watch`]).
 struct Watch(Weak<Dev>);
 
 impl FabricObserver for Watch {
     fn event(&self, ev: &FabricEvent) {
         let FabricEvent::DmaLanded {
             requester,
-            target: Target::Bar { bdf, bar, offset },
-            ..
+            addr,
+            started,
+            target,
+            len,
+            write,
         } = ev
         else {
             return;
         };
         let Some(d) = self.0.upgrade() else { return };
-        if *bdf != d.bdf {
-            return;
-        }
-        let revoked = sync::lock(&d.bufs)
-            .iter()
-            .any(|b| b.revoked.load(Ordering::Acquire));
-        if revoked {
-            d.revoked_landings.fetch_add(1, Ordering::AcqRel);
-            tracing::error!(target: "peerdma::vfio", "DMA from {requester} landed in {bdf} BAR{bar}+{offset:#x} while its dma-buf is revoked");
+        if let Some(phys) = target_phys(&d.fabric, target) {
+            d.ledger
+                .check(*requester, *addr, *started, phys, *target, *len, *write);
         }
     }
 }
@@ -196,6 +195,10 @@ struct BufState {
     reg: Mutex<Option<RegRef>>,
     maps: Mutex<usize>,
     unmapped: Condvar,
+    /// The watch's view of the buffer, and the ledger its mappings go in (which outlives
+    /// the device's link to the buffer).
+    watch: Arc<BufWatch>,
+    ledger: Arc<Ledger>,
 }
 
 struct Exporter(Arc<BufState>);
@@ -231,10 +234,20 @@ impl DmaBufOps for Exporter {
             g,
         )?;
         *sync::lock(&self.0.maps) += 1;
+        self.0.ledger.add(
+            &self.0.watch,
+            Some(a.dev),
+            Some(grant_key(a, &t)),
+            format!("dma-buf map for {}", a.dev),
+            pieces(&t, &self.0.ranges),
+            self.0.tick(),
+        );
         Ok(t)
     }
     fn unmap(&self, a: &Attachment, sgt: SgTable, dir: Direction, g: &ResvGuard<'_>) {
+        let key = grant_key(a, &sgt);
         if free_sgt(&self.0.env, a, sgt, dir, g).is_ok() {
+            self.0.ledger.end_key(key, self.0.tick());
             let mut m = sync::lock(&self.0.maps);
             *m = m.saturating_sub(1);
             self.0.unmapped.notify_all();
@@ -251,10 +264,50 @@ impl DmaBufOps for Exporter {
         }
         sync::lock(&self.0.reg).take();
         sync::lock(&self.0.file).take();
+        self.0
+            .watch
+            .released_at
+            .store(self.0.tick(), Ordering::SeqCst);
     }
 }
 
+/// How the ledger finds a scatter table again at unmap: its attachment and first address.
+fn grant_key(a: &Attachment, t: &SgTable) -> (usize, u64) {
+    (
+        std::ptr::from_ref(a) as usize,
+        t.entries().first().map_or(0, |e| e.addr.get()),
+    )
+}
+
+/// The pieces of a scatter table: its DMA entries laid over the buffer's physical ranges
+/// (both cover the buffer's bytes in order).
+fn pieces(t: &SgTable, ranges: &[PhysVec]) -> Vec<Piece> {
+    let mut out = Vec::new();
+    let mut r = ranges.iter().map(|v| (v.paddr.get(), v.len));
+    let mut cur = r.next();
+    for e in t.entries() {
+        let (mut dma, mut left) = (e.addr.get(), u64::from(e.len));
+        while left > 0 {
+            let Some((phys, rlen)) = cur else { return out };
+            let n = left.min(rlen);
+            out.push(Piece { dma, phys, len: n });
+            dma += n;
+            left -= n;
+            cur = if n == rlen {
+                r.next()
+            } else {
+                Some((phys + n, rlen - n))
+            };
+        }
+    }
+    out
+}
+
 impl BufState {
+    fn tick(&self) -> u64 {
+        self.env.dma.fabric().tick()
+    }
+
     /// Waits until every importer mapping is gone (after an invalidation).
     fn wait_unmapped(&self) {
         let mut m = sync::lock(&self.maps);
@@ -417,6 +470,8 @@ impl Dev {
                         // then clear the flag, so nothing maps before they have heard.
                         if revoked {
                             b.revoked.store(true, Ordering::Release);
+                        } else {
+                            b.watch.revoked_at.store(0, Ordering::SeqCst);
                         }
                         let _ = buf.invalidate_mappings(&g);
                         if !revoked {
@@ -428,6 +483,7 @@ impl Dev {
                     }
                     if revoked {
                         b.wait_unmapped();
+                        b.watch.revoked_at.store(b.tick(), Ordering::SeqCst);
                     }
                 }
             }
@@ -467,6 +523,7 @@ impl Dev {
                     g.wait_all(Usage::Bookkeep);
                 }
                 b.wait_unmapped();
+                b.watch.revoked_at.store(b.tick(), Ordering::SeqCst);
                 sync::lock(&b.reg).take();
             }
             m.puts.push(f);
@@ -508,7 +565,8 @@ impl VfioPci {
             mem: RwLock::new(Mem::default()),
             bufs: Mutex::new(Vec::new()),
             variant,
-            revoked_landings: std::sync::atomic::AtomicUsize::new(0),
+            ledger: Arc::new(Ledger::new(bdf)),
+            exported: AtomicU64::new(0),
             wake_armed: AtomicBool::new(false),
         });
         dev.fabric.subscribe(Arc::new(Watch(Arc::downgrade(&dev))));
@@ -519,10 +577,22 @@ impl VfioPci {
     pub fn bdf(&self) -> Bdf {
         self.dev.bdf
     }
-    /// DMAs that reached this device's BARs while one of its buffers was revoked (every DMA
-    /// on the fabric is watched from bind on); anything but 0 is a broken revocation.
-    pub fn revoked_landings(&self) -> usize {
-        self.dev.revoked_landings.load(Ordering::Acquire)
+    /// How many DMAs landed through a mapping of this device's buffers that had been taken
+    /// away (every DMA on the fabric is watched from bind on; see [`crate::watch`]); anything
+    /// but 0 is a broken revocation.
+    pub fn violation_count(&self) -> usize {
+        self.dev.ledger.count()
+    }
+
+    /// The violations, each naming the buffer, the mapping and the DMA (the first
+    /// [`crate::watch::KEPT`]).
+    pub fn violations(&self) -> Vec<Violation> {
+        self.dev.ledger.violations()
+    }
+
+    /// Mappings of this device's buffers that importers hold now.
+    pub fn live_mappings(&self) -> usize {
+        self.dev.ledger.live()
     }
 
     /// The P2PDMA provider of BAR `bar`, if P2PDMA is ready and the BAR is memory.
@@ -983,6 +1053,8 @@ impl DeviceFd {
             reg: Mutex::new(Some(reg)),
             maps: Mutex::new(0),
             unmapped: Condvar::new(),
+            watch: Arc::new(BufWatch::new(d.exported.fetch_add(1, Ordering::AcqRel) + 1)),
+            ledger: d.ledger.clone(),
         });
         let file = peerdma_dmabuf::export(ExportInfo {
             exp_name: "vfio_pci_core".into(),
@@ -995,9 +1067,11 @@ impl DeviceFd {
             let m = d.lock_mem();
             let buf = file.dmabuf().ok_or(Errno::EINVAL)?;
             let _g = buf.lock();
-            state
-                .revoked
-                .store(!d.memory_enabled(&m), Ordering::Release);
+            let born_revoked = !d.memory_enabled(&m);
+            state.revoked.store(born_revoked, Ordering::Release);
+            if born_revoked {
+                state.watch.revoked_at.store(state.tick(), Ordering::SeqCst);
+            }
             *sync::lock(&state.file) = Some(file.clone());
             sync::lock(&d.bufs).push(state);
         }
@@ -1016,6 +1090,18 @@ impl Drop for DeviceFd {
     fn drop(&mut self) {
         self.close_inner();
     }
+}
+
+/// Runs `f` on the ledger of the vfio buffer `buf` (`None` for another exporter's buffer).
+pub(crate) fn with_ledger<R>(
+    buf: &DmaBuf,
+    f: impl FnOnce(&Ledger, &Arc<BufWatch>, &Fabric) -> R,
+) -> Option<R> {
+    let e = buf
+        .ops()
+        .interconnect()
+        .and_then(|x| x.downcast_ref::<Exporter>())?;
+    Some(f(&e.0.ledger, &e.0.watch, e.0.env.dma.fabric()))
 }
 
 /// The IOMMU group of `bdf`, named by one of its functions, by the two rules of Linux's

@@ -27,10 +27,21 @@ pub enum Completion {
     DmaFault(String),
 }
 
+/// A region's mapping state. Changed only with the buffer's reservation lock held (the
+/// invalidation callback runs under it, and `access` and `dereg_mr` take it), so whether the
+/// region is still registered and whether it is mapped are decided together with the
+/// exporter's revocation state.
+#[derive(Default)]
+struct MrState {
+    table: Option<SgTable>,
+    /// Cleared by `dereg_mr`; a region that is gone is never mapped again.
+    registered: bool,
+}
+
 struct Mr {
     file: Arc<File>,
     att: Arc<Attachment>,
-    table: Arc<Mutex<Option<SgTable>>>,
+    state: Arc<Mutex<MrState>>,
     len: u64,
 }
 
@@ -68,13 +79,16 @@ impl OdpNic {
     /// reference. Returns the key.
     pub fn register_mr(&self, file: &Arc<File>) -> Result<u32, Errno> {
         let buf = file.dmabuf().ok_or(Errno::EINVAL)?;
-        let table: Arc<Mutex<Option<SgTable>>> = Arc::new(Mutex::new(None));
-        let (t2, f2) = (table.clone(), Arc::clone(file));
+        let state = Arc::new(Mutex::new(MrState {
+            table: None,
+            registered: true,
+        }));
+        let (s2, f2) = (state.clone(), Arc::clone(file));
         let ops = ImporterOps {
             allow_peer2peer: true,
             invalidate: Some(Arc::new(move |a: &Attachment, g: &ResvGuard<'_>| {
                 // Invalidate the region: drop the mapping now, map again on next access.
-                if let (Some(t), Some(b)) = (sync::lock(&t2).take(), f2.dmabuf()) {
+                if let (Some(t), Some(b)) = (sync::lock(&s2).table.take(), f2.dmabuf()) {
                     b.unmap_attachment(a, t, DIR, g);
                 }
             })),
@@ -89,7 +103,7 @@ impl OdpNic {
             Mr {
                 file: file.get(),
                 att,
-                table,
+                state,
                 len: buf.size(),
             },
         );
@@ -100,7 +114,7 @@ impl OdpNic {
     pub fn is_mapped(&self, key: u32) -> bool {
         sync::lock(&self.mrs)
             .get(&key)
-            .is_some_and(|m| sync::lock(&m.table).is_some())
+            .is_some_and(|m| sync::lock(&m.state).table.is_some())
     }
 
     /// Deregisters a region: unmaps, detaches, drops its file reference.
@@ -108,8 +122,12 @@ impl OdpNic {
         let mr = sync::lock(&self.mrs).remove(&key).ok_or(Errno::EINVAL)?;
         if let Some(b) = mr.file.dmabuf() {
             {
+                // Under the buffer's lock: an access that looked the region up before it was
+                // removed sees it gone once it holds the lock, and maps nothing.
                 let g = b.lock();
-                if let Some(t) = sync::lock(&mr.table).take() {
+                let mut st = sync::lock(&mr.state);
+                st.registered = false;
+                if let Some(t) = st.table.take() {
                     b.unmap_attachment(&mr.att, t, DIR, &g);
                 }
             }
@@ -150,12 +168,12 @@ impl OdpNic {
         len: u64,
         mut dma: impl FnMut(DmaAddr, usize, usize) -> Result<(), String>,
     ) -> Completion {
-        let (file, att, table, mr_len) = {
+        let (file, att, state, mr_len) = {
             let mrs = sync::lock(&self.mrs);
             let Some(m) = mrs.get(&key) else {
                 return Completion::BadKey;
             };
-            (m.file.clone(), m.att.clone(), m.table.clone(), m.len)
+            (m.file.clone(), m.att.clone(), m.state.clone(), m.len)
         };
         if offset.checked_add(len).is_none_or(|e| e > mr_len) {
             return Completion::OutOfBounds;
@@ -165,15 +183,20 @@ impl OdpNic {
         };
         // The page-fault path: map under the reservation lock if not mapped, and do the
         // transfer while holding it so an invalidation waits for it.
+        sync::points::point("odp.access.unlocked");
         let g = buf.lock();
-        let mut t = sync::lock(&table);
-        if t.is_none() {
+        let mut st = sync::lock(&state);
+        // Decided under the lock: a region deregistered since the look-up is gone.
+        if !st.registered {
+            return Completion::BadKey;
+        }
+        if st.table.is_none() {
             match buf.map_attachment(&att, DIR, &g) {
-                Ok(s) => *t = Some(s),
+                Ok(s) => st.table = Some(s),
                 Err(e) => return Completion::MapFailed(e),
             }
         }
-        let Some(sgt) = t.as_ref() else {
+        let Some(sgt) = st.table.as_ref() else {
             return Completion::MapFailed(Errno::ENOMEM);
         };
         let mut done = 0u64;

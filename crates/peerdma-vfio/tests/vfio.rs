@@ -364,7 +364,7 @@ fn revoke_cycle(
         .dma_write(r.nic1, imp.first_addr().unwrap(), b"mapped-2")
         .unwrap();
     assert_eq!(bar0(&r, 8), b"mapped-2");
-    assert_eq!(v.revoked_landings(), 0, "no DMA landed while revoked");
+    assert_eq!(v.violation_count(), 0, "no DMA landed while revoked");
 }
 
 fn cmd(d: &peerdma_vfio::DeviceFd, mem: bool) {
@@ -729,7 +729,7 @@ fn hot_reset_revokes_then_unrevokes_and_refuses_unowned_or_busy_sets() {
         .dma_write(r.nic1, imp.first_addr().unwrap(), b"after...")
         .unwrap();
     assert_eq!(bar0(&r, 8), b"after...");
-    assert_eq!(v.revoked_landings(), 0);
+    assert_eq!(v.violation_count(), 0);
 }
 
 #[test]
@@ -817,7 +817,7 @@ fn nvgrace_exports_device_memory_and_refuses_the_padding() {
         assert_eq!(imp.map(&f), Err(Errno::ENODEV));
         cmd(&d, true);
     }
-    assert_eq!(v.revoked_landings(), 0);
+    assert_eq!(v.violation_count(), 0);
     // Regions the variant does not own are the plain BARs.
     assert!(export(&r, &d, &DmaBufRequest::new(0, vec![(0, 0x1000)])).is_ok());
 }
@@ -920,7 +920,7 @@ fn a_device_without_flr_alone_below_its_port_resets_by_bus_reset() {
         .dma_write(r.nic1, imp.first_addr().unwrap(), b"sbr-ok!!")
         .unwrap();
     assert_eq!(bar0(&r, 8), b"sbr-ok!!");
-    assert_eq!(v.revoked_landings(), 0);
+    assert_eq!(v.violation_count(), 0);
 }
 
 // ---- importers: an ODP RDMA NIC and a static display engine -------------------------------
@@ -968,7 +968,7 @@ fn odp_nic_maps_on_demand_fails_while_revoked_and_recovers() {
         Completion::MapFailed(Errno::ENODEV)
     );
     assert_eq!(bar0_at(&r, 0, 8), b"resumed!");
-    assert_eq!(v.revoked_landings(), 0, "no DMA landed while revoked");
+    assert_eq!(v.violation_count(), 0, "no DMA landed while revoked");
     nic.dereg_mr(key).unwrap();
     f.put();
     r.proc.close(fd).unwrap();
@@ -1058,7 +1058,7 @@ fn iommufd_map_file_revocation_keeps_the_area_dead_until_remapped() {
         Err(Errno::ENODEV)
     );
     assert_eq!(bar0_at(&r, 0x10, 8), b"again!!!");
-    assert_eq!(v.revoked_landings(), 0, "no DMA landed while revoked");
+    assert_eq!(v.violation_count(), 0, "no DMA landed while revoked");
 }
 
 #[test]
@@ -1096,33 +1096,216 @@ fn iommufd_refuses_a_dma_buf_from_another_exporter() {
     );
 }
 
+// ---- the watch ----------------------------------------------------------------------------
+
+/// An importer that plays by the rules towards the exporter (it unmaps when told) but keeps
+/// the bus address and DMAs to it later: the planted violation the watch must name.
+fn rogue_address(r: &Rig, f: &Arc<File>) -> (Importer, peerdma_pci::DmaAddr) {
+    let imp = import(r, f, r.nic0).unwrap();
+    imp.map(f).unwrap();
+    let addr = imp.first_addr().unwrap();
+    r.fabric.dma_write(r.nic0, addr, b"allowed!").unwrap();
+    assert_eq!(bar0(r, 8), b"allowed!");
+    (imp, addr)
+}
+
 #[test]
-fn the_watch_catches_a_dma_that_lands_while_revoked() {
-    // An importer that keeps DMAing with the bus address after being told to stop: its write
-    // lands (memory is still decoding at that instant) and the watch counts it.
+fn the_watch_names_a_landing_through_a_mapping_made_before_a_close() {
     let r = rig();
     let v = VfioPci::bind(&r.env, r.gpu).unwrap();
     let d = v.open().unwrap();
     let f = get(&r, export(&r, &d, &ok_req()).unwrap());
-    let bus = r.fabric.bar(r.gpu, 2).unwrap().bus.get();
-    let fabric = r.fabric.clone();
-    let nic0 = r.nic0;
-    let rogue = ImporterOps {
-        allow_peer2peer: true,
-        invalidate: Some(Arc::new(move |_: &Attachment, _: &ResvGuard<'_>| {
-            let _ = fabric.dma_write(nic0, peerdma_pci::DmaAddr(bus), b"rogue!!!");
-        })),
-        stub: false,
-    };
-    f.dmabuf()
-        .unwrap()
-        .dynamic_attach(Some(r.nic0), Some(rogue))
-        .unwrap();
+    let (_imp, stale) = rogue_address(&r, &f);
+    assert_eq!(
+        v.violation_count(),
+        0,
+        "a DMA through a live mapping is legal"
+    );
+    d.close();
+    // Reopened: the BAR decodes again, and the old buffer is revoked for good.
+    let d = v.open().unwrap();
+    // A second buffer, live, mapped by a well-behaved importer: its DMA is legal, although
+    // another buffer of the same device is revoked.
+    let f2 = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let good = import(&r, &f2, r.nic1).unwrap();
+    good.map(&f2).unwrap();
     r.fabric
-        .dma_write(r.nic0, peerdma_pci::DmaAddr(bus), b"allowed!")
+        .dma_write(r.nic1, good.first_addr().unwrap(), b"legal!!!")
         .unwrap();
-    assert_eq!(v.revoked_landings(), 0);
-    cmd(&d, false);
-    assert_eq!(v.revoked_landings(), 1);
-    assert_eq!(bar0(&r, 8), b"rogue!!!");
+    assert_eq!(bar0(&r, 8), b"legal!!!");
+    assert_eq!(
+        v.violation_count(),
+        0,
+        "one buffer revoked does not make others' DMAs illegal"
+    );
+    // The rogue's stale bus address reaches the new BAR: a violation, named.
+    r.fabric.dma_write(r.nic0, stale, b"rogue!!!").unwrap();
+    assert_eq!(
+        bar0(&r, 8),
+        b"rogue!!!",
+        "the bytes did land (hardware cannot stop it)"
+    );
+    assert_eq!(v.violation_count(), 1);
+    let w = &v.violations()[0];
+    assert_eq!(
+        (w.buffer, w.reason, w.requester),
+        (1, peerdma_vfio::watch::Reason::Revoked, r.nic0)
+    );
+    assert!(w.write);
+    let text = w.to_string();
+    assert!(
+        text.contains("dma-buf #1") && text.contains("revoked"),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_watch_names_a_landing_through_an_unmapped_mapping_after_a_reset() {
+    // A reset revokes and unrevokes: the importer unmapped; its old IOVA (nic1 is behind the
+    // IOMMU) must fault, and if it lands the watch must call it unmapped. Here the rogue
+    // writes the old IOMMU entry back by hand to make the DMA land.
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let imp = live_mapping(&r, &f, b"mapped-1");
+    let old = imp.first_addr().unwrap();
+    d.reset().unwrap();
+    assert!(
+        r.fabric.dma_write(r.nic1, old, b"faulted!").is_err(),
+        "the old IOVA faults"
+    );
+    assert_eq!(v.violation_count(), 0);
+    // Plant: map the old IOVA again behind the exporter's back.
+    let iommu = r.env.dma.iommu().unwrap();
+    let dom = match iommu.attachment(r.nic1) {
+        peerdma_dma::iommu::Attach::Paging(d) => d,
+        other => panic!("nic1 is not translated: {other:?}"),
+    };
+    let bar = r.fabric.bar(r.gpu, 2).unwrap().cpu.unwrap().get();
+    let page = old.get() & !0xfff;
+    iommu
+        .map(
+            dom,
+            page,
+            bar,
+            0x1000,
+            peerdma_dma::iommu::prot::READ
+                | peerdma_dma::iommu::prot::WRITE
+                | peerdma_dma::iommu::prot::MMIO,
+        )
+        .unwrap();
+    r.fabric.dma_write(r.nic1, old, b"planted!").unwrap();
+    assert_eq!(bar0(&r, 8), b"planted!");
+    assert_eq!(v.violation_count(), 1);
+    assert_eq!(
+        v.violations()[0].reason,
+        peerdma_vfio::watch::Reason::Unmapped
+    );
+}
+
+// ---- races, replayed at their interleaving points -----------------------------------------
+
+/// Runs `f` on another thread and fails the test if it has not finished within 10 s (a
+/// revoke that waits forever for a mapping nobody will unmap).
+fn within_10s(what: &str, f: impl FnOnce() + Send + 'static) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        f();
+        let _ = tx.send(());
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_secs(10)).is_ok(),
+        "{what} did not finish: deadlock"
+    );
+}
+
+#[test]
+fn odp_deregistration_in_the_gap_before_the_lock_leaves_no_mapping() {
+    use peerdma_vfio::rdma::{Completion, OdpNic};
+    let r = rig();
+    let v = Arc::new(VfioPci::bind(&r.env, r.gpu).unwrap());
+    let d = Arc::new(v.open().unwrap());
+    let fd = export(&r, &d, &ok_req()).unwrap();
+    let f = get(&r, fd);
+    let nic = Arc::new(OdpNic::new(r.fabric.clone(), r.nic1));
+    let key = nic.register_mr(&f).unwrap();
+    // The whole deregistration runs after the access looked the region up and before it
+    // takes the buffer's lock.
+    let n2 = nic.clone();
+    let _hook = peerdma_pci::sync::points::on("odp.access.unlocked", move || {
+        let _ = n2.dereg_mr(key);
+    });
+    assert_eq!(nic.write(key, 0, b"too late"), Completion::BadKey);
+    assert_ne!(bar0(&r, 8), b"too late");
+    assert_eq!(
+        v.live_mappings(),
+        0,
+        "nothing mapped on a deregistered region"
+    );
+    // A revoke must not wait for a mapping that nobody will unmap.
+    let d2 = d.clone();
+    within_10s("memory-off revoke", move || cmd(&d2, false));
+    assert_eq!(f.dmabuf().unwrap().attachments().len(), 0);
+    f.put();
+}
+
+#[test]
+fn iommufd_revoke_and_unrevoke_before_the_map_locks_cannot_leave_a_live_dead_area() {
+    use peerdma_vfio::iommufd::Iommufd;
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = Arc::new(v.open().unwrap());
+    let ifd = Iommufd::open(&r.env).unwrap();
+    let ioas = ifd.ioas_alloc().unwrap();
+    ifd.attach(r.nic1, ioas).unwrap();
+    let one = get(
+        &r,
+        export(&r, &d, &DmaBufRequest::new(2, vec![(0, 0x4000)])).unwrap(),
+    );
+    // A reset (revoke + unrevoke) between attaching and taking the buffer's lock.
+    let d2 = d.clone();
+    let _hook = peerdma_pci::sync::points::on("iommufd.map_file.attached", move || {
+        d2.reset().unwrap();
+    });
+    let iova = 0x100_0000;
+    ifd.map_file(ioas, &one, 0, 0x4000, iova).unwrap();
+    drop(_hook);
+    let dma = |data: &[u8]| r.fabric.dma_write(r.nic1, peerdma_pci::DmaAddr(iova), data);
+    assert_eq!(
+        ifd.is_dead(ioas, iova),
+        Some(false),
+        "the buffer was live when it mapped"
+    );
+    dma(b"live!!!!").unwrap();
+    assert_eq!(bar0(&r, 8), b"live!!!!");
+    // Now a revoke must reach the area: it dies, its DMA faults.
+    d.reset().unwrap();
+    assert_eq!(ifd.is_dead(ioas, iova), Some(true));
+    assert!(
+        dma(b"LEAKED!!").is_err(),
+        "DMA through a revoked area must fault"
+    );
+    assert_eq!(bar0(&r, 8), b"live!!!!");
+    ifd.unmap(ioas, iova, 0x4000).unwrap();
+    let iommu = r.env.dma.iommu().unwrap();
+    let dom = match iommu.attachment(r.nic1) {
+        peerdma_dma::iommu::Attach::Paging(d) => d,
+        other => panic!("nic1 is not in the IOAS: {other:?}"),
+    };
+    assert_eq!(iommu.entries(dom), 0, "no IOMMU entries left behind");
+    assert_eq!(v.violation_count(), 0);
+    assert_eq!(v.live_mappings(), 0);
+}
+
+#[test]
+fn a_detached_attachment_cannot_be_mapped() {
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let imp = import(&r, &f, r.nic1).unwrap();
+    f.dmabuf().unwrap().detach(&imp.att);
+    assert_eq!(imp.map(&f), Err(Errno::EINVAL));
+    assert_eq!(v.live_mappings(), 0);
 }

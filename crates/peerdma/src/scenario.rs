@@ -69,7 +69,7 @@ pub fn run_emulated(
 ) -> Result<(Vec<StepResult>, usize), CliError> {
     let m = machine(fabric)?;
     let out = run_all(scenarios, || m.process());
-    Ok((out, m.revoked_landings()))
+    Ok((out, m.violation_count()))
 }
 
 /// `peerdma scenario run`.
