@@ -267,17 +267,14 @@ impl UapiBackend for Emulated<'_> {
 
     fn config_read(&mut self, dev: DevHandle, offset: u64, buf: &mut [u8]) -> Result<(), Errno> {
         let o = self.dev(dev)?;
-        let off = u16::try_from(offset).map_err(|_| Errno::EINVAL)?;
-        let v = o.fd.config_read(off, buf.len())?;
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = (v >> (8 * i)) as u8;
-        }
-        Ok(())
+        // Past the config space (which ends below 2^16) is EFAULT, as the kernel answers.
+        let off = u16::try_from(offset).map_err(|_| Errno::EFAULT)?;
+        o.fd.read_config(off, buf)
     }
 
     fn config_write(&mut self, dev: DevHandle, offset: u64, data: &[u8]) -> Result<(), Errno> {
         let o = self.dev(dev)?;
-        let off = u16::try_from(offset).map_err(|_| Errno::EINVAL)?;
+        let off = u16::try_from(offset).map_err(|_| Errno::EFAULT)?;
         o.fd.config_write(off, data)
     }
 

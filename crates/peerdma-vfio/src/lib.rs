@@ -13,6 +13,7 @@
 pub mod demo;
 pub mod emulated;
 
+pub mod config;
 pub mod feature;
 pub mod iommufd;
 pub mod pci;

@@ -18,6 +18,7 @@ use peerdma_pci::{
 };
 use peerdma_uapi::feature::{DMA_BUF_LEN, O_CLOEXEC, parse_dma_buf, parse_range};
 
+use crate::config::{self as vcfg, Owner, VConfig};
 use crate::feature::{self, GET, SET, id};
 use crate::registration::{RegRef, Registration};
 use crate::watch::{BufWatch, Ledger, Piece, Violation, target_phys};
@@ -100,8 +101,12 @@ impl Variant for NvgraceGpu {
 #[derive(Debug, Default)]
 struct Mem {
     open_count: u32,
-    /// The virtual COMMAND register: what the user last wrote.
-    vcommand: u16,
+    /// The user's view of config space (`vconfig`), made at the first open; its COMMAND
+    /// register is what the user last wrote, and decides whether memory is enabled.
+    vconfig: Option<VConfig>,
+    /// The BAR registers (0–5 and the ROM) as the hardware held them at the first open, for
+    /// `vfio_bar_restore`.
+    bars_at_open: Vec<u32>,
     /// Runtime-PM low-power engaged.
     engaged: bool,
     /// The eventfd a wakeup-armed low-power entry signals when an access wakes the device.
@@ -376,6 +381,11 @@ impl Drop for MemGuard<'_> {
     }
 }
 
+/// The per-open config copy (there while the device is open).
+fn vc<'a>(m: &'a mut MemGuard<'_>) -> Result<&'a mut VConfig, Errno> {
+    m.vconfig.as_mut().ok_or(Errno::EINVAL)
+}
+
 impl Dev {
     fn command_hw(&self) -> u16 {
         self.fabric
@@ -389,7 +399,8 @@ impl Dev {
             .fabric
             .power_state(self.bdf)
             .is_ok_and(|p| p < PowerState::D3Hot);
-        d0ish && (self.is_vf || m.vcommand & regs::COMMAND_MEMORY != 0)
+        let vcommand = m.vconfig.as_ref().map_or(0, VConfig::command);
+        d0ish && (self.is_vf || vcommand & regs::COMMAND_MEMORY != 0)
     }
 
     /// `vfio_pci_dma_buf_move(vdev, revoked)`; `memory_lock` held for write.
@@ -503,6 +514,122 @@ impl Dev {
     fn unrevoke_if_enabled(&self, m: &mut MemGuard<'_>) {
         if self.memory_enabled(m) {
             self.move_bufs(m, false);
+        }
+    }
+
+    /// Unrevokes after a user's config write if memory is enabled — never while runtime low
+    /// power is engaged (divergence 6).
+    fn unrevoke_after_write(&self, m: &mut MemGuard<'_>) {
+        if !m.engaged {
+            self.unrevoke_if_enabled(m);
+        }
+    }
+
+    /// One chunk of a user's config write (`vfio_pci_config_rw_single`).
+    #[allow(clippy::many_single_char_names)]
+    fn write_chunk(&self, m: &mut MemGuard<'_>, pos: u16, n: usize, val: u32) -> Result<(), Errno> {
+        let (f, b) = (&*self.fabric, self.bdf);
+        let owner = vc(m)?.layout.owner(pos);
+        match owner {
+            Owner::Header if pos == regs::COMMAND => {
+                // `vfio_basic_config_write`: the memory rules for a chunk that starts at
+                // COMMAND (1, 2 or 4 bytes); the new command is the written value.
+                let new_cmd = val as u16;
+                let new_mem = new_cmd & regs::COMMAND_MEMORY != 0;
+                if !new_mem {
+                    self.move_bufs(m, true);
+                }
+                let virt_mem = vc(m)?.command() & regs::COMMAND_MEMORY != 0;
+                let phys_mem = self.command_hw() & regs::COMMAND_MEMORY != 0;
+                if new_mem && virt_mem && !phys_mem && !self.is_vf {
+                    // A backdoor reset lost the BARs: put them back before decoding.
+                    self.restore_bars(m);
+                }
+                vc(m)?.default_write(f, b, pos, n, val)?;
+                let mask = regs::COMMAND_MEMORY | regs::COMMAND_IO;
+                let v = vc(m)?;
+                let cmd = (v.command() & !mask) | (new_cmd & mask);
+                v.set(regs::COMMAND, 2, u32::from(cmd));
+                self.unrevoke_after_write(m);
+            }
+            Owner::Header => {
+                let v = vc(m)?;
+                v.default_write(f, b, pos, n, val)?;
+                if (regs::BASE_ADDRESS_0..0x34).contains(&pos) {
+                    v.bar_dirty = true;
+                }
+            }
+            Owner::Pm(cap) => {
+                vc(m)?.default_write(f, b, pos, n, val)?;
+                if pos == cap + regs::PM_CTRL {
+                    // `vfio_lock_and_set_power_state`.
+                    let state = val as u16 & regs::PM_CTRL_STATE_MASK;
+                    if state >= 3 {
+                        self.move_bufs(m, true);
+                    }
+                    if !m.engaged {
+                        let at = cap + regs::PM_CTRL;
+                        let hw = f.config_read(b, at, 2).map_err(|_| Errno::EIO)? as u16;
+                        let new = (hw & !regs::PM_CTRL_STATE_MASK) | state;
+                        let _ = f.config_write(b, at, 2, u32::from(new));
+                    }
+                    self.unrevoke_after_write(m);
+                }
+            }
+            Owner::Exp(cap) => {
+                let v = vc(m)?;
+                v.default_write(f, b, pos, n, val)?;
+                let ctl = cap + vcfg::EXP_DEVCTL;
+                let c = v.get(ctl, 2) as u16;
+                if c & regs::EXP_DEVCTL_BCR_FLR != 0 {
+                    v.set(ctl, 2, u32::from(c & !regs::EXP_DEVCTL_BCR_FLR));
+                    let devcap = f.config_read(b, cap + regs::EXP_DEVCAP, 4).unwrap_or(0);
+                    if devcap & regs::EXP_DEVCAP_FLR != 0 {
+                        self.config_flr(m);
+                    }
+                }
+            }
+            Owner::Af(cap) => {
+                let v = vc(m)?;
+                v.default_write(f, b, pos, n, val)?;
+                let ctl = cap + vcfg::AF_CONTROL;
+                let c = v.get(ctl, 1) as u8;
+                if c & regs::AF_CTRL_FLR != 0 {
+                    v.set(ctl, 1, u32::from(c & !regs::AF_CTRL_FLR));
+                    let afcap = f.config_read(b, cap + regs::AF_CAP, 1).unwrap_or(0) as u8;
+                    if afcap & regs::AF_CAP_FLR != 0 && afcap & regs::AF_CAP_TP != 0 {
+                        self.config_flr(m);
+                    }
+                }
+            }
+            Owner::Other => {
+                f.config_write(b, pos, n, val).map_err(|_| Errno::EIO)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The FLR a user's config write asked for: revoke, `pci_try_reset_function` (its result
+    /// ignored, as the kernel does), unrevoke if memory is enabled. During low power the
+    /// device is put back to D3hot after the reset and the buffers stay revoked.
+    fn config_flr(&self, m: &mut MemGuard<'_>) {
+        self.move_bufs(m, true);
+        let _ = self.fabric.reset_function(self.bdf);
+        if m.engaged {
+            let _ = self.fabric.set_power_state(self.bdf, PowerState::D3Hot);
+        }
+        self.unrevoke_after_write(m);
+    }
+
+    /// `vfio_bar_restore`: the BAR registers written back as they were at the first open.
+    fn restore_bars(&self, m: &MemGuard<'_>) {
+        for (i, orig) in m.bars_at_open.iter().enumerate() {
+            let at = if i == 6 {
+                0x30
+            } else {
+                regs::BASE_ADDRESS_0 + 4 * i as u16
+            };
+            let _ = self.fabric.config_write(self.bdf, at, 4, *orig);
         }
     }
 
@@ -670,7 +797,17 @@ impl DeviceFd {
             let _ = d
                 .fabric
                 .config_write(d.bdf, regs::COMMAND, 2, u32::from(cmd));
-            m.vcommand = cmd;
+            m.vconfig = VConfig::init(&d.fabric, d.bdf).ok();
+            m.bars_at_open = (0..7u16)
+                .map(|i| {
+                    let at = if i == 6 {
+                        0x30
+                    } else {
+                        regs::BASE_ADDRESS_0 + 4 * i
+                    };
+                    d.fabric.config_read(d.bdf, at, 4).unwrap_or(0)
+                })
+                .collect();
             m.engaged = false;
         }
         m.open_count += 1;
@@ -807,79 +944,59 @@ impl DeviceFd {
         sync::read(&self.dev.mem).wakeups
     }
 
-    /// A user config read (1, 2 or 4 bytes at `offset`), as vfio-pci passes it through: the
-    /// device's own registers.
+    /// A user config read of 1, 2 or 4 bytes at `offset`, as a little-endian value (see
+    /// [`Self::read_config`]; other sizes `EINVAL`).
     pub fn config_read(&self, offset: u16, size: usize) -> Result<u32, Errno> {
-        self.granted()?;
-        if !matches!(size, 1 | 2 | 4) || usize::from(offset) + size > regs::CFG_SIZE {
+        if !matches!(size, 1 | 2 | 4) {
+            self.granted()?;
             return Err(Errno::EINVAL);
         }
-        let d = &self.dev;
-        d.fabric
-            .config_read(d.bdf, offset, size)
-            .map_err(|_| Errno::EIO)
+        let mut b = [0u8; 4];
+        self.read_config(offset, &mut b[..size])?;
+        Ok(u32::from_le_bytes(b))
     }
 
-    /// A user config write (1, 2 or 4 bytes at `offset`), through vfio-pci's virtualisation:
-    /// COMMAND (memory off revokes; every COMMAND write then unrevokes if memory is enabled),
-    /// PM control (≥ D3hot revokes), PCIe DevCtl and AF FLR (revoke, reset, unrevoke).
+    /// A user read of config space (a `pread` of the config region): any length, in the
+    /// kernel's chunks, virtualised registers from the per-open copy (see [`crate::config`]).
+    /// `EFAULT` past the config size.
+    pub fn read_config(&self, offset: u16, buf: &mut [u8]) -> Result<(), Errno> {
+        self.granted()?;
+        let d = &self.dev;
+        let mut m = d.lock_mem();
+        let v = m.vconfig.as_mut().ok_or(Errno::EINVAL)?;
+        let mut at = 0;
+        for (pos, n) in vcfg::chunks(&v.layout, offset, buf.len())? {
+            let val = v.read(&d.fabric, d.bdf, pos, n)?;
+            for (i, b) in buf[at..at + n].iter_mut().enumerate() {
+                *b = (val >> (8 * i)) as u8;
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// A user write to config space (a `pwrite` of the config region): any length, cut into
+    /// the kernel's chunks, each through its register's rules (see [`crate::config`]).
+    /// COMMAND with memory off revokes, and every COMMAND write then unrevokes if memory is
+    /// enabled; a PMCSR write of D3hot revokes and the power change unrevokes if memory is
+    /// enabled; a PCIe or AF FLR revokes, resets and unrevokes. During runtime low power
+    /// nothing a user writes brings buffers back or changes the power state (divergence 6).
+    /// `EFAULT` past the config size; a chunk that fails stops the write there.
     pub fn config_write(&self, offset: u16, data: &[u8]) -> Result<(), Errno> {
         self.granted()?;
-        if !matches!(data.len(), 1 | 2 | 4) || usize::from(offset) + data.len() > regs::CFG_SIZE {
-            return Err(Errno::EINVAL);
-        }
         let d = &self.dev;
-        let func = d.fabric.function(d.bdf).map_err(|_| Errno::ENODEV)?;
-        let caps = func.caps();
-        let value = data
-            .iter()
-            .enumerate()
-            .fold(0u32, |v, (i, b)| v | u32::from(*b) << (8 * i));
-        // The low 16 bits, for the 2- and 4-byte writes the registers below need.
-        #[allow(clippy::cast_possible_truncation)]
-        let low16 = value as u16;
-        let wide = data.len() >= 2;
         let mut m = d.lock_mem();
-        let hw = |v: u32| {
-            d.fabric
-                .config_write(d.bdf, offset, data.len(), v)
-                .map_err(|_| Errno::EIO)
-        };
-        if offset == regs::COMMAND && wide {
-            if low16 & regs::COMMAND_MEMORY == 0 {
-                d.move_bufs(&mut m, true);
-            }
-            hw(value)?;
-            m.vcommand = low16;
-            d.unrevoke_if_enabled(&mut m);
-            return Ok(());
+        let layout = m.vconfig.as_ref().ok_or(Errno::EINVAL)?.layout;
+        let mut at = 0;
+        for (pos, n) in vcfg::chunks(&layout, offset, data.len())? {
+            let val = data[at..at + n]
+                .iter()
+                .enumerate()
+                .fold(0u32, |v, (i, b)| v | u32::from(*b) << (8 * i));
+            d.write_chunk(&mut m, pos, n, val)?;
+            at += n;
         }
-        if caps.pm.is_some_and(|pm| offset == pm + regs::PM_CTRL) && wide {
-            if low16 & regs::PM_CTRL_STATE_MASK >= 3 {
-                d.move_bufs(&mut m, true);
-            }
-            hw(value)?;
-            d.unrevoke_if_enabled(&mut m);
-            return Ok(());
-        }
-        let pcie_flr = caps.exp.is_some_and(|e| offset == e + regs::EXP_DEVCTL)
-            && wide
-            && low16 & regs::EXP_DEVCTL_BCR_FLR != 0
-            && func.has_flr();
-        let af_flr = caps.af.is_some_and(|a| offset == a + regs::AF_CTRL)
-            && data[0] & regs::AF_CTRL_FLR != 0
-            && func.has_af_flr();
-        if pcie_flr || af_flr {
-            d.move_bufs(&mut m, true);
-            let _ = d.fabric.reset_function(d.bdf);
-            if pcie_flr {
-                // The FLR bit never sticks; the rest of the DevCtl write goes through.
-                hw(value & !u32::from(regs::EXP_DEVCTL_BCR_FLR))?;
-            }
-            d.unrevoke_if_enabled(&mut m);
-            return Ok(());
-        }
-        hw(value)
+        Ok(())
     }
 
     /// `VFIO_DEVICE_RESET`: `EINVAL` if the function cannot be reset; else revoke, force D0,
@@ -973,7 +1090,7 @@ impl DeviceFd {
                 let _ = d
                     .fabric
                     .config_write(d.bdf, regs::COMMAND, 2, u32::from(cmd));
-                m.vcommand = cmd;
+                m.vconfig = None;
             }
             m.open_count = m.open_count.saturating_sub(1);
         }

@@ -1279,12 +1279,12 @@ fn iommufd_revoke_and_unrevoke_before_the_map_locks_cannot_leave_a_live_dead_are
     );
     // A reset (revoke + unrevoke) between attaching and taking the buffer's lock.
     let d2 = d.clone();
-    let _hook = peerdma_pci::sync::points::on("iommufd.map_file.attached", move || {
+    let hook = peerdma_pci::sync::points::on("iommufd.map_file.attached", move || {
         d2.reset().unwrap();
     });
     let iova = 0x100_0000;
     ifd.map_file(ioas, &one, 0, 0x4000, iova).unwrap();
-    drop(_hook);
+    drop(hook);
     let dma = |data: &[u8]| r.fabric.dma_write(r.nic1, peerdma_pci::DmaAddr(iova), data);
     assert_eq!(
         ifd.is_dead(ioas, iova),
@@ -1326,4 +1326,257 @@ fn a_detached_attachment() {
     f.dmabuf().unwrap().detach(&imp.att);
     assert_eq!(imp.map(&f), Err(Errno::EINVAL));
     assert_eq!(v.live_mappings(), 0);
+}
+
+// ---- the virtual config space at every size and alignment ---------------------------------
+
+/// Whether the buffer behind `imp` is revoked now: a map is refused with ENODEV.
+fn revoked_now(f: &Arc<File>, imp: &Importer) -> bool {
+    match imp.map(f) {
+        Ok(()) => {
+            let b = f.dmabuf().unwrap();
+            let g = b.lock();
+            if let Some(t) = imp.table.lock().unwrap().take() {
+                b.unmap_attachment(&imp.att, t, DIR, &g);
+            }
+            false
+        }
+        Err(Errno::ENODEV) => true,
+        Err(e) => panic!("map failed with {e}"),
+    }
+}
+
+fn hw_command(r: &Rig) -> u16 {
+    r.fabric.config_read(r.gpu, regs::COMMAND, 2).unwrap() as u16
+}
+
+#[test]
+fn command_writes_of_every_size_and_offset_keep_hardware_decode_and_revocation_together() {
+    // Every write of 1..=8 bytes starting anywhere in the first 12 bytes, with every byte 0
+    // or every byte 0xff: whenever the hardware stops decoding memory the buffer is revoked,
+    // and whenever it decodes (and the virtual COMMAND says so) the buffer is live.
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let imp = import(&r, &f, r.nic1).unwrap();
+    let mut kinds = 0;
+    for start in 0u16..12 {
+        for len in 1usize..=8 {
+            for fill in [0u8, 0xff] {
+                cmd(&d, true);
+                let data = vec![fill; len];
+                d.config_write(start, &data).unwrap();
+                let hw_mem = hw_command(&r) & regs::COMMAND_MEMORY != 0;
+                let revoked = revoked_now(&f, &imp);
+                assert_eq!(
+                    revoked, !hw_mem,
+                    "write of {len} x {fill:#x} at {start:#x}: hardware decode {hw_mem}, revoked {revoked}"
+                );
+                assert_eq!(d.memory_enabled(), hw_mem);
+                kinds += usize::from(revoked);
+            }
+        }
+    }
+    assert!(kinds > 10, "some of the writes did turn decode off");
+    // The classic hole: one byte at COMMAND.
+    d.config_write(regs::COMMAND, &[0]).unwrap();
+    assert!(revoked_now(&f, &imp));
+    let born = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let imp2 = import(&r, &born, r.nic1);
+    assert!(
+        matches!(imp2, Err(Errno::ENODEV)),
+        "a buffer exported now is born revoked"
+    );
+    d.config_write(regs::COMMAND, &[regs::COMMAND_MEMORY as u8])
+        .unwrap();
+    assert!(!revoked_now(&f, &imp));
+    assert_eq!(v.violation_count(), 0);
+}
+
+#[test]
+fn a_one_byte_pmcsr_write_revokes_and_d0_unrevokes() {
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let imp = live_mapping(&r, &f, b"mapped-1");
+    let old = imp.first_addr().unwrap();
+    d.config_write(pm_ctrl(&r), &[3]).unwrap();
+    assert_eq!(
+        r.fabric.power_state(r.gpu).unwrap(),
+        peerdma_pci::PowerState::D3Hot
+    );
+    assert!(imp.table.lock().unwrap().is_none(), "importer invalidated");
+    assert!(r.fabric.dma_write(r.nic1, old, b"LEAKED!!").is_err());
+    // The high byte of PMCSR alone changes no power state.
+    d.config_write(pm_ctrl(&r) + 1, &[0]).unwrap();
+    assert_eq!(
+        r.fabric.power_state(r.gpu).unwrap(),
+        peerdma_pci::PowerState::D3Hot
+    );
+    assert!(revoked_now(&f, &imp));
+    d.config_write(pm_ctrl(&r), &[0]).unwrap();
+    assert!(!revoked_now(&f, &imp));
+    assert_eq!(v.violation_count(), 0);
+}
+
+#[test]
+fn the_flr_bit_written_alone_revokes_resets_and_restores() {
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let imp = live_mapping(&r, &f, b"mapped-1");
+    let bar_before = r.fabric.bar(r.gpu, 2).unwrap().bus;
+    let exp = r.fabric.function(r.gpu).unwrap().caps().exp.unwrap();
+    // DevCtl's high byte only: bit 15, FLR.
+    d.config_write(exp + regs::EXP_DEVCTL + 1, &[0x80]).unwrap();
+    assert_eq!(
+        imp.remaps.lock().unwrap().as_slice(),
+        [Err(Errno::ENODEV)],
+        "revoked first"
+    );
+    assert_eq!(
+        r.fabric.bar(r.gpu, 2).unwrap().bus,
+        bar_before,
+        "BARs restored"
+    );
+    assert_eq!(
+        d.config_read(exp + regs::EXP_DEVCTL, 2).unwrap() & 0x8000,
+        0,
+        "FLR reads 0"
+    );
+    imp.map(&f).unwrap();
+    r.fabric
+        .dma_write(r.nic1, imp.first_addr().unwrap(), b"mapped-2")
+        .unwrap();
+    assert_eq!(bar0(&r, 8), b"mapped-2");
+    // And as part of a 4-byte DevCtl+DevSta write.
+    d.config_write(exp + regs::EXP_DEVCTL, &0x8000u32.to_le_bytes())
+        .unwrap();
+    assert!(imp.table.lock().unwrap().is_none());
+    assert_eq!(v.violation_count(), 0);
+}
+
+#[test]
+fn a_user_bar_write_is_virtual_and_sizes_like_hardware() {
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let imp = live_mapping(&r, &f, b"mapped-1");
+    let hw = r.fabric.bar(r.gpu, 2).unwrap();
+    let lo_before = d.config_read(0x18, 4).unwrap();
+    assert_eq!(u64::from(lo_before & !0xf), hw.bus.get() & 0xffff_fff0);
+    // Sizing: all ones, read back the size mask with the flags.
+    d.config_write(0x18, &[0xff; 8]).unwrap();
+    let lo = d.config_read(0x18, 4).unwrap();
+    let hi = d.config_read(0x1c, 4).unwrap();
+    let size = !((u64::from(hi) << 32) | u64::from(lo & !0xf)) + 1;
+    assert_eq!(size, hw.bar.size, "sized like the hardware BAR");
+    assert_eq!(lo & 0xf, hw_flags(&r), "flags kept");
+    // The hardware did not move: the live importer's DMA still lands.
+    assert_eq!(r.fabric.bar(r.gpu, 2).unwrap().bus, hw.bus);
+    r.fabric
+        .dma_write(r.nic1, imp.first_addr().unwrap(), b"still!!!")
+        .unwrap();
+    assert_eq!(bar0(&r, 8), b"still!!!");
+    // Single bytes too.
+    d.config_write(0x1b, &[0x12]).unwrap();
+    assert_eq!(r.fabric.bar(r.gpu, 2).unwrap().bus, hw.bus);
+    assert_eq!(v.violation_count(), 0);
+}
+
+fn hw_flags(r: &Rig) -> u32 {
+    r.fabric.config_read(r.gpu, 0x18, 4).unwrap() & 0xf
+}
+
+#[test]
+fn low_power_stays_low_power_whatever_the_user_writes() {
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let imp = live_mapping(&r, &f, b"mapped-1");
+    d.feature(&r.proc, &header_bytes(8, SET | id::LOW_POWER_ENTRY))
+        .unwrap();
+    let exp = r.fabric.function(r.gpu).unwrap().caps().exp.unwrap();
+    for (off, data) in [
+        (pm_ctrl(&r), vec![0u8]),
+        (pm_ctrl(&r), vec![0, 0]),
+        (regs::COMMAND, vec![regs::COMMAND_MEMORY as u8]),
+        (regs::COMMAND, vec![0x06, 0, 0, 0]),
+        (exp + regs::EXP_DEVCTL + 1, vec![0x80]),
+    ] {
+        d.config_write(off, &data).unwrap();
+        assert_eq!(
+            r.fabric.power_state(r.gpu).unwrap(),
+            peerdma_pci::PowerState::D3Hot,
+            "write {data:?} at {off:#x}"
+        );
+        assert!(
+            revoked_now(&f, &imp),
+            "write {data:?} at {off:#x} brought the buffer back"
+        );
+    }
+    d.feature(&r.proc, &header_bytes(8, SET | id::LOW_POWER_EXIT))
+        .unwrap();
+    assert!(!revoked_now(&f, &imp));
+    assert_eq!(v.violation_count(), 0);
+}
+
+#[test]
+fn config_access_bounds_are_efault_and_any_length_works() {
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    assert_eq!(d.config_write(0xfff, &[0, 0]), Err(Errno::EFAULT));
+    assert_eq!(d.config_write(0x1000, &[0]), Err(Errno::EFAULT));
+    let mut b = [0u8; 3];
+    assert_eq!(d.read_config(0x1000, &mut b[..1]), Err(Errno::EFAULT));
+    d.config_write(0x10, &[]).unwrap();
+    // A 3-byte read at an odd offset: the vendor and device IDs' bytes in order.
+    d.read_config(1, &mut b).unwrap();
+    let id = r.fabric.config_read(r.gpu, 0, 4).unwrap().to_le_bytes();
+    assert_eq!(b, [id[1], id[2], id[3]]);
+    // The whole header in one read agrees with 4-byte reads.
+    let mut all = [0u8; 64];
+    d.read_config(0, &mut all).unwrap();
+    for i in (0..64).step_by(4) {
+        let w = d.config_read(i as u16, 4).unwrap().to_le_bytes();
+        assert_eq!(&all[i..i + 4], &w, "dword {i:#x}");
+    }
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+    /// Any sequence of config writes — any offset in the first 0x100 bytes, any length up to
+    /// 8, any bytes — keeps the promise: while the hardware does not decode memory (COMMAND
+    /// off, or not D0) the buffer is revoked, a DMA to the old address does not land, and no
+    /// violation is ever seen.
+    #[test]
+    fn any_config_writes_keep_revocation_with_hardware(
+        ops in proptest::collection::vec((0u16..0x100, 0usize..9, proptest::collection::vec(proptest::prelude::any::<u8>(), 8)), 1..40)
+    ) {
+        let r = rig();
+        let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+        let d = v.open().unwrap();
+        let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+        let imp = import(&r, &f, r.nic1).unwrap();
+        let pm = pm_ctrl(&r);
+        for (off, len, bytes) in ops {
+            // Bias towards the registers that matter.
+            let off = match off % 5 { 0 => 4 + off % 4, 1 => pm + off % 4, _ => off };
+            let _ = d.config_write(off, &bytes[..len]);
+            let decoding = hw_command(&r) & regs::COMMAND_MEMORY != 0
+                && r.fabric.power_state(r.gpu).unwrap() == peerdma_pci::PowerState::D0;
+            let revoked = revoked_now(&f, &imp);
+            if !decoding {
+                proptest::prop_assert!(revoked, "hardware stopped decoding after {len} bytes at {off:#x} but the buffer is live");
+            }
+            let _ = r.fabric.dma_write(r.nic1, peerdma_pci::DmaAddr(0x1000), b"probe!!!");
+        }
+        proptest::prop_assert_eq!(v.violation_count(), 0);
+    }
 }
