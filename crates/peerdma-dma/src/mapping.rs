@@ -548,7 +548,17 @@ impl DmaSystem {
         out
     }
 
-    /// Mappings still live for a device.
+    /// IOVA pages of a device's DMA domain in use now (its range caches are flushed back to
+    /// the tree first, so freed IOVAs do not count); 0 for a device without one.
+    pub fn iova_pages_in_use(&self, bdf: Bdf) -> u64 {
+        sync::read(&self.devs).get(&bdf).map_or(0, |d| {
+            let mut iovad = sync::lock(&d.iovad);
+            iovad.flush_caches();
+            iovad.allocated_pages()
+        })
+    }
+
+    /// DMA-debug entries still live for `bdf`.
     pub fn debug_outstanding(&self, bdf: Bdf) -> usize {
         sync::lock(&self.debug)
             .live

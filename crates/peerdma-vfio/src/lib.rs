@@ -19,6 +19,7 @@ pub mod iommufd;
 pub mod pci;
 pub mod rdma;
 pub mod registration;
+pub mod soak;
 pub mod watch;
 
 pub use pci::{DeviceFd, VfioPci};

@@ -323,7 +323,7 @@ impl BufState {
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             m = g;
             if t.timed_out() && *m > 0 {
-                tracing::warn!(target: "peerdma::vfio", "revoke waits for {} importer mapping(s)", *m);
+                tracing::warn!(target: "peerdma::vfio", "revoke waits for {} importer mapping(s): {}", *m, self.ledger.live_names().join(", "));
             }
         }
     }
@@ -720,6 +720,11 @@ impl VfioPci {
     /// Mappings of this device's buffers that importers hold now.
     pub fn live_mappings(&self) -> usize {
         self.dev.ledger.live()
+    }
+
+    /// Those mappings, each naming its importer and buffer (what a stuck revoke waits for).
+    pub fn live_mapping_names(&self) -> Vec<String> {
+        self.dev.ledger.live_names()
     }
 
     /// The P2PDMA provider of BAR `bar`, if P2PDMA is ready and the BAR is memory.

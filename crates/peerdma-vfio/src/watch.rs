@@ -255,6 +255,20 @@ impl Ledger {
         sync::lock(&self.grants).live.len()
     }
 
+    /// The live grants, described ("mapping #3 (dma-buf map for 0000:03:00.0) of dma-buf #2").
+    pub(crate) fn live_names(&self) -> Vec<String> {
+        sync::lock(&self.grants)
+            .live
+            .iter()
+            .map(|g| {
+                format!(
+                    "mapping #{} ({}) of dma-buf #{}",
+                    g.id.0, g.what, g.buf.serial
+                )
+            })
+            .collect()
+    }
+
     /// Checks one landing at physical address `phys`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn check(
