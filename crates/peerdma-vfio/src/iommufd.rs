@@ -165,10 +165,12 @@ impl Iommufd {
                 }
                 let p = prot::READ | prot::WRITE | prot::MMIO;
                 let phys = pv.paddr.get() + start;
+                let born = crate::watch::birth(buf);
                 iommu.map(domain, iova, phys, length, p)?;
                 iommu.sync_range(domain, iova, length);
                 *sync::lock(&state) = AreaState::Live;
-                let grant = crate::watch::grant(buf, None, iova, phys, length, "iommufd area");
+                let grant =
+                    crate::watch::grant(buf, None, (iova, phys, length), "iommufd area", born);
                 io.areas.insert(
                     iova,
                     Area {

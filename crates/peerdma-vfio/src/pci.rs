@@ -229,6 +229,8 @@ impl DmaBufOps for Exporter {
             return Err(Errno::ENODEV);
         }
         let size = self.0.ranges.iter().map(|r| r.len).sum();
+        // Born before any IOMMU entry of the mapping exists (see `watch::birth`).
+        let born = self.0.tick();
         let t = phys_vec_to_sgt(
             &self.0.env,
             a,
@@ -245,7 +247,7 @@ impl DmaBufOps for Exporter {
             Some(grant_key(a, &t)),
             format!("dma-buf map for {}", a.dev),
             pieces(&t, &self.0.ranges),
-            self.0.tick(),
+            born,
         );
         Ok(t)
     }

@@ -353,25 +353,32 @@ pub(crate) fn target_phys(fabric: &Fabric, t: &Target) -> Option<u64> {
     }
 }
 
+/// A grant's birth: the fabric tick taken *before* the mapping's entries are written, so a
+/// DMA that starts once they exist is never older than the grant that carries it.
+pub fn birth(buf: &peerdma_dmabuf::DmaBuf) -> u64 {
+    crate::pci::with_ledger(buf, |_, _, fabric| fabric.tick()).unwrap_or(0)
+}
+
 /// Records a grant on the vfio buffer `buf` for a mapping made outside the exporter (an
 /// iommufd area): `len` bytes at `dma`, reaching `phys`, from `requester` (`None`: any
-/// device). `None` if `buf` is not a vfio dma-buf or its device is gone.
+/// device), born at `born` (from [`birth`], taken before the entries were written). `None` if
+/// `buf` is not a vfio dma-buf.
 pub fn grant(
     buf: &peerdma_dmabuf::DmaBuf,
     requester: Option<Bdf>,
-    dma: u64,
-    phys: u64,
-    len: u64,
+    piece: (u64, u64, u64),
     what: &str,
+    born: u64,
 ) -> Option<GrantId> {
-    crate::pci::with_ledger(buf, |l, w, fabric| {
+    let (dma, phys, len) = piece;
+    crate::pci::with_ledger(buf, |l, w, _| {
         l.add(
             w,
             requester,
             None,
             what.to_string(),
             vec![Piece { dma, phys, len }],
-            fabric.tick(),
+            born,
         )
     })
 }
