@@ -6,6 +6,8 @@
 //! buffer's lock.
 
 use std::sync::{Condvar, Mutex, MutexGuard};
+
+use peerdma_pci::sync::order::{self, Level};
 use std::time::Duration;
 
 /// How a fence is used (`enum dma_resv_usage`).
@@ -102,6 +104,7 @@ impl Default for Resv {
 pub struct ResvGuard<'a> {
     pub(crate) resv: &'a Resv,
     pub(crate) inner: MutexGuard<'a, Inner>,
+    _order: order::Held,
 }
 
 impl std::fmt::Debug for ResvGuard<'_> {
@@ -113,7 +116,9 @@ impl std::fmt::Debug for ResvGuard<'_> {
 impl Resv {
     /// Takes the lock (`dma_resv_lock`).
     pub fn lock(&self) -> ResvGuard<'_> {
+        let held = order::acquire(Level::Resv, "a dma-buf's reservation lock", true);
         ResvGuard {
+            _order: held,
             resv: self,
             inner: self
                 .lock
@@ -124,11 +129,17 @@ impl Resv {
 
     /// Takes the lock if it is free (`dma_resv_trylock`).
     pub fn try_lock(&self) -> Option<ResvGuard<'_>> {
+        let held = || order::acquire(Level::Resv, "a dma-buf's reservation lock", false);
         match self.lock.try_lock() {
-            Ok(inner) => Some(ResvGuard { resv: self, inner }),
+            Ok(inner) => Some(ResvGuard {
+                resv: self,
+                inner,
+                _order: held(),
+            }),
             Err(std::sync::TryLockError::Poisoned(p)) => Some(ResvGuard {
                 resv: self,
                 inner: p.into_inner(),
+                _order: held(),
             }),
             Err(std::sync::TryLockError::WouldBlock) => None,
         }

@@ -264,7 +264,9 @@ fn bad_input_is_einval_before_anything_is_mapped() {
         let e = phys_vec_to_sgt(&r.env, &a, p, &ranges, size, DIR, &g).unwrap_err();
         assert_eq!(e, Errno::EINVAL, "{ranges:?} size {size:#x}");
     }
-    // Another buffer's lock is not this one's.
+    // Another buffer's lock is not this one's (one reservation lock at a time: the lock
+    // order allows no two, as the kernel allows none without a ww acquire context).
+    drop(g);
     let g2 = buf(&f2).lock();
     assert_eq!(
         phys_vec_to_sgt(&r.env, &a, Some(&r.provider), &ok, 0x7000, DIR, &g2).unwrap_err(),

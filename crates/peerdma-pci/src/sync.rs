@@ -62,3 +62,71 @@ pub mod points {
         }
     }
 }
+
+/// The lock order of the emulated kernel, checked. Every lock that takes part in revocation
+/// has a level; a thread may block on a lock only if every lock it holds has a lower level
+/// (a `try` acquisition, which cannot wait, may take an equal level: hot reset try-locks
+/// several devices' `memory_lock`s). With debug assertions a violation panics, naming both
+/// locks, at the acquisition that breaks the order — whether or not it would have deadlocked
+/// this time; release builds only keep the bookkeeping out.
+///
+/// | level | lock | taken by |
+/// |---|---|---|
+/// | [`Level::Memory`] | a vfio device's `memory_lock` | config writes, resets, low power, export, close, buffer release |
+/// | [`Level::Resv`] | a dma-buf's reservation lock | map/unmap, invalidation, importers' accesses |
+///
+/// Below these, the short internal mutexes (attachment lists, importer state, the watch's
+/// ledger) are leaves: nothing blocks on a level-checked lock while holding one.
+pub mod order {
+    use std::cell::RefCell;
+
+    /// A lock's place in the order (lower first).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    pub enum Level {
+        /// `vdev->memory_lock`.
+        Memory = 1,
+        /// `dma_resv` of a dma-buf.
+        Resv = 2,
+    }
+
+    thread_local! {
+        static HELD: RefCell<Vec<(Level, &'static str)>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Proof that a level-checked lock is held; gives the level back when dropped.
+    #[derive(Debug)]
+    pub struct Held(Level);
+
+    /// Records that this thread is about to take `name` at `level`; `blocking` says whether
+    /// it may wait for it. Panics (with debug assertions) if that breaks the order.
+    pub fn acquire(level: Level, name: &'static str, blocking: bool) -> Held {
+        if cfg!(debug_assertions) {
+            HELD.with(|h| {
+                let h = h.borrow();
+                if let Some((l, n)) = h.iter().rev().find(|(l, _)| if blocking { *l >= level } else { *l > level }) {
+                    panic!("lock order broken: blocking on {name} ({level:?}) while holding {n} ({l:?})");
+                }
+            });
+            HELD.with(|h| h.borrow_mut().push((level, name)));
+        }
+        Held(level)
+    }
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            if cfg!(debug_assertions) {
+                HELD.with(|h| {
+                    let mut h = h.borrow_mut();
+                    if let Some(i) = h.iter().rposition(|(l, _)| *l == self.0) {
+                        h.remove(i);
+                    }
+                });
+            }
+        }
+    }
+
+    /// The levels this thread holds now (for tests).
+    pub fn held() -> Vec<Level> {
+        HELD.with(|h| h.borrow().iter().map(|(l, _)| *l).collect())
+    }
+}

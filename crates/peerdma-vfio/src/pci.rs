@@ -12,6 +12,7 @@ use peerdma_dmabuf::buf::{ExportInfo, FileKind, ops};
 use peerdma_dmabuf::sgt::{DmaEnv, PhysVec, SgTable, free_sgt, phys_vec_to_sgt};
 use peerdma_dmabuf::{Attachment, DmaBuf, DmaBufOps, File, Process, ResvGuard, Usage};
 use peerdma_p2pdma::{Binding, Provider};
+use peerdma_pci::sync::order::{self, Level};
 use peerdma_pci::{
     AsErrno, Bdf, DeviceKind, Errno, Fabric, FabricEvent, FabricObserver, PhysAddr, PowerState,
     regs, sync,
@@ -22,6 +23,9 @@ use crate::config::{self as vcfg, Owner, VConfig};
 use crate::feature::{self, GET, SET, id};
 use crate::registration::{RegRef, Registration};
 use crate::watch::{BufWatch, Ledger, Piece, Violation, target_phys};
+
+/// The name the lock-order checker gives `memory_lock`.
+const MEMORY_LOCK: &str = "a vfio device's memory_lock";
 
 /// `VFIO_PCI_ROM_REGION_INDEX`: BARs are regions 0–5.
 pub const ROM_REGION_INDEX: u32 = 6;
@@ -266,6 +270,7 @@ impl DmaBufOps for Exporter {
     fn release(&self, _buf: &DmaBuf) {
         let dev = sync::lock(&self.0.dev).take().and_then(|w| w.upgrade());
         if let Some(dev) = dev {
+            let _order = order::acquire(Level::Memory, MEMORY_LOCK, true);
             let _m = sync::write(&dev.mem);
             sync::lock(&dev.bufs).retain(|b| !Arc::ptr_eq(b, &self.0));
         }
@@ -359,6 +364,7 @@ pub fn iommufd_map(buf: &DmaBuf, a: &Attachment, g: &ResvGuard<'_>) -> Result<Ph
 struct MemGuard<'a> {
     m: Option<RwLockWriteGuard<'a, Mem>>,
     puts: Vec<Arc<File>>,
+    order: Option<order::Held>,
 }
 
 impl std::ops::Deref for MemGuard<'_> {
@@ -377,6 +383,7 @@ impl std::ops::DerefMut for MemGuard<'_> {
 impl Drop for MemGuard<'_> {
     fn drop(&mut self) {
         self.m.take();
+        self.order.take();
         for f in self.puts.drain(..) {
             f.put();
         }
@@ -407,9 +414,11 @@ impl Dev {
 
     /// `vfio_pci_dma_buf_move(vdev, revoked)`; `memory_lock` held for write.
     fn lock_mem(&self) -> MemGuard<'_> {
+        let order = order::acquire(Level::Memory, MEMORY_LOCK, true);
         MemGuard {
             m: Some(sync::write(&self.mem)),
             puts: Vec::new(),
+            order: Some(order),
         }
     }
 
@@ -456,14 +465,17 @@ impl Dev {
     }
 
     fn try_lock_mem(&self) -> Option<MemGuard<'_>> {
+        let order = || Some(order::acquire(Level::Memory, MEMORY_LOCK, false));
         match self.mem.try_write() {
             Ok(g) => Some(MemGuard {
                 m: Some(g),
                 puts: Vec::new(),
+                order: order(),
             }),
             Err(std::sync::TryLockError::Poisoned(p)) => Some(MemGuard {
                 m: Some(p.into_inner()),
                 puts: Vec::new(),
+                order: order(),
             }),
             Err(std::sync::TryLockError::WouldBlock) => None,
         }
@@ -755,6 +767,7 @@ impl VfioPci {
     }
     /// The open count.
     pub fn open_count(&self) -> u32 {
+        let _order = order::acquire(Level::Memory, MEMORY_LOCK, true);
         sync::read(&self.dev.mem).open_count
     }
 
@@ -838,6 +851,7 @@ impl DeviceFd {
 
     /// The device's memory is enabled now (as `memory_lock` readers see it).
     pub fn memory_enabled(&self) -> bool {
+        let _order = order::acquire(Level::Memory, MEMORY_LOCK, true);
         self.dev.memory_enabled(&sync::read(&self.dev.mem))
     }
 
@@ -948,6 +962,7 @@ impl DeviceFd {
     /// How many times an access woke the device out of a wakeup-armed low power (each one
     /// signals the eventfd given at entry).
     pub fn wakeups(&self) -> u32 {
+        let _order = order::acquire(Level::Memory, MEMORY_LOCK, true);
         sync::read(&self.dev.mem).wakeups
     }
 

@@ -1580,3 +1580,34 @@ proptest::proptest! {
         proptest::prop_assert_eq!(v.violation_count(), 0);
     }
 }
+
+// ---- the lock order ---------------------------------------------------------------------
+
+#[test]
+fn the_lock_order_checker_catches_memory_lock_taken_under_a_reservation_lock() {
+    // The planted inversion: an importer that, from its invalidation callback (the buffer's
+    // reservation lock held), does something that takes the device's memory_lock.
+    if !cfg!(debug_assertions) {
+        return; // the checker runs with debug assertions only
+    }
+    let r = rig();
+    let v = Arc::new(VfioPci::bind(&r.env, r.gpu).unwrap());
+    let d = v.open().unwrap();
+    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let b = f.dmabuf().unwrap();
+    let g = b.lock();
+    assert_eq!(
+        peerdma_pci::sync::order::held(),
+        [peerdma_pci::sync::order::Level::Resv]
+    );
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| d.memory_enabled()));
+    let msg = caught.unwrap_err();
+    let msg = msg.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(
+        msg.contains("lock order broken") && msg.contains("memory_lock"),
+        "{msg}"
+    );
+    drop(g);
+    assert!(peerdma_pci::sync::order::held().is_empty());
+    assert!(d.memory_enabled(), "the right order is fine");
+}
