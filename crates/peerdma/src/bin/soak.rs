@@ -49,6 +49,10 @@ fn main() {
     };
     match peerdma_vfio::soak::run(&opts) {
         Ok(r) => {
+            println!(
+                "soak: seed {} (run again with --threads {} --ops {} --seed {})",
+                a.seed, a.threads, a.ops, a.seed
+            );
             print!("{r}");
             if !r.stuck.is_empty() {
                 std::process::exit(2);
