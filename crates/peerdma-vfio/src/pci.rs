@@ -2,6 +2,29 @@
 //! reach the device, `VFIO_DEVICE_RESET`, runtime-PM low-power entry/exit, `memory_lock`, and
 //! the `VFIO_DEVICE_FEATURE_DMA_BUF` export whose buffers are revoked whenever the device
 //! stops decoding memory (Linux 7.2 semantics; rulebook §4.3–§4.8).
+//!
+//! # Locking
+//!
+//! In the order they may be taken (checked in debug builds by
+//! [`peerdma_pci::sync::order`]):
+//!
+//! 1. `memory_lock` (`Dev::mem`, write side through `MemGuard`): config writes that touch
+//!    COMMAND, PMCSR or the FLR bits, resets, hot reset (try-locked per device), low power,
+//!    export (to link the buffer), close, and a buffer's release (to unlink it). While it is
+//!    held, file references are only collected and put after it is dropped, since a last
+//!    reference runs the release, which takes it again.
+//! 2. A dma-buf's reservation lock, one at a time: revocation flips the flag and invalidates
+//!    under it (the importers' callbacks run under it), `map`/`unmap` need it, and every
+//!    importer decides under it whether its attachment is still registered and whether the
+//!    buffer is revoked before it maps ([`crate::rdma`], [`crate::iommufd`]).
+//! 3. Leaves, never held while blocking on 1 or 2: the buffer list (`Dev::bufs`), a buffer's
+//!    file, device and registration slots, its mapping count and the condition variable the
+//!    revoke waits on for the unmaps (waited on with `memory_lock` held and the reservation
+//!    lock dropped), importer state, the watch's ledger.
+//!
+//! A revoke waits for every importer mapping to be given back while holding `memory_lock`,
+//! as the kernel does: an importer that never unmaps hangs it (the soak's watchdog names such
+//! a thread and the mappings it waits for; the wait logs the same every 10 s).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockWriteGuard, Weak};
