@@ -219,6 +219,7 @@ impl Iommufd {
                 .collect();
             (io.domain, gone)
         };
+        sync::points::point("iommufd.unmap.removed");
         let mut total = 0;
         for (at, area) in gone {
             if let Some(buf) = area.file.dmabuf() {

@@ -291,6 +291,7 @@ impl DmaBufOps for Exporter {
         Some(self)
     }
     fn release(&self, _buf: &DmaBuf) {
+        sync::points::point("vfio.release.unlinking");
         let dev = sync::lock(&self.0.dev).take().and_then(|w| w.upgrade());
         if let Some(dev) = dev {
             let _order = order::acquire(Level::Memory, MEMORY_LOCK, true);
@@ -1225,6 +1226,7 @@ impl DeviceFd {
             ops: Some(Arc::new(Exporter(state.clone()))),
             has_priv: true,
         })?;
+        sync::points::point("vfio.export.unlinked");
         {
             let m = d.lock_mem();
             let buf = file.dmabuf().ok_or(Errno::EINVAL)?;

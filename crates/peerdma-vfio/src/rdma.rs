@@ -95,6 +95,7 @@ impl OdpNic {
             stub: false,
         };
         let att = buf.dynamic_attach(Some(self.dev), Some(ops))?;
+        sync::points::point("odp.register.attached");
         let mut n = sync::lock(&self.next);
         let key = *n;
         *n += 1;
@@ -120,6 +121,7 @@ impl OdpNic {
     /// Deregisters a region: unmaps, detaches, drops its file reference.
     pub fn dereg_mr(&self, key: u32) -> Result<(), Errno> {
         let mr = sync::lock(&self.mrs).remove(&key).ok_or(Errno::EINVAL)?;
+        sync::points::point("odp.dereg.removed");
         if let Some(b) = mr.file.dmabuf() {
             {
                 // Under the buffer's lock: an access that looked the region up before it was

@@ -1611,3 +1611,232 @@ fn the_lock_order_checker_catches_memory_lock_taken_under_a_reservation_lock() {
     assert!(peerdma_pci::sync::order::held().is_empty());
     assert!(d.memory_enabled(), "the right order is fine");
 }
+
+// ---- every two-operation interleaving at the named points ---------------------------------
+
+/// The interleaving points in the importer, iommufd and export/release paths where no lock
+/// is held (so another operation can run there).
+const POINTS: [&str; 7] = [
+    "odp.access.unlocked",
+    "odp.register.attached",
+    "odp.dereg.removed",
+    "iommufd.map_file.attached",
+    "iommufd.unmap.removed",
+    "vfio.export.unlinked",
+    "vfio.release.unlinking",
+];
+const OPS: [&str; 7] = [
+    "odp access",
+    "odp register",
+    "odp deregister",
+    "iommufd map",
+    "iommufd unmap",
+    "export",
+    "release",
+];
+const DISRUPTIONS: [&str; 9] = [
+    "memory off and on",
+    "reset",
+    "one-byte FLR",
+    "low power in and out",
+    "close and reopen",
+    "odp deregister",
+    "odp access",
+    "iommufd unmap",
+    "memory off",
+];
+
+/// Runs operation `op` with `disruption` injected at interleaving point `point`; returns
+/// whether the disruption ran. Afterwards a revoke must finish, nothing may land through any
+/// mapping made, and once everything is let go no mapping, IOMMU entry or violation is left.
+fn interleaving(op: &'static str, point: &'static str, disruption: &'static str) -> bool {
+    use peerdma_vfio::iommufd::Iommufd;
+    use peerdma_vfio::rdma::OdpNic;
+    use std::cell::{Cell, RefCell};
+    use std::rc::Rc;
+    let r = Rc::new(rig());
+    let v = Rc::new(VfioPci::bind(&r.env, r.gpu).unwrap());
+    type Fd = Rc<peerdma_vfio::DeviceFd>;
+    let d: Rc<RefCell<Option<Fd>>> = Rc::new(RefCell::new(Some(Rc::new(v.open().unwrap()))));
+    // The fd in use now, if open (the borrow ends at once: a disruption may close it).
+    let cur = |d: &RefCell<Option<Fd>>| d.borrow().clone();
+    let one = DmaBufRequest::new(2, vec![(0, 0x4000)]);
+    let exp = |q: &DmaBufRequest| {
+        let n = cur(&d).unwrap().feature(&r.proc, &q.to_bytes()).unwrap();
+        let f = r.proc.dma_buf_get(n).unwrap();
+        r.proc.close(n).unwrap();
+        f
+    };
+    let f = exp(&one);
+    let f2 = exp(&one);
+    let nic = Rc::new(OdpNic::new(r.fabric.clone(), r.nic0));
+    let key = nic.register_mr(&f).unwrap();
+    assert_eq!(
+        nic.write(key, 0, b"odp-live"),
+        peerdma_vfio::rdma::Completion::Success
+    );
+    let ifd = Rc::new(Iommufd::open(&r.env).unwrap());
+    let ioas = ifd.ioas_alloc().unwrap();
+    ifd.attach(r.nic1, ioas).unwrap();
+    let (x, y) = (0x100_0000u64, 0x200_0000u64);
+    ifd.map_file(ioas, &f, 0, 0x4000, x).unwrap();
+    let fired = Rc::new(Cell::new(false));
+    let hook = {
+        let (r, v, d, nic, ifd, fired) = (
+            r.clone(),
+            v.clone(),
+            d.clone(),
+            nic.clone(),
+            ifd.clone(),
+            fired.clone(),
+        );
+        peerdma_pci::sync::points::on(point, move || {
+            if fired.replace(true) {
+                return;
+            }
+            let with = |f: &dyn Fn(&peerdma_vfio::DeviceFd)| {
+                if let Some(fd) = cur(&d) {
+                    f(&fd);
+                }
+            };
+            match disruption {
+                "memory off and on" => with(&|fd| {
+                    cmd(fd, false);
+                    cmd(fd, true);
+                }),
+                "memory off" => with(&|fd| cmd(fd, false)),
+                "reset" => with(&|fd| fd.reset().unwrap()),
+                "one-byte FLR" => with(&|fd| {
+                    let e = r.fabric.function(r.gpu).unwrap().caps().exp.unwrap();
+                    fd.config_write(e + regs::EXP_DEVCTL + 1, &[0x80]).unwrap();
+                }),
+                "low power in and out" => with(&|fd| {
+                    fd.feature(&r.proc, &header_bytes(8, SET | id::LOW_POWER_ENTRY))
+                        .unwrap();
+                    fd.feature(&r.proc, &header_bytes(8, SET | id::LOW_POWER_EXIT))
+                        .unwrap();
+                }),
+                "close and reopen" => {
+                    let old = d.borrow_mut().take();
+                    drop(old);
+                    *d.borrow_mut() = Some(Rc::new(v.open().unwrap()));
+                }
+                "odp deregister" => {
+                    let _ = nic.dereg_mr(key);
+                }
+                "odp access" => {
+                    let _ = nic.write(key, 8, b"odp-race");
+                }
+                "iommufd unmap" => {
+                    let _ = ifd.unmap(ioas, x, 0x4000);
+                }
+                other => panic!("unknown disruption {other}"),
+            }
+        })
+    };
+    let mut new_keys = Vec::new();
+    let mut f2 = Some(f2);
+    match op {
+        "odp access" => {
+            let _ = nic.write(key, 16, b"odp-op!!");
+        }
+        "odp register" => new_keys.extend(nic.register_mr(&f).ok()),
+        "odp deregister" => {
+            let _ = nic.dereg_mr(key);
+        }
+        "iommufd map" => {
+            let _ = ifd.map_file(ioas, &f, 0, 0x1000, y);
+        }
+        "iommufd unmap" => {
+            let _ = ifd.unmap(ioas, x, 0x4000);
+        }
+        "export" => {
+            if let Some(fd) = cur(&d) {
+                if let Ok(n) = fd.feature(&r.proc, &one.to_bytes()) {
+                    r.proc.close(n).unwrap();
+                }
+            }
+        }
+        "release" => {
+            if let Some(g) = f2.take() {
+                g.put();
+            }
+        }
+        other => panic!("unknown op {other}"),
+    }
+    drop(hook);
+    // A revoke now finishes, and afterwards nothing lands through any mapping made.
+    if let Some(fd) = cur(&d) {
+        cmd(&fd, false);
+    }
+    let before = bar0_at(&r, 0, 0x40);
+    for k in std::iter::once(key).chain(new_keys.iter().copied()) {
+        let _ = nic.write(k, 0, b"AFTER!!!");
+    }
+    for iova in [x, y] {
+        let _ = r
+            .fabric
+            .dma_write(r.nic1, peerdma_pci::DmaAddr(iova), b"AFTER!!!");
+    }
+    assert_eq!(
+        bar0_at(&r, 0, 0x40),
+        before,
+        "{op} / {disruption} at {point}: a DMA landed after the revoke"
+    );
+    assert_eq!(
+        v.violation_count(),
+        0,
+        "{op} / {disruption} at {point}: {:?}",
+        v.violations()
+    );
+    // Everything let go: nothing left behind.
+    for k in std::iter::once(key).chain(new_keys) {
+        let _ = nic.dereg_mr(k);
+    }
+    let _ = ifd.unmap(ioas, x, 0x4000);
+    let _ = ifd.unmap(ioas, y, 0x1000);
+    f.put();
+    if let Some(g) = f2 {
+        g.put();
+    }
+    d.borrow_mut().take();
+    assert_eq!(
+        v.live_mappings(),
+        0,
+        "{op} / {disruption} at {point}: {:?}",
+        v.live_mapping_names()
+    );
+    let iommu = r.env.dma.iommu().unwrap();
+    if let peerdma_dma::iommu::Attach::Paging(dom) = iommu.attachment(r.nic1) {
+        assert_eq!(
+            iommu.entries(dom),
+            0,
+            "{op} / {disruption} at {point}: IOMMU entries left"
+        );
+    }
+    assert_eq!(
+        v.dmabuf_count(),
+        0,
+        "{op} / {disruption} at {point}: buffers still linked"
+    );
+    fired.get()
+}
+
+#[test]
+fn every_operation_with_every_disruption_at_every_point() {
+    within_10s("the interleavings", || {
+        let mut fired = 0;
+        for op in OPS {
+            for point in POINTS {
+                for disruption in DISRUPTIONS {
+                    fired += usize::from(interleaving(op, point, disruption));
+                }
+            }
+        }
+        // Every point is on some operation's path (each fires for all nine disruptions).
+        assert!(
+            fired >= POINTS.len() * DISRUPTIONS.len(),
+            "only {fired} interleavings ran"
+        );
+    });
+}
