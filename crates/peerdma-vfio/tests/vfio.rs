@@ -1649,6 +1649,8 @@ const DISRUPTIONS: [&str; 9] = [
 /// Runs operation `op` with `disruption` injected at interleaving point `point`; returns
 /// whether the disruption ran. Afterwards a revoke must finish, nothing may land through any
 /// mapping made, and once everything is let go no mapping, IOMMU entry or violation is left.
+type Fd = std::rc::Rc<peerdma_vfio::DeviceFd>;
+
 fn interleaving(op: &'static str, point: &'static str, disruption: &'static str) -> bool {
     use peerdma_vfio::iommufd::Iommufd;
     use peerdma_vfio::rdma::OdpNic;
@@ -1656,7 +1658,6 @@ fn interleaving(op: &'static str, point: &'static str, disruption: &'static str)
     use std::rc::Rc;
     let r = Rc::new(rig());
     let v = Rc::new(VfioPci::bind(&r.env, r.gpu).unwrap());
-    type Fd = Rc<peerdma_vfio::DeviceFd>;
     let d: Rc<RefCell<Option<Fd>>> = Rc::new(RefCell::new(Some(Rc::new(v.open().unwrap()))));
     // The fd in use now, if open (the borrow ends at once: a disruption may close it).
     let cur = |d: &RefCell<Option<Fd>>| d.borrow().clone();
