@@ -696,7 +696,34 @@ impl Dev {
     }
 }
 
+impl Drop for VfioPci {
+    /// The watch is on in every test: with debug assertions, a device that goes away with
+    /// violations nobody acknowledged ([`VfioPci::acknowledge_violations`]) panics, naming
+    /// the first one — a test cannot pass with a broken revocation it did not look for.
+    fn drop(&mut self) {
+        let n = self.dev.ledger.unacknowledged();
+        if cfg!(debug_assertions) && n > 0 && !std::thread::panicking() {
+            let first = self
+                .dev
+                .ledger
+                .violations()
+                .first()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            panic!(
+                "{n} unacknowledged revocation violation(s) on {}: {first}",
+                self.dev.bdf
+            );
+        }
+    }
+}
+
 impl VfioPci {
+    /// Marks the violations found so far as expected (a test that plants one).
+    pub fn acknowledge_violations(&self) {
+        self.dev.ledger.acknowledge();
+    }
+
     /// Binds vfio-pci to a function: P2PDMA is initialised for it (`pcim_p2pdma_init`); a
     /// refusal with `EOPNOTSUPP` leaves a working device that cannot export, any other
     /// failure fails the bind.

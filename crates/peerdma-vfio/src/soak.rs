@@ -711,12 +711,17 @@ pub fn run(opts: &Options) -> Result<Report, String> {
         elapsed,
         landed: w.landed.load(Ordering::Relaxed),
         revokes: w.revokes.load(Ordering::Relaxed),
-        violations: w
-            .vfio
-            .violations()
-            .iter()
-            .map(ToString::to_string)
-            .collect(),
+        violations: {
+            let v = w
+                .vfio
+                .violations()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            // Reported here, so expected from now on.
+            w.vfio.acknowledge_violations();
+            v
+        },
         stuck,
         leaks,
     })

@@ -184,6 +184,8 @@ pub(crate) struct Ledger {
     /// Grants ever made (a fast "nothing to check" for devices that never exported).
     made: AtomicUsize,
     count: AtomicUsize,
+    /// Violations someone has looked at and expected (a planted one).
+    acknowledged: AtomicUsize,
     kept: Mutex<Vec<Violation>>,
 }
 
@@ -194,6 +196,7 @@ impl Ledger {
             grants: Mutex::new(Grants::default()),
             made: AtomicUsize::new(0),
             count: AtomicUsize::new(0),
+            acknowledged: AtomicUsize::new(0),
             kept: Mutex::new(Vec::new()),
         }
     }
@@ -333,6 +336,17 @@ impl Ledger {
     /// Violations found so far.
     pub(crate) fn count(&self) -> usize {
         self.count.load(Ordering::Acquire)
+    }
+
+    /// Marks every violation so far as expected.
+    pub(crate) fn acknowledge(&self) {
+        self.acknowledged
+            .store(self.count.load(Ordering::Acquire), Ordering::Release);
+    }
+
+    /// Violations nobody acknowledged.
+    pub(crate) fn unacknowledged(&self) -> usize {
+        self.count() - self.acknowledged.load(Ordering::Acquire).min(self.count())
     }
 
     /// The first [`KEPT`] violations.

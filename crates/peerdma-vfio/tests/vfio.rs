@@ -1157,6 +1157,7 @@ fn the_watch_names_a_landing_through_a_mapping_made_before_a_close() {
         text.contains("dma-buf #1") && text.contains("revoked"),
         "{text}"
     );
+    v.acknowledge_violations();
 }
 
 #[test]
@@ -1202,6 +1203,7 @@ fn the_watch_names_a_landing_through_an_unmapped_mapping_after_a_reset() {
         v.violations()[0].reason,
         peerdma_vfio::watch::Reason::Unmapped
     );
+    v.acknowledge_violations();
 }
 
 // ---- races, replayed at their interleaving points -----------------------------------------
