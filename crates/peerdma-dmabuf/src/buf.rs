@@ -154,7 +154,10 @@ pub struct DmaBuf {
     exp_name: String,
     ops: Arc<dyn DmaBufOps>,
     resv: Resv,
-    attachments: Mutex<Vec<Arc<Attachment>>>,
+    /// Changed only with the reservation lock held (attach, detach), so a reader that holds
+    /// the reservation lock never waits for a writer: invalidation reads it in place while
+    /// the callbacks run, and a callback's `map_attachment` may read it again.
+    attachments: sync::RwLock<Vec<Arc<Attachment>>>,
     released: AtomicBool,
 }
 
@@ -262,7 +265,7 @@ pub fn export(info: ExportInfo) -> Result<Arc<File>, Errno> {
         exp_name: info.exp_name,
         ops,
         resv: Resv::default(),
-        attachments: Mutex::new(Vec::new()),
+        attachments: sync::RwLock::new(Vec::new()),
         released: AtomicBool::new(false),
     });
     Ok(Arc::new(File {
@@ -319,14 +322,14 @@ impl DmaBuf {
 
     /// The attachments now (newest first).
     pub fn attachments(&self) -> Vec<Arc<Attachment>> {
-        sync::lock(&self.attachments).clone()
+        sync::read(&self.attachments).clone()
     }
 
     fn release(&self) {
         if self.released.swap(true, Ordering::AcqRel) {
             return;
         }
-        if !sync::lock(&self.attachments).is_empty() {
+        if !sync::read(&self.attachments).is_empty() {
             tracing::warn!(target: "peerdma::dmabuf", "release with attachments left");
         }
         self.ops.release(self);
@@ -363,7 +366,7 @@ impl DmaBuf {
         });
         self.ops.attach(self, &a)?;
         let _g = self.lock();
-        sync::lock(&self.attachments).insert(0, a.clone());
+        sync::write(&self.attachments).insert(0, a.clone());
         Ok(a)
     }
 
@@ -376,7 +379,7 @@ impl DmaBuf {
     pub fn detach(&self, a: &Arc<Attachment>) {
         {
             let _g = self.lock();
-            sync::lock(&self.attachments).retain(|x| !Arc::ptr_eq(x, a));
+            sync::write(&self.attachments).retain(|x| !Arc::ptr_eq(x, a));
         }
         self.ops.detach(self, a);
     }
@@ -417,7 +420,7 @@ impl DmaBuf {
         // An attachment is mapped only while it is attached: decided under the lock that
         // `detach` takes, so a mapping can never be made on an attachment nobody will be
         // asked to unmap (in the kernel that would be a use after free).
-        if !sync::lock(&self.attachments)
+        if !sync::read(&self.attachments)
             .iter()
             .any(|x| std::ptr::eq(Arc::as_ptr(x), a))
         {
@@ -472,9 +475,11 @@ impl DmaBuf {
     pub fn invalidate_mappings(&self, g: &ResvGuard<'_>) -> Result<usize, Errno> {
         self.check(g)?;
         let mut n = 0;
-        for a in self.attachments() {
-            if let Some(cb) = a.importer.as_ref().and_then(|o| o.invalidate.clone()) {
-                cb(&a, g);
+        // In place: no writer can come while `g` is held (see `attachments`).
+        let list = sync::read(&self.attachments);
+        for a in list.iter() {
+            if let Some(cb) = a.importer.as_ref().and_then(|o| o.invalidate.as_ref()) {
+                cb(a, g);
                 n += 1;
             }
         }

@@ -508,7 +508,7 @@ impl Dev {
     fn move_bufs(&self, m: &mut MemGuard<'_>, revoked: bool) {
         let bufs: Vec<Arc<BufState>> = sync::lock(&self.bufs).clone();
         for b in bufs {
-            let Some(f) = sync::lock(&b.file).clone().and_then(|f| f.get_active()) else {
+            let Some(f) = sync::lock(&b.file).as_ref().and_then(File::get_active) else {
                 continue;
             };
             if let Some(buf) = f.dmabuf() {
