@@ -614,28 +614,36 @@ impl Dev {
                     self.unrevoke_after_write(m);
                 }
             }
-            Owner::Exp(cap) => {
+            Owner::Exp(cap) | Owner::Af(cap) => {
+                // `vfio_exp_config_write` / `vfio_af_config_write`: after the write, a set
+                // (virtualised) FLR bit is cleared, and the function reset if its capability
+                // register advertises FLR (for AF, FLR and TP).
                 let v = vc(m)?;
                 v.default_write(f, b, pos, n, val)?;
-                let ctl = cap + vcfg::EXP_DEVCTL;
-                let c = v.get(ctl, 2) as u16;
-                if c & regs::EXP_DEVCTL_BCR_FLR != 0 {
-                    v.set(ctl, 2, u32::from(c & !regs::EXP_DEVCTL_BCR_FLR));
-                    let devcap = f.config_read(b, cap + regs::EXP_DEVCAP, 4).unwrap_or(0);
-                    if devcap & regs::EXP_DEVCAP_FLR != 0 {
-                        self.config_flr(m);
-                    }
-                }
-            }
-            Owner::Af(cap) => {
-                let v = vc(m)?;
-                v.default_write(f, b, pos, n, val)?;
-                let ctl = cap + vcfg::AF_CONTROL;
-                let c = v.get(ctl, 1) as u8;
-                if c & regs::AF_CTRL_FLR != 0 {
-                    v.set(ctl, 1, u32::from(c & !regs::AF_CTRL_FLR));
-                    let afcap = f.config_read(b, cap + regs::AF_CAP, 1).unwrap_or(0) as u8;
-                    if afcap & regs::AF_CAP_FLR != 0 && afcap & regs::AF_CAP_TP != 0 {
+                let (ctl, width, bit, cap_at, cap_width, need) = if matches!(owner, Owner::Exp(_)) {
+                    (
+                        vcfg::EXP_DEVCTL,
+                        2,
+                        u32::from(regs::EXP_DEVCTL_BCR_FLR),
+                        regs::EXP_DEVCAP,
+                        4,
+                        regs::EXP_DEVCAP_FLR,
+                    )
+                } else {
+                    (
+                        vcfg::AF_CONTROL,
+                        1,
+                        u32::from(regs::AF_CTRL_FLR),
+                        regs::AF_CAP,
+                        1,
+                        u32::from(regs::AF_CAP_FLR | regs::AF_CAP_TP),
+                    )
+                };
+                let c = v.get(cap + ctl, width);
+                if c & bit != 0 {
+                    v.set(cap + ctl, width, c & !bit);
+                    let has = f.config_read(b, cap + cap_at, cap_width).unwrap_or(0);
+                    if has & need == need {
                         self.config_flr(m);
                     }
                 }
