@@ -211,6 +211,10 @@ struct Domain {
     pt: PageTable,
     /// Cached translations: IOVA base → entry, possibly stale.
     iotlb: BTreeMap<u64, Pte>,
+    /// Bumped by every IOTLB invalidation: a walk that began before one does not cache what
+    /// it found (it could be an entry the invalidation was removing — hardware's fill/flush
+    /// protocol keeps such a fill from outliving the flush).
+    generation: u64,
 }
 
 fn covering(map: &BTreeMap<u64, Pte>, iova: u64) -> Option<(u64, Pte)> {
@@ -403,6 +407,7 @@ impl Iommu {
         self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
         let mut s = sync::write(&self.state);
         if let Some(dom) = s.domains.get_mut(&d) {
+            dom.generation += 1;
             let end = iova.saturating_add(size);
             let keys: Vec<u64> = dom
                 .iotlb
@@ -421,6 +426,7 @@ impl Iommu {
         self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
         let mut s = sync::write(&self.state);
         if let Some(dom) = s.domains.get_mut(&d) {
+            dom.generation += 1;
             dom.iotlb.clear();
         }
     }
@@ -491,9 +497,11 @@ impl Iommu {
     fn run(&self, d: DomainId, iova: u64, access: Access) -> Option<((u64, Pte), u64)> {
         let mut misses = Vec::new();
         let (mut hits, mut walks) = (0u64, 0u64);
+        let generation;
         let found = {
             let state = sync::read(&self.state);
             let dom = state.domains.get(&d)?;
+            generation = dom.generation;
             let first = if let Some(hit) = covering(&dom.iotlb, iova) {
                 hits += 1;
                 hit
@@ -543,11 +551,15 @@ impl Iommu {
         };
         self.counters.hits.fetch_add(hits, Ordering::Relaxed);
         self.counters.walks.fetch_add(walks, Ordering::Relaxed);
+        sync::points::point("iommu.walk.unlocked");
         if !misses.is_empty() {
             let mut s = sync::write(&self.state);
             if let Some(dom) = s.domains.get_mut(&d) {
-                for (b, p) in misses {
-                    dom.iotlb.insert(b, p);
+                // An invalidation ran since the walk: what it found may be gone.
+                if dom.generation == generation {
+                    for (b, p) in misses {
+                        dom.iotlb.insert(b, p);
+                    }
                 }
             }
         }
@@ -746,6 +758,35 @@ mod tests {
         assert_eq!(
             m.translate(r, DmaAddr(0x1234), Access::Write).unwrap().phys,
             PhysAddr(0x1234)
+        );
+    }
+
+    #[test]
+    fn a_walk_that_races_an_invalidation_caches_nothing() {
+        // The fill/flush race the soak found: a translation walks the page table (entry
+        // present), then — before it caches what it found — the entry is unmapped and the
+        // IOTLB synced. The late fill must not bring the dead entry back for later DMAs.
+        let m = std::sync::Arc::new(Iommu::new(Attach::Blocked));
+        let d = m.new_domain();
+        let r = b();
+        m.attach(r, Attach::Paging(d)).unwrap();
+        m.map(d, 0x1000, 0x9000, 0x1000, prot::READ).unwrap();
+        let m2 = m.clone();
+        let fired = std::rc::Rc::new(std::cell::Cell::new(false));
+        let f2 = fired.clone();
+        let hook = sync::points::on("iommu.walk.unlocked", move || {
+            if !f2.replace(true) {
+                m2.unmap(d, 0x1000, 0x1000);
+                m2.sync_range(d, 0x1000, 0x1000);
+            }
+        });
+        // In flight: this one translated before the unmap, as hardware may.
+        assert!(m.translate(r, DmaAddr(0x1000), Access::Read).is_ok());
+        drop(hook);
+        assert!(fired.get());
+        assert!(
+            m.translate(r, DmaAddr(0x1000), Access::Read).is_err(),
+            "a DMA after the invalidation must fault"
         );
     }
 

@@ -179,8 +179,10 @@ impl FabricObserver for Watch {
         };
         let Some(d) = self.0.upgrade() else { return };
         if let Some(phys) = target_phys(&d.fabric, target) {
-            d.ledger
-                .check(*requester, *addr, *started, phys, *target, *len, *write);
+            let landed = d.fabric.tick();
+            d.ledger.check(
+                *requester, *addr, *started, landed, phys, *target, *len, *write,
+            );
         }
     }
 }

@@ -10,8 +10,8 @@
 //! Every `DmaLanded` event of the fabric carries the requester, the address it was issued at,
 //! where it landed, and the fabric tick at which the DMA started. A landing in memory that a
 //! grant covers (the same address reaching the same physical byte, from the grant's device) is
-//! legal when some such grant was alive when the DMA started; when every grant that covers it
-//! was already gone — its buffer revoked (a revoke counts once it has finished: flag set,
+//! legal when some such grant was alive at some moment of the DMA (born before it landed, not
+//! gone before it started); when every grant that covers it was already gone — its buffer revoked (a revoke counts once it has finished: flag set,
 //! importers told, fences waited for, every mapping given back), its buffer released, or the
 //! mapping unmapped — the landing is a [`Violation`]. A device close revokes its buffers for
 //! good, so a landing through a mapping made before a close is one too, also after a reopen.
@@ -272,13 +272,15 @@ impl Ledger {
             .collect()
     }
 
-    /// Checks one landing at physical address `phys`.
+    /// Checks one landing at physical address `phys` of a DMA that started at tick
+    /// `started` and had landed by tick `landed`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn check(
         &self,
         requester: Bdf,
         addr: u64,
         started: u64,
+        landed: u64,
         phys: u64,
         target: Target,
         len: u64,
@@ -292,7 +294,9 @@ impl Ledger {
             let mut gone: Option<(&Grant, Reason)> = None;
             let mut legal = false;
             for x in g.live.iter().rev().chain(g.ended.iter().rev()) {
-                if x.born >= started || !x.covers(requester, addr, phys) {
+                // A grant born after the DMA landed cannot have carried it; one born while it
+                // was in flight can (its address was translated after the entries existed).
+                if x.born >= landed || !x.covers(requester, addr, phys) {
                     continue;
                 }
                 match x.gone_at(started) {
