@@ -5,7 +5,7 @@
 //! reservation lock held" is checked by the compiler, and at run time that it is *this*
 //! buffer's lock.
 
-use std::sync::{Condvar, Mutex, MutexGuard};
+use peerdma_pci::sync::{Condvar, Mutex, MutexGuard};
 
 use peerdma_pci::sync::order::{self, Level};
 use std::time::Duration;
@@ -31,7 +31,7 @@ struct FenceState {
 /// A one-shot completion: signalled once, waiters wake.
 #[derive(Debug, Clone, Default)]
 pub struct Fence {
-    inner: std::sync::Arc<(Mutex<FenceState>, Condvar)>,
+    inner: peerdma_pci::sync::Arc<(Mutex<FenceState>, Condvar)>,
 }
 
 impl Fence {
@@ -136,12 +136,12 @@ impl Resv {
                 inner,
                 _order: held(),
             }),
-            Err(std::sync::TryLockError::Poisoned(p)) => Some(ResvGuard {
+            Err(peerdma_pci::sync::TryLockError::Poisoned(p)) => Some(ResvGuard {
                 resv: self,
                 inner: p.into_inner(),
                 _order: held(),
             }),
-            Err(std::sync::TryLockError::WouldBlock) => None,
+            Err(peerdma_pci::sync::TryLockError::WouldBlock) => None,
         }
     }
 

@@ -2,7 +2,9 @@
 //! in a model checker, and helpers that treat a poisoned lock as still usable (a panic in one
 //! test thread must not turn every later hardware access into a second panic).
 
-pub use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+pub use std::sync::{
+    Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError, Weak,
+};
 
 /// Locks a mutex, ignoring poisoning.
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -4,7 +4,7 @@
 //! the memory, bring it back, close the device. Every step checks bytes and reports what it
 //! saw; [`Step::ok`] is false where the system misbehaved.
 
-use std::sync::Arc;
+use peerdma_pci::sync::Arc;
 
 use peerdma_dma::{DmaConfig, DmaSystem};
 use peerdma_dmabuf::Process;

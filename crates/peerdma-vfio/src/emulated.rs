@@ -7,8 +7,8 @@
 //! file table, open devices and iommufd; dropping it closes everything, as a process exit
 //! does.
 
+use peerdma_pci::sync::Arc;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 
 use peerdma_dma::{DmaConfig, DmaSystem};
 use peerdma_dmabuf::Process;
@@ -30,7 +30,7 @@ pub struct Machine {
     /// The VFIO groups (by [`iommu_group`]): one group-file opener at a time, never while a
     /// device of the group is open through its cdev, and no cdev open while the group file
     /// is (vfio's `group.c`).
-    groups: std::sync::Mutex<HashMap<Bdf, GroupUse>>,
+    groups: peerdma_pci::sync::Mutex<HashMap<Bdf, GroupUse>>,
 }
 
 /// Who uses a VFIO group now.
@@ -81,7 +81,7 @@ impl Machine {
             fabric,
             env,
             vfio,
-            groups: std::sync::Mutex::new(HashMap::new()),
+            groups: peerdma_pci::sync::Mutex::new(HashMap::new()),
         })
     }
 

@@ -4,8 +4,8 @@
 //! syncs the area's IOMMU entries, so the device's DMA faults, and **the area stays dead** when
 //! the buffer comes back: the user unmaps it (whole) and maps the buffer again.
 
+use peerdma_pci::sync::{Arc, Mutex};
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 
 use peerdma_dma::iommu::{Attach, DomainId, prot};
 use peerdma_dmabuf::sgt::DmaEnv;

@@ -26,8 +26,8 @@
 //! as the kernel does: an importer that never unmaps hangs it (the soak's watchdog names such
 //! a thread and the mappings it waits for; the wait logs the same every 10 s).
 
+use peerdma_pci::sync::{Arc, Condvar, Mutex, RwLock, RwLockWriteGuard, Weak};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock, RwLockWriteGuard, Weak};
 use std::time::Duration;
 
 use peerdma_dma::Direction;
@@ -498,12 +498,12 @@ impl Dev {
                 puts: Vec::new(),
                 order: order(),
             }),
-            Err(std::sync::TryLockError::Poisoned(p)) => Some(MemGuard {
+            Err(sync::TryLockError::Poisoned(p)) => Some(MemGuard {
                 m: Some(p.into_inner()),
                 puts: Vec::new(),
                 order: order(),
             }),
-            Err(std::sync::TryLockError::WouldBlock) => None,
+            Err(sync::TryLockError::WouldBlock) => None,
         }
     }
 

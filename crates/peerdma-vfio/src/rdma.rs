@@ -4,8 +4,8 @@
 //!
 //! Also a static importer (a display engine), which a vfio exporter refuses at attach.
 
+use peerdma_pci::sync::{Arc, Mutex};
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 
 use peerdma_dma::Direction;
 use peerdma_dmabuf::{Attachment, File, ImporterOps, ResvGuard, SgTable};

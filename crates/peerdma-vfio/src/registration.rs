@@ -6,9 +6,9 @@
 //! the initial reference and waits for the count to reach zero, calling a request callback at
 //! every slice that passes without it (vfio-pci relays these to the user's "req" eventfd).
 
+use peerdma_pci::sync::{Arc, Condvar, Mutex};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use peerdma_pci::sync;
