@@ -137,7 +137,7 @@ fn story(fabric: &Arc<Fabric>, cast: &Cast, log: &mut Log) -> Option<()> {
         "nic-dma",
         ok,
         format!(
-            "{} ({}) wrote through its memory region: {c:?}",
+            "{} ({}) wrote through its memory region: {c}",
             cast.nic,
             kind(nic)
         ),
@@ -158,9 +158,10 @@ fn story(fabric: &Arc<Fabric>, cast: &Cast, log: &mut Log) -> Option<()> {
         "iommufd-dma",
         landed,
         format!(
-            "{} ({}) mapped the buffer at IOVA {IOVA:#x} ({r:?}) and wrote through it",
+            "{} ({}) mapped the buffer at IOVA {IOVA:#x} ({}) and wrote through it",
             cast.far,
-            kind(far)
+            kind(far),
+            outcome(&r)
         ),
     ) {
         return None;
@@ -175,7 +176,11 @@ fn story(fabric: &Arc<Fabric>, cast: &Cast, log: &mut Log) -> Option<()> {
     if !log.say(
         "flr",
         r.is_ok() && dead,
-        format!("VFIO_DEVICE_RESET: {r:?}; both importers invalidated: {dead}"),
+        format!(
+            "VFIO_DEVICE_RESET {}; both importers invalidated: {}",
+            outcome(&r),
+            if dead { "yes" } else { "no" }
+        ),
     ) {
         return None;
     }
@@ -213,7 +218,10 @@ fn story(fabric: &Arc<Fabric>, cast: &Cast, log: &mut Log) -> Option<()> {
     if !log.say(
         "revoked-maps-refused",
         refused,
-        format!("memory decode off: NIC access {c:?}, iommufd map {m:?}"),
+        format!(
+            "memory decode off: NIC access {c}, iommufd map {}",
+            outcome(&m)
+        ),
     ) {
         return None;
     }
@@ -231,7 +239,10 @@ fn story(fabric: &Arc<Fabric>, cast: &Cast, log: &mut Log) -> Option<()> {
     if !log.say(
         "memory-back",
         back,
-        format!("memory decode on: NIC access {c:?}, iommufd map {m:?}, both DMAs landed"),
+        format!(
+            "memory decode on: NIC access {c}, iommufd map {}, both DMAs landed",
+            outcome(&m)
+        ),
     ) {
         return None;
     }
@@ -247,7 +258,8 @@ fn story(fabric: &Arc<Fabric>, cast: &Cast, log: &mut Log) -> Option<()> {
         "closed",
         gone,
         format!(
-            "device closed: NIC access {c:?}, iommufd map {m:?}; the fd stays, the buffer is dead"
+            "device closed: NIC access {c}, iommufd map {}; the fd stays, the buffer is dead",
+            outcome(&m)
         ),
     );
     let n = vfio.violation_count();
@@ -261,4 +273,12 @@ fn story(fabric: &Arc<Fabric>, cast: &Cast, log: &mut Log) -> Option<()> {
     let _ = rnic.dereg_mr(key);
     file.put();
     Some(())
+}
+
+/// A result as words: "succeeded" or "failed with ENODEV (…)".
+fn outcome<T>(r: &Result<T, Errno>) -> String {
+    match r {
+        Ok(_) => "succeeded".into(),
+        Err(e) => format!("failed with {e}"),
+    }
 }

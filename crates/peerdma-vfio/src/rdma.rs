@@ -38,6 +38,18 @@ struct MrState {
     registered: bool,
 }
 
+impl std::fmt::Display for Completion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Completion::Success => f.write_str("completed"),
+            Completion::BadKey => f.write_str("no such memory region"),
+            Completion::OutOfBounds => f.write_str("outside the memory region"),
+            Completion::MapFailed(e) => write!(f, "could not map the region: {e}"),
+            Completion::DmaFault(why) => write!(f, "the DMA faulted: {why}"),
+        }
+    }
+}
+
 struct Mr {
     file: Arc<File>,
     att: Arc<Attachment>,
