@@ -687,6 +687,16 @@ impl Fabric {
         self.clock.fetch_add(1, Ordering::SeqCst)
     }
 
+    /// The tick a device DMA starts at: taken only when observers listen (0 otherwise, and
+    /// nobody reads it), so an unobserved DMA pays one atomic load.
+    pub(crate) fn dma_start_tick(&self) -> u64 {
+        if self.observed.load(Ordering::Acquire) {
+            self.tick()
+        } else {
+            0
+        }
+    }
+
     /// Registers an observer of config writes, resets and power changes.
     pub fn subscribe(&self, o: Arc<dyn FabricObserver>) {
         sync::write(&self.observers).push(o);

@@ -418,7 +418,7 @@ impl Fabric {
         addr: DmaAddr,
         data: &[u8],
     ) -> Result<Transfer, DmaFault> {
-        let started = self.tick();
+        let started = self.dma_start_tick();
         let t = self.transfer(
             Initiator::Device(requester),
             addr.get(),
@@ -440,7 +440,7 @@ impl Fabric {
         buf: &mut [u8],
     ) -> Result<Transfer, DmaFault> {
         let len = buf.len() as u64;
-        let started = self.tick();
+        let started = self.dma_start_tick();
         let t = self.transfer(
             Initiator::Device(requester),
             addr.get(),

@@ -20,37 +20,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use peerdma_dma::{Direction, DmaConfig, DmaSystem};
-use peerdma_dmabuf::sgt::DmaEnv;
+use peerdma_dma::Direction;
 use peerdma_dmabuf::{Attachment, File, ImporterOps, Invalidate, Process, ResvGuard};
-use peerdma_p2pdma::P2pDma;
-use peerdma_pci::{Bdf, Errno, file, regs};
+use peerdma_pci::{Errno, regs};
 use peerdma_uapi::feature::DmaBufRequest;
 use peerdma_vfio::{DeviceFd, VfioPci};
 
 const COUNTS: [usize; 3] = [100, 1_000, 10_000];
 const ATTACHMENTS: usize = 4;
 const PAGE: u64 = 4096;
-
-/// The dma-buf test machine: gpu0 exports its 64 GiB BAR 2; nic0 and nic1 import.
-fn env() -> (DmaEnv, Bdf, [Bdf; 2]) {
-    let text = include_str!("../../peerdma-dmabuf/tests/platform.toml");
-    let fabric = Arc::new(file::load_str(text, "platform.toml").unwrap());
-    let dma = Arc::new(DmaSystem::new(fabric.clone(), true));
-    let p2p = P2pDma::new(fabric.clone());
-    let [gpu, nic0, nic1] = ["gpu0", "nic0", "nic1"].map(|n| fabric.lookup(n).unwrap());
-    for d in [nic0, nic1] {
-        dma.configure(
-            d,
-            DmaConfig {
-                iommu: true,
-                ..DmaConfig::default()
-            },
-        )
-        .unwrap();
-    }
-    (DmaEnv { dma, p2p }, gpu, [nic0, nic1])
-}
 
 /// A bound, open gpu0 with `n` exported buffers, each with [`ATTACHMENTS`] dynamic importers.
 struct Setup {
@@ -64,7 +42,8 @@ struct Setup {
 }
 
 fn setup(n: usize) -> Setup {
-    let (env, gpu, nics) = env();
+    let t = peerdma_vfio::testbed::testbed().unwrap();
+    let (env, gpu, nics) = (t.env, t.gpu, [t.nic0, t.nic1]);
     let vfio = VfioPci::bind(&env, gpu).unwrap();
     let fd = vfio.open().unwrap();
     // Room for stdin/out/err and one fd per buffer.

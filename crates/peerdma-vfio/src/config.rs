@@ -59,8 +59,6 @@ pub enum Owner {
 
 /// `pci_cap_length[PCI_CAP_ID_AF]`.
 const AF_LEN: u16 = 6;
-/// `PCI_AF_CTRL`.
-const AF_CTRL: u16 = regs::AF_CTRL;
 
 /// The capabilities the permissions need.
 #[derive(Debug, Clone, Copy, Default)]
@@ -180,7 +178,16 @@ pub(crate) struct VConfig {
     pub(crate) layout: Layout,
     /// A BAR was written: reads mask them first (`vdev->bardirty`).
     pub(crate) bar_dirty: bool,
+    /// The hardware's BAR registers ([`BAR_REGS`]) at the first open, for `vfio_bar_restore`
+    /// (`vdev->rbar`).
+    pub(crate) bars_at_open: [u32; 7],
 }
+
+/// `PCI_ROM_ADDRESS`.
+pub(crate) const ROM_ADDRESS: u16 = 0x30;
+
+/// The six BAR registers and the ROM BAR.
+pub(crate) const BAR_REGS: [u16; 7] = [0x10, 0x14, 0x18, 0x1c, 0x20, 0x24, ROM_ADDRESS];
 
 impl VConfig {
     /// A copy of the hardware's registers, with the PME bits cleared (`vfio_config_init`,
@@ -193,10 +200,15 @@ impl VConfig {
                 .config_read(bdf, i as u16, 1)
                 .map_err(|_| Errno::EIO)? as u8;
         }
+        let bars_at_open = BAR_REGS.map(|at| {
+            let i = usize::from(at);
+            u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]])
+        });
         let mut v = VConfig {
             bytes,
             layout,
             bar_dirty: false,
+            bars_at_open,
         };
         if let Some(pm) = layout.pm {
             v.bytes[usize::from(pm + 3)] &= !0xf8;
@@ -267,7 +279,7 @@ impl VConfig {
         pos: u16,
         n: usize,
     ) -> Result<u32, Errno> {
-        if self.layout.owner(pos) == Owner::Header && (0x10..0x34).contains(&pos) {
+        if self.layout.owner(pos) == Owner::Header && (regs::BASE_ADDRESS_0..0x34).contains(&pos) {
             self.bar_fixup(fabric, bdf);
         }
         let (_, virt) = self.masks(pos, n);
@@ -315,7 +327,7 @@ impl VConfig {
             i += 1;
         }
         // No ROM BARs are modelled: the ROM register reads 0.
-        self.set(0x30, 4, 0);
+        self.set(ROM_ADDRESS, 4, 0);
         self.bar_dirty = false;
     }
 }
@@ -335,8 +347,3 @@ pub(crate) fn chunks(layout: &Layout, offset: u16, len: usize) -> Result<Vec<(u1
     }
     Ok(out)
 }
-
-/// The PCIe DevCtl offset inside the capability, and AF control's.
-pub(crate) const EXP_DEVCTL: u16 = regs::EXP_DEVCTL;
-/// See [`EXP_DEVCTL`].
-pub(crate) const AF_CONTROL: u16 = AF_CTRL;

@@ -20,6 +20,7 @@ pub mod pci;
 pub mod rdma;
 pub mod registration;
 pub mod soak;
+pub mod testbed;
 pub mod watch;
 
 pub use pci::{DeviceFd, VfioPci};

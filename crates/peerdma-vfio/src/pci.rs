@@ -131,9 +131,6 @@ struct Mem {
     /// The user's view of config space (`vconfig`), made at the first open; its COMMAND
     /// register is what the user last wrote, and decides whether memory is enabled.
     vconfig: Option<VConfig>,
-    /// The BAR registers (0–5 and the ROM) as the hardware held them at the first open, for
-    /// `vfio_bar_restore`.
-    bars_at_open: Vec<u32>,
     /// Runtime-PM low-power engaged.
     engaged: bool,
     /// The eventfd a wakeup-armed low-power entry signals when an access wakes the device.
@@ -178,6 +175,9 @@ impl FabricObserver for Watch {
             return;
         };
         let Some(d) = self.0.upgrade() else { return };
+        if !d.ledger.has_grants() {
+            return;
+        }
         if let Some(phys) = target_phys(&d.fabric, target) {
             let landed = d.fabric.tick();
             d.ledger.check(
@@ -296,8 +296,7 @@ impl DmaBufOps for Exporter {
         sync::points::point("vfio.release.unlinking");
         let dev = sync::lock(&self.0.dev).take().and_then(|w| w.upgrade());
         if let Some(dev) = dev {
-            let _order = order::acquire(Level::Memory, MEMORY_LOCK, true);
-            let _m = sync::write(&dev.mem);
+            let _m = dev.lock_mem();
             sync::lock(&dev.bufs).retain(|b| !Arc::ptr_eq(b, &self.0));
         }
         sync::lock(&self.0.reg).take();
@@ -346,6 +345,12 @@ impl BufState {
         self.env.dma.fabric().tick()
     }
 
+    /// For the watch: the buffer's revocation is complete from now on (flag set, importers
+    /// told, every mapping given back — or born revoked).
+    fn revoke_finished(&self) {
+        self.watch.revoked_at.store(self.tick(), Ordering::SeqCst);
+    }
+
     /// Waits until every importer mapping is gone (after an invalidation).
     fn wait_unmapped(&self) {
         let mut m = sync::lock(&self.maps);
@@ -368,11 +373,7 @@ impl BufState {
 /// `EOPNOTSUPP`, a revoked one `ENODEV`.
 pub fn iommufd_map(buf: &DmaBuf, a: &Attachment, g: &ResvGuard<'_>) -> Result<PhysVec, Errno> {
     a.check_locked(g)?;
-    let Some(e) = buf
-        .ops()
-        .interconnect()
-        .and_then(|x| x.downcast_ref::<Exporter>())
-    else {
+    let Some(e) = exporter_of(buf) else {
         return Err(Errno::EOPNOTSUPP);
     };
     if e.0.revoked.load(Ordering::Acquire) {
@@ -438,7 +439,13 @@ impl Dev {
         d0ish && (self.is_vf || vcommand & regs::COMMAND_MEMORY != 0)
     }
 
-    /// `vfio_pci_dma_buf_move(vdev, revoked)`; `memory_lock` held for write.
+    /// `memory_lock` for reading, for the duration of `f` (order-checked like the writers).
+    fn read_mem<R>(&self, f: impl FnOnce(&Mem) -> R) -> R {
+        let _order = order::acquire(Level::Memory, MEMORY_LOCK, true);
+        f(&sync::read(&self.mem))
+    }
+
+    /// `memory_lock` for writing.
     fn lock_mem(&self) -> MemGuard<'_> {
         let order = order::acquire(Level::Memory, MEMORY_LOCK, true);
         MemGuard {
@@ -534,7 +541,7 @@ impl Dev {
                     }
                     if revoked {
                         b.wait_unmapped();
-                        b.watch.revoked_at.store(b.tick(), Ordering::SeqCst);
+                        b.revoke_finished();
                     }
                 }
             }
@@ -624,7 +631,7 @@ impl Dev {
                 v.default_write(f, b, pos, n, val)?;
                 let (ctl, width, bit, cap_at, cap_width, need) = if matches!(owner, Owner::Exp(_)) {
                     (
-                        vcfg::EXP_DEVCTL,
+                        regs::EXP_DEVCTL,
                         2,
                         u32::from(regs::EXP_DEVCTL_BCR_FLR),
                         regs::EXP_DEVCAP,
@@ -633,7 +640,7 @@ impl Dev {
                     )
                 } else {
                     (
-                        vcfg::AF_CONTROL,
+                        regs::AF_CTRL,
                         1,
                         u32::from(regs::AF_CTRL_FLR),
                         regs::AF_CAP,
@@ -671,13 +678,9 @@ impl Dev {
 
     /// `vfio_bar_restore`: the BAR registers written back as they were at the first open.
     fn restore_bars(&self, m: &MemGuard<'_>) {
-        for (i, orig) in m.bars_at_open.iter().enumerate() {
-            let at = if i == 6 {
-                0x30
-            } else {
-                regs::BASE_ADDRESS_0 + 4 * i as u16
-            };
-            let _ = self.fabric.config_write(self.bdf, at, 4, *orig);
+        let Some(v) = m.vconfig.as_ref() else { return };
+        for (at, orig) in vcfg::BAR_REGS.into_iter().zip(v.bars_at_open) {
+            let _ = self.fabric.config_write(self.bdf, at, 4, orig);
         }
     }
 
@@ -698,7 +701,7 @@ impl Dev {
                     g.wait_all(Usage::Bookkeep);
                 }
                 b.wait_unmapped();
-                b.watch.revoked_at.store(b.tick(), Ordering::SeqCst);
+                b.revoke_finished();
                 sync::lock(&b.reg).take();
             }
             m.puts.push(f);
@@ -828,8 +831,7 @@ impl VfioPci {
     }
     /// The open count.
     pub fn open_count(&self) -> u32 {
-        let _order = order::acquire(Level::Memory, MEMORY_LOCK, true);
-        sync::read(&self.dev.mem).open_count
+        self.dev.read_mem(|m| m.open_count)
     }
 
     /// Opens the device the group way (or a cdev and binds it at once): [`Self::open_cdev`]
@@ -879,16 +881,6 @@ impl DeviceFd {
                 .fabric
                 .config_write(d.bdf, regs::COMMAND, 2, u32::from(cmd));
             m.vconfig = VConfig::init(&d.fabric, d.bdf).ok();
-            m.bars_at_open = (0..7u16)
-                .map(|i| {
-                    let at = if i == 6 {
-                        0x30
-                    } else {
-                        regs::BASE_ADDRESS_0 + 4 * i
-                    };
-                    d.fabric.config_read(d.bdf, at, 4).unwrap_or(0)
-                })
-                .collect();
             m.engaged = false;
         }
         m.open_count += 1;
@@ -912,8 +904,7 @@ impl DeviceFd {
 
     /// The device's memory is enabled now (as `memory_lock` readers see it).
     pub fn memory_enabled(&self) -> bool {
-        let _order = order::acquire(Level::Memory, MEMORY_LOCK, true);
-        self.dev.memory_enabled(&sync::read(&self.dev.mem))
+        self.dev.read_mem(|m| self.dev.memory_enabled(m))
     }
 
     /// `VFIO_DEVICE_FEATURE` on the caller's bytes; returns the ioctl's value (an fd for
@@ -1023,8 +1014,7 @@ impl DeviceFd {
     /// How many times an access woke the device out of a wakeup-armed low power (each one
     /// signals the eventfd given at entry).
     pub fn wakeups(&self) -> u32 {
-        let _order = order::acquire(Level::Memory, MEMORY_LOCK, true);
-        sync::read(&self.dev.mem).wakeups
+        self.dev.read_mem(|m| m.wakeups)
     }
 
     /// A user config read of 1, 2 or 4 bytes at `offset`, as a little-endian value (see
@@ -1271,7 +1261,7 @@ impl DeviceFd {
             let born_revoked = !d.memory_enabled(&m);
             state.revoked.store(born_revoked, Ordering::Release);
             if born_revoked {
-                state.watch.revoked_at.store(state.tick(), Ordering::SeqCst);
+                state.revoke_finished();
             }
             *sync::lock(&state.file) = Some(file.clone());
             sync::lock(&d.bufs).push(state);
@@ -1298,11 +1288,16 @@ pub(crate) fn with_ledger<R>(
     buf: &DmaBuf,
     f: impl FnOnce(&Ledger, &Arc<BufWatch>, &Fabric) -> R,
 ) -> Option<R> {
-    let e = buf
-        .ops()
-        .interconnect()
-        .and_then(|x| x.downcast_ref::<Exporter>())?;
+    let e = exporter_of(buf)?;
     Some(f(&e.0.ledger, &e.0.watch, e.0.env.dma.fabric()))
+}
+
+/// The vfio exporter behind `buf`, through the private interconnect (`None` for a buffer of
+/// another exporter).
+fn exporter_of(buf: &DmaBuf) -> Option<&Exporter> {
+    buf.ops()
+        .interconnect()
+        .and_then(|x| x.downcast_ref::<Exporter>())
 }
 
 /// The IOMMU group of `bdf`, named by one of its functions, by the two rules of Linux's

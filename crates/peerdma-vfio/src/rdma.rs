@@ -31,7 +31,6 @@ pub enum Completion {
 /// invalidation callback runs under it, and `access` and `dereg_mr` take it), so whether the
 /// region is still registered and whether it is mapped are decided together with the
 /// exporter's revocation state.
-#[derive(Default)]
 struct MrState {
     table: Option<SgTable>,
     /// Cleared by `dereg_mr`; a region that is gone is never mapped again.

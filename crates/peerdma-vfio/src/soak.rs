@@ -18,13 +18,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use peerdma_dma::Direction;
 use peerdma_dma::iommu::Attach;
-use peerdma_dma::{Direction, DmaConfig, DmaSystem};
 use peerdma_dmabuf::sgt::DmaEnv;
 use peerdma_dmabuf::{Attachment, File, ImporterOps, Process, ResvGuard, SgTable};
-use peerdma_p2pdma::P2pDma;
 use peerdma_pci::sync::{self, Arc, Mutex};
-use peerdma_pci::{Bdf, DmaAddr, Fabric, file, regs};
+use peerdma_pci::{Bdf, DmaAddr, Fabric, regs};
 use peerdma_uapi::feature::{DmaBufRequest, header_bytes};
 
 use crate::feature::{SET, id};
@@ -32,9 +31,6 @@ use crate::iommufd::Iommufd;
 use crate::rdma::OdpNic;
 use crate::{DeviceFd, VfioPci};
 
-/// The soak's machine: gpu0 (PCIe FLR and AF FLR) exports, nic0 imports through the DMA API
-/// and as an ODP NIC, nic1 through iommufd.
-const PLATFORM: &str = include_str!("soak-platform.toml");
 const DIR: Direction = Direction::Bidirectional;
 const SLOTS: usize = 6;
 const IOVA_BASE: u64 = 0x1000_0000;
@@ -162,6 +158,8 @@ struct Slot {
     area: Option<u64>,
 }
 
+/// The soak's machine ([`crate::testbed`]): gpu0 exports, nic0 imports through the DMA API
+/// and as an ODP NIC, nic1 through iommufd.
 struct World {
     fabric: Arc<Fabric>,
     env: DmaEnv,
@@ -191,24 +189,14 @@ struct Beat {
 }
 
 fn world(plant: Plant) -> Result<World, String> {
-    let fabric =
-        Arc::new(file::load_str(PLATFORM, "soak-platform.toml").map_err(|e| e.to_string())?);
-    let dma = Arc::new(DmaSystem::new(fabric.clone(), true));
-    let p2p = P2pDma::new(fabric.clone());
-    let look = |n: &str| fabric.lookup(n).map_err(|e| e.to_string());
-    let (gpu, nic0, nic1) = (look("gpu0")?, look("nic0")?, look("nic1")?);
-    for d in [nic0, nic1] {
-        dma.configure(
-            d,
-            DmaConfig {
-                iommu: true,
-                ..DmaConfig::default()
-            },
-        )
-        .map_err(|e| e.to_string())?;
-    }
+    let crate::testbed::Testbed {
+        fabric,
+        env,
+        gpu,
+        nic0,
+        nic1,
+    } = crate::testbed::testbed()?;
     // The soak judges landings by the watch; DMA debug stays on to catch mapping misuse.
-    let env = DmaEnv { dma, p2p };
     let vfio = VfioPci::bind(&env, gpu).map_err(|e| format!("bind: {e}"))?;
     let fd = vfio.open().map_err(|e| format!("open: {e}"))?;
     let iommufd = Iommufd::open(&env).map_err(|e| format!("iommufd: {e}"))?;

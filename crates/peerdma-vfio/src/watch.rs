@@ -253,6 +253,12 @@ impl Ledger {
         g.ended.push_back(x);
     }
 
+    /// Whether any grant was ever made (a device that never handed out a mapping has no
+    /// landing to judge).
+    pub(crate) fn has_grants(&self) -> bool {
+        self.made.load(Ordering::Acquire) != 0
+    }
+
     /// Grants alive now (mapped and not given back), for end-of-run checks.
     pub(crate) fn live(&self) -> usize {
         sync::lock(&self.grants).live.len()
@@ -286,9 +292,6 @@ impl Ledger {
         len: u64,
         write: bool,
     ) {
-        if self.made.load(Ordering::Acquire) == 0 {
-            return;
-        }
         let found = {
             let g = sync::lock(&self.grants);
             let mut gone: Option<(&Grant, Reason)> = None;

@@ -28,30 +28,15 @@ struct Rig {
     proc: Process,
 }
 
-/// The dma-buf test machine, gpu0 with AF FLR as well as PCIe FLR.
+/// The shared test machine ([`peerdma_vfio::testbed`]): gpu0 with AF FLR as well as PCIe FLR.
 fn rig() -> Rig {
-    let text = include_str!("../../peerdma-dmabuf/tests/platform.toml")
-        .replace("class = 0x030200", "class = 0x030200\naf_flr = true");
-    let fabric = Arc::new(file::load_str(&text, "platform.toml").unwrap());
-    let dma = Arc::new(DmaSystem::new(fabric.clone(), true));
-    let p2p = P2pDma::new(fabric.clone());
-    let [gpu, nic0, nic1] = ["gpu0", "nic0", "nic1"].map(|n| fabric.lookup(n).unwrap());
-    for d in [nic0, nic1] {
-        dma.configure(
-            d,
-            DmaConfig {
-                iommu: true,
-                ..DmaConfig::default()
-            },
-        )
-        .unwrap();
-    }
+    let t = peerdma_vfio::testbed::testbed().unwrap();
     Rig {
-        fabric,
-        env: DmaEnv { dma, p2p },
-        gpu,
-        nic1,
-        nic0,
+        fabric: t.fabric,
+        env: t.env,
+        gpu: t.gpu,
+        nic1: t.nic1,
+        nic0: t.nic0,
         proc: Process::new(),
     }
 }
@@ -110,6 +95,14 @@ impl Importer {
 
 fn export(r: &Rig, dev: &peerdma_vfio::DeviceFd, req: &DmaBufRequest) -> Result<i32, Errno> {
     dev.feature(&r.proc, &req.to_bytes())
+}
+
+/// gpu0 bound and open, with one buffer exported by [`ok_req`].
+fn exported(r: &Rig) -> (VfioPci, peerdma_vfio::DeviceFd, Arc<File>) {
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    let f = get(r, export(r, &d, &ok_req()).unwrap());
+    (v, d, f)
 }
 
 fn ok_req() -> DmaBufRequest {
@@ -280,9 +273,7 @@ fn a_device_whose_p2p_init_is_refused_works_but_cannot_export() {
 #[test]
 fn attach_needs_a_p2p_revocable_importer_and_pin_is_refused() {
     let r = rig();
-    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
-    let d = v.open().unwrap();
-    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let (_v, _d, f) = exported(&r);
     let b = f.dmabuf().unwrap();
     assert_eq!(b.attach(r.nic1).unwrap_err(), Errno::EOPNOTSUPP);
     let noop: peerdma_dmabuf::Invalidate = Arc::new(|_, _| {});
@@ -346,9 +337,7 @@ fn revoke_cycle(
     unrevoke: impl Fn(&peerdma_vfio::DeviceFd),
 ) {
     let r = rig();
-    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
-    let d = v.open().unwrap();
-    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let (v, d, f) = exported(&r);
     let imp = live_mapping(&r, &f, b"mapped-1");
     let old = imp.first_addr().unwrap();
     revoke(&d);
@@ -440,9 +429,7 @@ fn low_power_entry_revokes_and_exit_unrevokes() {
 #[test]
 fn divergence_second_low_power_entry_changes_nothing() {
     let r = rig();
-    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
-    let d = v.open().unwrap();
-    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let (_v, d, f) = exported(&r);
     let entry = header_bytes(8, SET | id::LOW_POWER_ENTRY);
     assert_eq!(d.feature(&r.proc, &entry), Ok(0));
     assert_eq!(d.feature(&r.proc, &entry), Err(Errno::EINVAL));
@@ -520,9 +507,7 @@ fn divergence_low_power_keeps_buffers_revoked_whatever_the_user_does() {
 #[test]
 fn divergence_a_wakeup_brings_the_buffers_back() {
     let r = rig();
-    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
-    let d = v.open().unwrap();
-    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let (_v, d, f) = exported(&r);
     let efd = r
         .proc
         .install(peerdma_dmabuf::File::other("eventfd"), true)
@@ -693,9 +678,7 @@ fn b_detach(f: &File, imp: &Importer) {
 #[test]
 fn bus_address_importer_gets_bus_addresses() {
     let r = rig();
-    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
-    let d = v.open().unwrap();
-    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let (_v, d, f) = exported(&r);
     let imp = import(&r, &f, r.nic0).unwrap();
     imp.map(&f).unwrap();
     r.fabric
@@ -710,9 +693,7 @@ fn bus_address_importer_gets_bus_addresses() {
 #[test]
 fn hot_reset_revokes_then_unrevokes_and_refuses_unowned_or_busy_sets() {
     let r = rig();
-    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
-    let d = v.open().unwrap();
-    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let (v, d, f) = exported(&r);
     let imp = live_mapping(&r, &f, b"before..");
     let old = imp.first_addr().unwrap();
     // The bus holds gpu0 only; a caller that does not prove it owns gpu0 is refused.
@@ -857,9 +838,7 @@ mod hostile {
 #[test]
 fn low_power_with_wakeup_needs_its_payload_and_revokes_like_entry() {
     let r = rig();
-    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
-    let d = v.open().unwrap();
-    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let (_v, d, f) = exported(&r);
     let imp = live_mapping(&r, &f, b"wake....");
     let short = header_bytes(8 + 4, SET | id::LOW_POWER_ENTRY_WITH_WAKEUP);
     let mut short_buf = short.clone();
@@ -978,9 +957,7 @@ fn odp_nic_maps_on_demand_fails_while_revoked_and_recovers() {
 #[test]
 fn a_static_importer_is_refused_at_attach() {
     let r = rig();
-    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
-    let d = v.open().unwrap();
-    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let (_v, _d, f) = exported(&r);
     let display = peerdma_vfio::rdma::DisplayEngine::new(r.nic0);
     assert_eq!(display.attach(&f).unwrap_err(), Errno::EOPNOTSUPP);
     assert!(f.dmabuf().unwrap().attachments().is_empty());
@@ -1112,9 +1089,7 @@ fn rogue_address(r: &Rig, f: &Arc<File>) -> (Importer, peerdma_pci::DmaAddr) {
 #[test]
 fn the_watch_names_a_landing_through_a_mapping_made_before_a_close() {
     let r = rig();
-    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
-    let d = v.open().unwrap();
-    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let (v, d, f) = exported(&r);
     let (_imp, stale) = rogue_address(&r, &f);
     assert_eq!(
         v.violation_count(),
@@ -1166,9 +1141,7 @@ fn the_watch_names_a_landing_through_an_unmapped_mapping_after_a_reset() {
     // IOMMU) must fault, and if it lands the watch must call it unmapped. Here the rogue
     // writes the old IOMMU entry back by hand to make the DMA land.
     let r = rig();
-    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
-    let d = v.open().unwrap();
-    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let (v, d, f) = exported(&r);
     let imp = live_mapping(&r, &f, b"mapped-1");
     let old = imp.first_addr().unwrap();
     d.reset().unwrap();
@@ -1321,9 +1294,7 @@ fn a_detached_attachment_cannot_be_mapped() {
 
 fn a_detached_attachment() {
     let r = rig();
-    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
-    let d = v.open().unwrap();
-    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let (v, _d, f) = exported(&r);
     let imp = import(&r, &f, r.nic1).unwrap();
     f.dmabuf().unwrap().detach(&imp.att);
     assert_eq!(imp.map(&f), Err(Errno::EINVAL));
@@ -1358,9 +1329,7 @@ fn command_writes_of_every_size_and_offset_keep_hardware_decode_and_revocation_t
     // or every byte 0xff: whenever the hardware stops decoding memory the buffer is revoked,
     // and whenever it decodes (and the virtual COMMAND says so) the buffer is live.
     let r = rig();
-    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
-    let d = v.open().unwrap();
-    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let (v, d, f) = exported(&r);
     let imp = import(&r, &f, r.nic1).unwrap();
     let mut kinds = 0;
     for start in 0u16..12 {
@@ -1399,9 +1368,7 @@ fn command_writes_of_every_size_and_offset_keep_hardware_decode_and_revocation_t
 #[test]
 fn a_one_byte_pmcsr_write_revokes_and_d0_unrevokes() {
     let r = rig();
-    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
-    let d = v.open().unwrap();
-    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let (v, d, f) = exported(&r);
     let imp = live_mapping(&r, &f, b"mapped-1");
     let old = imp.first_addr().unwrap();
     d.config_write(pm_ctrl(&r), &[3]).unwrap();
@@ -1426,9 +1393,7 @@ fn a_one_byte_pmcsr_write_revokes_and_d0_unrevokes() {
 #[test]
 fn the_flr_bit_written_alone_revokes_resets_and_restores() {
     let r = rig();
-    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
-    let d = v.open().unwrap();
-    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let (v, d, f) = exported(&r);
     let imp = live_mapping(&r, &f, b"mapped-1");
     let bar_before = r.fabric.bar(r.gpu, 2).unwrap().bus;
     let exp = r.fabric.function(r.gpu).unwrap().caps().exp.unwrap();
@@ -1464,9 +1429,7 @@ fn the_flr_bit_written_alone_revokes_resets_and_restores() {
 #[test]
 fn a_user_bar_write_is_virtual_and_sizes_like_hardware() {
     let r = rig();
-    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
-    let d = v.open().unwrap();
-    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let (v, d, f) = exported(&r);
     let imp = live_mapping(&r, &f, b"mapped-1");
     let hw = r.fabric.bar(r.gpu, 2).unwrap();
     let lo_before = d.config_read(0x18, 4).unwrap();
@@ -1497,9 +1460,7 @@ fn hw_flags(r: &Rig) -> u32 {
 #[test]
 fn low_power_stays_low_power_whatever_the_user_writes() {
     let r = rig();
-    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
-    let d = v.open().unwrap();
-    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let (v, d, f) = exported(&r);
     let imp = live_mapping(&r, &f, b"mapped-1");
     d.feature(&r.proc, &header_bytes(8, SET | id::LOW_POWER_ENTRY))
         .unwrap();

@@ -1,0 +1,55 @@
+//! The machine the vfio tests, the soak and the revoke benchmark share (`testbed.toml`):
+//! gpu0 exports its 64 GiB BAR 2 and has PCIe FLR and AF FLR; nic0 sits beside it under one
+//! switch (bus addresses); nic1 is behind another root port of the same host bridge (IOVAs
+//! through the IOMMU). Both NICs are configured to use the IOMMU, so only the topology decides
+//! which path each gets.
+
+use peerdma_dma::{DmaConfig, DmaSystem};
+use peerdma_dmabuf::sgt::DmaEnv;
+use peerdma_p2pdma::P2pDma;
+use peerdma_pci::sync::Arc;
+use peerdma_pci::{Bdf, Fabric, file};
+
+/// The fabric file.
+pub const PLATFORM: &str = include_str!("testbed.toml");
+
+/// The machine, built.
+#[derive(Debug)]
+pub struct Testbed {
+    /// The hardware.
+    pub fabric: Arc<Fabric>,
+    /// The DMA and P2PDMA layers on it.
+    pub env: DmaEnv,
+    /// The exporting GPU.
+    pub gpu: Bdf,
+    /// The NIC beside it (bus addresses).
+    pub nic0: Bdf,
+    /// The NIC behind another root port (through the IOMMU).
+    pub nic1: Bdf,
+}
+
+/// Builds the machine.
+pub fn testbed() -> Result<Testbed, String> {
+    let fabric = Arc::new(file::load_str(PLATFORM, "testbed.toml").map_err(|e| e.to_string())?);
+    let dma = Arc::new(DmaSystem::new(fabric.clone(), true));
+    let p2p = P2pDma::new(fabric.clone());
+    let look = |n: &str| fabric.lookup(n).map_err(|e| e.to_string());
+    let (gpu, nic0, nic1) = (look("gpu0")?, look("nic0")?, look("nic1")?);
+    for d in [nic0, nic1] {
+        dma.configure(
+            d,
+            DmaConfig {
+                iommu: true,
+                ..DmaConfig::default()
+            },
+        )
+        .map_err(|e| e.to_string())?;
+    }
+    Ok(Testbed {
+        fabric,
+        env: DmaEnv { dma, p2p },
+        gpu,
+        nic0,
+        nic1,
+    })
+}
