@@ -28,12 +28,11 @@ use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use peerdma_dmabuf::{File, Process};
-use peerdma_fuzz::{Reader, Rig, check_landed, install_eventfd, rig, window_range};
+use peerdma_fuzz::{Reader, Rig, check_landed, install_eventfd, revoke, rig, window_range};
+use peerdma_pci::Errno;
 use peerdma_pci::sync::points::{self, HookGuard};
-use peerdma_pci::{Errno, regs};
-use peerdma_uapi::feature::{DmaBufRequest, header_bytes};
+use peerdma_uapi::feature::DmaBufRequest;
 use peerdma_vfio::DeviceFd;
-use peerdma_vfio::feature::{SET, id};
 use peerdma_vfio::rdma::{Completion, OdpNic};
 
 struct Buf {
@@ -69,36 +68,6 @@ struct State {
     /// Registered regions by (nic, key).
     mrs: BTreeMap<(usize, u32), Mr>,
     hook: Option<(HookGuard, Inside, Rc<RefCell<bool>>)>,
-}
-
-/// A revocation (or its undoing) on the open device.
-fn revoke(rig: &Rig, dev: &DeviceFd, proc: &Process, efd: i32, what: u8) {
-    let cmd = rig.fabric.command(rig.gpu).unwrap_or(0);
-    let pm = rig.fabric.function(rig.gpu).expect("gpu0").caps().pm;
-    let _ = match what % 9 {
-        0 => dev.config_write(regs::COMMAND, &(cmd & !regs::COMMAND_MEMORY).to_le_bytes()),
-        1 => dev.config_write(regs::COMMAND, &(cmd | regs::COMMAND_MEMORY).to_le_bytes()),
-        2 => dev.reset(),
-        3 => pm.map_or(Ok(()), |pm| {
-            dev.config_write(pm + regs::PM_CTRL, &3u16.to_le_bytes())
-        }),
-        4 => pm.map_or(Ok(()), |pm| {
-            dev.config_write(pm + regs::PM_CTRL, &0u16.to_le_bytes())
-        }),
-        5 => dev
-            .feature(proc, &header_bytes(8, SET | id::LOW_POWER_ENTRY))
-            .map(drop),
-        6 => {
-            let mut b = header_bytes(16, SET | id::LOW_POWER_ENTRY_WITH_WAKEUP);
-            b.extend_from_slice(&efd.to_le_bytes());
-            b.extend_from_slice(&0u32.to_le_bytes());
-            dev.feature(proc, &b).map(drop)
-        }
-        7 => dev
-            .feature(proc, &header_bytes(8, SET | id::LOW_POWER_EXIT))
-            .map(drop),
-        _ => dev.hot_reset(&[&rig.vfio]),
-    };
 }
 
 impl State {
@@ -201,7 +170,7 @@ impl State {
                 }
                 Inside::Revoke(what) => {
                     if let Some(d) = dev.borrow().as_ref() {
-                        revoke(rig, d, &proc, efd, what);
+                        revoke(rig, d, &proc, efd, what, true);
                     }
                 }
             }
@@ -344,7 +313,7 @@ fuzz_target!(|data: &[u8]| {
             7 | 8 => {
                 let what = r.u8();
                 if let Some(d) = st.dev.borrow().as_ref() {
-                    revoke(rig, d, &st.proc, st.efd, what);
+                    revoke(rig, d, &st.proc, st.efd, what, true);
                 }
             }
             9 => st.arm(&mut r),

@@ -17,6 +17,8 @@ use peerdma_dmabuf::{Attachment, File, ImporterOps, Process, ResvGuard, SgTable}
 use peerdma_p2pdma::P2pDma;
 use peerdma_pci::fabric::SavedConfig;
 use peerdma_pci::{Bdf, DmaAddr, Errno, Fabric, PowerState, examples, file, regs};
+use peerdma_uapi::feature::header_bytes;
+use peerdma_vfio::feature::{SET, id};
 use peerdma_vfio::{DeviceFd, VfioPci};
 
 /// Direction of every importer mapping the targets make.
@@ -421,4 +423,36 @@ pub fn install_eventfd(proc: &Process) -> i32 {
     proc.install(File::other("eventfd"), true)
         .map_err(|(e, _)| e)
         .expect("install an eventfd")
+}
+
+/// A revocation (or its undoing) on the open device, chosen by `what`: memory decode off or
+/// on, `VFIO_DEVICE_RESET`, D3hot or D0 through PMCSR, low-power entry (plain or with the
+/// wakeup eventfd `efd`) or exit, and — with `hot_reset` — a hot reset of gpu0's bus.
+pub fn revoke(rig: &Rig, dev: &DeviceFd, proc: &Process, efd: i32, what: u8, hot_reset: bool) {
+    let cmd = rig.fabric.command(rig.gpu).unwrap_or(0);
+    let pm = rig.fabric.function(rig.gpu).expect("gpu0").caps().pm;
+    let _ = match what % if hot_reset { 9 } else { 8 } {
+        0 => dev.config_write(regs::COMMAND, &(cmd & !regs::COMMAND_MEMORY).to_le_bytes()),
+        1 => dev.config_write(regs::COMMAND, &(cmd | regs::COMMAND_MEMORY).to_le_bytes()),
+        2 => dev.reset(),
+        3 => pm.map_or(Ok(()), |pm| {
+            dev.config_write(pm + regs::PM_CTRL, &3u16.to_le_bytes())
+        }),
+        4 => pm.map_or(Ok(()), |pm| {
+            dev.config_write(pm + regs::PM_CTRL, &0u16.to_le_bytes())
+        }),
+        5 => dev
+            .feature(proc, &header_bytes(8, SET | id::LOW_POWER_ENTRY))
+            .map(drop),
+        6 => {
+            let mut b = header_bytes(16, SET | id::LOW_POWER_ENTRY_WITH_WAKEUP);
+            b.extend_from_slice(&efd.to_le_bytes());
+            b.extend_from_slice(&0u32.to_le_bytes());
+            dev.feature(proc, &b).map(drop)
+        }
+        7 => dev
+            .feature(proc, &header_bytes(8, SET | id::LOW_POWER_EXIT))
+            .map(drop),
+        _ => dev.hot_reset(&[&rig.vfio]),
+    };
 }
