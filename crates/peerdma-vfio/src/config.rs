@@ -32,7 +32,9 @@
 //! - *PCIe* (`init_pci_cap_exp_perm`, `vfio_exp_config_write`): in DevCtl the FLR bit, the
 //!   payload size and the read-request size are virtualised and the phantom-functions bit is
 //!   read-only; DevCtl2 writable except ARI. After any write into the capability, a set FLR
-//!   bit is cleared and, if DevCap advertises FLR, the function is reset.
+//!   bit is cleared and, if DevCap advertises FLR, the function is reset. (The kernel also
+//!   programs the hardware's read-request size, at least the MPS, when the user's changes;
+//!   not modelled: the value stays virtual.)
 //! - *AF* (`init_pci_cap_af_perm`, `vfio_af_config_write`): the FLR bit of AF control is
 //!   virtualised; once set it is cleared and, if AF capabilities advertise FLR and TP, the
 //!   function is reset.

@@ -9,6 +9,10 @@
 //! | [`rdma`] | drivers/infiniband (ODP umem over dma-buf) | an on-demand-paging RDMA NIC and a static importer |
 //! | [`emulated`] | — | the emulated machine behind the same userspace boundary as the real kernel (conformance suite) |
 //! | [`pci`] | drivers/vfio/pci/vfio_pci_{core,config,dmabuf}.c | vfio-pci devices: config writes, reset, low power, `memory_lock`, dma-buf export and revocation |
+//! | [`config`] | drivers/vfio/pci/vfio_pci_config.c | the user's view of config space: chunks, per-register permissions, the per-open copy, BAR virtualisation |
+//! | [`watch`] | — | the revocation watch: every landing attributed to the mapping it went through; violations named |
+//! | [`soak`] | — | the concurrent soak with its watchdog and end-of-run leak checks |
+//! | [`testbed`] | — | the machine the tests, the soak and the revoke benchmark share |
 
 pub mod demo;
 pub mod emulated;
