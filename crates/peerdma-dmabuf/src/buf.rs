@@ -153,12 +153,23 @@ pub struct DmaBuf {
     size: u64,
     exp_name: String,
     ops: Arc<dyn DmaBufOps>,
+    /// Holds the attachment list too (see [`Attached`]).
     resv: Resv,
-    /// Changed only with the reservation lock held (attach, detach), so a reader that holds
-    /// the reservation lock never waits for a writer: invalidation reads it in place while
-    /// the callbacks run, and a callback's `map_attachment` may read it again.
-    attachments: sync::RwLock<Vec<Arc<Attachment>>>,
     released: AtomicBool,
+}
+
+/// One entry of a buffer's attachment list, kept under the reservation lock: the attachment
+/// and, for a dynamic importer, its invalidation callback beside it, so that invalidation
+/// walks one contiguous list and calls each callback without first visiting its attachment.
+pub(crate) struct Attached {
+    att: Arc<Attachment>,
+    invalidate: Option<Invalidate>,
+}
+
+impl std::fmt::Debug for Attached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.att.fmt(f)
+    }
 }
 
 impl std::fmt::Debug for DmaBuf {
@@ -265,7 +276,6 @@ pub fn export(info: ExportInfo) -> Result<Arc<File>, Errno> {
         exp_name: info.exp_name,
         ops,
         resv: Resv::default(),
-        attachments: sync::RwLock::new(Vec::new()),
         released: AtomicBool::new(false),
     });
     Ok(Arc::new(File {
@@ -320,16 +330,17 @@ impl DmaBuf {
         Err(Errno::EINVAL)
     }
 
-    /// The attachments now (newest first).
+    /// The attachments now (newest first). Takes the reservation lock.
     pub fn attachments(&self) -> Vec<Arc<Attachment>> {
-        sync::read(&self.attachments).clone()
+        let g = self.lock();
+        g.inner.attachments.iter().map(|e| e.att.clone()).collect()
     }
 
     fn release(&self) {
         if self.released.swap(true, Ordering::AcqRel) {
             return;
         }
-        if !sync::read(&self.attachments).is_empty() {
+        if !self.lock().inner.attachments.is_empty() {
             tracing::warn!(target: "peerdma::dmabuf", "release with attachments left");
         }
         self.ops.release(self);
@@ -365,8 +376,12 @@ impl DmaBuf {
             resv_id: self.resv.id(),
         });
         self.ops.attach(self, &a)?;
-        let _g = self.lock();
-        sync::write(&self.attachments).insert(0, a.clone());
+        let invalidate = a.importer.as_ref().and_then(|o| o.invalidate.clone());
+        let entry = Attached {
+            att: a.clone(),
+            invalidate,
+        };
+        self.lock().inner.attachments.insert(0, entry);
         Ok(a)
     }
 
@@ -377,10 +392,10 @@ impl DmaBuf {
 
     /// `dma_buf_detach`.
     pub fn detach(&self, a: &Arc<Attachment>) {
-        {
-            let _g = self.lock();
-            sync::write(&self.attachments).retain(|x| !Arc::ptr_eq(x, a));
-        }
+        self.lock()
+            .inner
+            .attachments
+            .retain(|e| !Arc::ptr_eq(&e.att, a));
         self.ops.detach(self, a);
     }
 
@@ -420,9 +435,11 @@ impl DmaBuf {
         // An attachment is mapped only while it is attached: decided under the lock that
         // `detach` takes, so a mapping can never be made on an attachment nobody will be
         // asked to unmap (in the kernel that would be a use after free).
-        if !sync::read(&self.attachments)
+        if !g
+            .inner
+            .attachments
             .iter()
-            .any(|x| std::ptr::eq(Arc::as_ptr(x), a))
+            .any(|e| std::ptr::eq(Arc::as_ptr(&e.att), a))
         {
             tracing::warn!(target: "peerdma::dmabuf", "map of a detached attachment");
             return Err(Errno::EINVAL);
@@ -475,11 +492,10 @@ impl DmaBuf {
     pub fn invalidate_mappings(&self, g: &ResvGuard<'_>) -> Result<usize, Errno> {
         self.check(g)?;
         let mut n = 0;
-        // In place: no writer can come while `g` is held (see `attachments`).
-        let list = sync::read(&self.attachments);
-        for a in list.iter() {
-            if let Some(cb) = a.importer.as_ref().and_then(|o| o.invalidate.as_ref()) {
-                cb(a, g);
+        // In place: the list changes only under the lock `g` holds.
+        for e in &g.inner.attachments {
+            if let Some(cb) = &e.invalidate {
+                cb(&e.att, g);
                 n += 1;
             }
         }

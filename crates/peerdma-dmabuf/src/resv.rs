@@ -81,6 +81,9 @@ impl Fence {
 #[derive(Debug, Default)]
 pub(crate) struct Inner {
     pub(crate) fences: Vec<(Fence, Usage)>,
+    /// The buffer's attachments, newest first (`dma_buf->attachments`, which the kernel also
+    /// guards with the reservation lock).
+    pub(crate) attachments: Vec<crate::buf::Attached>,
 }
 
 /// The reservation object.

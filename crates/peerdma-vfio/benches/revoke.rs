@@ -8,10 +8,13 @@
 //! - `callbacks/N*4`: the floor — N × 4 calls of empty [`Invalidate`] callbacks
 //!   (`Arc<dyn Fn(&Attachment, &ResvGuard)>`, one allocation each) through a `Vec`, with the
 //!   same attachment and lock guard as arguments.
+//! - a second floor, `locked/N*4`, for the summary: the least the kernel's contract lets a
+//!   revoke do — take each of the N buffers' reservation locks in turn and make its 4 empty
+//!   callbacks under it.
 //!
-//! At the end it prints, for each N, revoke ÷ callbacks and the revoke's cost per buffer.
-//! The goals: the cost is linear from 100 to 10,000 buffers (flat per buffer), and
-//! revoke(10,000 × 4) ≤ 3 × the 40,000 empty callbacks.
+//! At the end it prints, for each N, revoke ÷ callbacks, revoke ÷ the locked floor and the
+//! revoke's cost per buffer. The goals: the cost is linear from 100 to 10,000 buffers (flat
+//! per buffer), and revoke(10,000 × 4) ≤ 3 × the 40,000 empty callbacks.
 
 #![allow(clippy::cast_precision_loss, clippy::many_single_char_names)]
 
@@ -126,8 +129,20 @@ fn call_all(cbs: &[Invalidate], a: &Attachment, g: &ResvGuard<'_>) {
     }
 }
 
-/// Point estimates (ns) per N, filled in as the benchmarks run: (revoke, callbacks).
-static RESULTS: Mutex<Vec<(usize, f64, f64)>> = Mutex::new(Vec::new());
+/// The locked floor: each buffer's reservation lock taken in turn, and its share of `cbs`
+/// (`cbs.len() / files.len()` callbacks) called under it.
+fn lock_and_call(files: &[Arc<File>], cbs: &[Invalidate], a: &Attachment) {
+    let per = cbs.len() / files.len();
+    for (f, cbs) in black_box(files).iter().zip(cbs.chunks(per)) {
+        let g = f.dmabuf().unwrap().lock();
+        for cb in cbs {
+            cb(black_box(a), black_box(&g));
+        }
+    }
+}
+
+/// Means (ns) per N, filled in as the benchmarks run: (N, revoke, callbacks, locked floor).
+static RESULTS: Mutex<Vec<(usize, f64, f64, f64)>> = Mutex::new(Vec::new());
 
 /// Mean time per iteration of `f` over a fixed wall-clock budget (for the summary; criterion's
 /// own estimates are in its report).
@@ -178,7 +193,14 @@ fn bench(c: &mut Criterion) {
         });
         drop(guard);
         let rv = mean_ns(budget, |it| time_revokes(&s, it));
-        RESULTS.lock().unwrap().push((n, rv, cb));
+        let locked = mean_ns(budget, |it| {
+            let t0 = Instant::now();
+            for _ in 0..it {
+                lock_and_call(&s.files, &cbs, a);
+            }
+            t0.elapsed()
+        });
+        RESULTS.lock().unwrap().push((n, rv, cb, locked));
     }
     g.finish();
     summary();
@@ -186,28 +208,37 @@ fn bench(c: &mut Criterion) {
 
 fn summary() {
     let results = RESULTS.lock().unwrap();
-    let Some(&(_, base, _)) = results.first() else {
+    let Some(&(_, base, _, _)) = results.first() else {
         return;
     };
     let base_per = base / COUNTS[0] as f64;
     eprintln!();
     eprintln!("revoke summary (mean of back-to-back runs; criterion's estimates are above)");
     eprintln!(
-        "{:>7} {:>13} {:>17} {:>7} {:>12} {:>15}",
-        "N", "revoke", "callbacks(N*4)", "ratio", "per buffer", "vs N=100/buffer"
+        "{:>7} {:>13} {:>17} {:>7} {:>16} {:>7} {:>12} {:>15}",
+        "N",
+        "revoke",
+        "callbacks(N*4)",
+        "ratio",
+        "locked(N, N*4)",
+        "ratio",
+        "per buffer",
+        "vs N=100/buffer"
     );
-    for &(n, rv, cb) in results.iter() {
+    for &(n, rv, cb, locked) in results.iter() {
         let per = rv / n as f64;
         eprintln!(
-            "{n:>7} {:>13} {:>17} {:>6.2}x {:>9.1} ns {:>14.2}x",
+            "{n:>7} {:>13} {:>17} {:>6.2}x {:>16} {:>6.2}x {:>9.1} ns {:>14.2}x",
             fmt(rv),
             fmt(cb),
             rv / cb,
+            fmt(locked),
+            rv / locked,
             per,
             per / base_per
         );
     }
-    if let Some(&(n, rv, cb)) = results.last() {
+    if let Some(&(n, rv, cb, _)) = results.last() {
         let ok = rv <= 3.0 * cb;
         eprintln!(
             "goal revoke({n} x {ATTACHMENTS}) <= 3 x {} callbacks: {:.2}x, {}",

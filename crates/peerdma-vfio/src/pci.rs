@@ -10,16 +10,18 @@
 //!
 //! 1. `memory_lock` (`Dev::mem`, write side through `MemGuard`): config writes that touch
 //!    COMMAND, PMCSR or the FLR bits, resets, hot reset (try-locked per device), low power,
-//!    export (to link the buffer), close, and a buffer's release (to unlink it). While it is
-//!    held, file references are only collected and put after it is dropped, since a last
-//!    reference runs the release, which takes it again.
+//!    export (to link the buffer), close, and a buffer's release (to unlink it); it guards
+//!    the device's list of buffers. While it is held, file references are only collected
+//!    and put after it is dropped, since a last reference runs the release, which takes it
+//!    again. A revoke walks the list without taking file references: unlike Linux's
+//!    `get_file_active`, it also reaches a buffer whose release has begun and waits for this
+//!    lock to unlink it (docs/divergences.md).
 //! 2. A dma-buf's reservation lock, one at a time: revocation flips the flag and invalidates
 //!    under it (the importers' callbacks run under it), `map`/`unmap` need it, and every
 //!    importer decides under it whether its attachment is still registered and whether the
 //!    buffer is revoked before it maps ([`crate::rdma`], [`crate::iommufd`]).
-//! 3. Leaves, never held while blocking on 1 or 2: the buffer list (`Dev::bufs`), a buffer's
-//!    file, device and registration slots, its mapping count and the condition variable the
-//!    revoke waits on for the unmaps (waited on with `memory_lock` held and the reservation
+//! 3. Leaves, never held while blocking on 1 or 2: a buffer's file, device and registration
+//!    slots, the lock of the condition variable the revoke waits on for the unmaps (waited on with `memory_lock` held and the reservation
 //!    lock dropped), importer state, the watch's ledger.
 //!
 //! A revoke waits for every importer mapping to be given back while holding `memory_lock`,
@@ -27,7 +29,7 @@
 //! a thread and the mappings it waits for; the wait logs the same every 10 s).
 
 use peerdma_pci::sync::{Arc, Condvar, Mutex, RwLock, RwLockWriteGuard, Weak};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use peerdma_dma::Direction;
@@ -127,6 +129,9 @@ impl Variant for NvgraceGpu {
 /// What `memory_lock` protects.
 #[derive(Debug, Default)]
 struct Mem {
+    /// The exported buffers not yet released or cleaned up (`vdev->dmabufs`), each with its
+    /// file, so that a revoke walks one list without taking any lock but each buffer's.
+    bufs: Vec<Linked>,
     open_count: u32,
     /// The user's view of config space (`vconfig`), made at the first open; its COMMAND
     /// register is what the user last wrote, and decides whether memory is enabled.
@@ -148,7 +153,6 @@ struct Dev {
     is_vf: bool,
     reg: Registration,
     mem: RwLock<Mem>,
-    bufs: Mutex<Vec<Arc<BufState>>>,
     variant: Arc<dyn Variant>,
     /// The revocation watch's ledger of this device's mappings.
     ledger: Arc<Ledger>,
@@ -156,6 +160,18 @@ struct Dev {
     exported: AtomicU64,
     /// A wakeup-armed low power is engaged (so an ioctl must look under `memory_lock`).
     wake_armed: AtomicBool,
+}
+
+/// A buffer on the device's list.
+struct Linked {
+    state: Arc<BufState>,
+    buf: Arc<DmaBuf>,
+}
+
+impl std::fmt::Debug for Linked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "dma-buf #{}", self.state.watch.serial)
+    }
 }
 
 /// Watches every DMA on the fabric for the device's ledger (see [`crate::watch`]).
@@ -227,7 +243,10 @@ struct BufState {
     /// The device, until close cleanup or release unlinks the buffer.
     dev: Mutex<Option<Weak<Dev>>>,
     reg: Mutex<Option<RegRef>>,
-    maps: Mutex<usize>,
+    /// Importer mappings not yet given back; changed under the reservation lock (and, for
+    /// the revoke's wait, announced under `unmapped_lock`).
+    maps: AtomicUsize,
+    unmapped_lock: Mutex<()>,
     unmapped: Condvar,
     /// The watch's view of the buffer, and the ledger its mappings go in (which outlives
     /// the device's link to the buffer).
@@ -269,7 +288,7 @@ impl DmaBufOps for Exporter {
             dir,
             g,
         )?;
-        *sync::lock(&self.0.maps) += 1;
+        self.0.maps.fetch_add(1, Ordering::AcqRel);
         self.0.ledger.add(
             &self.0.watch,
             Some(a.dev),
@@ -284,8 +303,11 @@ impl DmaBufOps for Exporter {
         let key = grant_key(a, &sgt);
         if free_sgt(&self.0.env, a, sgt, dir, g).is_ok() {
             self.0.ledger.end_key(key, self.0.tick());
-            let mut m = sync::lock(&self.0.maps);
-            *m = m.saturating_sub(1);
+            let _ = self
+                .0
+                .maps
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+            let _l = sync::lock(&self.0.unmapped_lock);
             self.0.unmapped.notify_all();
         }
     }
@@ -296,8 +318,8 @@ impl DmaBufOps for Exporter {
         sync::points::point("vfio.release.unlinking");
         let dev = sync::lock(&self.0.dev).take().and_then(|w| w.upgrade());
         if let Some(dev) = dev {
-            let _m = dev.lock_mem();
-            sync::lock(&dev.bufs).retain(|b| !Arc::ptr_eq(b, &self.0));
+            let mut m = dev.lock_mem();
+            m.bufs.retain(|l| !Arc::ptr_eq(&l.state, &self.0));
         }
         sync::lock(&self.0.reg).take();
         sync::lock(&self.0.file).take();
@@ -346,22 +368,37 @@ impl BufState {
     }
 
     /// For the watch: the buffer's revocation is complete from now on (flag set, importers
-    /// told, every mapping given back — or born revoked).
+    /// told, every mapping given back — or born revoked). Skipped while the device has never
+    /// handed out a mapping: no landing can be laid at this buffer's door then, and none can
+    /// be later while it stays revoked (a revoked buffer gets no new mapping), and the
+    /// unrevoke clears the stamp.
     fn revoke_finished(&self) {
-        self.watch.revoked_at.store(self.tick(), Ordering::SeqCst);
+        if self.ledger.has_grants() {
+            self.watch.revoked_at.store(self.tick(), Ordering::SeqCst);
+        }
     }
 
     /// Waits until every importer mapping is gone (after an invalidation).
     fn wait_unmapped(&self) {
-        let mut m = sync::lock(&self.maps);
-        while *m > 0 {
+        if self.maps.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let mut l = sync::lock(&self.unmapped_lock);
+        loop {
+            let n = self.maps.load(Ordering::Acquire);
+            if n == 0 {
+                return;
+            }
             let (g, t) = self
                 .unmapped
-                .wait_timeout(m, Duration::from_secs(10))
+                .wait_timeout(l, Duration::from_secs(10))
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            m = g;
-            if t.timed_out() && *m > 0 {
-                tracing::warn!(target: "peerdma::vfio", "revoke waits for {} importer mapping(s): {}", *m, self.ledger.live_names().join(", "));
+            l = g;
+            if t.timed_out() {
+                let n = self.maps.load(Ordering::Acquire);
+                if n > 0 {
+                    tracing::warn!(target: "peerdma::vfio", "revoke waits for {n} importer mapping(s): {}", self.ledger.live_names().join(", "));
+                }
             }
         }
     }
@@ -413,6 +450,58 @@ impl Drop for MemGuard<'_> {
         self.order.take();
         for f in self.puts.drain(..) {
             f.put();
+        }
+    }
+}
+
+impl Mem {
+    /// `vfio_pci_dma_buf_move`: every linked buffer not already in the state `revoked` is
+    /// moved to it under its reservation lock, its importers told; a revoke then waits for
+    /// every importer mapping to be given back.
+    fn move_bufs(&self, revoked: bool) {
+        for l in &self.bufs {
+            let b = &l.state;
+            if b.revoked.load(Ordering::Acquire) == revoked {
+                continue;
+            }
+            {
+                let g = l.buf.lock();
+                // Revoke: flag, then tell importers. Unrevoke (7.2): tell importers, then
+                // clear the flag, so nothing maps before they have heard.
+                if revoked {
+                    b.revoked.store(true, Ordering::Release);
+                } else {
+                    b.watch.revoked_at.store(0, Ordering::SeqCst);
+                }
+                let _ = l.buf.invalidate_mappings(&g);
+                if !revoked {
+                    b.revoked.store(false, Ordering::Release);
+                }
+                if revoked {
+                    g.wait_all(Usage::Bookkeep);
+                }
+            }
+            if revoked {
+                b.wait_unmapped();
+                b.revoke_finished();
+            }
+        }
+    }
+
+    /// `vfio_pci_dma_buf_cleanup`: every live buffer revoked for good and unlinked.
+    fn cleanup_bufs(&mut self) {
+        for l in std::mem::take(&mut self.bufs) {
+            let b = &l.state;
+            {
+                let g = l.buf.lock();
+                sync::lock(&b.dev).take();
+                b.revoked.store(true, Ordering::Release);
+                let _ = l.buf.invalidate_mappings(&g);
+                g.wait_all(Usage::Bookkeep);
+            }
+            b.wait_unmapped();
+            b.revoke_finished();
+            sync::lock(&b.reg).take();
         }
     }
 }
@@ -514,41 +603,6 @@ impl Dev {
         }
     }
 
-    fn move_bufs(&self, m: &mut MemGuard<'_>, revoked: bool) {
-        let bufs: Vec<Arc<BufState>> = sync::lock(&self.bufs).clone();
-        for b in bufs {
-            let Some(f) = sync::lock(&b.file).as_ref().and_then(File::get_active) else {
-                continue;
-            };
-            if let Some(buf) = f.dmabuf() {
-                if b.revoked.load(Ordering::Acquire) != revoked {
-                    {
-                        let g = buf.lock();
-                        // Revoke: flag, then tell importers. Unrevoke (7.2): tell importers,
-                        // then clear the flag, so nothing maps before they have heard.
-                        if revoked {
-                            b.revoked.store(true, Ordering::Release);
-                        } else {
-                            b.watch.revoked_at.store(0, Ordering::SeqCst);
-                        }
-                        let _ = buf.invalidate_mappings(&g);
-                        if !revoked {
-                            b.revoked.store(false, Ordering::Release);
-                        }
-                        if revoked {
-                            g.wait_all(Usage::Bookkeep);
-                        }
-                    }
-                    if revoked {
-                        b.wait_unmapped();
-                        b.revoke_finished();
-                    }
-                }
-            }
-            m.puts.push(f);
-        }
-    }
-
     /// Low power is no longer engaged: the wake eventfd (if any) is let go with the lock.
     fn disengage(&self, m: &mut MemGuard<'_>) {
         m.engaged = false;
@@ -560,7 +614,7 @@ impl Dev {
 
     fn unrevoke_if_enabled(&self, m: &mut MemGuard<'_>) {
         if self.memory_enabled(m) {
-            self.move_bufs(m, false);
+            m.move_bufs(false);
         }
     }
 
@@ -584,7 +638,7 @@ impl Dev {
                 let new_cmd = val as u16;
                 let new_mem = new_cmd & regs::COMMAND_MEMORY != 0;
                 if !new_mem {
-                    self.move_bufs(m, true);
+                    m.move_bufs(true);
                 }
                 let virt_mem = vc(m)?.command() & regs::COMMAND_MEMORY != 0;
                 let phys_mem = self.command_hw() & regs::COMMAND_MEMORY != 0;
@@ -612,7 +666,7 @@ impl Dev {
                     // `vfio_lock_and_set_power_state`.
                     let state = val as u16 & regs::PM_CTRL_STATE_MASK;
                     if state >= 3 {
-                        self.move_bufs(m, true);
+                        m.move_bufs(true);
                     }
                     if !m.engaged {
                         let at = cap + regs::PM_CTRL;
@@ -668,7 +722,7 @@ impl Dev {
     /// ignored, as the kernel does), unrevoke if memory is enabled. During low power the
     /// device is put back to D3hot after the reset and the buffers stay revoked.
     fn config_flr(&self, m: &mut MemGuard<'_>) {
-        self.move_bufs(m, true);
+        m.move_bufs(true);
         let _ = self.fabric.reset_function(self.bdf);
         if m.engaged {
             let _ = self.fabric.set_power_state(self.bdf, PowerState::D3Hot);
@@ -681,30 +735,6 @@ impl Dev {
         let Some(v) = m.vconfig.as_ref() else { return };
         for (at, orig) in vcfg::BAR_REGS.into_iter().zip(v.bars_at_open) {
             let _ = self.fabric.config_write(self.bdf, at, 4, orig);
-        }
-    }
-
-    /// `vfio_pci_dma_buf_cleanup`: every live buffer revoked for good and unlinked.
-    fn cleanup_bufs(&self, m: &mut MemGuard<'_>) {
-        let bufs: Vec<Arc<BufState>> = sync::lock(&self.bufs).clone();
-        for b in bufs {
-            let Some(f) = sync::lock(&b.file).clone().and_then(|f| f.get_active()) else {
-                continue;
-            };
-            if let Some(buf) = f.dmabuf() {
-                {
-                    let g = buf.lock();
-                    sync::lock(&self.bufs).retain(|x| !Arc::ptr_eq(x, &b));
-                    sync::lock(&b.dev).take();
-                    b.revoked.store(true, Ordering::Release);
-                    let _ = buf.invalidate_mappings(&g);
-                    g.wait_all(Usage::Bookkeep);
-                }
-                b.wait_unmapped();
-                b.revoke_finished();
-                sync::lock(&b.reg).take();
-            }
-            m.puts.push(f);
         }
     }
 }
@@ -768,7 +798,6 @@ impl VfioPci {
             is_vf,
             reg: Registration::new(),
             mem: RwLock::new(Mem::default()),
-            bufs: Mutex::new(Vec::new()),
             variant,
             ledger: Arc::new(Ledger::new(bdf)),
             exported: AtomicU64::new(0),
@@ -827,7 +856,7 @@ impl VfioPci {
     }
     /// How many dma-bufs are linked to the device.
     pub fn dmabuf_count(&self) -> usize {
-        sync::lock(&self.dev.bufs).len()
+        self.dev.read_mem(|m| m.bufs.len())
     }
     /// The open count.
     pub fn open_count(&self) -> u32 {
@@ -969,7 +998,7 @@ impl DeviceFd {
             m.puts.extend(wake);
             return Err(Errno::EINVAL);
         }
-        d.move_bufs(&mut m, true);
+        m.move_bufs(true);
         m.engaged = true;
         d.wake_armed.store(wake.is_some(), Ordering::Release);
         m.wake = wake;
@@ -1090,7 +1119,7 @@ impl DeviceFd {
             }
         };
         let mut m = d.lock_mem();
-        d.move_bufs(&mut m, true);
+        m.move_bufs(true);
         let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
         let r = match &bus {
             None => d
@@ -1125,8 +1154,8 @@ impl DeviceFd {
         let mut locked: Vec<(&Arc<Dev>, MemGuard<'_>)> = Vec::new();
         let mut res = Ok(());
         for dev in &set {
-            if let Some(mut m) = dev.try_lock_mem() {
-                dev.move_bufs(&mut m, true);
+            if let Some(m) = dev.try_lock_mem() {
+                m.move_bufs(true);
                 locked.push((dev, m));
             } else {
                 res = Err(Errno::EBUSY);
@@ -1136,9 +1165,9 @@ impl DeviceFd {
         if res.is_ok() {
             res = d.secondary_bus_reset(bridge, &affected);
         }
-        while let Some((dev, mut m)) = locked.pop() {
+        while let Some((dev, m)) = locked.pop() {
             if m.open_count > 0 && dev.memory_enabled(&m) {
-                dev.move_bufs(&mut m, false);
+                m.move_bufs(false);
             }
         }
         res
@@ -1156,7 +1185,7 @@ impl DeviceFd {
         if self.granted.swap(false, Ordering::AcqRel) {
             let mut m = d.lock_mem();
             if m.open_count == 1 {
-                d.cleanup_bufs(&mut m);
+                m.cleanup_bufs();
                 d.disengage(&mut m);
                 let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
                 let cmd = d.command_hw() & !(regs::COMMAND_MEMORY | regs::COMMAND_MASTER);
@@ -1241,7 +1270,8 @@ impl DeviceFd {
             env: d.env.clone(),
             dev: Mutex::new(Some(Arc::downgrade(d))),
             reg: Mutex::new(Some(reg)),
-            maps: Mutex::new(0),
+            maps: AtomicUsize::new(0),
+            unmapped_lock: Mutex::new(()),
             unmapped: Condvar::new(),
             watch: Arc::new(BufWatch::new(d.exported.fetch_add(1, Ordering::AcqRel) + 1)),
             ledger: d.ledger.clone(),
@@ -1255,7 +1285,7 @@ impl DeviceFd {
         })?;
         sync::points::point("vfio.export.unlinked");
         {
-            let m = d.lock_mem();
+            let mut m = d.lock_mem();
             let buf = file.dmabuf().ok_or(Errno::EINVAL)?;
             let _g = buf.lock();
             let born_revoked = !d.memory_enabled(&m);
@@ -1264,7 +1294,10 @@ impl DeviceFd {
                 state.revoke_finished();
             }
             *sync::lock(&state.file) = Some(file.clone());
-            sync::lock(&d.bufs).push(state);
+            m.bufs.push(Linked {
+                state,
+                buf: buf.clone(),
+            });
         }
         match proc.install(file, hdr.open_flags & O_CLOEXEC != 0) {
             Ok(fd) => Ok(fd),

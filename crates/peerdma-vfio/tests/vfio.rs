@@ -591,6 +591,40 @@ fn buffer_released_before_close_unlinks_and_puts_its_registration() {
     assert_eq!(v.registration().count(), 1);
 }
 
+/// divergences.md: a revoke does not skip a buffer whose release has begun (Linux's
+/// `get_file_active` would). Here an importer still attached when the last file reference
+/// goes is told and refused a new mapping by a revoke that comes while the release waits
+/// for `memory_lock`; the release then unlinks the buffer as usual.
+#[test]
+fn divergence_a_revoke_reaches_a_buffer_whose_release_has_begun() {
+    let r = rig();
+    let (v, d, f) = exported(&r);
+    let d = std::rc::Rc::new(d);
+    let imp = import(&r, &f, r.nic0).unwrap();
+    imp.map(&f).unwrap();
+    let fd = r.proc.fds().into_iter().find(|&n| n >= 3).unwrap();
+    let ran = std::rc::Rc::new(std::cell::Cell::new(false));
+    let (d2, ran2, f2) = (d.clone(), ran.clone(), f.clone());
+    let hook = peerdma_pci::sync::points::on("vfio.release.unlinking", move || {
+        assert_eq!(f2.refs(), 0, "the release has begun");
+        cmd(&d2, false);
+        ran2.set(true);
+    });
+    r.proc.close(fd).unwrap();
+    f.clone().put();
+    drop(hook);
+    assert!(ran.get(), "the release ran, and the revoke inside it");
+    assert!(
+        imp.table.lock().unwrap().is_none(),
+        "the importer was told and unmapped"
+    );
+    assert_eq!(*imp.remaps.lock().unwrap(), vec![Err(Errno::ENODEV)]);
+    assert_eq!(v.dmabuf_count(), 0, "the release still unlinked the buffer");
+    f.dmabuf().unwrap().detach(&imp.att);
+    cmd(&d, true);
+    assert_eq!(v.violation_count(), 0);
+}
+
 #[test]
 fn unregister_waits_for_a_live_buffer_and_finishes_when_it_goes() {
     let r = rig();
