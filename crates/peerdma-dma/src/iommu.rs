@@ -10,8 +10,8 @@
 //! still reaches the old page — exactly the window a missing IOTLB sync leaves open on real
 //! hardware. New mappings need no invalidation (nothing negative is cached).
 
+use peerdma_pci::sync::atomic::{AtomicU64, Ordering};
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use peerdma_pci::sync::{self, Mutex, RwLock};
 use peerdma_pci::translate::{Access, AddressTranslator, Translation, TranslationFault};

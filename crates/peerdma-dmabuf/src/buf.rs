@@ -6,9 +6,9 @@
 //! reservation lock (the exporter's `attach`/`detach`/`release` may take it); pin, unpin, map,
 //! unmap and invalidation need it — they take a [`ResvGuard`] and check it is this buffer's.
 
+use peerdma_pci::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::any::Any;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use peerdma_dma::Direction;
 use peerdma_pci::sync::{self, Arc, Mutex};

@@ -62,18 +62,13 @@ impl Fence {
     pub fn wait_forever(&self) {
         let (m, cv) = &*self.inner;
         let s = m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let _s = cv
-            .wait_while(s, |s| !s.signaled)
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _s = peerdma_pci::sync::wait_until(cv, s, |s| s.signaled);
     }
     /// Waits until signalled or `timeout` passes; true if signalled.
     pub fn wait(&self, timeout: Duration) -> bool {
         let (m, cv) = &*self.inner;
         let s = m.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (s, _) = cv
-            .wait_timeout_while(s, timeout, |s| !s.signaled)
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        s.signaled
+        peerdma_pci::sync::wait_until_timeout(cv, s, timeout, |s| s.signaled).1
     }
 }
 

@@ -5,8 +5,8 @@
 //! memory behind its own, so devices on several threads can DMA while another thread resets a
 //! function.
 
+use crate::sync::atomic::{AtomicU64, Ordering};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::addr::{BusAddr, PhysAddr, Span};
 use crate::bdf::Bdf;
@@ -178,8 +178,8 @@ pub struct Fabric {
     pub(crate) ram: Mutex<SparseMemory>,
     pub(crate) translator: RwLock<Arc<dyn AddressTranslator>>,
     pub(crate) observers: RwLock<Vec<Arc<dyn FabricObserver>>>,
-    clock: std::sync::atomic::AtomicU64,
-    pub(crate) observed: std::sync::atomic::AtomicBool,
+    clock: crate::sync::atomic::AtomicU64,
+    pub(crate) observed: crate::sync::atomic::AtomicBool,
     pub(crate) faults: Mutex<FaultLog>,
     pub(crate) transactions: AtomicU64,
 }
@@ -213,8 +213,8 @@ impl Fabric {
             ram: Mutex::new(SparseMemory::new()),
             translator: RwLock::new(Arc::new(Identity)),
             observers: RwLock::new(Vec::new()),
-            clock: std::sync::atomic::AtomicU64::new(1),
-            observed: std::sync::atomic::AtomicBool::new(false),
+            clock: crate::sync::atomic::AtomicU64::new(1),
+            observed: crate::sync::atomic::AtomicBool::new(false),
             faults: Mutex::new(FaultLog::default()),
             transactions: AtomicU64::new(0),
         }
@@ -701,7 +701,7 @@ impl Fabric {
     pub fn subscribe(&self, o: Arc<dyn FabricObserver>) {
         sync::write(&self.observers).push(o);
         self.observed
-            .store(true, std::sync::atomic::Ordering::Release);
+            .store(true, crate::sync::atomic::Ordering::Release);
     }
 
     /// Tells observers where a completed DMA landed (nothing to do without observers).
@@ -712,7 +712,7 @@ impl Fabric {
         write: bool,
         started: u64,
     ) {
-        if !self.observed.load(std::sync::atomic::Ordering::Acquire) {
+        if !self.observed.load(crate::sync::atomic::Ordering::Acquire) {
             return;
         }
         let events: Vec<FabricEvent> = t

@@ -1,10 +1,69 @@
-//! The lock types every peerdma crate uses, in one place so that concurrency tests can swap
-//! in a model checker, and helpers that treat a poisoned lock as still usable (a panic in one
-//! test thread must not turn every later hardware access into a second panic).
+//! The lock types every peerdma crate uses, in one place so that the model checker can swap
+//! in its own, and helpers that treat a poisoned lock as still usable (a panic in one test
+//! thread must not turn every later hardware access into a second panic).
+//!
+//! Built with the `model` feature, the locks, condition variables, the atomics in
+//! [`atomic`] and the thread-local state of [`points`] and [`order`] are
+//! [loom](https://docs.rs/loom)'s, so a loom model (`crates/peerdma-vfio/tests/model.rs`)
+//! explores every interleaving of the emulated kernel's own code. Such a build is only for
+//! running inside `loom::model`.
 
-pub use std::sync::{
-    Arc, Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError, Weak,
+#[cfg(feature = "model")]
+pub use loom::{
+    self,
+    sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard},
 };
+pub use std::sync::{Arc, TryLockError, Weak};
+#[cfg(not(feature = "model"))]
+pub use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// The atomics of the emulated kernel's shared state (loom's in a `model` build). A `static`
+/// atomic keeps using `std`'s: loom's cannot be made in a constant.
+pub mod atomic {
+    #[cfg(feature = "model")]
+    pub use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+    pub use std::sync::atomic::Ordering;
+    #[cfg(not(feature = "model"))]
+    pub use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
+}
+
+/// Waits on `cv` until `done` says so (`Condvar::wait_while`, which loom lacks).
+pub fn wait_until<'a, T>(
+    cv: &Condvar,
+    mut g: MutexGuard<'a, T>,
+    mut done: impl FnMut(&mut T) -> bool,
+) -> MutexGuard<'a, T> {
+    while !done(&mut g) {
+        g = cv
+            .wait(g)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    }
+    g
+}
+
+/// Waits on `cv` until `done` says so or `timeout` has passed since the call; returns the
+/// guard and whether `done` held (`Condvar::wait_timeout_while`, which loom lacks; under
+/// loom a wait never times out).
+pub fn wait_until_timeout<'a, T>(
+    cv: &Condvar,
+    mut g: MutexGuard<'a, T>,
+    timeout: std::time::Duration,
+    mut done: impl FnMut(&mut T) -> bool,
+) -> (MutexGuard<'a, T>, bool) {
+    let start = std::time::Instant::now();
+    loop {
+        if done(&mut g) {
+            return (g, true);
+        }
+        let Some(left) = timeout.checked_sub(start.elapsed()) else {
+            return (g, false);
+        };
+        g = cv
+            .wait_timeout(g, left)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0;
+    }
+}
 
 /// Locks a mutex, ignoring poisoning.
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -27,6 +86,8 @@ pub fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 /// there, so a race that needs a precise interleaving can be replayed deterministically.
 /// Without hooks a point costs one thread-local look-up.
 pub mod points {
+    #[cfg(feature = "model")]
+    use loom::thread_local;
     use std::cell::RefCell;
     use std::collections::HashMap;
 
@@ -80,6 +141,8 @@ pub mod points {
 /// Below these, the short internal mutexes (attachment lists, importer state, the watch's
 /// ledger) are leaves: nothing blocks on a level-checked lock while holding one.
 pub mod order {
+    #[cfg(feature = "model")]
+    use loom::thread_local;
     use std::cell::RefCell;
 
     /// A lock's place in the order (lower first).
@@ -91,8 +154,14 @@ pub mod order {
         Resv = 2,
     }
 
+    #[cfg(not(feature = "model"))]
     thread_local! {
         static HELD: RefCell<Vec<(Level, &'static str)>> = const { RefCell::new(Vec::new()) };
+    }
+    // Loom's thread-locals take no `const` initialiser.
+    #[cfg(feature = "model")]
+    thread_local! {
+        static HELD: RefCell<Vec<(Level, &'static str)>> = RefCell::new(Vec::new());
     }
 
     /// Proof that a level-checked lock is held; gives the level back when dropped.

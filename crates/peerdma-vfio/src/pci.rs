@@ -28,8 +28,8 @@
 //! as the kernel does: an importer that never unmaps hangs it (the soak's watchdog names such
 //! a thread and the mappings it waits for; the wait logs the same every 10 s).
 
+use peerdma_pci::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use peerdma_pci::sync::{Arc, Condvar, Mutex, RwLock, RwLockWriteGuard, Weak};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use peerdma_dma::Direction;

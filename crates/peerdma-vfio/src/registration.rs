@@ -6,9 +6,9 @@
 //! the initial reference and waits for the count to reach zero, calling a request callback at
 //! every slice that passes without it (vfio-pci relays these to the user's "req" eventfd).
 
+use peerdma_pci::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use peerdma_pci::sync::{Arc, Condvar, Mutex};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use peerdma_pci::sync;
@@ -16,7 +16,7 @@ use peerdma_pci::sync;
 #[derive(Debug, Default)]
 struct Inner {
     count: AtomicUsize,
-    unregistering: std::sync::atomic::AtomicBool,
+    unregistering: peerdma_pci::sync::atomic::AtomicBool,
     next: AtomicU64,
     holders: Mutex<BTreeMap<u64, String>>,
     done: Mutex<bool>,

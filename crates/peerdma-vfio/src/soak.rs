@@ -668,7 +668,7 @@ pub fn run(opts: &Options) -> Result<Report, String> {
             if since.elapsed() > opts.stall {
                 stuck.push(format!(
                     "soak-{i} has been in \"{}\" for {:.0} s after {} operations (holders of the device: {:?}; importer mappings live: {}: {})",
-                    sync::lock(&b.op),
+                    *sync::lock(&b.op),
                     since.elapsed().as_secs_f64(),
                     b.done.load(Ordering::Acquire),
                     w.vfio.registration().holders(),

@@ -22,9 +22,9 @@
 //! named. Landings that no grant ever covered are not the watch's business: they did not come
 //! through a dma-buf.
 
+use peerdma_pci::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use peerdma_pci::route::Target;
 use peerdma_pci::{Bdf, Fabric, sync};
