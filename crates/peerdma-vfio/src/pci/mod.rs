@@ -3,6 +3,12 @@
 //! the `VFIO_DEVICE_FEATURE_DMA_BUF` export whose buffers are revoked whenever the device
 //! stops decoding memory (Linux 7.2 semantics; rulebook §4.3–§4.8).
 //!
+//! Split as the kernel splits it: this file is the core (vfio_pci_core.c: the device,
+//! open/close, `VFIO_DEVICE_RESET`, hot reset, `memory_lock`); `config_access` holds the
+//! config-space handlers (vfio_pci_config.c), `dmabuf` the exporter, the export and the
+//! revoke walk (vfio_pci_dmabuf.c), `power` runtime low power (vfio_pci_core.c's PM
+//! features).
+//!
 //! # Locking
 //!
 //! In the order they may be taken (checked in debug builds by
@@ -48,6 +54,14 @@ use crate::config::{self as vcfg, Owner, VConfig};
 use crate::feature::{self, GET, SET, id};
 use crate::registration::{RegRef, Registration};
 use crate::watch::{BufWatch, Ledger, Piece, Violation, target_phys};
+
+mod config_access;
+mod dmabuf;
+mod power;
+
+use dmabuf::Linked;
+pub use dmabuf::iommufd_map;
+pub(crate) use dmabuf::with_ledger;
 
 /// The name the lock-order checker gives `memory_lock`.
 const MEMORY_LOCK: &str = "a vfio device's memory_lock";
@@ -162,18 +176,6 @@ struct Dev {
     wake_armed: AtomicBool,
 }
 
-/// A buffer on the device's list.
-struct Linked {
-    state: Arc<BufState>,
-    buf: Arc<DmaBuf>,
-}
-
-impl std::fmt::Debug for Linked {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "dma-buf #{}", self.state.watch.serial)
-    }
-}
-
 /// Watches every DMA on the fabric for the device's ledger (see [`crate::watch`]).
 struct Watch(Weak<Dev>);
 
@@ -233,195 +235,6 @@ impl std::fmt::Debug for DeviceFd {
     }
 }
 
-/// A vfio dma-buf's exporter state (`struct vfio_pci_dma_buf`).
-struct BufState {
-    file: Mutex<Option<Arc<File>>>,
-    revoked: AtomicBool,
-    ranges: Vec<PhysVec>,
-    provider: Provider,
-    env: DmaEnv,
-    /// The device, until close cleanup or release unlinks the buffer.
-    dev: Mutex<Option<Weak<Dev>>>,
-    reg: Mutex<Option<RegRef>>,
-    /// Importer mappings not yet given back; changed under the reservation lock (and, for
-    /// the revoke's wait, announced under `unmapped_lock`).
-    maps: AtomicUsize,
-    unmapped_lock: Mutex<()>,
-    unmapped: Condvar,
-    /// The watch's view of the buffer, and the ledger its mappings go in (which outlives
-    /// the device's link to the buffer).
-    watch: Arc<BufWatch>,
-    ledger: Arc<Ledger>,
-}
-
-struct Exporter(Arc<BufState>);
-
-impl DmaBufOps for Exporter {
-    fn provides(&self) -> u32 {
-        ops::MAP | ops::UNMAP | ops::RELEASE | ops::PIN | ops::UNPIN
-    }
-    fn attach(&self, _buf: &DmaBuf, a: &Attachment) -> Result<(), Errno> {
-        if !a.peer2peer || !a.is_revocable() {
-            return Err(Errno::EOPNOTSUPP);
-        }
-        if self.0.revoked.load(Ordering::Acquire) {
-            return Err(Errno::ENODEV);
-        }
-        Ok(())
-    }
-    fn pin(&self, _a: &Attachment, _g: &ResvGuard<'_>) -> Result<(), Errno> {
-        Err(Errno::EOPNOTSUPP)
-    }
-    fn map(&self, a: &Attachment, dir: Direction, g: &ResvGuard<'_>) -> Result<SgTable, Errno> {
-        if self.0.revoked.load(Ordering::Acquire) {
-            return Err(Errno::ENODEV);
-        }
-        let size = self.0.ranges.iter().map(|r| r.len).sum();
-        // Born before any IOMMU entry of the mapping exists (see `watch::birth`).
-        let born = self.0.tick();
-        let t = phys_vec_to_sgt(
-            &self.0.env,
-            a,
-            Some(&self.0.provider),
-            &self.0.ranges,
-            size,
-            dir,
-            g,
-        )?;
-        self.0.maps.fetch_add(1, Ordering::AcqRel);
-        self.0.ledger.add(
-            &self.0.watch,
-            Some(a.dev),
-            Some(grant_key(a, &t)),
-            format!("dma-buf map for {}", a.dev),
-            pieces(&t, &self.0.ranges),
-            born,
-        );
-        Ok(t)
-    }
-    fn unmap(&self, a: &Attachment, sgt: SgTable, dir: Direction, g: &ResvGuard<'_>) {
-        let key = grant_key(a, &sgt);
-        if free_sgt(&self.0.env, a, sgt, dir, g).is_ok() {
-            self.0.ledger.end_key(key, self.0.tick());
-            let _ = self
-                .0
-                .maps
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
-            let _l = sync::lock(&self.0.unmapped_lock);
-            self.0.unmapped.notify_all();
-        }
-    }
-    fn interconnect(&self) -> Option<&dyn std::any::Any> {
-        Some(self)
-    }
-    fn release(&self, _buf: &DmaBuf) {
-        sync::points::point("vfio.release.unlinking");
-        let dev = sync::lock(&self.0.dev).take().and_then(|w| w.upgrade());
-        if let Some(dev) = dev {
-            let mut m = dev.lock_mem();
-            m.bufs.retain(|l| !Arc::ptr_eq(&l.state, &self.0));
-        }
-        sync::lock(&self.0.reg).take();
-        sync::lock(&self.0.file).take();
-        self.0
-            .watch
-            .released_at
-            .store(self.0.tick(), Ordering::SeqCst);
-    }
-}
-
-/// How the ledger finds a scatter table again at unmap: its attachment and first address.
-fn grant_key(a: &Attachment, t: &SgTable) -> (usize, u64) {
-    (
-        std::ptr::from_ref(a) as usize,
-        t.entries().first().map_or(0, |e| e.addr.get()),
-    )
-}
-
-/// The pieces of a scatter table: its DMA entries laid over the buffer's physical ranges
-/// (both cover the buffer's bytes in order).
-fn pieces(t: &SgTable, ranges: &[PhysVec]) -> Vec<Piece> {
-    let mut out = Vec::new();
-    let mut r = ranges.iter().map(|v| (v.paddr.get(), v.len));
-    let mut cur = r.next();
-    for e in t.entries() {
-        let (mut dma, mut left) = (e.addr.get(), u64::from(e.len));
-        while left > 0 {
-            let Some((phys, rlen)) = cur else { return out };
-            let n = left.min(rlen);
-            out.push(Piece { dma, phys, len: n });
-            dma += n;
-            left -= n;
-            cur = if n == rlen {
-                r.next()
-            } else {
-                Some((phys + n, rlen - n))
-            };
-        }
-    }
-    out
-}
-
-impl BufState {
-    fn tick(&self) -> u64 {
-        self.env.dma.fabric().tick()
-    }
-
-    /// For the watch: the buffer's revocation is complete from now on (flag set, importers
-    /// told, every mapping given back — or born revoked). Skipped while the device has never
-    /// handed out a mapping: no landing can be laid at this buffer's door then, and none can
-    /// be later while it stays revoked (a revoked buffer gets no new mapping), and the
-    /// unrevoke clears the stamp.
-    fn revoke_finished(&self) {
-        if self.ledger.has_grants() {
-            self.watch.revoked_at.store(self.tick(), Ordering::SeqCst);
-        }
-    }
-
-    /// Waits until every importer mapping is gone (after an invalidation).
-    fn wait_unmapped(&self) {
-        if self.maps.load(Ordering::Acquire) == 0 {
-            return;
-        }
-        let mut l = sync::lock(&self.unmapped_lock);
-        loop {
-            let n = self.maps.load(Ordering::Acquire);
-            if n == 0 {
-                return;
-            }
-            let (g, t) = self
-                .unmapped
-                .wait_timeout(l, Duration::from_secs(10))
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            l = g;
-            if t.timed_out() {
-                let n = self.maps.load(Ordering::Acquire);
-                if n > 0 {
-                    tracing::warn!(target: "peerdma::vfio", "revoke waits for {n} importer mapping(s): {}", self.ledger.live_names().join(", "));
-                }
-            }
-        }
-    }
-}
-
-/// The vfio/iommufd private interconnect (`vfio_pci_dma_buf_iommufd_map`): the one physical
-/// range of a vfio dma-buf, for an importer that maps it into an IOMMU itself. Needs the
-/// buffer's lock; a buffer from another exporter or with more than one range is
-/// `EOPNOTSUPP`, a revoked one `ENODEV`.
-pub fn iommufd_map(buf: &DmaBuf, a: &Attachment, g: &ResvGuard<'_>) -> Result<PhysVec, Errno> {
-    a.check_locked(g)?;
-    let Some(e) = exporter_of(buf) else {
-        return Err(Errno::EOPNOTSUPP);
-    };
-    if e.0.revoked.load(Ordering::Acquire) {
-        return Err(Errno::ENODEV);
-    }
-    match e.0.ranges.as_slice() {
-        [one] => Ok(*one),
-        _ => Err(Errno::EOPNOTSUPP),
-    }
-}
-
 /// `memory_lock` held for write. File references taken while it is held are given back
 /// only after it is dropped: a last reference runs the buffer's release, which takes
 /// `memory_lock` itself (the kernel defers final `fput` for the same reason).
@@ -452,63 +265,6 @@ impl Drop for MemGuard<'_> {
             f.put();
         }
     }
-}
-
-impl Mem {
-    /// `vfio_pci_dma_buf_move`: every linked buffer not already in the state `revoked` is
-    /// moved to it under its reservation lock, its importers told; a revoke then waits for
-    /// every importer mapping to be given back.
-    fn move_bufs(&self, revoked: bool) {
-        for l in &self.bufs {
-            let b = &l.state;
-            if b.revoked.load(Ordering::Acquire) == revoked {
-                continue;
-            }
-            {
-                let g = l.buf.lock();
-                // Revoke: flag, then tell importers. Unrevoke (7.2): tell importers, then
-                // clear the flag, so nothing maps before they have heard.
-                if revoked {
-                    b.revoked.store(true, Ordering::Release);
-                } else {
-                    b.watch.revoked_at.store(0, Ordering::SeqCst);
-                }
-                let _ = l.buf.invalidate_mappings(&g);
-                if !revoked {
-                    b.revoked.store(false, Ordering::Release);
-                }
-                if revoked {
-                    g.wait_all(Usage::Bookkeep);
-                }
-            }
-            if revoked {
-                b.wait_unmapped();
-                b.revoke_finished();
-            }
-        }
-    }
-
-    /// `vfio_pci_dma_buf_cleanup`: every live buffer revoked for good and unlinked.
-    fn cleanup_bufs(&mut self) {
-        for l in std::mem::take(&mut self.bufs) {
-            let b = &l.state;
-            {
-                let g = l.buf.lock();
-                sync::lock(&b.dev).take();
-                b.revoked.store(true, Ordering::Release);
-                let _ = l.buf.invalidate_mappings(&g);
-                g.wait_all(Usage::Bookkeep);
-            }
-            b.wait_unmapped();
-            b.revoke_finished();
-            sync::lock(&b.reg).take();
-        }
-    }
-}
-
-/// The per-open config copy (there while the device is open).
-fn vc<'a>(m: &'a mut MemGuard<'_>) -> Result<&'a mut VConfig, Errno> {
-    m.vconfig.as_mut().ok_or(Errno::EINVAL)
 }
 
 impl Dev {
@@ -600,141 +356,6 @@ impl Dev {
                 order: order(),
             }),
             Err(sync::TryLockError::WouldBlock) => None,
-        }
-    }
-
-    /// Low power is no longer engaged: the wake eventfd (if any) is let go with the lock.
-    fn disengage(&self, m: &mut MemGuard<'_>) {
-        m.engaged = false;
-        if let Some(w) = m.wake.take() {
-            m.puts.push(w);
-        }
-        self.wake_armed.store(false, Ordering::Release);
-    }
-
-    fn unrevoke_if_enabled(&self, m: &mut MemGuard<'_>) {
-        if self.memory_enabled(m) {
-            m.move_bufs(false);
-        }
-    }
-
-    /// Unrevokes after a user's config write if memory is enabled — never while runtime low
-    /// power is engaged (divergence 6).
-    fn unrevoke_after_write(&self, m: &mut MemGuard<'_>) {
-        if !m.engaged {
-            self.unrevoke_if_enabled(m);
-        }
-    }
-
-    /// One chunk of a user's config write (`vfio_pci_config_rw_single`).
-    #[allow(clippy::many_single_char_names)]
-    fn write_chunk(&self, m: &mut MemGuard<'_>, pos: u16, n: usize, val: u32) -> Result<(), Errno> {
-        let (f, b) = (&*self.fabric, self.bdf);
-        let owner = vc(m)?.layout.owner(pos);
-        match owner {
-            Owner::Header if pos == regs::COMMAND => {
-                // `vfio_basic_config_write`: the memory rules for a chunk that starts at
-                // COMMAND (1, 2 or 4 bytes); the new command is the written value.
-                let new_cmd = val as u16;
-                let new_mem = new_cmd & regs::COMMAND_MEMORY != 0;
-                if !new_mem {
-                    m.move_bufs(true);
-                }
-                let virt_mem = vc(m)?.command() & regs::COMMAND_MEMORY != 0;
-                let phys_mem = self.command_hw() & regs::COMMAND_MEMORY != 0;
-                if new_mem && virt_mem && !phys_mem && !self.is_vf {
-                    // A backdoor reset lost the BARs: put them back before decoding.
-                    self.restore_bars(m);
-                }
-                vc(m)?.default_write(f, b, pos, n, val)?;
-                let mask = regs::COMMAND_MEMORY | regs::COMMAND_IO;
-                let v = vc(m)?;
-                let cmd = (v.command() & !mask) | (new_cmd & mask);
-                v.set(regs::COMMAND, 2, u32::from(cmd));
-                self.unrevoke_after_write(m);
-            }
-            Owner::Header => {
-                let v = vc(m)?;
-                v.default_write(f, b, pos, n, val)?;
-                if (regs::BASE_ADDRESS_0..0x34).contains(&pos) {
-                    v.bar_dirty = true;
-                }
-            }
-            Owner::Pm(cap) => {
-                vc(m)?.default_write(f, b, pos, n, val)?;
-                if pos == cap + regs::PM_CTRL {
-                    // `vfio_lock_and_set_power_state`.
-                    let state = val as u16 & regs::PM_CTRL_STATE_MASK;
-                    if state >= 3 {
-                        m.move_bufs(true);
-                    }
-                    if !m.engaged {
-                        let at = cap + regs::PM_CTRL;
-                        let hw = f.config_read(b, at, 2).map_err(|_| Errno::EIO)? as u16;
-                        let new = (hw & !regs::PM_CTRL_STATE_MASK) | state;
-                        let _ = f.config_write(b, at, 2, u32::from(new));
-                    }
-                    self.unrevoke_after_write(m);
-                }
-            }
-            Owner::Exp(cap) | Owner::Af(cap) => {
-                // `vfio_exp_config_write` / `vfio_af_config_write`: after the write, a set
-                // (virtualised) FLR bit is cleared, and the function reset if its capability
-                // register advertises FLR (for AF, FLR and TP).
-                let v = vc(m)?;
-                v.default_write(f, b, pos, n, val)?;
-                let (ctl, width, bit, cap_at, cap_width, need) = if matches!(owner, Owner::Exp(_)) {
-                    (
-                        regs::EXP_DEVCTL,
-                        2,
-                        u32::from(regs::EXP_DEVCTL_BCR_FLR),
-                        regs::EXP_DEVCAP,
-                        4,
-                        regs::EXP_DEVCAP_FLR,
-                    )
-                } else {
-                    (
-                        regs::AF_CTRL,
-                        1,
-                        u32::from(regs::AF_CTRL_FLR),
-                        regs::AF_CAP,
-                        1,
-                        u32::from(regs::AF_CAP_FLR | regs::AF_CAP_TP),
-                    )
-                };
-                let c = v.get(cap + ctl, width);
-                if c & bit != 0 {
-                    v.set(cap + ctl, width, c & !bit);
-                    let has = f.config_read(b, cap + cap_at, cap_width).unwrap_or(0);
-                    if has & need == need {
-                        self.config_flr(m);
-                    }
-                }
-            }
-            Owner::Other => {
-                f.config_write(b, pos, n, val).map_err(|_| Errno::EIO)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// The FLR a user's config write asked for: revoke, `pci_try_reset_function` (its result
-    /// ignored, as the kernel does), unrevoke if memory is enabled. During low power the
-    /// device is put back to D3hot after the reset and the buffers stay revoked.
-    fn config_flr(&self, m: &mut MemGuard<'_>) {
-        m.move_bufs(true);
-        let _ = self.fabric.reset_function(self.bdf);
-        if m.engaged {
-            let _ = self.fabric.set_power_state(self.bdf, PowerState::D3Hot);
-        }
-        self.unrevoke_after_write(m);
-    }
-
-    /// `vfio_bar_restore`: the BAR registers written back as they were at the first open.
-    fn restore_bars(&self, m: &MemGuard<'_>) {
-        let Some(v) = m.vconfig.as_ref() else { return };
-        for (at, orig) in vcfg::BAR_REGS.into_iter().zip(v.bars_at_open) {
-            let _ = self.fabric.config_write(self.bdf, at, 4, orig);
         }
     }
 }
@@ -988,119 +609,6 @@ impl DeviceFd {
         }
     }
 
-    fn low_power_entry(&self, wake: Option<Arc<File>>) -> Result<(), Errno> {
-        let d = &self.dev;
-        let mut m = d.lock_mem();
-        // Linux revokes before checking whether low power is already engaged, and a second
-        // entry then fails without unrevoking; here the check comes first
-        // (docs/divergences.md).
-        if m.engaged {
-            m.puts.extend(wake);
-            return Err(Errno::EINVAL);
-        }
-        m.move_bufs(true);
-        m.engaged = true;
-        d.wake_armed.store(wake.is_some(), Ordering::Release);
-        m.wake = wake;
-        let _ = d.fabric.set_power_state(d.bdf, PowerState::D3Hot);
-        Ok(())
-    }
-
-    /// Leaves low power (explicitly, or woken): D0, the wake eventfd let go, and — once
-    /// memory is enabled — the buffers back. Linux skips that last part on a wakeup
-    /// (divergence 7).
-    fn leave_low_power(d: &Dev, m: &mut MemGuard<'_>) {
-        if m.engaged {
-            let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
-        }
-        d.disengage(m);
-        d.unrevoke_if_enabled(m);
-    }
-
-    fn low_power_exit(&self) {
-        let d = &self.dev;
-        let mut m = d.lock_mem();
-        Self::leave_low_power(d, &mut m);
-    }
-
-    /// Every device-fd ioctl runtime-resumes the device first; a device asleep in a
-    /// wakeup-armed low power wakes for good: the eventfd is signalled and low power left.
-    fn ioctl_resume(&self) {
-        let d = &self.dev;
-        // Only a device asleep with a wakeup armed has anything to do (and only then is
-        // `memory_lock` taken, as the runtime-resume callback takes it).
-        if !d.wake_armed.load(Ordering::Acquire) {
-            return;
-        }
-        let mut m = d.lock_mem();
-        // An armed wake implies low power is engaged.
-        if m.wake.is_some() {
-            m.wakeups += 1;
-            Self::leave_low_power(d, &mut m);
-        }
-    }
-
-    /// How many times an access woke the device out of a wakeup-armed low power (each one
-    /// signals the eventfd given at entry).
-    pub fn wakeups(&self) -> u32 {
-        self.dev.read_mem(|m| m.wakeups)
-    }
-
-    /// A user config read of 1, 2 or 4 bytes at `offset`, as a little-endian value (see
-    /// [`Self::read_config`]; other sizes `EINVAL`).
-    pub fn config_read(&self, offset: u16, size: usize) -> Result<u32, Errno> {
-        if !matches!(size, 1 | 2 | 4) {
-            self.granted()?;
-            return Err(Errno::EINVAL);
-        }
-        let mut b = [0u8; 4];
-        self.read_config(offset, &mut b[..size])?;
-        Ok(u32::from_le_bytes(b))
-    }
-
-    /// A user read of config space (a `pread` of the config region): any length, in the
-    /// kernel's chunks, virtualised registers from the per-open copy (see [`crate::config`]).
-    /// `EFAULT` past the config size.
-    pub fn read_config(&self, offset: u16, buf: &mut [u8]) -> Result<(), Errno> {
-        self.granted()?;
-        let d = &self.dev;
-        let mut m = d.lock_mem();
-        let v = m.vconfig.as_mut().ok_or(Errno::EINVAL)?;
-        let mut at = 0;
-        for (pos, n) in vcfg::chunks(&v.layout, offset, buf.len())? {
-            let val = v.read(&d.fabric, d.bdf, pos, n)?;
-            for (i, b) in buf[at..at + n].iter_mut().enumerate() {
-                *b = (val >> (8 * i)) as u8;
-            }
-            at += n;
-        }
-        Ok(())
-    }
-
-    /// A user write to config space (a `pwrite` of the config region): any length, cut into
-    /// the kernel's chunks, each through its register's rules (see [`crate::config`]).
-    /// COMMAND with memory off revokes, and every COMMAND write then unrevokes if memory is
-    /// enabled; a PMCSR write of D3hot revokes and the power change unrevokes if memory is
-    /// enabled; a PCIe or AF FLR revokes, resets and unrevokes. During runtime low power
-    /// nothing a user writes brings buffers back or changes the power state (divergence 6).
-    /// `EFAULT` past the config size; a chunk that fails stops the write there.
-    pub fn config_write(&self, offset: u16, data: &[u8]) -> Result<(), Errno> {
-        self.granted()?;
-        let d = &self.dev;
-        let mut m = d.lock_mem();
-        let layout = m.vconfig.as_ref().ok_or(Errno::EINVAL)?.layout;
-        let mut at = 0;
-        for (pos, n) in vcfg::chunks(&layout, offset, data.len())? {
-            let val = data[at..at + n]
-                .iter()
-                .enumerate()
-                .fold(0u32, |v, (i, b)| v | u32::from(*b) << (8 * i));
-            d.write_chunk(&mut m, pos, n, val)?;
-            at += n;
-        }
-        Ok(())
-    }
-
     /// `VFIO_DEVICE_RESET`: `EINVAL` if the function cannot be reset; else revoke, force D0,
     /// reset, unrevoke if memory is enabled.
     pub fn reset(&self) -> Result<(), Errno> {
@@ -1198,139 +706,12 @@ impl DeviceFd {
         }
         drop(reg);
     }
-
-    /// `VFIO_DEVICE_FEATURE_DMA_BUF` (GET): validation in the kernel's order, then export.
-    fn dma_buf(&self, proc: &Process, req: &feature::Request<'_>) -> Result<i32, Errno> {
-        let d = &self.dev;
-        if !feature::check_feature(req.flags, req.data_argsz(), GET, DMA_BUF_LEN as u32)? {
-            return Ok(0);
-        }
-        let hdr = parse_dma_buf(req.data).ok_or(Errno::EFAULT)?;
-        if hdr.nr_ranges == 0 || hdr.flags != 0 {
-            return Err(Errno::EINVAL);
-        }
-        if hdr.region_index >= ROM_REGION_INDEX {
-            return Err(Errno::ENODEV);
-        }
-        let idx = hdr.region_index as u8;
-        let mem = d.variant.mem_region(idx);
-        // A real BAR is claimed (requested and mapped) before the ranges are looked at.
-        let (start, region_len) = if let Some(m) = mem {
-            (Some(m.phys), m.len)
-        } else {
-            let bar = d.fabric.bar(d.bdf, idx).map_err(|_| Errno::ENODEV)?;
-            if bar.bar.size == 0 {
-                return Err(Errno::ENODEV);
-            }
-            (bar.cpu.map(PhysAddr::get), bar.bar.size)
-        };
-        let n = hdr.nr_ranges as usize;
-        // kvmalloc refuses more than INT_MAX bytes.
-        if n.checked_mul(16).is_none_or(|b| b > i32::MAX as usize) {
-            return Err(Errno::ENOMEM);
-        }
-        let mut raw = Vec::new();
-        raw.try_reserve_exact(n).map_err(|_| Errno::ENOMEM)?;
-        for i in 0..n {
-            raw.push(parse_range(req.data, i).ok_or(Errno::EFAULT)?);
-        }
-        let mut total = 0u64;
-        for &(off, len) in &raw {
-            if len == 0 || off % PAGE != 0 || len % PAGE != 0 {
-                return Err(Errno::EINVAL);
-            }
-            total = total.checked_add(len).ok_or(Errno::EINVAL)?;
-        }
-        if total & (1 << 63) != 0 {
-            return Err(Errno::EINVAL);
-        }
-        let pbar = mem.map_or(idx, |m| m.provider_bar);
-        let (true, Ok(Some(provider))) = (d.p2p, d.binding.provider(pbar)) else {
-            return Err(Errno::EINVAL);
-        };
-        let start = start.ok_or(Errno::EINVAL)?;
-        let mut ranges = Vec::with_capacity(n);
-        for &(off, len) in &raw {
-            let paddr = start.checked_add(off).ok_or(Errno::EOVERFLOW)?;
-            let end = paddr.checked_add(len).ok_or(Errno::EOVERFLOW)?;
-            if end > start.saturating_add(region_len) {
-                return Err(Errno::EINVAL);
-            }
-            ranges.push(PhysVec {
-                paddr: PhysAddr(paddr),
-                len,
-            });
-        }
-        let reg = d.reg.try_get("dma-buf").ok_or(Errno::ENODEV)?;
-        let state = Arc::new(BufState {
-            file: Mutex::new(None),
-            revoked: AtomicBool::new(false),
-            ranges,
-            provider,
-            env: d.env.clone(),
-            dev: Mutex::new(Some(Arc::downgrade(d))),
-            reg: Mutex::new(Some(reg)),
-            maps: AtomicUsize::new(0),
-            unmapped_lock: Mutex::new(()),
-            unmapped: Condvar::new(),
-            watch: Arc::new(BufWatch::new(d.exported.fetch_add(1, Ordering::AcqRel) + 1)),
-            ledger: d.ledger.clone(),
-        });
-        let file = peerdma_dmabuf::export(ExportInfo {
-            exp_name: "vfio_pci_core".into(),
-            size: total,
-            flags: hdr.open_flags,
-            ops: Some(Arc::new(Exporter(state.clone()))),
-            has_priv: true,
-        })?;
-        sync::points::point("vfio.export.unlinked");
-        {
-            let mut m = d.lock_mem();
-            let buf = file.dmabuf().ok_or(Errno::EINVAL)?;
-            let _g = buf.lock();
-            let born_revoked = !d.memory_enabled(&m);
-            state.revoked.store(born_revoked, Ordering::Release);
-            if born_revoked {
-                state.revoke_finished();
-            }
-            *sync::lock(&state.file) = Some(file.clone());
-            m.bufs.push(Linked {
-                state,
-                buf: buf.clone(),
-            });
-        }
-        match proc.install(file, hdr.open_flags & O_CLOEXEC != 0) {
-            Ok(fd) => Ok(fd),
-            Err((e, file)) => {
-                // Only the buffer is dropped: its release unlinks it and puts the registration.
-                file.put();
-                Err(e)
-            }
-        }
-    }
 }
 
 impl Drop for DeviceFd {
     fn drop(&mut self) {
         self.close_inner();
     }
-}
-
-/// Runs `f` on the ledger of the vfio buffer `buf` (`None` for another exporter's buffer).
-pub(crate) fn with_ledger<R>(
-    buf: &DmaBuf,
-    f: impl FnOnce(&Ledger, &Arc<BufWatch>, &Fabric) -> R,
-) -> Option<R> {
-    let e = exporter_of(buf)?;
-    Some(f(&e.0.ledger, &e.0.watch, e.0.env.dma.fabric()))
-}
-
-/// The vfio exporter behind `buf`, through the private interconnect (`None` for a buffer of
-/// another exporter).
-fn exporter_of(buf: &DmaBuf) -> Option<&Exporter> {
-    buf.ops()
-        .interconnect()
-        .and_then(|x| x.downcast_ref::<Exporter>())
 }
 
 /// The IOMMU group of `bdf`, named by one of its functions, by the two rules of Linux's

@@ -1,0 +1,202 @@
+//! The user's config-space reads and writes as they reach a vfio-pci device
+//! (drivers/vfio/pci/vfio_pci_config.c: `vfio_config_do_rw` and the COMMAND, PM, PCIe and
+//! AF handlers that revoke, change power state or reset). The virtual config space they
+//! work on is [`crate::config`]. Locking: see [`super`].
+
+use super::{Dev, DeviceFd, Errno, MemGuard, Owner, PowerState, VConfig, regs, vcfg};
+
+/// The per-open config copy (there while the device is open).
+fn vc<'a>(m: &'a mut MemGuard<'_>) -> Result<&'a mut VConfig, Errno> {
+    m.vconfig.as_mut().ok_or(Errno::EINVAL)
+}
+
+impl Dev {
+    pub(super) fn unrevoke_if_enabled(&self, m: &mut MemGuard<'_>) {
+        if self.memory_enabled(m) {
+            m.move_bufs(false);
+        }
+    }
+
+    /// Unrevokes after a user's config write if memory is enabled — never while runtime low
+    /// power is engaged (divergence 6).
+    pub(super) fn unrevoke_after_write(&self, m: &mut MemGuard<'_>) {
+        if !m.engaged {
+            self.unrevoke_if_enabled(m);
+        }
+    }
+
+    /// One chunk of a user's config write (`vfio_pci_config_rw_single`).
+    #[allow(clippy::many_single_char_names)]
+    pub(super) fn write_chunk(
+        &self,
+        m: &mut MemGuard<'_>,
+        pos: u16,
+        n: usize,
+        val: u32,
+    ) -> Result<(), Errno> {
+        let (f, b) = (&*self.fabric, self.bdf);
+        let owner = vc(m)?.layout.owner(pos);
+        match owner {
+            Owner::Header if pos == regs::COMMAND => {
+                // `vfio_basic_config_write`: the memory rules for a chunk that starts at
+                // COMMAND (1, 2 or 4 bytes); the new command is the written value.
+                let new_cmd = val as u16;
+                let new_mem = new_cmd & regs::COMMAND_MEMORY != 0;
+                if !new_mem {
+                    m.move_bufs(true);
+                }
+                let virt_mem = vc(m)?.command() & regs::COMMAND_MEMORY != 0;
+                let phys_mem = self.command_hw() & regs::COMMAND_MEMORY != 0;
+                if new_mem && virt_mem && !phys_mem && !self.is_vf {
+                    // A backdoor reset lost the BARs: put them back before decoding.
+                    self.restore_bars(m);
+                }
+                vc(m)?.default_write(f, b, pos, n, val)?;
+                let mask = regs::COMMAND_MEMORY | regs::COMMAND_IO;
+                let v = vc(m)?;
+                let cmd = (v.command() & !mask) | (new_cmd & mask);
+                v.set(regs::COMMAND, 2, u32::from(cmd));
+                self.unrevoke_after_write(m);
+            }
+            Owner::Header => {
+                let v = vc(m)?;
+                v.default_write(f, b, pos, n, val)?;
+                if (regs::BASE_ADDRESS_0..0x34).contains(&pos) {
+                    v.bar_dirty = true;
+                }
+            }
+            Owner::Pm(cap) => {
+                vc(m)?.default_write(f, b, pos, n, val)?;
+                if pos == cap + regs::PM_CTRL {
+                    // `vfio_lock_and_set_power_state`.
+                    let state = val as u16 & regs::PM_CTRL_STATE_MASK;
+                    if state >= 3 {
+                        m.move_bufs(true);
+                    }
+                    if !m.engaged {
+                        let at = cap + regs::PM_CTRL;
+                        let hw = f.config_read(b, at, 2).map_err(|_| Errno::EIO)? as u16;
+                        let new = (hw & !regs::PM_CTRL_STATE_MASK) | state;
+                        let _ = f.config_write(b, at, 2, u32::from(new));
+                    }
+                    self.unrevoke_after_write(m);
+                }
+            }
+            Owner::Exp(cap) | Owner::Af(cap) => {
+                // `vfio_exp_config_write` / `vfio_af_config_write`: after the write, a set
+                // (virtualised) FLR bit is cleared, and the function reset if its capability
+                // register advertises FLR (for AF, FLR and TP).
+                let v = vc(m)?;
+                v.default_write(f, b, pos, n, val)?;
+                let (ctl, width, bit, cap_at, cap_width, need) = if matches!(owner, Owner::Exp(_)) {
+                    (
+                        regs::EXP_DEVCTL,
+                        2,
+                        u32::from(regs::EXP_DEVCTL_BCR_FLR),
+                        regs::EXP_DEVCAP,
+                        4,
+                        regs::EXP_DEVCAP_FLR,
+                    )
+                } else {
+                    (
+                        regs::AF_CTRL,
+                        1,
+                        u32::from(regs::AF_CTRL_FLR),
+                        regs::AF_CAP,
+                        1,
+                        u32::from(regs::AF_CAP_FLR | regs::AF_CAP_TP),
+                    )
+                };
+                let c = v.get(cap + ctl, width);
+                if c & bit != 0 {
+                    v.set(cap + ctl, width, c & !bit);
+                    let has = f.config_read(b, cap + cap_at, cap_width).unwrap_or(0);
+                    if has & need == need {
+                        self.config_flr(m);
+                    }
+                }
+            }
+            Owner::Other => {
+                f.config_write(b, pos, n, val).map_err(|_| Errno::EIO)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The FLR a user's config write asked for: revoke, `pci_try_reset_function` (its result
+    /// ignored, as the kernel does), unrevoke if memory is enabled. During low power the
+    /// device is put back to D3hot after the reset and the buffers stay revoked.
+    pub(super) fn config_flr(&self, m: &mut MemGuard<'_>) {
+        m.move_bufs(true);
+        let _ = self.fabric.reset_function(self.bdf);
+        if m.engaged {
+            let _ = self.fabric.set_power_state(self.bdf, PowerState::D3Hot);
+        }
+        self.unrevoke_after_write(m);
+    }
+
+    /// `vfio_bar_restore`: the BAR registers written back as they were at the first open.
+    pub(super) fn restore_bars(&self, m: &MemGuard<'_>) {
+        let Some(v) = m.vconfig.as_ref() else { return };
+        for (at, orig) in vcfg::BAR_REGS.into_iter().zip(v.bars_at_open) {
+            let _ = self.fabric.config_write(self.bdf, at, 4, orig);
+        }
+    }
+}
+
+impl DeviceFd {
+    /// A user config read of 1, 2 or 4 bytes at `offset`, as a little-endian value (see
+    /// [`Self::read_config`]; other sizes `EINVAL`).
+    pub fn config_read(&self, offset: u16, size: usize) -> Result<u32, Errno> {
+        if !matches!(size, 1 | 2 | 4) {
+            self.granted()?;
+            return Err(Errno::EINVAL);
+        }
+        let mut b = [0u8; 4];
+        self.read_config(offset, &mut b[..size])?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    /// A user read of config space (a `pread` of the config region): any length, in the
+    /// kernel's chunks, virtualised registers from the per-open copy (see [`crate::config`]).
+    /// `EFAULT` past the config size.
+    pub fn read_config(&self, offset: u16, buf: &mut [u8]) -> Result<(), Errno> {
+        self.granted()?;
+        let d = &self.dev;
+        let mut m = d.lock_mem();
+        let v = m.vconfig.as_mut().ok_or(Errno::EINVAL)?;
+        let mut at = 0;
+        for (pos, n) in vcfg::chunks(&v.layout, offset, buf.len())? {
+            let val = v.read(&d.fabric, d.bdf, pos, n)?;
+            for (i, b) in buf[at..at + n].iter_mut().enumerate() {
+                *b = (val >> (8 * i)) as u8;
+            }
+            at += n;
+        }
+        Ok(())
+    }
+
+    /// A user write to config space (a `pwrite` of the config region): any length, cut into
+    /// the kernel's chunks, each through its register's rules (see [`crate::config`]).
+    /// COMMAND with memory off revokes, and every COMMAND write then unrevokes if memory is
+    /// enabled; a PMCSR write of D3hot revokes and the power change unrevokes if memory is
+    /// enabled; a PCIe or AF FLR revokes, resets and unrevokes. During runtime low power
+    /// nothing a user writes brings buffers back or changes the power state (divergence 6).
+    /// `EFAULT` past the config size; a chunk that fails stops the write there.
+    pub fn config_write(&self, offset: u16, data: &[u8]) -> Result<(), Errno> {
+        self.granted()?;
+        let d = &self.dev;
+        let mut m = d.lock_mem();
+        let layout = m.vconfig.as_ref().ok_or(Errno::EINVAL)?.layout;
+        let mut at = 0;
+        for (pos, n) in vcfg::chunks(&layout, offset, data.len())? {
+            let val = data[at..at + n]
+                .iter()
+                .enumerate()
+                .fold(0u32, |v, (i, b)| v | u32::from(*b) << (8 * i));
+            d.write_chunk(&mut m, pos, n, val)?;
+            at += n;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,77 @@
+//! Runtime power management of a vfio-pci device as the user drives it
+//! (drivers/vfio/pci/vfio_pci_core.c: `vfio_pci_core_pm_entry`, `..._pm_entry_with_wakeup`,
+//! `..._pm_exit` and the resume an ioctl triggers): low-power entry revokes, the exit
+//! unrevokes, and a wakeup-armed device wakes on any access. Locking: see [`super`].
+
+use super::{Arc, Dev, DeviceFd, Errno, File, MemGuard, Ordering, PowerState};
+
+impl Dev {
+    /// Low power is no longer engaged: the wake eventfd (if any) is let go with the lock.
+    pub(super) fn disengage(&self, m: &mut MemGuard<'_>) {
+        m.engaged = false;
+        if let Some(w) = m.wake.take() {
+            m.puts.push(w);
+        }
+        self.wake_armed.store(false, Ordering::Release);
+    }
+}
+
+impl DeviceFd {
+    pub(super) fn low_power_entry(&self, wake: Option<Arc<File>>) -> Result<(), Errno> {
+        let d = &self.dev;
+        let mut m = d.lock_mem();
+        // Linux revokes before checking whether low power is already engaged, and a second
+        // entry then fails without unrevoking; here the check comes first
+        // (docs/divergences.md).
+        if m.engaged {
+            m.puts.extend(wake);
+            return Err(Errno::EINVAL);
+        }
+        m.move_bufs(true);
+        m.engaged = true;
+        d.wake_armed.store(wake.is_some(), Ordering::Release);
+        m.wake = wake;
+        let _ = d.fabric.set_power_state(d.bdf, PowerState::D3Hot);
+        Ok(())
+    }
+
+    /// Leaves low power (explicitly, or woken): D0, the wake eventfd let go, and — once
+    /// memory is enabled — the buffers back. Linux skips that last part on a wakeup
+    /// (divergence 7).
+    pub(super) fn leave_low_power(d: &Dev, m: &mut MemGuard<'_>) {
+        if m.engaged {
+            let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
+        }
+        d.disengage(m);
+        d.unrevoke_if_enabled(m);
+    }
+
+    pub(super) fn low_power_exit(&self) {
+        let d = &self.dev;
+        let mut m = d.lock_mem();
+        Self::leave_low_power(d, &mut m);
+    }
+
+    /// Every device-fd ioctl runtime-resumes the device first; a device asleep in a
+    /// wakeup-armed low power wakes for good: the eventfd is signalled and low power left.
+    pub(super) fn ioctl_resume(&self) {
+        let d = &self.dev;
+        // Only a device asleep with a wakeup armed has anything to do (and only then is
+        // `memory_lock` taken, as the runtime-resume callback takes it).
+        if !d.wake_armed.load(Ordering::Acquire) {
+            return;
+        }
+        let mut m = d.lock_mem();
+        // An armed wake implies low power is engaged.
+        if m.wake.is_some() {
+            m.wakeups += 1;
+            Self::leave_low_power(d, &mut m);
+        }
+    }
+
+    /// How many times an access woke the device out of a wakeup-armed low power (each one
+    /// signals the eventfd given at entry).
+    pub fn wakeups(&self) -> u32 {
+        self.dev.read_mem(|m| m.wakeups)
+    }
+}
