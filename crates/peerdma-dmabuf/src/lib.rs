@@ -7,7 +7,7 @@
 //! | [`sgt`] | drivers/dma-buf/dma-buf-mapping.c | physical ranges of a BAR → DMA-only scatter table, by p2pdma map type |
 //!
 //! Everything that the kernel runs "with the reservation lock held" takes a
-//! [`ResvGuard`](resv::ResvGuard) argument and checks it is the right buffer's.
+//! [`ResvGuard`] argument and checks it is the right buffer's.
 
 pub mod buf;
 pub mod resv;

@@ -11,7 +11,7 @@
 //! | [`cache`] | the `map_types` xarray | per-provider map-type cache, never invalidated |
 //! | [`distance`] | `pci_p2pdma_distance_many`, `pci_p2pmem_find_many` | clients, distances, choosing a provider |
 //! | [`pool`] | `pci_p2pdma_add_resource`, `pci_alloc_p2pmem`, … | the struct-page p2pmem pool |
-//! | [`explain`] | — | why a pair gets its answer, as data, and what would change it |
+//! | [`explain`](mod@explain) | — | why a pair gets its answer, as data, and what would change it |
 //! | [`matrix`] | — | all providers × all clients, fast |
 //!
 //! ```

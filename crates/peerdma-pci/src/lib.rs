@@ -15,7 +15,7 @@
 //! | [`function`] | a function: BARs, capabilities, what config writes do (FLR, PM, SBR) |
 //! | [`memory`] | sparse backing memory for RAM and BARs |
 //! | [`spec`] | the platform description (what a fabric file says) |
-//! | [`file`] | fabric files: TOML → spec, errors with file, line and key |
+//! | [`file`](mod@file) | fabric files: TOML → spec, errors with file, line and key |
 //! | [`build`] | spec → live fabric: validation, bus numbers, BAR assignment |
 //! | [`generate`] | random platforms for property tests and benchmarks |
 //! | [`hostbridge`] | which root complexes forward peer-to-peer (CPU rule and allowlist) |

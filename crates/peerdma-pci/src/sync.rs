@@ -135,8 +135,8 @@ pub mod points {
 ///
 /// | level | lock | taken by |
 /// |---|---|---|
-/// | [`Level::Memory`] | a vfio device's `memory_lock` | config writes, resets, low power, export, close, buffer release |
-/// | [`Level::Resv`] | a dma-buf's reservation lock | map/unmap, invalidation, importers' accesses |
+/// | [`Level::Memory`](order::Level::Memory) | a vfio device's `memory_lock` | config writes, resets, low power, export, close, buffer release |
+/// | [`Level::Resv`](order::Level::Resv) | a dma-buf's reservation lock | map/unmap, invalidation, importers' accesses |
 ///
 /// Below these, the short internal mutexes (attachment lists, importer state, the watch's
 /// ledger) are leaves: nothing blocks on a level-checked lock while holding one.

@@ -327,7 +327,7 @@ pub enum Expect {
 }
 
 impl Expect {
-    /// Whether a step's outcome (see [`crate::run`]) is what this expects.
+    /// Whether a step's outcome (see [`crate::run`](mod@crate::run)) is what this expects.
     pub fn matches(&self, outcome: &str) -> bool {
         match self {
             Expect::Ok => outcome == "ok",
