@@ -247,6 +247,9 @@ pub enum Action {
         length: u64,
         /// IOVA.
         iova: u64,
+        /// `IOMMU_IOAS_MAP_*` flags: fixed IOVA (1), writeable (2), readable (4); 7 unless
+        /// given.
+        flags: u32,
     },
     /// `IOMMU_IOAS_UNMAP`.
     Unmap {
@@ -324,6 +327,9 @@ pub enum Expect {
     NoCapability,
     /// A `seek` lands at this position.
     Position(u64),
+    /// An `unmap` succeeds having unmapped this many bytes — other than the length it asked
+    /// for (unmapping everything, `iova = 0` with `length = "0xffffffffffffffff"`).
+    Unmapped(u64),
 }
 
 impl Expect {
@@ -337,6 +343,7 @@ impl Expect {
             Expect::Value(v) => outcome == format!("{v:#06x}"),
             Expect::NoCapability => outcome.starts_with("no "),
             Expect::Position(p) => outcome == format!("position {p}"),
+            Expect::Unmapped(n) => outcome == format!("unmapped {n:#x}"),
             Expect::Fd {
                 size,
                 count,
@@ -368,6 +375,7 @@ impl std::fmt::Display for Expect {
             Expect::Value(v) => write!(f, "{v:#06x}"),
             Expect::NoCapability => f.write_str("no capability"),
             Expect::Position(p) => write!(f, "position {p}"),
+            Expect::Unmapped(n) => write!(f, "unmapped {n:#x}"),
             Expect::Fd {
                 size,
                 count,
@@ -630,6 +638,10 @@ fn expect(f: &mut Fields, default: Option<Expect>) -> Result<Expect, FormatError
                 e.done()?;
                 return Ok(Expect::Position(p));
             }
+            if let Some(n) = e.opt_num("unmapped")? {
+                e.done()?;
+                return Ok(Expect::Unmapped(n));
+            }
             if let Some(v) = e.opt_num("value")? {
                 let v = u32::try_from(v).map_err(|_| e.err("value", "does not fit 32 bits"))?;
                 e.done()?;
@@ -882,6 +894,7 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
                 start: f.opt_num("start")?.unwrap_or(0),
                 length: f.num("length")?,
                 iova: f.num("iova")?,
+                flags: f.opt_u32("flags")?.unwrap_or(7),
             },
             ok,
         ),

@@ -449,13 +449,11 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
             start,
             length,
             iova,
+            flags,
         } => {
             let i = st.ioas(ioas)?;
             let (n, export) = st.fd(fd)?;
-            let flags = peerdma_uapi::backend::MAP_FIXED_IOVA
-                | peerdma_uapi::backend::MAP_READABLE
-                | peerdma_uapi::backend::MAP_WRITEABLE;
-            let r = be.ioas_map_file(i, n, *start, *length, *iova, flags);
+            let r = be.ioas_map_file(i, n, *start, *length, *iova, *flags);
             if r.is_ok() {
                 st.windows.push(Window {
                     iova: *iova,

@@ -524,7 +524,8 @@ mod random {
                     fd,
                     start,
                     length,
-                    iova
+                    iova,
+                    flags: 7
                 }),
             (ioas(), iova(), len()).prop_map(|(ioas, iova, length)| Action::Unmap {
                 ioas,

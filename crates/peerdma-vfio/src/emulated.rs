@@ -335,15 +335,12 @@ impl UapiBackend for Emulated<'_> {
         start: u64,
         length: u64,
         iova: u64,
-        _flags: u32,
+        flags: u32,
     ) -> Result<(), Errno> {
-        let file = self.proc.fget(fd)?;
-        let r = match self.iommufd() {
-            Ok(i) => i.map_file(ioas.0, &file, start, length, iova),
-            Err(e) => Err(e),
-        };
-        file.put();
-        r
+        self.iommufd()?;
+        let i = self.iommufd.as_ref().ok_or(Errno::ENODEV)?;
+        i.map_file_ioctl(&self.proc, ioas.0, fd, start, length, iova, flags)
+            .map(|_| ())
     }
 
     fn ioas_unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64, Errno> {

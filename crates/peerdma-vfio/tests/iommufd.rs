@@ -1,0 +1,271 @@
+//! iommufd's `IOMMU_IOAS_MAP_FILE` and `IOMMU_IOAS_UNMAP` in Linux 7.2's check order
+//! (drivers/iommu/iommufd/ioas.c, io_pagetable.c, pages.c): which errno wins when several
+//! checks fail, `EOVERFLOW` for ranges that wrap, read-only windows, and the unmap that
+//! stops at the first area only partly inside its range — after unmapping those before it.
+
+use peerdma_dmabuf::Process;
+use peerdma_pci::{DmaAddr, Errno, regs};
+use peerdma_uapi::backend::{MAP_FIXED_IOVA, MAP_READABLE, MAP_WRITEABLE};
+use peerdma_uapi::feature::DmaBufRequest;
+use peerdma_vfio::iommufd::Iommufd;
+use peerdma_vfio::testbed::{Testbed, testbed};
+use peerdma_vfio::{DeviceFd, VfioPci};
+
+const RW: u32 = MAP_FIXED_IOVA | MAP_READABLE | MAP_WRITEABLE;
+const IOVA: u64 = 0x100_0000;
+const K64: u64 = 0x1_0000;
+
+/// gpu0 open with a 128 KiB buffer of BAR 2 exported (fd `fd`), nic1 attached to IOAS `ioas`.
+struct Rig {
+    t: Testbed,
+    proc: Process,
+    fd: i32,
+    ifd: Iommufd,
+    ioas: u32,
+    dev: DeviceFd,
+    vfio: VfioPci,
+}
+
+fn rig() -> Rig {
+    let r = bare();
+    r.ifd.attach(r.t.nic1, r.ioas).unwrap();
+    r
+}
+
+/// [`rig`] without the attach: an IOAS no device is attached to.
+fn bare() -> Rig {
+    let t = testbed().unwrap();
+    let vfio = VfioPci::bind(&t.env, t.gpu).unwrap();
+    let dev = vfio.open().unwrap();
+    let proc = Process::new();
+    let req = DmaBufRequest::new(2, vec![(0, 2 * K64)]);
+    let fd = dev.feature(&proc, &req.to_bytes()).unwrap();
+    let ifd = Iommufd::open(&t.env).unwrap();
+    let ioas = ifd.ioas_alloc().unwrap();
+    Rig {
+        t,
+        proc,
+        fd,
+        ifd,
+        ioas,
+        dev,
+        vfio,
+    }
+}
+
+impl Rig {
+    fn map(&self, start: u64, length: u64, iova: u64, flags: u32) -> Result<u64, Errno> {
+        self.ifd
+            .map_file_ioctl(&self.proc, self.ioas, self.fd, start, length, iova, flags)
+    }
+    fn map_with(
+        &self,
+        ioas: u32,
+        fd: i32,
+        start: u64,
+        length: u64,
+        iova: u64,
+        flags: u32,
+    ) -> Errno {
+        self.ifd
+            .map_file_ioctl(&self.proc, ioas, fd, start, length, iova, flags)
+            .unwrap_err()
+    }
+    /// Whether a DMA write of nic1 at `iova` lands in the buffer at `off`.
+    fn lands(&self, iova: u64, off: u64) -> bool {
+        let pattern = *b"iommufd!landed!!";
+        let _ = self
+            .t
+            .fabric
+            .dma_write(self.t.nic1, DmaAddr(iova), &pattern);
+        let mut got = [0; 16];
+        self.t
+            .fabric
+            .bar_peek(self.t.gpu, 2, off, &mut got)
+            .unwrap();
+        let hit = got == pattern;
+        self.t
+            .fabric
+            .bar_poke(self.t.gpu, 2, off, &[0; 16])
+            .unwrap();
+        hit
+    }
+}
+
+#[test]
+fn map_file_errnos_in_the_kernels_order() {
+    let r = rig();
+    let (io, fd, bad_io, bad_fd) = (r.ioas, r.fd, 999, 999);
+    // Unknown flag first, before everything else.
+    assert_eq!(
+        r.map_with(bad_io, bad_fd, 0, 0, u64::MAX, 8 | RW),
+        Errno::EOPNOTSUPP
+    );
+    // A length or IOVA of u64::MAX before the permission flags and the IOAS.
+    assert_eq!(
+        r.map_with(bad_io, bad_fd, 0, u64::MAX, IOVA, MAP_FIXED_IOVA),
+        Errno::EOVERFLOW
+    );
+    assert_eq!(
+        r.map_with(bad_io, bad_fd, 0, K64, u64::MAX, MAP_FIXED_IOVA),
+        Errno::EOVERFLOW
+    );
+    // Neither readable nor writeable, before the IOAS.
+    assert_eq!(
+        r.map_with(bad_io, bad_fd, 0, K64, IOVA, MAP_FIXED_IOVA),
+        Errno::EINVAL
+    );
+    // No such IOAS, before the length and the fd.
+    assert_eq!(r.map_with(bad_io, bad_fd, 0, 0, IOVA, RW), Errno::ENOENT);
+    // Length 0, then a window that wraps, both before the fd.
+    assert_eq!(r.map_with(io, bad_fd, 0, 0, IOVA, RW), Errno::EINVAL);
+    assert_eq!(
+        r.map_with(io, bad_fd, u64::MAX - 0xfff, 0x2000, IOVA, RW),
+        Errno::EOVERFLOW
+    );
+    // Then the fd.
+    assert_eq!(r.map_with(io, bad_fd, 0, K64, IOVA, RW), Errno::EBADF);
+    assert_eq!(
+        r.map_with(io, 1, 0, K64, IOVA, RW),
+        Errno::EINVAL,
+        "stdout is no dma-buf"
+    );
+    // A window past the buffer's end before the buffer's revocation...
+    r.dev.config_write(regs::COMMAND, &[0, 0]).unwrap();
+    assert_eq!(r.map_with(io, fd, K64, 2 * K64, IOVA, RW), Errno::EINVAL);
+    // ...and the revocation before the alignment of length and IOVA.
+    assert_eq!(r.map_with(io, fd, 0, 0x1800, IOVA, RW), Errno::ENODEV);
+    assert_eq!(r.map_with(io, fd, 0, K64, IOVA + 0x800, RW), Errno::ENODEV);
+    let on = regs::COMMAND_MEMORY.to_le_bytes();
+    r.dev.config_write(regs::COMMAND, &on).unwrap();
+    // An IOVA range that wraps is found after the dma-buf is attached (EOVERFLOW).
+    assert_eq!(
+        r.map_with(io, fd, 0, 0x2000, u64::MAX - 0xfff, RW),
+        Errno::EOVERFLOW
+    );
+    // An area in the way: EEXIST wins over a start that is not page aligned, but an
+    // unaligned length is found first.
+    assert_eq!(r.map(0, K64, IOVA, RW), Ok(IOVA));
+    assert_eq!(r.map_with(io, fd, 0x800, 0x1000, IOVA, RW), Errno::EEXIST);
+    assert_eq!(r.map_with(io, fd, 0, 0x1800, IOVA, RW), Errno::EINVAL);
+    assert_eq!(
+        r.map_with(io, fd, 0x800, 0x1000, IOVA + K64, RW),
+        Errno::EINVAL
+    );
+    // Failed maps leave nothing attached: only the one area holds the buffer.
+    let f = r.proc.fget(fd).unwrap();
+    assert_eq!(f.dmabuf().unwrap().attachments().len(), 1);
+    f.put();
+    assert_eq!(r.vfio.violation_count(), 0);
+}
+
+#[test]
+fn a_read_only_window_faults_writes() {
+    let r = rig();
+    assert_eq!(r.map(0, K64, IOVA, MAP_FIXED_IOVA | MAP_READABLE), Ok(IOVA));
+    assert!(
+        !r.lands(IOVA, 0),
+        "a DMA write through a read-only area faults"
+    );
+    let mut b = [0u8; 8];
+    r.t.fabric.bar_poke(r.t.gpu, 2, 0, b"readable").unwrap();
+    r.t.fabric
+        .dma_read(r.t.nic1, DmaAddr(IOVA), &mut b)
+        .unwrap();
+    assert_eq!(&b, b"readable");
+    assert_eq!(r.ifd.unmap(r.ioas, IOVA, K64), Ok(K64));
+    assert_eq!(r.map(0, K64, IOVA, RW), Ok(IOVA));
+    assert!(r.lands(IOVA, 0));
+}
+
+#[test]
+fn unmap_errnos_in_the_kernels_order() {
+    let r = rig();
+    assert_eq!(
+        r.ifd.unmap(999, u64::MAX, 0),
+        Err(Errno::ENOENT),
+        "IOAS first"
+    );
+    assert_eq!(r.ifd.unmap(r.ioas, u64::MAX, 0), Err(Errno::EOVERFLOW));
+    assert_eq!(r.ifd.unmap(r.ioas, 0x1000, u64::MAX), Err(Errno::EOVERFLOW));
+    assert_eq!(r.ifd.unmap(r.ioas, 0x1000, 0), Err(Errno::EINVAL));
+    assert_eq!(
+        r.ifd.unmap(r.ioas, u64::MAX - 0xfff, 0x2000),
+        Err(Errno::EOVERFLOW)
+    );
+    assert_eq!(
+        r.ifd.unmap(r.ioas, IOVA, K64),
+        Err(Errno::ENOENT),
+        "nothing there"
+    );
+    // Everything at once: nothing mapped is success, with 0 bytes.
+    assert_eq!(r.ifd.unmap(r.ioas, 0, u64::MAX), Ok(0));
+    assert_eq!(r.map(0, K64, IOVA, RW), Ok(IOVA));
+    assert_eq!(r.map(K64, K64, IOVA + 0x10_0000, RW), Ok(IOVA + 0x10_0000));
+    assert_eq!(r.ifd.unmap(r.ioas, 0, u64::MAX), Ok(2 * K64));
+    assert!(!r.lands(IOVA, 0) && !r.lands(IOVA + 0x10_0000, K64));
+}
+
+#[test]
+fn an_unmap_stops_at_a_partial_area_after_unmapping_those_before_it() {
+    let r = rig();
+    // A at IOVA (the buffer's first 64K), B right after it (the second 64K).
+    assert_eq!(r.map(0, K64, IOVA, RW), Ok(IOVA));
+    assert_eq!(r.map(K64, K64, IOVA + K64, RW), Ok(IOVA + K64));
+    // A range starting inside A: the first area met is partial, nothing goes.
+    assert_eq!(
+        r.ifd.unmap(r.ioas, IOVA + 0x1000, 2 * K64),
+        Err(Errno::ENOENT)
+    );
+    assert!(r.lands(IOVA, 0) && r.lands(IOVA + K64, K64));
+    // A whole, B in part: ENOENT, and A is gone already.
+    assert_eq!(r.ifd.unmap(r.ioas, IOVA, K64 + 0x1000), Err(Errno::ENOENT));
+    assert!(
+        !r.lands(IOVA, 0),
+        "A was unmapped before the walk stopped at B"
+    );
+    assert!(r.lands(IOVA + K64, K64), "B is untouched");
+    assert_eq!(r.ifd.is_dead(r.ioas, IOVA), None, "A's IOVA is free again");
+    assert_eq!(r.map(0, K64, IOVA, RW), Ok(IOVA));
+    assert!(r.lands(IOVA, 0));
+    assert_eq!(r.ifd.unmap(r.ioas, IOVA, 2 * K64), Ok(2 * K64));
+    assert_eq!(r.vfio.live_mappings(), 0);
+    let iommu = r.t.env.dma.iommu().unwrap();
+    if let peerdma_dma::iommu::Attach::Paging(d) = iommu.attachment(r.t.nic1) {
+        assert_eq!(iommu.entries(d), 0);
+    }
+    assert_eq!(r.vfio.violation_count(), 0);
+}
+
+/// Linux's IOAS alignment is one byte until a device's domain is attached, then the page
+/// size: before, a window at any byte is accepted; an attach while such an area exists is
+/// `EADDRINUSE`; after, the same window is `EINVAL`.
+#[test]
+fn the_ioas_alignment_is_a_byte_until_a_device_is_attached() {
+    let r = bare();
+    let (io, fd) = (r.ioas, r.fd);
+    assert_eq!(r.map(0x800, 0x1800, IOVA + 0x800, RW), Ok(IOVA + 0x800));
+    assert_eq!(r.ifd.attach(r.t.nic1, io), Err(Errno::EADDRINUSE));
+    assert!(!r.lands(IOVA + 0x800, 0x800), "nic1 is not attached");
+    assert_eq!(r.ifd.unmap(io, IOVA + 0x800, 0x1800), Ok(0x1800));
+    // Aligned areas do not stand in the way.
+    assert_eq!(r.map(0, K64, IOVA, RW), Ok(IOVA));
+    assert_eq!(r.ifd.attach(r.t.nic1, io), Ok(()));
+    assert!(
+        r.lands(IOVA, 0),
+        "mapped before the attach, reached after it"
+    );
+    assert_eq!(r.map_with(io, fd, 0, 0x1800, IOVA + K64, RW), Errno::EINVAL);
+    assert_eq!(
+        r.map_with(io, fd, 0, K64, IOVA + K64 + 0x800, RW),
+        Errno::EINVAL
+    );
+    assert_eq!(
+        r.map_with(io, fd, 0x800, 0x1000, IOVA + K64, RW),
+        Errno::EINVAL
+    );
+    // A revoke kills the aligned area as usual.
+    r.dev.config_write(regs::COMMAND, &[0, 0]).unwrap();
+    assert!(!r.lands(IOVA, 0));
+    assert_eq!(r.vfio.violation_count(), 0);
+}
