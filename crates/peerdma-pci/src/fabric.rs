@@ -346,6 +346,27 @@ impl Fabric {
         Ok(sync::read(&f.cfg).read(offset, size))
     }
 
+    /// `buf.len()` bytes of config space from `offset`, read under one lock: what a
+    /// 1-byte [`Fabric::config_read`] of each would give.
+    pub fn config_read_into(&self, bdf: Bdf, offset: u16, buf: &mut [u8]) -> Result<(), PciError> {
+        let f = self.function(bdf)?;
+        for at in [
+            usize::from(offset),
+            usize::from(offset) + buf.len().saturating_sub(1),
+        ] {
+            let at = u16::try_from(at).unwrap_or(u16::MAX);
+            config::check_access(at, 1).map_err(|err| PciError::Config { bdf, err })?;
+        }
+        if !self.present(f) {
+            return Err(PciError::NotPresent(bdf));
+        }
+        let cfg = sync::read(&f.cfg);
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = cfg.read(offset + i as u16, 1) as u8;
+        }
+        Ok(())
+    }
+
     /// A config write of 1, 2 or 4 bytes: read-only bits stay, and the write's side effects
     /// happen (FLR, power-state change, secondary bus reset, SR-IOV enable). Observers hear
     /// of it afterwards.

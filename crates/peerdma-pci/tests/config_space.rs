@@ -409,3 +409,27 @@ fn vf_memory_enable_belongs_to_the_pf() {
     let bar = f.bar(vf0, 3).unwrap();
     f.dma_write(pf1, DmaAddr(bar.bus.get()), b"ok").unwrap();
 }
+
+#[test]
+fn a_bulk_config_read_gives_what_byte_reads_give() {
+    let f = example("gpu-nic-switch.toml");
+    let gpu = dev(&f, "gpu0");
+    let mut all = vec![0u8; regs::CFG_SIZE];
+    f.config_read_into(gpu, 0, &mut all).unwrap();
+    for (i, b) in all.iter().enumerate() {
+        assert_eq!(
+            u32::from(*b),
+            f.config_read(gpu, i as u16, 1).unwrap(),
+            "byte {i:#x}"
+        );
+    }
+    let mut tail = [0u8; 3];
+    f.config_read_into(gpu, 0x3d, &mut tail).unwrap();
+    assert_eq!(tail, all[0x3d..0x40]);
+    let mut past = [0u8; 2];
+    assert!(
+        f.config_read_into(gpu, 0xfff, &mut past).is_err(),
+        "runs past 4 KiB"
+    );
+    assert!(f.config_read_into(gpu, 0xfff, &mut past[..1]).is_ok());
+}

@@ -197,11 +197,9 @@ impl VConfig {
     pub(crate) fn init(fabric: &Fabric, bdf: Bdf) -> Result<VConfig, Errno> {
         let layout = Layout::of(fabric, bdf)?;
         let mut bytes = Box::new([0u8; regs::CFG_SIZE]);
-        for (i, b) in bytes.iter_mut().take(layout.size).enumerate() {
-            *b = fabric
-                .config_read(bdf, i as u16, 1)
-                .map_err(|_| Errno::EIO)? as u8;
-        }
+        fabric
+            .config_read_into(bdf, 0, &mut bytes[..layout.size])
+            .map_err(|_| Errno::EIO)?;
         let bars_at_open = BAR_REGS.map(|at| {
             let i = usize::from(at);
             u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]])
