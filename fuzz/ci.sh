@@ -36,6 +36,10 @@ cargo fuzz --version
 # Sanitizer none: the code under test is safe Rust, so AddressSanitizer finds nothing more
 # and halves the speed. Debug assertions (and overflow checks) on.
 BUILD=(fuzz build --sanitizer none --debug-assertions)
+# Comparison tracing behind a run-time gate (cargo fuzz appends its own flags to these): the
+# fuzz library turns it off around the per-input device open, whose 4 KiB config copy is
+# the same work every input (see cmp_trace in src/lib.rs).
+export RUSTFLAGS="${RUSTFLAGS:-} --cfg fuzz_cmp_gate -Cllvm-args=-sanitizer-coverage-gated-trace-callbacks"
 "${CARGO[@]}" fetch --locked --manifest-path Cargo.toml
 "${CARGO[@]}" "${BUILD[@]}"
 

@@ -59,7 +59,7 @@ thread_local! {
     static PLATFORM: RefCell<Platform> = RefCell::new(build());
 }
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: peerdma_fuzz::cmp_trace::on(), |data: &[u8]| {
     PLATFORM.with(|p| {
         {
             let p = p.borrow();

@@ -42,7 +42,7 @@ fn asked(buf: &[u8]) -> (u32, u32, Vec<(u64, u64)>) {
     (region, open_flags, ranges)
 }
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: peerdma_fuzz::cmp_trace::on(), |data: &[u8]| {
     let rig = rig();
     let proc = Process::new();
     // fd 3: an eventfd for LOW_POWER_ENTRY_WITH_WAKEUP; fd 4: a file that is not one.

@@ -278,7 +278,7 @@ impl State {
     }
 }
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: peerdma_fuzz::cmp_trace::on(), |data: &[u8]| {
     let rig = rig();
     let proc = Rc::new(Process::new());
     let efd = install_eventfd(&proc);

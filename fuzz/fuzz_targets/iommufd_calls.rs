@@ -392,7 +392,7 @@ impl State {
     }
 }
 
-fuzz_target!(|data: &[u8]| {
+fuzz_target!(init: peerdma_fuzz::cmp_trace::on(), |data: &[u8]| {
     let rig = rig();
     let fd = FD.with(|f| *f);
     let proc = Process::new();
