@@ -372,8 +372,9 @@ impl State {
     fn check(&self) {
         self.rig.check_watch();
         let off = self.dev.borrow().is_none() || !self.rig.decodes();
-        for a in &self.areas {
-            let dead = self.is_dead(a);
+        // Each area's state looked up once (nothing changes it during the check).
+        let dead: Vec<bool> = self.areas.iter().map(|a| self.is_dead(a)).collect();
+        for (a, &dead) in self.areas.iter().zip(&dead) {
             if off || self.bufs[a.buf].open != self.open {
                 assert!(
                     dead,
@@ -383,7 +384,11 @@ impl State {
         }
         let iommu = self.rig.env.dma.iommu().expect("IOMMU");
         for &(id, dom) in self.fd.ioas.borrow().iter() {
-            let live = self.areas.iter().any(|a| a.ioas == id && !self.is_dead(a));
+            let live = self
+                .areas
+                .iter()
+                .zip(&dead)
+                .any(|(a, &dead)| a.ioas == id && !dead);
             if !live {
                 let n = iommu.entries(dom);
                 assert_eq!(n, 0, "IOAS {id} has no live area but {n} IOMMU entries");
