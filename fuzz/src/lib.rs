@@ -162,12 +162,11 @@ fn build() -> Rig {
 /// `ci.sh` builds with `-sanitizer-coverage-gated-trace-callbacks` and `--cfg fuzz_cmp_gate`:
 /// every traced comparison is then made only while the global `__sancov_should_track` is
 /// non-zero. It starts at 0, so every target turns it on before its first input (`init:` of
-/// `fuzz_target!` calls [`cmp_trace::on`]) and off only around work that is
-/// the same for every input ([`Rig::open`]): there the comparisons (a hash of the same
-/// address per config byte) cost most of the time and only flood libFuzzer's table of recent
-/// comparisons (the same goes for writing the registers back between inputs,
-/// [`restore_config`]). Edge coverage is not affected. Built without the flags (`cargo fuzz run`),
-/// every comparison is traced and these functions do nothing.
+/// `fuzz_target!` calls [`cmp_trace::on`]) and off only around work that is the same for
+/// every input ([`Rig::open`], [`restore_config`]): there the comparisons (in the open, a
+/// hash of the same address per config byte) cost most of the time and only flood
+/// libFuzzer's table of recent comparisons. Edge coverage is not affected. Built without the
+/// flags (`cargo fuzz run`), every comparison is traced and these functions do nothing.
 #[allow(unexpected_cfgs)]
 pub mod cmp_trace {
     #[cfg(fuzz_cmp_gate)]
