@@ -7,9 +7,12 @@
 //!
 //! Asserts:
 //! - no call panics, and the revocation watch sees no DMA land through a taken-away mapping;
-//! - `unmap` answers exactly what a model of the IOAS areas says (bytes unmapped, or `EINVAL`
-//!   / `ENOENT`), `attach` succeeds exactly for an IOAS that exists, a `map_file` that
-//!   succeeds was aligned, inside its single-range buffer and free in its IOAS, and `EEXIST`
+//! - `unmap` answers exactly what a model of the IOAS areas says in Linux 7.2's order (bytes
+//!   unmapped, `ENOENT`, `EINVAL`, `EOVERFLOW`) and removes the areas the model says — on an
+//!   `ENOENT` at a partial area, those before it; `attach` succeeds exactly for an IOAS that
+//!   exists, unless it has no device yet and an area not page aligned (`EADDRINUSE`); a
+//!   `map_file` that succeeds was aligned to the IOAS's alignment (a byte with no device, the
+//!   page size with one), inside its single-range buffer and free in its IOAS, and `EEXIST`
 //!   means the IOVA range was taken;
 //! - while gpu0 does not decode memory, or after the device was closed, every area of its
 //!   buffers is dead; a buffer of an earlier open never maps again;
@@ -45,6 +48,19 @@ const IOVA_SPAN: u64 = 256 << 20;
 struct Fd {
     ifd: Iommufd,
     ioas: RefCell<Vec<(u32, DomainId)>>,
+    /// The IOAS each device is attached to now (attachments outlive an input).
+    devices: RefCell<BTreeMap<Bdf, u32>>,
+}
+
+impl Fd {
+    /// Linux's IOAS alignment: a byte while no device is attached, else the page size.
+    fn alignment(&self, id: u32) -> u64 {
+        if self.devices.borrow().values().any(|&i| i == id) {
+            PAGE
+        } else {
+            1
+        }
+    }
 }
 
 thread_local! {
@@ -62,19 +78,22 @@ fn domain_of(rig: &Rig, ifd: &Iommufd, id: u32) -> DomainId {
 fn open_fd() -> Fd {
     let rig = rig();
     let ifd = Iommufd::open(&rig.env).expect("iommufd");
-    let ioas = (0..PRE)
+    let ioas: Vec<(u32, DomainId)> = (0..PRE)
         .map(|_| {
             let id = ifd.ioas_alloc().expect("ioas");
             (id, domain_of(rig, &ifd, id))
         })
         .collect();
+    let last = ioas.last().map(|&(id, _)| id);
     Fd {
         ifd,
         ioas: RefCell::new(ioas),
+        devices: RefCell::new(last.map(|id| (rig.nvme, id)).into_iter().collect()),
     }
 }
 
 struct Buf {
+    fd: i32,
     file: Arc<File>,
     ranges: Vec<(u64, u64)>,
     size: u64,
@@ -83,6 +102,8 @@ struct Buf {
 
 #[derive(Debug, Clone, Copy)]
 struct Area {
+    /// `IOMMU_IOAS_MAP_*` flags it was mapped with (writeable 2, readable 4).
+    flags: u32,
     ioas: u32,
     iova: u64,
     len: u64,
@@ -155,6 +176,7 @@ impl State {
         assert!(!self.known(id), "IOAS id {id} given out twice");
         let d = domain_of(self.rig, &self.fd.ifd, id);
         self.fd.ioas.borrow_mut().push((id, d));
+        self.fd.devices.borrow_mut().insert(self.rig.nvme, id);
     }
 
     fn attach(&mut self, r: &mut Reader<'_>) {
@@ -165,9 +187,23 @@ impl State {
         };
         let id = self.ioas_id(r);
         let res = self.fd.ifd.attach(dev, id);
-        assert_eq!(res.is_ok(), self.known(id), "attach to IOAS {id}: {res:?}");
+        // The first device of an IOAS needs every area page aligned.
+        let unaligned = self.fd.alignment(id) == 1
+            && self
+                .areas
+                .iter()
+                .any(|a| a.ioas == id && (a.iova | a.len | a.start) % PAGE != 0);
+        let want = if !self.known(id) {
+            Err(Errno::ENOENT)
+        } else if unaligned {
+            Err(Errno::EADDRINUSE)
+        } else {
+            Ok(())
+        };
+        assert_eq!(res, want, "attach to IOAS {id}");
         if res.is_ok() {
             self.attached.insert(dev, id);
+            self.fd.devices.borrow_mut().insert(dev, id);
         }
     }
 
@@ -184,6 +220,7 @@ impl State {
             .expect("an export inside BAR 2 succeeds");
         let file = self.proc.dma_buf_get(fd).expect("dma-buf");
         self.bufs.push(Buf {
+            fd,
             size: ranges.iter().map(|r| r.1).sum(),
             file,
             ranges,
@@ -205,32 +242,64 @@ impl State {
         };
         let length = Self::length(r, size);
         let iova = Self::iova(r);
+        // Mostly fixed IOVA, readable and writeable; sometimes any flags, through the
+        // ioctl's own entry (its fd and flag checks come first).
+        let flags = if r.u8() < 0xe0 { 7 } else { r.u32() & 0xf };
         let hook = self.hook.take();
-        let res = self
-            .fd
-            .ifd
-            .map_file(id, &self.bufs[k].file, start, length, iova);
+        let res = if flags == 7 && r.u8() < 0x80 {
+            self.fd
+                .ifd
+                .map_file(id, &self.bufs[k].file, start, length, iova)
+        } else {
+            let fd = self.bufs[k].fd;
+            self.fd
+                .ifd
+                .map_file_ioctl(&self.proc, id, fd, start, length, iova, flags)
+                .map(|v| assert_eq!(v, iova, "the fixed IOVA is the one given"))
+        };
         drop(hook);
+        if flags & !7 != 0 {
+            assert_eq!(
+                res,
+                Err(Errno::EOPNOTSUPP),
+                "unknown MAP_FILE flags {flags:#x}"
+            );
+        } else if iova == u64::MAX || length == u64::MAX {
+            assert_eq!(res, Err(Errno::EOVERFLOW), "MAP_FILE of u64::MAX");
+        } else if flags & 6 == 0 {
+            assert_eq!(
+                res,
+                Err(Errno::EINVAL),
+                "MAP_FILE neither readable nor writeable"
+            );
+        }
+        if res.is_ok() {
+            assert_eq!(flags & 1, 1, "a map without a fixed IOVA succeeded");
+        }
         let b = &self.bufs[k];
         let overlap = self.areas.iter().any(|a| {
             a.ioas == id
                 && iova.checked_add(length).is_some_and(|e| a.iova < e)
                 && a.iova + a.len > iova
         });
+        let align = self.fd.alignment(id);
         match res {
             Ok(()) => {
                 assert!(self.known(id), "map_file into unknown IOAS {id}");
                 assert!(
                     length > 0
-                        && (start | length | iova) % PAGE == 0
+                        && (length | iova) % align == 0
+                        && (start % PAGE) % align == 0
                         && start.checked_add(length).is_some_and(|e| e <= b.size),
-                    "map_file of {start:#x}+{length:#x} at {iova:#x} of a {:#x} buffer",
+                    "map_file of {start:#x}+{length:#x} at {iova:#x} of a {:#x} buffer \
+                     (IOAS alignment {align:#x})",
                     b.size
                 );
                 assert_eq!(b.ranges.len(), 1, "map_file of a buffer of several ranges");
                 assert!(!overlap, "map_file over an existing area");
                 assert_eq!(b.open, self.open, "a buffer of a closed device mapped");
                 self.areas.push(Area {
+                    flags,
                     ioas: id,
                     iova,
                     len: length,
@@ -256,34 +325,58 @@ impl State {
             let id = self.ioas_id(r);
             (id, Self::iova(r), Self::length(r, PAGE))
         };
-        let model = self.model_unmap(id, iova, len);
+        let (model, gone) = self.model_unmap(id, iova, len);
         let res = self.fd.ifd.unmap(id, iova, len);
         assert_eq!(res, model, "unmap({id}, {iova:#x}, {len:#x})");
-        if res.is_ok() {
-            let end = iova + len;
-            self.areas
-                .retain(|a| !(a.ioas == id && a.iova >= iova && a.iova + a.len <= end));
-        }
+        let mut i = 0;
+        self.areas.retain(|_| {
+            i += 1;
+            !gone.contains(&(i - 1))
+        });
     }
 
-    /// What `IOMMU_IOAS_UNMAP` must answer, from the model.
-    fn model_unmap(&self, id: u32, iova: u64, len: u64) -> Result<u64, Errno> {
-        let end = iova.checked_add(len).ok_or(Errno::EINVAL)?;
-        if len == 0 {
-            return Err(Errno::EINVAL);
-        }
+    /// What `IOMMU_IOAS_UNMAP` must answer, from the model (Linux 7.2's order), and which
+    /// areas (indexes into `areas`) it removes — on `ENOENT` too, those before the first
+    /// area only partly inside the range.
+    fn model_unmap(&self, id: u32, iova: u64, len: u64) -> (Result<u64, Errno>, Vec<usize>) {
         if !self.known(id) {
-            return Err(Errno::ENOENT);
+            return (Err(Errno::ENOENT), Vec::new());
         }
-        let hit: Vec<&Area> = self
+        let all = iova == 0 && len == u64::MAX;
+        if !all {
+            if iova == u64::MAX || len == u64::MAX {
+                return (Err(Errno::EOVERFLOW), Vec::new());
+            }
+            if len == 0 {
+                return (Err(Errno::EINVAL), Vec::new());
+            }
+        }
+        let last = if all {
+            u64::MAX
+        } else if let Some(l) = iova.checked_add(len - 1) {
+            l
+        } else {
+            return (Err(Errno::EOVERFLOW), Vec::new());
+        };
+        let mut hit: Vec<(usize, &Area)> = self
             .areas
             .iter()
-            .filter(|a| a.ioas == id && a.iova < end && a.iova + a.len > iova)
+            .enumerate()
+            .filter(|(_, a)| a.ioas == id && a.iova <= last && a.iova + (a.len - 1) >= iova)
             .collect();
-        if hit.is_empty() || hit.iter().any(|a| a.iova < iova || a.iova + a.len > end) {
-            return Err(Errno::ENOENT);
+        hit.sort_by_key(|(_, a)| a.iova);
+        let (mut gone, mut total) = (Vec::new(), 0);
+        for (k, a) in hit {
+            if a.iova < iova || a.iova + (a.len - 1) > last {
+                return (Err(Errno::ENOENT), gone);
+            }
+            gone.push(k);
+            total += a.len;
         }
-        Ok(hit.iter().map(|a| a.len).sum())
+        if total == 0 && !all {
+            return (Err(Errno::ENOENT), gone);
+        }
+        (Ok(total), gone)
     }
 
     fn is_dead(&self, a: &Area) -> bool {
@@ -329,16 +422,32 @@ impl State {
             assert!(res.is_err(), "acc0's DMA through dead area {a:x?} landed");
             return;
         }
+        let b = &self.bufs[a.buf];
+        let bar_off = b.ranges[0].0 + a.start + off;
+        let mut back = vec![0u8; n];
+        let rr = self.rig.fabric.dma_read(dev, addr, &mut back);
+        assert_eq!(
+            rr.is_ok(),
+            a.flags & 4 != 0,
+            "acc0's read through {a:x?}: {rr:?}"
+        );
+        if a.flags & 2 == 0 {
+            assert!(
+                res.is_err(),
+                "acc0's write through read-only area {a:x?} landed"
+            );
+            if rr.is_ok() {
+                assert_eq!(back, self.rig.peek(2, bar_off, n), "read through {a:x?}");
+            }
+            return;
+        }
         assert!(
             res.is_ok(),
             "acc0's DMA through live area {a:x?} faulted: {res:?}"
         );
-        let mut back = vec![0u8; n];
-        let rr = self.rig.fabric.dma_read(dev, addr, &mut back);
-        assert!(rr.is_ok(), "acc0's read through live area {a:x?}: {rr:?}");
-        assert_eq!(back, data, "read back through area {a:x?}");
-        let b = &self.bufs[a.buf];
-        let bar_off = b.ranges[0].0 + a.start + off;
+        if rr.is_ok() {
+            assert_eq!(back, data, "read back through area {a:x?}");
+        }
         assert_eq!(
             self.rig.peek(2, bar_off, n),
             data,
@@ -444,7 +553,7 @@ fuzz_target!(init: peerdma_fuzz::cmp_trace::on(), |data: &[u8]| {
     // Unmap everything, IOAS by IOAS, and check that every domain is empty.
     let iommu = rig.env.dma.iommu().expect("IOMMU");
     for &(id, dom) in fd.ioas.borrow().iter() {
-        let model = st.model_unmap(id, 0, u64::MAX);
+        let (model, _) = st.model_unmap(id, 0, u64::MAX);
         let res = fd.ifd.unmap(id, 0, u64::MAX);
         assert_eq!(res, model, "unmapping all of IOAS {id}");
         assert_eq!(

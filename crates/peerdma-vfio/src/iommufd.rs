@@ -57,14 +57,14 @@ struct Area {
 struct Ioas {
     domain: DomainId,
     areas: BTreeMap<u64, Area>,
-    /// Devices attached (each brings a domain whose page size is 4 KiB).
-    attached: usize,
+    /// Devices attached now (each brings a domain whose page size is 4 KiB).
+    devices: std::collections::BTreeSet<Bdf>,
 }
 
 impl Ioas {
     /// `iopt->iova_alignment`: 1 with no domain, the page size once a device is attached.
     fn alignment(&self) -> u64 {
-        if self.attached > 0 { PAGE } else { 1 }
+        if self.devices.is_empty() { 1 } else { PAGE }
     }
 }
 
@@ -111,24 +111,32 @@ impl Iommufd {
             Ioas {
                 domain,
                 areas: BTreeMap::new(),
-                attached: 0,
+                devices: std::collections::BTreeSet::new(),
             },
         );
         Ok(id)
     }
 
-    /// `VFIO_DEVICE_ATTACH_IOMMUFD_PT`: the device's DMA is translated by the IOAS from now on.
-    /// The first device raises the IOAS's alignment to the page size: an area not aligned to
-    /// it is `EADDRINUSE` (`iopt_check_iova_alignment` in io_pagetable.c).
+    /// `VFIO_DEVICE_ATTACH_IOMMUFD_PT`: the device's DMA is translated by the IOAS from now on
+    /// (a device attached elsewhere moves: the kernel's replace). The first device raises the
+    /// IOAS's alignment to the page size: an area not aligned to it is `EADDRINUSE`
+    /// (`iopt_check_iova_alignment` in io_pagetable.c); the IOAS a device leaves goes back to
+    /// a byte once it has none.
     pub fn attach(&self, dev: Bdf, ioas: u32) -> Result<(), Errno> {
         let mut m = sync::lock(&self.ioas);
         let io = m.get_mut(&ioas).ok_or(Errno::ENOENT)?;
-        if io.attached == 0 && io.areas.values().any(|a| a.unaligned) {
+        if io.devices.is_empty() && io.areas.values().any(|a| a.unaligned) {
             return Err(Errno::EADDRINUSE);
         }
         let iommu = self.env.dma.iommu().ok_or(Errno::ENODEV)?;
         iommu.attach(dev, Attach::Paging(io.domain))?;
-        io.attached += 1;
+        for (&id, other) in m.iter_mut() {
+            if id == ioas {
+                other.devices.insert(dev);
+            } else {
+                other.devices.remove(&dev);
+            }
+        }
         Ok(())
     }
 
@@ -183,8 +191,8 @@ impl Iommufd {
     }
 
     /// `IOMMU_IOAS_MAP_FILE` of `length` bytes from `start` of a dma-buf at a fixed `iova`,
-    /// readable and writeable: [`Iommufd::map_file_ioctl`] from step 4 on, for a caller that
-    /// holds the file.
+    /// readable and writeable: [`Iommufd::map_file_ioctl`] with those flags, for a caller
+    /// that holds the file.
     pub fn map_file(
         &self,
         ioas: u32,
@@ -193,6 +201,9 @@ impl Iommufd {
         length: u64,
         iova: u64,
     ) -> Result<(), Errno> {
+        if iova == u64::MAX || length == u64::MAX {
+            return Err(Errno::EOVERFLOW);
+        }
         self.window_checks(ioas, start, length)?;
         let flags = MAP_FIXED_IOVA | MAP_READABLE | MAP_WRITEABLE;
         self.map_checked(ioas, file, start, length, iova, flags)
