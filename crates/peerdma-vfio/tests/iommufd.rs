@@ -274,7 +274,11 @@ fn the_ioas_alignment_is_a_byte_until_a_device_is_attached() {
 fn an_ioas_a_device_leaves_goes_back_to_byte_alignment() {
     let r = rig();
     let other = r.ifd.ioas_alloc().unwrap();
-    assert_eq!(r.map(0, 0x1800, IOVA, RW), Err(Errno::EINVAL), "nic1 is attached");
+    assert_eq!(
+        r.map(0, 0x1800, IOVA, RW),
+        Err(Errno::EINVAL),
+        "nic1 is attached"
+    );
     r.ifd.attach(r.t.nic1, other).unwrap();
     assert_eq!(r.map(0, 0x1800, IOVA, RW), Ok(IOVA), "nic1 moved away");
     assert_eq!(r.ifd.attach(r.t.nic1, r.ioas), Err(Errno::EADDRINUSE));
