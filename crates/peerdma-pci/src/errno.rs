@@ -1,7 +1,7 @@
 //! Linux error numbers: every name of Linux 7.2's include/uapi/asm-generic/errno-base.h and
 //! errno.h (the values of x86-64 and the other generic architectures), with the C library's
 //! message for each. The emulated stack returns an [`Errno`] wherever the kernel returns one;
-//! layers with errors of their own map them to it ([`AsErrno`](crate::AsErrno)).
+//! layers with errors of their own map them to it ([`AsErrno`]).
 
 use std::fmt;
 
