@@ -173,17 +173,7 @@ impl Iommufd {
         iova: u64,
         flags: u32,
     ) -> Result<u64, Errno> {
-        let known = MAP_FIXED_IOVA | MAP_READABLE | MAP_WRITEABLE;
-        if flags & !known != 0 {
-            return Err(Errno::EOPNOTSUPP);
-        }
-        if iova == u64::MAX || length == u64::MAX {
-            return Err(Errno::EOVERFLOW);
-        }
-        if flags & (MAP_READABLE | MAP_WRITEABLE) == 0 {
-            return Err(Errno::EINVAL);
-        }
-        self.window_checks(ioas, start, length)?;
+        self.arg_checks(ioas, start, length, iova, flags)?;
         let file = proc.fget(fd)?;
         let r = self.map_checked(ioas, &file, start, length, iova, flags);
         file.put();
@@ -201,16 +191,29 @@ impl Iommufd {
         length: u64,
         iova: u64,
     ) -> Result<(), Errno> {
-        if iova == u64::MAX || length == u64::MAX {
-            return Err(Errno::EOVERFLOW);
-        }
-        self.window_checks(ioas, start, length)?;
         let flags = MAP_FIXED_IOVA | MAP_READABLE | MAP_WRITEABLE;
+        self.arg_checks(ioas, start, length, iova, flags)?;
         self.map_checked(ioas, file, start, length, iova, flags)
     }
 
-    /// Steps 4 and 5 of [`Iommufd::map_file_ioctl`].
-    fn window_checks(&self, ioas: u32, start: u64, length: u64) -> Result<(), Errno> {
+    /// Steps 1 to 5 of [`Iommufd::map_file_ioctl`]: everything before the fd is looked at.
+    fn arg_checks(
+        &self,
+        ioas: u32,
+        start: u64,
+        length: u64,
+        iova: u64,
+        flags: u32,
+    ) -> Result<(), Errno> {
+        if flags & !(MAP_FIXED_IOVA | MAP_READABLE | MAP_WRITEABLE) != 0 {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        if iova == u64::MAX || length == u64::MAX {
+            return Err(Errno::EOVERFLOW);
+        }
+        if flags & (MAP_READABLE | MAP_WRITEABLE) == 0 {
+            return Err(Errno::EINVAL);
+        }
         if !sync::lock(&self.ioas).contains_key(&ioas) {
             return Err(Errno::ENOENT);
         }

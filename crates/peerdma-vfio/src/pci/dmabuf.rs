@@ -246,20 +246,14 @@ impl Mem {
         }
     }
 
-    /// `vfio_pci_dma_buf_cleanup`: every live buffer revoked for good and unlinked.
+    /// `vfio_pci_dma_buf_cleanup`: every buffer revoked through the revoke walk (which
+    /// leaves already revoked ones alone, as the kernel's does), then unlinked for good with
+    /// its device link and registration reference dropped.
     pub(super) fn cleanup_bufs(&mut self) {
+        self.move_bufs(true);
         for l in std::mem::take(&mut self.bufs) {
-            let b = &l.state;
-            {
-                let g = l.buf.lock();
-                sync::lock(&b.dev).take();
-                b.revoked.store(true, Ordering::Release);
-                let _ = l.buf.invalidate_mappings(&g);
-                g.wait_all(Usage::Bookkeep);
-            }
-            b.wait_unmapped();
-            b.revoke_finished();
-            sync::lock(&b.reg).take();
+            sync::lock(&l.state.dev).take();
+            sync::lock(&l.state.reg).take();
         }
     }
 }
