@@ -240,7 +240,7 @@ impl Iommufd {
             .ok_or(Errno::ENOENT)?
             .domain;
         let buf = file.dmabuf().ok_or(Errno::EINVAL)?;
-        // `window_checks` made sure this does not wrap.
+        // `arg_checks` made sure this does not wrap.
         let last = start + (length - 1);
         if last >= buf.size() {
             return Err(Errno::EINVAL);
