@@ -11,6 +11,27 @@ use super::{
     parse_dma_buf, parse_range, phys_vec_to_sgt, sync,
 };
 
+/// How far ahead of itself the revoke walk reads (see [`Mem::move_bufs`]).
+const WALK_AHEAD: usize = 8;
+
+/// Asks the CPU to bring the first cache lines of `v` closer (x86-64; nothing elsewhere).
+#[inline]
+fn prefetch<T>(v: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        let p = std::ptr::from_ref(v).cast::<i8>();
+        for line in 0..std::mem::size_of::<T>().div_ceil(64).min(3) {
+            // SAFETY: PREFETCHT0 is a hint that neither reads nor writes program-visible
+            // memory and never faults, whatever the address; SSE, which it needs, is part
+            // of the x86-64 baseline. `wrapping_add` keeps the address computation defined.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(line * 64)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = v;
+}
+
 /// A buffer on the device's list.
 pub(super) struct Linked {
     state: Arc<BufState>,
@@ -23,25 +44,29 @@ impl std::fmt::Debug for Linked {
     }
 }
 
-/// A vfio dma-buf's exporter state (`struct vfio_pci_dma_buf`).
+/// A vfio dma-buf's exporter state (`struct vfio_pci_dma_buf`). Laid out in declaration
+/// order so that what the revoke walk reads of every buffer (`revoked`, `maps`, the
+/// ledger's address) shares the first cache line.
+#[repr(C)]
 pub(super) struct BufState {
-    file: Mutex<Option<Arc<File>>>,
     revoked: AtomicBool,
+    /// Importer mappings not yet given back; changed under the reservation lock (and, for
+    /// the revoke's wait, announced under `unmapped_lock`).
+    maps: AtomicUsize,
+    /// The ledger this buffer's mappings go in (the device's, which outlives the device's
+    /// link to the buffer).
+    ledger: Arc<Ledger>,
+    file: Mutex<Option<Arc<File>>>,
     ranges: Vec<PhysVec>,
     provider: Provider,
     env: DmaEnv,
     /// The device, until close cleanup or release unlinks the buffer.
     dev: Mutex<Option<Weak<Dev>>>,
     reg: Mutex<Option<RegRef>>,
-    /// Importer mappings not yet given back; changed under the reservation lock (and, for
-    /// the revoke's wait, announced under `unmapped_lock`).
-    maps: AtomicUsize,
     unmapped_lock: Mutex<()>,
     unmapped: Condvar,
-    /// The watch's view of the buffer, and the ledger its mappings go in (which outlives
-    /// the device's link to the buffer).
+    /// The watch's view of the buffer.
     watch: Arc<BufWatch>,
-    ledger: Arc<Ledger>,
 }
 
 pub(super) struct Exporter(pub(super) Arc<BufState>);
@@ -217,7 +242,14 @@ impl Mem {
     /// moved to it under its reservation lock, its importers told; a revoke then waits for
     /// every importer mapping to be given back.
     pub(super) fn move_bufs(&self, revoked: bool) {
-        for l in &self.bufs {
+        for (i, l) in self.bufs.iter().enumerate() {
+            // The walk is a chain of lock round trips, each waiting for the memory it needs;
+            // asking for a buffer a few places ahead before this one's lock lets those
+            // fetches overlap (a hint only: nothing is read or written).
+            if let Some(ahead) = self.bufs.get(i + WALK_AHEAD) {
+                prefetch(&*ahead.state);
+                prefetch(&*ahead.buf);
+            }
             let b = &l.state;
             if b.revoked.load(Ordering::Acquire) == revoked {
                 continue;
