@@ -41,6 +41,32 @@ pub const GRANULE: u64 = 4096;
 /// the DMA layer allocates within (`force_aperture`).
 pub const APERTURE_END: u64 = (1 << 48) - 1;
 
+/// The interrupt window the Intel IOMMU driver reports as every device's MSI reserved region
+/// (`IOAPIC_RANGE_START` to `IOAPIC_RANGE_END`, drivers/iommu/intel/iommu.c,
+/// `intel_iommu_get_resv_regions`): DMA there is an interrupt, so no IOVA may be mapped
+/// there. Inclusive bounds.
+pub const MSI_WINDOW: (u64, u64) = (0xfee0_0000, 0xfeef_ffff);
+
+/// A reserved region the IOMMU driver reports for a device (`struct iommu_resv_region`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResvRegion {
+    /// First IOVA.
+    pub start: u64,
+    /// Last IOVA (inclusive).
+    pub last: u64,
+}
+
+impl Iommu {
+    /// `iommu_get_resv_regions` for a device behind this IOMMU: the MSI window (the model
+    /// has no RMRRs; QEMU's q35 reports none).
+    pub fn reserved_regions(&self, _dev: Bdf) -> Vec<ResvRegion> {
+        vec![ResvRegion {
+            start: MSI_WINDOW.0,
+            last: MSI_WINDOW.1,
+        }]
+    }
+}
+
 /// A paging domain's name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DomainId(pub u32);

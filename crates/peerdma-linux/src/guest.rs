@@ -385,7 +385,7 @@ fn p2p_suite(r: &mut Runner) {
     let rw = MAP_FIXED_IOVA | MAP_READABLE | MAP_WRITEABLE;
     let map = |be: &mut LinuxBackend| be.ioas_map_file(ioas, fd, 0, BAR2_SIZE, IOVA, rw);
     r.run("map_file_whole_buffer", || {
-        map(&mut be).map_err(|e| e.to_string())
+        map(&mut be).map(|_| ()).map_err(|e| e.to_string())
     });
     r.run("map_file_taken_iova_is_eexist", || {
         expect_errno(map(&mut be), Errno::EEXIST)
@@ -456,6 +456,7 @@ fn p2p_suite(r: &mut Runner) {
             return Err(format!("unmapped {n:#x} bytes"));
         }
         be.ioas_map_file(ioas, fd, 0, BAR2_SIZE, IOVA, rw)
+            .map(|_| ())
             .map_err(|e| format!("map again: {e}"))
     };
     r.run("unmap_and_map_again_lands", || {

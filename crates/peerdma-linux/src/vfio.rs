@@ -7,7 +7,10 @@
 //!   buffers; conformance tests must send malformed ones too);
 //! - `VFIO_DEVICE_RESET` returning its errno (`VfioDevice::reset` discards it);
 //! - config-space access as `pread`/`pwrite` at the config region's offset returning errors
-//!   (`VfioDevice::region_read` panics-free but silent).
+//!   (`VfioDevice::region_read` panics-free but silent);
+//! - `IOMMU_IOAS_MAP_FILE` with the argument writable (`IommuFd::map_iommu_ioas_file` takes
+//!   it by shared reference, but without FIXED_IOVA the kernel writes the IOVA it chose
+//!   back into it) and `IOMMU_IOAS_IOVA_RANGES` (not offered).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -15,17 +18,22 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use iommufd_bindings::iommufd::{iommu_ioas_map, iommu_ioas_map_file, iommu_ioas_unmap};
+use iommufd_bindings::iommufd::{
+    iommu_ioas_iova_ranges, iommu_ioas_map, iommu_ioas_map_file, iommu_ioas_unmap, iommu_iova_range,
+};
 use iommufd_ioctls::{IommuFd, IommufdIoas};
 use peerdma_pci::{Bdf, Errno, regs};
-use peerdma_uapi::backend::{Landed, MAP_FIXED_IOVA, MAP_READABLE, MAP_WRITEABLE, ScenarioBackend};
+use peerdma_uapi::backend::{
+    IovaRanges, Landed, MAP_FIXED_IOVA, MAP_READABLE, MAP_WRITEABLE, ScenarioBackend,
+};
 use peerdma_uapi::{DevHandle, DmabufInfo, IoasId, OpenPath, UapiBackend};
 use vfio_bindings::bindings::vfio::{VFIO_BASE, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_TYPE};
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioIommufd, VfioOps};
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ptr};
 
 use nr::{
-    VFIO_DEVICE_BIND_IOMMUFD, VFIO_DEVICE_FEATURE, VFIO_DEVICE_PCI_HOT_RESET, VFIO_DEVICE_RESET,
+    IOMMU_IOAS_IOVA_RANGES, IOMMU_IOAS_MAP_FILE, VFIO_DEVICE_BIND_IOMMUFD, VFIO_DEVICE_FEATURE,
+    VFIO_DEVICE_PCI_HOT_RESET, VFIO_DEVICE_RESET,
 };
 
 /// The ioctl numbers the crates keep private.
@@ -44,6 +52,19 @@ mod nr {
         VFIO_DEVICE_BIND_IOMMUFD,
         u32::from(VFIO_TYPE),
         VFIO_BASE + 18
+    );
+    use iommufd_bindings::iommufd::{
+        IOMMUFD_CMD_IOAS_IOVA_RANGES, IOMMUFD_CMD_IOAS_MAP_FILE, IOMMUFD_TYPE,
+    };
+    ioctl_io_nr!(
+        IOMMU_IOAS_IOVA_RANGES,
+        u32::from(IOMMUFD_TYPE),
+        IOMMUFD_CMD_IOAS_IOVA_RANGES
+    );
+    ioctl_io_nr!(
+        IOMMU_IOAS_MAP_FILE,
+        u32::from(IOMMUFD_TYPE),
+        IOMMUFD_CMD_IOAS_MAP_FILE
     );
 }
 
@@ -599,9 +620,9 @@ impl UapiBackend for LinuxBackend {
         length: u64,
         iova: u64,
         flags: u32,
-    ) -> Result<(), Errno> {
+    ) -> Result<u64, Errno> {
         let i = self.iommufd()?;
-        let map = iommu_ioas_map_file {
+        let mut map = iommu_ioas_map_file {
             size: u32::try_from(std::mem::size_of::<iommu_ioas_map_file>()).unwrap_or(u32::MAX),
             flags,
             ioas_id: ioas.0,
@@ -610,7 +631,43 @@ impl UapiBackend for LinuxBackend {
             length,
             iova,
         };
-        i.map_iommu_ioas_file(&map).map_err(|e| errno_of(&e))
+        // SAFETY: the ioctl reads and writes `size` bytes of `map`, which is that long and
+        // lives across the call; no memory is kept.
+        let ret = unsafe { ioctl_with_mut_ptr(&*i, IOMMU_IOAS_MAP_FILE(), &raw mut map) };
+        if ret < 0 {
+            return Err(Errno(
+                std::io::Error::last_os_error().raw_os_error().unwrap_or(5),
+            ));
+        }
+        Ok(map.iova)
+    }
+
+    fn ioas_iova_ranges(&mut self, ioas: IoasId, room: u32) -> Result<IovaRanges, Errno> {
+        let i = self.iommufd()?;
+        let mut out = vec![iommu_iova_range { start: 0, last: 0 }; room as usize];
+        let mut cmd = iommu_ioas_iova_ranges {
+            size: u32::try_from(std::mem::size_of::<iommu_ioas_iova_ranges>()).unwrap_or(u32::MAX),
+            ioas_id: ioas.0,
+            num_iovas: room,
+            __reserved: 0,
+            allowed_iovas: out.as_mut_ptr() as u64,
+            out_iova_alignment: 0,
+        };
+        // SAFETY: the kernel reads and writes `size` bytes of `cmd` and writes at most
+        // `num_iovas` (`room`) ranges at `allowed_iovas`, which points at that many; both
+        // live across the call.
+        let ret = unsafe { ioctl_with_mut_ptr(&*i, IOMMU_IOAS_IOVA_RANGES(), &raw mut cmd) };
+        if ret < 0 {
+            return Err(Errno(
+                std::io::Error::last_os_error().raw_os_error().unwrap_or(5),
+            ));
+        }
+        out.truncate(cmd.num_iovas.min(room) as usize);
+        Ok(IovaRanges {
+            ranges: out.iter().map(|r| (r.start, r.last)).collect(),
+            total: cmd.num_iovas,
+            alignment: cmd.out_iova_alignment,
+        })
     }
 
     fn ioas_unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64, Errno> {

@@ -65,6 +65,8 @@ struct Proto {
     pm: bool,
     express: bool,
     sriov: Option<(u16, u16, u16, u16)>, // vfs, offset, stride, vf device id
+    /// Captured config bytes (see [`DeviceSpec::config`]).
+    config: Vec<(u16, Vec<u8>)>,
     key: String,
 }
 
@@ -402,6 +404,7 @@ impl Fabric {
                 pm: d.pm,
                 express: d.express,
                 sriov,
+                config: d.config.clone(),
                 key,
             });
         }
@@ -641,6 +644,7 @@ impl Fabric {
                     pm: true,
                     express: true,
                     sriov: None,
+                    config: Vec::new(),
                     key: format!("{}.sriov.vf[{n}]", protos[pf].key),
                 });
                 protos[pf].vfs.push(id);
@@ -1354,6 +1358,9 @@ fn power_on_config(p: &Proto, multifunction: bool) -> (ConfigSpace, Caps) {
         c.set_wmask(regs::IO_BASE_UPPER16, 4, 0xffff_ffff);
         c.set_wmask(regs::BRIDGE_CONTROL, 2, 0x0fff);
     }
+    if !p.config.is_empty() {
+        return captured_config(c, p);
+    }
     let mut caps = Caps::default();
     if !is_vf && p.pm && p.kind != DeviceKind::HostBridgeFunction {
         let pm = c
@@ -1433,6 +1440,35 @@ fn power_on_config(p: &Proto, multifunction: bool) -> (ConfigSpace, Caps) {
             }
         }
         caps.sriov = Some(s);
+    }
+    (c, caps)
+}
+
+/// The registers of a function whose config bytes were captured: the bytes laid over the
+/// standard header's write masks, the capabilities found by walking their chains, and the
+/// write masks of the registers the model acts on set where those capabilities are.
+fn captured_config(mut c: ConfigSpace, p: &Proto) -> (ConfigSpace, Caps) {
+    for (off, bytes) in &p.config {
+        for (i, b) in bytes.iter().enumerate() {
+            c.set8(off + i as u16, *b);
+        }
+    }
+    let caps = Caps {
+        pm: c.find_cap(regs::CAP_ID_PM),
+        exp: c.find_cap(regs::CAP_ID_EXP),
+        af: c.find_cap(regs::CAP_ID_AF),
+        acs: c.find_ext_cap(regs::EXT_CAP_ID_ACS),
+        sriov: None,
+    };
+    if let Some(pm) = caps.pm {
+        c.set_wmask(pm + regs::PM_CTRL, 2, regs::PM_CTRL_STATE_MASK.into());
+    }
+    if let Some(e) = caps.exp {
+        c.set_wmask(e + regs::EXP_DEVCTL, 2, 0x7fff);
+        c.set_wmask(e + regs::EXP_LNKCTL, 2, 0x0fff);
+    }
+    if let Some(a) = caps.acs {
+        c.set_wmask(a + regs::ACS_CTRL, 2, regs::ACS_ALL.into());
     }
     (c, caps)
 }
@@ -1525,6 +1561,10 @@ fn program(
     }
     if p.pf.is_some() {
         cmd = regs::COMMAND_MASTER;
+    }
+    if !p.config.is_empty() {
+        // What the firmware left there, as captured.
+        cmd = c.read16(regs::COMMAND);
     }
     c.set16(regs::COMMAND, cmd);
 }

@@ -20,6 +20,7 @@ use toml::de::{DeTable, DeValue};
 use crate::bdf::Bdf;
 use crate::error::FabricError;
 use crate::fabric::Fabric;
+use crate::regs;
 use crate::size::parse_size;
 use crate::spec::{
     BarSpec, BarType, Cpu, CpuVendor, DeviceKind, DeviceSpec, FabricSpec, HostBridgeSpec,
@@ -194,6 +195,7 @@ struct RawDevice {
     #[serde(default)]
     bars: Vec<RawBar>,
     sriov: Option<RawSriov>,
+    config: Option<Vec<(Num, String)>>,
 }
 
 #[derive(Deserialize)]
@@ -379,6 +381,9 @@ fn convert(raw: &RawFile) -> Result<FabricSpec, FabricError> {
         spec.no_soft_reset = d.no_soft_reset.unwrap_or(true);
         spec.bars = bars;
         spec.sriov = sriov;
+        if let Some(cfg) = &d.config {
+            captured_config(&mut spec, d, cfg, &k)?;
+        }
         devices.push(spec);
     }
     Ok(FabricSpec {
@@ -392,6 +397,85 @@ fn convert(raw: &RawFile) -> Result<FabricSpec, FabricError> {
         host_bridges,
         devices,
     })
+}
+
+/// A device's `config`: captured bytes, from which its IDs, class and capability flags are
+/// taken (giving those keys too is an error: the bytes are the truth).
+fn captured_config(
+    spec: &mut DeviceSpec,
+    d: &RawDevice,
+    cfg: &[(Num, String)],
+    k: &str,
+) -> Result<(), FabricError> {
+    let key = format!("{k}.config");
+    let given = [
+        ("vendor", d.vendor.is_some()),
+        ("device", d.device.is_some()),
+        ("class", d.class.is_some()),
+        ("flr", d.flr.is_some()),
+        ("af_flr", d.af_flr.is_some()),
+        ("acs", d.acs.is_some()),
+        ("no_soft_reset", d.no_soft_reset.is_some()),
+        ("pm", d.pm.is_some()),
+        ("express", d.express.is_some()),
+        ("sriov", d.sriov.is_some()),
+    ];
+    if let Some((name, _)) = given.iter().find(|(_, g)| *g) {
+        return Err(FabricError::at(
+            format!("{k}.{name}"),
+            "comes from `config` when the device has one",
+        ));
+    }
+    let mut image = crate::config::ConfigSpace::new();
+    let mut runs = Vec::new();
+    for (j, (off, hex)) in cfg.iter().enumerate() {
+        let at = format!("{key}[{j}]");
+        let off = num(off, &at, "the offset")?;
+        if off >= regs::CFG_SIZE as u64 {
+            return Err(FabricError::at(at, "the offset must be below 0x1000"));
+        }
+        let digits: String = hex.chars().filter(|c| !c.is_whitespace()).collect();
+        if digits.len() % 2 != 0 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(FabricError::at(at, "the bytes must be pairs of hex digits"));
+        }
+        let bytes: Vec<u8> = (0..digits.len() / 2)
+            .map(|i| u8::from_str_radix(&digits[2 * i..2 * i + 2], 16).unwrap_or(0))
+            .collect();
+        if off as usize + bytes.len() > regs::CFG_SIZE {
+            return Err(FabricError::at(
+                at,
+                "the bytes run past the 4 KiB config space",
+            ));
+        }
+        for (i, b) in bytes.iter().enumerate() {
+            image.set8(off as u16 + i as u16, *b);
+        }
+        runs.push((off as u16, bytes));
+    }
+    spec.vendor = image.read16(regs::VENDOR_ID);
+    spec.device = image.read16(regs::DEVICE_ID);
+    spec.class = Some(image.read32(regs::REVISION_ID) >> 8);
+    let pm = image.find_cap(regs::CAP_ID_PM);
+    let exp = image.find_cap(regs::CAP_ID_EXP);
+    spec.pm = pm.is_some();
+    spec.no_soft_reset =
+        pm.is_some_and(|p| image.read16(p + regs::PM_CTRL) & regs::PM_CTRL_NO_SOFT_RESET != 0);
+    spec.express = exp.is_some();
+    spec.flr = exp.is_some_and(|e| image.read32(e + regs::EXP_DEVCAP) & regs::EXP_DEVCAP_FLR != 0);
+    spec.af_flr = image
+        .find_cap(regs::CAP_ID_AF)
+        .is_some_and(|a| image.read8(a + regs::AF_CAP) & regs::AF_CAP_FLR != 0);
+    spec.acs = image
+        .find_ext_cap(regs::EXT_CAP_ID_ACS)
+        .map(|a| image.read16(a + regs::ACS_CTRL));
+    if !spec.express && spec.kind != DeviceKind::Endpoint {
+        return Err(FabricError::at(
+            key,
+            "only an endpoint can lack a PCIe capability",
+        ));
+    }
+    spec.config = runs;
+    Ok(())
 }
 
 /// Parses a fabric file's text into a spec. `file` names it in errors.

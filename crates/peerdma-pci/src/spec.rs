@@ -329,6 +329,11 @@ pub struct DeviceSpec {
     pub bars: Vec<BarSpec>,
     /// SR-IOV capability (PFs only).
     pub sriov: Option<SriovSpec>,
+    /// Config-space bytes as read from the real function (offset, bytes): laid over the
+    /// built registers before BARs are programmed, so the function shows the captured
+    /// capability chain and register values; the capability flags above must then agree
+    /// with it (the file loader derives them from it).
+    pub config: Vec<(u16, Vec<u8>)>,
 }
 
 impl DeviceSpec {
@@ -351,6 +356,7 @@ impl DeviceSpec {
             express: true,
             bars: Vec::new(),
             sriov: None,
+            config: Vec::new(),
         }
     }
 }

@@ -54,6 +54,7 @@ impl Scenario {
                     | Action::Attach { .. }
                     | Action::Map { .. }
                     | Action::Unmap { .. }
+                    | Action::IovaRanges { .. }
                     | Action::Dma { .. }
             )
         })
@@ -161,23 +162,23 @@ pub enum Action {
     ConfigRead {
         /// Device name.
         dev: String,
-        /// Offset.
-        offset: u16,
-        /// 1, 2 or 4.
+        /// Where.
+        at: ConfigAt,
+        /// 1 to 8 bytes.
         size: usize,
         /// Bits compared.
-        mask: u32,
+        mask: u64,
     },
     /// Write config space through the VFIO config region.
     ConfigWrite {
         /// Device name.
         dev: String,
-        /// Offset.
-        offset: u16,
-        /// 1, 2 or 4.
+        /// Where.
+        at: ConfigAt,
+        /// 1 to 8 bytes.
         size: usize,
-        /// Value.
-        value: u32,
+        /// Value (little-endian, its low `size` bytes).
+        value: u64,
     },
     /// Read COMMAND, set or clear Memory Space Enable, write it back.
     Memory {
@@ -192,11 +193,16 @@ pub enum Action {
         dev: String,
         /// 0 = D0 … 3 = D3hot.
         state: u16,
+        /// The write's size: 1 (PMCSR's low byte), 2 (PMCSR) or 4 (the dword at PMCSR).
+        size: usize,
     },
     /// PCIe Function Level Reset through DevCtl.
     Flr {
         /// Device name.
         dev: String,
+        /// The write's size: 1 (DevCtl's high byte, which holds the FLR bit), 2 (DevCtl) or
+        /// 4 (DevCtl with DevSta, whose write-one-to-clear bits get zeros).
+        size: usize,
     },
     /// Advanced Features FLR.
     AfFlr {
@@ -245,20 +251,29 @@ pub enum Action {
         start: u64,
         /// Length.
         length: u64,
-        /// IOVA.
-        iova: u64,
+        /// IOVA (ignored by the kernel without FIXED_IOVA).
+        iova: Iova,
         /// `IOMMU_IOAS_MAP_*` flags: fixed IOVA (1), writeable (2), readable (4); 7 unless
         /// given.
         flags: u32,
+        /// The name later steps give the IOVA the map got.
+        name: Option<String>,
     },
     /// `IOMMU_IOAS_UNMAP`.
     Unmap {
         /// IOAS name.
         ioas: String,
         /// IOVA.
-        iova: u64,
+        iova: Iova,
         /// Length.
         length: u64,
+    },
+    /// `IOMMU_IOAS_IOVA_RANGES` with room for `room` ranges.
+    IovaRanges {
+        /// IOAS name.
+        ioas: String,
+        /// `num_iovas` on the way in.
+        room: u32,
     },
     /// The initiator writes a fresh 16-byte pattern at (or just past) `iova`, inside a
     /// window mapped by an earlier `map` step; the provider's memory is then checked.
@@ -266,8 +281,39 @@ pub enum Action {
         /// Initiator device name.
         dev: String,
         /// IOVA.
-        iova: u64,
+        iova: Iova,
     },
+}
+
+/// An IOVA in a step: a number, or the IOVA an earlier `map` step named got, plus an offset
+/// (`"w"`, `"w+0x1000"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Iova {
+    /// This address.
+    At(u64),
+    /// A named map's IOVA plus `plus`.
+    Named {
+        /// The name the map step gave (`as`).
+        name: String,
+        /// Added to it.
+        plus: u64,
+    },
+}
+
+impl From<u64> for Iova {
+    fn from(v: u64) -> Iova {
+        Iova::At(v)
+    }
+}
+
+impl Iova {
+    /// The address, if it is a number.
+    pub fn fixed(&self) -> Option<u64> {
+        match self {
+            Iova::At(v) => Some(*v),
+            Iova::Named { .. } => None,
+        }
+    }
 }
 
 impl Action {
@@ -296,9 +342,45 @@ impl Action {
             Action::Attach { .. } => "attach",
             Action::Map { .. } => "map",
             Action::Unmap { .. } => "unmap",
+            Action::IovaRanges { .. } => "iova_ranges",
             Action::Dma { .. } => "dma",
         }
     }
+}
+
+/// A capability, by ID.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cap {
+    /// A standard capability (`PCI_CAP_ID_*`), found through the list at 0x34.
+    Std(u8),
+    /// An extended capability (`PCI_EXT_CAP_ID_*`), found through the list at 0x100.
+    Ext(u16),
+}
+
+impl Cap {
+    /// Its name in the scenario language (`pm`, `exp`, `aer`, …) or its ID.
+    pub fn name(self) -> String {
+        match self {
+            Cap::Std(id) => CAP_NAMES
+                .iter()
+                .find(|(_, i)| *i == id)
+                .map_or_else(|| format!("{id:#04x}"), |(n, _)| (*n).to_string()),
+            Cap::Ext(id) => ECAP_NAMES.iter().find(|(_, i)| *i == id).map_or_else(
+                || format!("extended {id:#06x}"),
+                |(n, _)| format!("extended {n}"),
+            ),
+        }
+    }
+}
+
+/// Where a config access goes: an offset, from the start of config space or of a capability
+/// (found by walking its list through config reads, as a user would).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigAt {
+    /// The capability the offset is relative to.
+    pub cap: Option<Cap>,
+    /// The offset.
+    pub offset: u16,
 }
 
 /// What a step must produce.
@@ -322,7 +404,7 @@ pub enum Expect {
     /// The DMA's bytes are in the provider's memory (true) or not.
     Landed(bool),
     /// A config read gives this value (after the mask).
-    Value(u32),
+    Value(u64),
     /// The device lacks the capability a `power`, `flr` or `af_flr` step needs.
     NoCapability,
     /// A `seek` lands at this position.
@@ -330,6 +412,24 @@ pub enum Expect {
     /// An `unmap` succeeds having unmapped this many bytes — other than the length it asked
     /// for (unmapping everything, `iova = 0` with `length = "0xffffffffffffffff"`).
     Unmapped(u64),
+    /// A map without FIXED_IOVA succeeds at the IOVA the kernel chose (this one, if given).
+    Iova(Option<u64>),
+    /// `IOMMU_IOAS_IOVA_RANGES` answers these ranges (inclusive) and this alignment.
+    Ranges {
+        /// The allowed ranges.
+        ranges: Vec<(u64, u64)>,
+        /// `out_iova_alignment`.
+        alignment: u64,
+    },
+}
+
+/// The outcome word of an `iova_ranges` step.
+pub fn ranges_outcome(ranges: &[(u64, u64)], alignment: u64) -> String {
+    let list: Vec<String> = ranges
+        .iter()
+        .map(|(a, b)| format!("{a:#x}-{b:#x}"))
+        .collect();
+    format!("ranges {} alignment {alignment:#x}", list.join(" "))
 }
 
 impl Expect {
@@ -344,6 +444,9 @@ impl Expect {
             Expect::NoCapability => outcome.starts_with("no "),
             Expect::Position(p) => outcome == format!("position {p}"),
             Expect::Unmapped(n) => outcome == format!("unmapped {n:#x}"),
+            Expect::Iova(None) => outcome.starts_with("iova 0x"),
+            Expect::Iova(Some(v)) => outcome == format!("iova {v:#x}"),
+            Expect::Ranges { ranges, alignment } => outcome == ranges_outcome(ranges, *alignment),
             Expect::Fd {
                 size,
                 count,
@@ -376,6 +479,11 @@ impl std::fmt::Display for Expect {
             Expect::NoCapability => f.write_str("no capability"),
             Expect::Position(p) => write!(f, "position {p}"),
             Expect::Unmapped(n) => write!(f, "unmapped {n:#x}"),
+            Expect::Iova(None) => f.write_str("iova"),
+            Expect::Iova(Some(v)) => write!(f, "iova {v:#x}"),
+            Expect::Ranges { ranges, alignment } => {
+                f.write_str(&ranges_outcome(ranges, *alignment))
+            }
             Expect::Fd {
                 size,
                 count,
@@ -625,6 +733,7 @@ fn expect(f: &mut Fields, default: Option<Expect>) -> Result<Expect, FormatError
             "landed" => Ok(Expect::Landed(true)),
             "not_landed" | "not landed" => Ok(Expect::Landed(false)),
             "no_capability" => Ok(Expect::NoCapability),
+            "iova" => Ok(Expect::Iova(None)),
             other => Errno::from_name(other).map(Expect::Errno).ok_or_else(|| {
                 f.err(
                     "expect",
@@ -642,8 +751,32 @@ fn expect(f: &mut Fields, default: Option<Expect>) -> Result<Expect, FormatError
                 e.done()?;
                 return Ok(Expect::Unmapped(n));
             }
+            if let Some(n) = e.opt_num("iova")? {
+                e.done()?;
+                return Ok(Expect::Iova(Some(n)));
+            }
+            if let Some(v) = e.take("ranges") {
+                let bad = || e.err("ranges", "a list of [first, last] pairs");
+                let Value::Array(list) = v else {
+                    return Err(bad());
+                };
+                let mut ranges = Vec::new();
+                for p in list {
+                    let Value::Array(p) = p else {
+                        return Err(bad());
+                    };
+                    let [a, b] = p.as_slice() else {
+                        return Err(bad());
+                    };
+                    ranges.push((num(a).map_err(|_| bad())?, num(b).map_err(|_| bad())?));
+                }
+                let alignment = e
+                    .opt_num("alignment")?
+                    .ok_or_else(|| e.err("alignment", "missing"))?;
+                e.done()?;
+                return Ok(Expect::Ranges { ranges, alignment });
+            }
             if let Some(v) = e.opt_num("value")? {
-                let v = u32::try_from(v).map_err(|_| e.err("value", "does not fit 32 bits"))?;
                 e.done()?;
                 return Ok(Expect::Value(v));
             }
@@ -664,6 +797,171 @@ fn expect(f: &mut Fields, default: Option<Expect>) -> Result<Expect, FormatError
     }
 }
 
+/// An IOVA field: a number, or `name` / `name+N` for the IOVA a named map got.
+fn iova(v: &Value) -> Result<Iova, String> {
+    if let Ok(n) = num(v) {
+        return Ok(Iova::At(n));
+    }
+    let Value::String(s) = v else {
+        return Err("a number or the name of an earlier map".into());
+    };
+    let (name, plus) = match s.split_once('+') {
+        Some((n, p)) => (n, num(&Value::String(p.trim().to_string()))?),
+        None => (s.as_str(), 0),
+    };
+    let name = name.trim();
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(format!(
+            "{s:?}: a number, or a map's name with an optional +offset"
+        ));
+    }
+    Ok(Iova::Named {
+        name: name.to_string(),
+        plus,
+    })
+}
+
+/// A `size` of 1, 2 or 4 bytes (default 2) for `power` and `flr`.
+fn access_size(f: &mut Fields) -> Result<usize, FormatError> {
+    match f.opt_num("size")?.unwrap_or(2) {
+        n @ (1 | 2 | 4) => Ok(n as usize),
+        _ => Err(f.err("size", "1, 2 or 4")),
+    }
+}
+
+/// `offset` (a number, or `"command"`), relative to `cap` or `ecap` when one is given.
+fn config_at(f: &mut Fields) -> Result<ConfigAt, FormatError> {
+    let cap = match (f.take("cap"), f.take("ecap")) {
+        (Some(_), Some(_)) => return Err(f.err("ecap", "give cap or ecap, not both")),
+        (Some(v), None) => Some(cap_id(&v, false).map_err(|w| f.err("cap", w))?),
+        (None, Some(v)) => Some(cap_id(&v, true).map_err(|w| f.err("ecap", w))?),
+        (None, None) => None,
+    };
+    let offset = match f.take("offset") {
+        Some(Value::String(s)) if s == "command" && cap.is_none() => {
+            u64::from(peerdma_pci::regs::COMMAND)
+        }
+        Some(v) => num(&v).map_err(|w| f.err("offset", w))?,
+        None if cap.is_some() => 0,
+        None => return Err(f.err("offset", "missing")),
+    };
+    let limit = if matches!(cap, Some(Cap::Ext(_))) {
+        0x1000
+    } else {
+        0x100
+    };
+    if cap.is_some() && offset >= limit {
+        return Err(f.err(
+            "offset",
+            format!("past the capability's space ({limit:#x})"),
+        ));
+    }
+    let offset = u16::try_from(offset).map_err(|_| f.err("offset", "past 64 KiB"))?;
+    Ok(ConfigAt { cap, offset })
+}
+
+/// Standard capability names (`PCI_CAP_ID_*`).
+pub const CAP_NAMES: &[(&str, u8)] = &[
+    ("pm", 0x01),
+    ("agp", 0x02),
+    ("vpd", 0x03),
+    ("slotid", 0x04),
+    ("msi", 0x05),
+    ("chswp", 0x06),
+    ("pcix", 0x07),
+    ("ht", 0x08),
+    ("vndr", 0x09),
+    ("dbg", 0x0a),
+    ("ccrc", 0x0b),
+    ("shpc", 0x0c),
+    ("ssvid", 0x0d),
+    ("agp3", 0x0e),
+    ("secdev", 0x0f),
+    ("exp", 0x10),
+    ("msix", 0x11),
+    ("sata", 0x12),
+    ("af", 0x13),
+    ("ea", 0x14),
+];
+
+/// Extended capability names (`PCI_EXT_CAP_ID_*`).
+pub const ECAP_NAMES: &[(&str, u16)] = &[
+    ("aer", 0x01),
+    ("vc", 0x02),
+    ("dsn", 0x03),
+    ("pwr", 0x04),
+    ("rclink", 0x05),
+    ("rcilink", 0x06),
+    ("rcec", 0x07),
+    ("mfvc", 0x08),
+    ("vc9", 0x09),
+    ("rcrb", 0x0a),
+    ("vndr", 0x0b),
+    ("cac", 0x0c),
+    ("acs", 0x0d),
+    ("ari", 0x0e),
+    ("ats", 0x0f),
+    ("sriov", 0x10),
+    ("mriov", 0x11),
+    ("mcast", 0x12),
+    ("pri", 0x13),
+    ("amd_xxx", 0x14),
+    ("rebar", 0x15),
+    ("dpa", 0x16),
+    ("tph", 0x17),
+    ("ltr", 0x18),
+    ("secpci", 0x19),
+    ("pmux", 0x1a),
+    ("pasid", 0x1b),
+    ("dpc", 0x1d),
+    ("l1ss", 0x1e),
+    ("ptm", 0x1f),
+    ("dvsec", 0x23),
+    ("dlf", 0x25),
+    ("pl_16gt", 0x26),
+    ("doe", 0x2e),
+];
+
+fn cap_id(v: &Value, ext: bool) -> Result<Cap, String> {
+    if let Value::String(s) = v {
+        let hit = if ext {
+            ECAP_NAMES
+                .iter()
+                .find(|(n, _)| n == s)
+                .map(|&(_, id)| Cap::Ext(id))
+        } else {
+            CAP_NAMES
+                .iter()
+                .find(|(n, _)| n == s)
+                .map(|&(_, id)| Cap::Std(id))
+        };
+        if let Some(c) = hit {
+            return Ok(c);
+        }
+    }
+    let n = num(v).map_err(|_| {
+        let names: Vec<&str> = if ext {
+            ECAP_NAMES.iter().map(|(n, _)| *n).collect()
+        } else {
+            CAP_NAMES.iter().map(|(n, _)| *n).collect()
+        };
+        format!("a capability ID or one of {}", names.join(", "))
+    })?;
+    if ext {
+        u16::try_from(n)
+            .map(Cap::Ext)
+            .map_err(|_| "past 16 bits".into())
+    } else {
+        u8::try_from(n)
+            .map(Cap::Std)
+            .map_err(|_| "past 8 bits".into())
+    }
+}
+
 fn step(mut f: Fields) -> Result<Step, FormatError> {
     let word = f.string("do")?;
     let ok = Some(Expect::Ok);
@@ -677,7 +975,6 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
     let single: Option<(&str, OneName, Option<Expect>)> = match word.as_str() {
         "close" => Some(("dev", |dev| Action::Close { dev }, ok.clone())),
         "bind" => Some(("dev", |dev| Action::Bind { dev }, ok.clone())),
-        "flr" => Some(("dev", |dev| Action::Flr { dev }, ok.clone())),
         "af_flr" => Some(("dev", |dev| Action::AfFlr { dev }, ok.clone())),
         "reset" => Some(("dev", |dev| Action::Reset { dev }, ok.clone())),
         "hot_reset" => Some(("dev", |dev| Action::HotReset { dev }, ok.clone())),
@@ -808,23 +1105,18 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
         ),
         "config_read" | "config_write" => {
             let dev = f.string("dev")?;
-            let offset = match f.take("offset") {
-                Some(Value::String(s)) if s == "command" => u64::from(peerdma_pci::regs::COMMAND),
-                Some(v) => num(&v).map_err(|w| f.err("offset", w))?,
-                None => return Err(f.err("offset", "missing")),
-            };
-            let offset = u16::try_from(offset).map_err(|_| f.err("offset", "past 64 KiB"))?;
+            let at = config_at(&mut f)?;
             let size = f.opt_num("size")?.unwrap_or(2);
             let size = match size {
-                1 | 2 | 4 => size as usize,
-                _ => return Err(f.err("size", "1, 2 or 4")),
+                1..=8 => size as usize,
+                _ => return Err(f.err("size", "1 to 8 bytes")),
             };
             if word == "config_read" {
-                let mask = f.opt_u32("mask")?.unwrap_or(u32::MAX);
+                let mask = f.opt_num("mask")?.unwrap_or(u64::MAX);
                 (
                     Action::ConfigRead {
                         dev,
-                        offset,
+                        at,
                         size,
                         mask,
                     },
@@ -832,18 +1124,26 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
                 )
             } else {
                 let value = f
-                    .opt_u32("value")?
+                    .opt_num("value")?
                     .ok_or_else(|| f.err("value", "missing"))?;
+                if size < 8 && value >> (8 * size) != 0 {
+                    return Err(f.err("value", format!("does not fit {size} byte(s)")));
+                }
                 (
                     Action::ConfigWrite {
                         dev,
-                        offset,
+                        at,
                         size,
                         value,
                     },
                     ok,
                 )
             }
+        }
+        "flr" => {
+            let dev = f.string("dev")?;
+            let size = access_size(&mut f)?;
+            (Action::Flr { dev, size }, ok)
         }
         "memory" => (
             Action::Memory {
@@ -861,7 +1161,8 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
                 "D3hot" => 3,
                 s => return Err(f.err("state", format!("{s:?}: D0, D1, D2 or D3hot"))),
             };
-            (Action::Power { dev, state }, ok)
+            let size = access_size(&mut f)?;
+            (Action::Power { dev, state, size }, ok)
         }
         "low_power" => {
             let dev = f.string("dev")?;
@@ -887,29 +1188,59 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
             },
             ok,
         ),
-        "map" => (
-            Action::Map {
-                ioas: f.string("ioas")?,
-                fd: f.string("fd")?,
-                start: f.opt_num("start")?.unwrap_or(0),
-                length: f.num("length")?,
-                iova: f.num("iova")?,
-                flags: f.opt_u32("flags")?.unwrap_or(7),
-            },
-            ok,
-        ),
-        "unmap" => (
-            Action::Unmap {
-                ioas: f.string("ioas")?,
-                iova: f.num("iova")?,
-                length: f.num("length")?,
-            },
-            ok,
-        ),
+        "map" => {
+            let ioas = f.string("ioas")?;
+            let fd = f.string("fd")?;
+            let start = f.opt_num("start")?.unwrap_or(0);
+            let length = f.num("length")?;
+            let flags = f.opt_u32("flags")?.unwrap_or(7);
+            let fixed = flags & peerdma_uapi::backend::MAP_FIXED_IOVA != 0;
+            let iova = match f.take("iova") {
+                Some(v) => iova(&v).map_err(|w| f.err("iova", w))?,
+                None if !fixed => Iova::At(0),
+                None => return Err(f.err("iova", "missing (a fixed-IOVA map needs one)")),
+            };
+            let name = f.opt_string("as")?;
+            let default = if fixed { ok } else { Some(Expect::Iova(None)) };
+            (
+                Action::Map {
+                    ioas,
+                    fd,
+                    start,
+                    length,
+                    iova,
+                    flags,
+                    name,
+                },
+                default,
+            )
+        }
+        "unmap" => {
+            let ioas = f.string("ioas")?;
+            let v = f.take("iova").ok_or_else(|| f.err("iova", "missing"))?;
+            let iova = iova(&v).map_err(|w| f.err("iova", w))?;
+            (
+                Action::Unmap {
+                    ioas,
+                    iova,
+                    length: f.num("length")?,
+                },
+                ok,
+            )
+        }
+        "iova_ranges" => {
+            let ioas = f.string("ioas")?;
+            let room = f.opt_u32("room")?.unwrap_or(8);
+            (Action::IovaRanges { ioas, room }, None)
+        }
         "dma" => {
             let dev = f.string("dev")?;
-            let iova = f.num("iova")?;
-            if iova % crate::run::PATTERN_LEN != 0 {
+            let v = f.take("iova").ok_or_else(|| f.err("iova", "missing"))?;
+            let iova = iova(&v).map_err(|w| f.err("iova", w))?;
+            let off = match &iova {
+                Iova::At(v) | Iova::Named { plus: v, .. } => *v,
+            };
+            if off % crate::run::PATTERN_LEN != 0 {
                 return Err(f.err("iova", "must be 16-byte aligned"));
             }
             (Action::Dma { dev, iova }, None)
@@ -920,7 +1251,7 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
                 format!(
                     "unknown action {other:?} (open, bind, close, feature, export, close_fd, fdinfo, \
                      seek, mmap, config_read, config_write, memory, power, flr, af_flr, reset, hot_reset, \
-                     low_power, ioas, attach, map, unmap, dma)"
+                     low_power, ioas, attach, map, unmap, iova_ranges, dma)"
                 ),
             ));
         }

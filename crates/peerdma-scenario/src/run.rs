@@ -14,7 +14,7 @@ use peerdma_uapi::feature::{VFIO_DEVICE_FEATURE_SET, header_bytes};
 use peerdma_uapi::{DevHandle, IoasId};
 use serde::{Deserialize, Serialize};
 
-use crate::format::{Action, Scenario};
+use crate::format::{Action, Cap, ConfigAt, Iova, Scenario};
 
 /// Bytes each DMA step writes: `peerdma!`, a sequence number, filler. Short on purpose: a
 /// revoked DMA faults once per 4 bytes in QEMU's IOMMU, and fault storms are what the real
@@ -83,6 +83,8 @@ struct State {
     exports: Vec<Export>,
     ioas: HashMap<String, IoasId>,
     windows: Vec<Window>,
+    /// The IOVAs named maps got.
+    iovas: HashMap<String, u64>,
 }
 
 /// Plays `s` on `be`. Every step runs, whatever earlier ones produced.
@@ -162,6 +164,17 @@ impl State {
             .copied()
             .ok_or_else(|| format!("error: no fd named {name:?}"))
     }
+    /// The address of an IOVA field.
+    fn iova(&self, v: &Iova) -> Result<u64, String> {
+        match v {
+            Iova::At(a) => Ok(*a),
+            Iova::Named { name, plus } => self
+                .iovas
+                .get(name)
+                .map(|a| a.wrapping_add(*plus))
+                .ok_or_else(|| format!("error: no map named {name:?} got an IOVA")),
+        }
+    }
     fn ioas(&self, name: &str) -> Result<IoasId, String> {
         self.ioas
             .get(name)
@@ -186,11 +199,64 @@ fn read_cfg(
     off: u16,
     size: usize,
 ) -> Result<u32, Errno> {
+    read_cfg_wide(be, d, off, size).map(|v| v as u32)
+}
+
+/// A config read of 1 to 8 bytes, little-endian.
+fn read_cfg_wide(
+    be: &mut dyn ScenarioBackend,
+    d: DevHandle,
+    off: u16,
+    size: usize,
+) -> Result<u64, Errno> {
     let mut b = vec![0u8; size];
     be.config_read(d, u64::from(off), &mut b)?;
     Ok(b.iter()
         .enumerate()
-        .fold(0u32, |v, (i, x)| v | u32::from(*x) << (8 * i)))
+        .fold(0u64, |v, (i, x)| v | u64::from(*x) << (8 * i)))
+}
+
+/// The absolute offset of `at`: `Ok(None)` when its capability is absent.
+fn resolve(
+    be: &mut dyn ScenarioBackend,
+    d: DevHandle,
+    at: &ConfigAt,
+) -> Result<Option<u16>, Errno> {
+    let base = match at.cap {
+        None => Some(0),
+        Some(Cap::Std(id)) => find_cap(be, d, id)?,
+        Some(Cap::Ext(id)) => find_ecap(be, d, id)?,
+    };
+    Ok(base.map(|b| b + at.offset))
+}
+
+/// Finds extended capability `id` by walking the list from 0x100 through config reads.
+fn find_ecap(be: &mut dyn ScenarioBackend, d: DevHandle, id: u16) -> Result<Option<u16>, Errno> {
+    let mut p: u16 = 0x100;
+    // Each header is at least 4 bytes past the last, inside 0x100..0x1000.
+    for _ in 0..(0x1000 - 0x100) / 4 {
+        let hdr = read_cfg(be, d, p, 4)?;
+        if hdr == 0 || hdr == u32::MAX {
+            return Ok(None);
+        }
+        if hdr & 0xffff == u32::from(id) {
+            return Ok(Some(p));
+        }
+        let next = (hdr >> 20) as u16 & 0xffc;
+        if next < 0x100 {
+            return Ok(None);
+        }
+        p = next;
+    }
+    Ok(None)
+}
+
+/// The outcome of a step that needs a capability the device lacks.
+fn no_cap(at: &ConfigAt) -> String {
+    format!(
+        "no {} capability",
+        at.cap.map_or_else(String::new, Cap::name)
+    )
 }
 
 /// Finds capability `id` by walking the list through config reads, as a user would.
@@ -346,26 +412,32 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
         }
         Action::ConfigRead {
             dev,
-            offset,
+            at,
             size,
             mask,
         } => {
             let (d, _) = st.dev(dev)?;
+            let Some(off) = resolve(be, d, at).map_err(errno_word)? else {
+                return Ok((no_cap(at), None));
+            };
             Ok((
-                read_cfg(be, d, *offset, *size)
+                read_cfg_wide(be, d, off, *size)
                     .map_or_else(errno_word, |v| format!("{:#06x}", v & mask)),
                 None,
             ))
         }
         Action::ConfigWrite {
             dev,
-            offset,
+            at,
             size,
             value,
         } => {
             let (d, _) = st.dev(dev)?;
+            let Some(off) = resolve(be, d, at).map_err(errno_word)? else {
+                return Ok((no_cap(at), None));
+            };
             let bytes = value.to_le_bytes();
-            ok_or_errno(be.config_write(d, u64::from(*offset), &bytes[..*size]))
+            ok_or_errno(be.config_write(d, u64::from(off), &bytes[..*size]))
         }
         Action::Memory { dev, on } => {
             let (d, _) = st.dev(dev)?;
@@ -376,18 +448,19 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
             });
             ok_or_errno(r)
         }
-        Action::Power { dev, state } => {
+        Action::Power { dev, state, size } => {
             let (d, _) = st.dev(dev)?;
             let Some(pm) = find_cap(be, d, regs::CAP_ID_PM).map_err(errno_word)? else {
                 return Ok(("no PM capability".into(), None));
             };
-            let r = read_cfg(be, d, pm + regs::PM_CTRL, 2).and_then(|c| {
-                let v = (c as u16 & !regs::PM_CTRL_STATE_MASK) | state;
-                be.config_write(d, u64::from(pm + regs::PM_CTRL), &v.to_le_bytes())
+            let at = pm + regs::PM_CTRL;
+            let r = read_cfg(be, d, at, *size).and_then(|c| {
+                let v = (c & !u32::from(regs::PM_CTRL_STATE_MASK)) | u32::from(*state);
+                be.config_write(d, u64::from(at), &v.to_le_bytes()[..*size])
             });
             ok_or_errno(r)
         }
-        Action::Flr { dev } => {
+        Action::Flr { dev, size } => {
             let (d, _) = st.dev(dev)?;
             let Some(e) = find_cap(be, d, regs::CAP_ID_EXP).map_err(errno_word)? else {
                 return Ok(("no PCIe capability".into(), None));
@@ -396,10 +469,19 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
             if cap & regs::EXP_DEVCAP_FLR == 0 {
                 return Ok(("no FLR".into(), None));
             }
-            let r = read_cfg(be, d, e + regs::EXP_DEVCTL, 2).and_then(|c| {
-                let v = c as u16 | regs::EXP_DEVCTL_BCR_FLR;
-                be.config_write(d, u64::from(e + regs::EXP_DEVCTL), &v.to_le_bytes())
-            });
+            let flr = u32::from(regs::EXP_DEVCTL_BCR_FLR);
+            let ctl = e + regs::EXP_DEVCTL;
+            let r = match size {
+                // DevCtl's high byte, where the FLR bit is.
+                1 => read_cfg(be, d, ctl + 1, 1)
+                    .and_then(|c| be.config_write(d, u64::from(ctl + 1), &[(c | flr >> 8) as u8])),
+                // DevCtl with DevSta, whose write-one-to-clear bits get zeros.
+                4 => read_cfg(be, d, ctl, 2)
+                    .and_then(|c| be.config_write(d, u64::from(ctl), &(c | flr).to_le_bytes())),
+                _ => read_cfg(be, d, ctl, 2).and_then(|c| {
+                    be.config_write(d, u64::from(ctl), &((c | flr) as u16).to_le_bytes())
+                }),
+            };
             ok_or_errno(r)
         }
         Action::AfFlr { dev } => {
@@ -450,24 +532,38 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
             length,
             iova,
             flags,
+            name,
         } => {
-            let i = st.ioas(ioas)?;
+            let space = st.ioas(ioas)?;
             let (n, export) = st.fd(fd)?;
-            let r = be.ioas_map_file(i, n, *start, *length, *iova, *flags);
-            if r.is_ok() {
+            let asked = st.iova(iova)?;
+            let r = be.ioas_map_file(space, n, *start, *length, asked, *flags);
+            if let Ok(at) = r {
                 st.windows.push(Window {
-                    iova: *iova,
+                    iova: at,
                     length: *length,
                     start: *start,
                     export,
                 });
+                if let Some(name) = name {
+                    st.iovas.insert(name.clone(), at);
+                }
             }
-            ok_or_errno(r)
+            let fixed = *flags & peerdma_uapi::backend::MAP_FIXED_IOVA != 0;
+            Ok((
+                match r {
+                    Ok(_) if fixed => "ok".into(),
+                    Ok(at) => format!("iova {at:#x}"),
+                    Err(e) => errno_word(e),
+                },
+                None,
+            ))
         }
         Action::Unmap { ioas, iova, length } => {
             let i = st.ioas(ioas)?;
+            let at = st.iova(iova)?;
             Ok((
-                match be.ioas_unmap(i, *iova, *length) {
+                match be.ioas_unmap(i, at, *length) {
                     Ok(n) if n == *length => "ok".into(),
                     Ok(n) => format!("unmapped {n:#x}"),
                     Err(e) => errno_word(e),
@@ -475,9 +571,20 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
                 None,
             ))
         }
+        Action::IovaRanges { ioas, room } => {
+            let i = st.ioas(ioas)?;
+            Ok((
+                match be.ioas_iova_ranges(i, *room) {
+                    Ok(r) => crate::format::ranges_outcome(&r.ranges, r.alignment),
+                    Err(e) => errno_word(e),
+                },
+                None,
+            ))
+        }
         Action::Dma { dev, iova } => {
             let (d, _) = st.dev(dev)?;
-            let (at, bdf, region, offset) = pick_target(st, ctx, *iova)?;
+            let iova = st.iova(iova)?;
+            let (at, bdf, region, offset) = pick_target(st, ctx, iova)?;
             ctx.seq += 1;
             let p = pattern(ctx.seq);
             ctx.used.insert((bdf, region, offset / PATTERN_LEN));

@@ -148,9 +148,16 @@ impl UapiBackend for Tweaked<'_> {
         length: u64,
         iova: u64,
         flags: u32,
-    ) -> Result<(), Errno> {
+    ) -> Result<u64, Errno> {
         self.inner
             .ioas_map_file(ioas, fd, start, length, iova, flags)
+    }
+    fn ioas_iova_ranges(
+        &mut self,
+        ioas: IoasId,
+        room: u32,
+    ) -> Result<peerdma_uapi::backend::IovaRanges, Errno> {
+        self.inner.ioas_iova_ranges(ioas, room)
     }
     fn ioas_unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64, Errno> {
         self.inner.ioas_unmap(ioas, iova, length)
@@ -411,6 +418,7 @@ fn the_group_path_subset_runs_without_iommufd() {
 
 mod random {
     use super::*;
+    use peerdma_scenario::format::{Cap, ConfigAt};
     use peerdma_scenario::{Action, Step};
     use peerdma_uapi::DmaBufRequest;
 
@@ -501,8 +509,32 @@ mod random {
                 length
             }),
             (dev(), any::<bool>()).prop_map(|(dev, on)| Action::Memory { dev, on }),
-            (dev(), pick(vec![0u16, 3])).prop_map(|(dev, state)| Action::Power { dev, state }),
-            dev().prop_map(|dev| Action::Flr { dev }),
+            (dev(), pick(vec![0u16, 3]), pick(vec![1usize, 2, 4]))
+                .prop_map(|(dev, state, size)| Action::Power { dev, state, size }),
+            (dev(), pick(vec![1usize, 2, 4])).prop_map(|(dev, size)| Action::Flr { dev, size }),
+            (
+                dev(),
+                pick(vec![
+                    None,
+                    Some(Cap::Std(0x01)),
+                    Some(Cap::Std(0x10)),
+                    Some(Cap::Std(0x11)),
+                    Some(Cap::Ext(0x01))
+                ]),
+                0u16..0x40,
+                1usize..=8,
+                any::<u64>()
+            )
+                .prop_map(|(dev, cap, offset, size, value)| Action::ConfigWrite {
+                    dev,
+                    at: ConfigAt { cap, offset },
+                    size,
+                    value: if size == 8 {
+                        value
+                    } else {
+                        value & ((1 << (8 * size)) - 1)
+                    },
+                }),
             dev().prop_map(|dev| Action::Reset { dev }),
             dev().prop_map(|dev| Action::HotReset { dev }),
             (dev(), any::<bool>(), any::<bool>()).prop_map(|(dev, enter, w)| Action::LowPower {
@@ -524,15 +556,20 @@ mod random {
                     fd,
                     start,
                     length,
-                    iova,
-                    flags: 7
+                    iova: iova.into(),
+                    flags: 7,
+                    name: None,
                 }),
             (ioas(), iova(), len()).prop_map(|(ioas, iova, length)| Action::Unmap {
                 ioas,
-                iova,
+                iova: iova.into(),
                 length
             }),
-            (dev(), iova()).prop_map(|(dev, iova)| Action::Dma { dev, iova }),
+            (ioas(), 0u32..4).prop_map(|(ioas, room)| Action::IovaRanges { ioas, room }),
+            (dev(), iova()).prop_map(|(dev, iova)| Action::Dma {
+                dev,
+                iova: iova.into()
+            }),
         ]
     }
 

@@ -67,6 +67,17 @@ impl DmabufInfo {
 }
 
 /// The operations peerdma performs across the userspace boundary. Every failure is the errno
+/// The answer of `IOMMU_IOAS_IOVA_RANGES`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IovaRanges {
+    /// The IOVA ranges a map may use (inclusive), as many as the caller had room for.
+    pub ranges: Vec<(u64, u64)>,
+    /// How many there are (`num_iovas` on return).
+    pub total: u32,
+    /// `out_iova_alignment`.
+    pub alignment: u64,
+}
+
 /// the kernel would return.
 pub trait UapiBackend {
     /// Opens a VFIO device.
@@ -96,7 +107,8 @@ pub trait UapiBackend {
     fn ioas_alloc(&mut self) -> Result<IoasId, Errno>;
     /// Attaches an open (cdev) device to an IOAS (`VFIO_DEVICE_ATTACH_IOMMUFD_PT`).
     fn attach_ioas(&mut self, dev: DevHandle, ioas: IoasId) -> Result<(), Errno>;
-    /// `IOMMU_IOAS_MAP_FILE` of `[start, start + length)` of a dma-buf at `iova`.
+    /// `IOMMU_IOAS_MAP_FILE` of `[start, start + length)` of a dma-buf at `iova` (or, without
+    /// [`MAP_FIXED_IOVA`], where the kernel chooses); returns the IOVA.
     fn ioas_map_file(
         &mut self,
         ioas: IoasId,
@@ -105,7 +117,9 @@ pub trait UapiBackend {
         length: u64,
         iova: u64,
         flags: u32,
-    ) -> Result<(), Errno>;
+    ) -> Result<u64, Errno>;
+    /// `IOMMU_IOAS_IOVA_RANGES` with room for `room` ranges.
+    fn ioas_iova_ranges(&mut self, ioas: IoasId, room: u32) -> Result<IovaRanges, Errno>;
     /// `IOMMU_IOAS_UNMAP`; returns the length unmapped.
     fn ioas_unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64, Errno>;
 }

@@ -15,7 +15,7 @@ use peerdma_dmabuf::Process;
 use peerdma_dmabuf::sgt::DmaEnv;
 use peerdma_p2pdma::P2pDma;
 use peerdma_pci::{Bdf, DeviceKind, DmaAddr, Errno, Fabric, regs, sync};
-use peerdma_uapi::backend::{Landed, ScenarioBackend};
+use peerdma_uapi::backend::{IovaRanges, Landed, ScenarioBackend};
 use peerdma_uapi::feature::O_CLOEXEC;
 use peerdma_uapi::{DevHandle, DmabufInfo, IoasId, OpenPath, UapiBackend};
 
@@ -336,11 +336,16 @@ impl UapiBackend for Emulated<'_> {
         length: u64,
         iova: u64,
         flags: u32,
-    ) -> Result<(), Errno> {
+    ) -> Result<u64, Errno> {
         self.iommufd()?;
         let i = self.iommufd.as_ref().ok_or(Errno::ENODEV)?;
         i.map_file_ioctl(&self.proc, ioas.0, fd, start, length, iova, flags)
-            .map(|_| ())
+    }
+
+    fn ioas_iova_ranges(&mut self, ioas: IoasId, room: u32) -> Result<IovaRanges, Errno> {
+        self.iommufd()?
+            .iova_ranges(ioas.0, room, 0)
+            .map_err(|(e, _)| e)
     }
 
     fn ioas_unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64, Errno> {

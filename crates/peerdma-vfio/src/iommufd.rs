@@ -8,17 +8,20 @@
 //! source ([`Iommufd::map_file_ioctl`], [`Iommufd::unmap`] list it); an IOAS's alignment is a
 //! byte until a device is attached and the page size after (`iopt->iova_alignment`), and an
 //! unmap is not atomic: it stops at the first area only partly inside its range, leaving
-//! those before it unmapped. Not modelled yet: kernel-chosen IOVAs (no FIXED_IOVA), reserved
-//! regions and `IOMMU_IOAS_IOVA_RANGES`, detach, IOAS destroy.
+//! those before it unmapped. Attaching a device reserves its IOMMU reserved regions (the MSI
+//! window) and, with the first device's domain, everything past the aperture;
+//! `IOMMU_IOAS_IOVA_RANGES` reports the rest, and a map without FIXED_IOVA gets an IOVA
+//! the way the kernel picks one. Not modelled yet: detach, IOAS destroy.
 
+use peerdma_pci::sync::atomic::{AtomicU64, Ordering};
 use peerdma_pci::sync::{Arc, Mutex};
 use std::collections::BTreeMap;
 
-use peerdma_dma::iommu::{Attach, DomainId, prot};
+use peerdma_dma::iommu::{APERTURE_END, Attach, DomainId, prot};
 use peerdma_dmabuf::sgt::DmaEnv;
 use peerdma_dmabuf::{Attachment, File, ImporterOps, Process, ResvGuard};
 use peerdma_pci::{Bdf, Errno, sync};
-use peerdma_uapi::backend::{MAP_FIXED_IOVA, MAP_READABLE, MAP_WRITEABLE};
+use peerdma_uapi::backend::{IovaRanges, MAP_FIXED_IOVA, MAP_READABLE, MAP_WRITEABLE};
 
 use crate::pci::iommufd_map;
 
@@ -54,17 +57,136 @@ struct Area {
     grant: Option<crate::watch::GrantId>,
 }
 
+/// Who put a reserved range in an IOAS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    /// The domain: everything outside its aperture (`iopt_table_add_domain`).
+    Domain,
+    /// A device: a reserved region its IOMMU driver reports
+    /// (`iopt_table_enforce_dev_resv_regions`).
+    Dev(Bdf),
+}
+
+/// A range of IOVA nothing may be mapped at (`struct iopt_reserved`), inclusive.
+#[derive(Debug, Clone, Copy)]
+struct Reserved {
+    start: u64,
+    last: u64,
+    owner: Owner,
+}
+
 struct Ioas {
     domain: DomainId,
     areas: BTreeMap<u64, Area>,
     /// Devices attached now (each brings a domain whose page size is 4 KiB).
     devices: std::collections::BTreeSet<Bdf>,
+    /// `iopt->reserved_itree`.
+    reserved: Vec<Reserved>,
 }
 
 impl Ioas {
     /// `iopt->iova_alignment`: 1 with no domain, the page size once a device is attached.
     fn alignment(&self) -> u64 {
         if self.devices.is_empty() { 1 } else { PAGE }
+    }
+
+    /// Whether an area meets `[start, last]` (`iopt_area_iter_first`).
+    fn area_meets(&self, start: u64, last: u64) -> bool {
+        self.areas
+            .range(..=last)
+            .next_back()
+            .is_some_and(|(&a, area)| a + (area.len - 1) >= start)
+    }
+
+    /// Whether a reserved range meets `[start, last]` (`iopt_reserved_iter_first`).
+    fn reserved_meets(&self, start: u64, last: u64) -> bool {
+        self.reserved
+            .iter()
+            .any(|r| r.start <= last && r.last >= start)
+    }
+
+    /// The used ranges (reserved and areas), sorted, inclusive.
+    fn used(&self) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = self.reserved.iter().map(|r| (r.start, r.last)).collect();
+        v.extend(self.areas.iter().map(|(&a, area)| (a, a + (area.len - 1))));
+        v.sort_unstable();
+        v
+    }
+
+    /// `iopt_alloc_iova` on a kernel without transparent huge pages: the lowest IOVA from
+    /// the second page up, aligned to the length rounded up to a power of two (and to the
+    /// lowest set bit of `start`) but never more than the page size, with `start`'s offset
+    /// in its page, where `length` bytes meet no reserved range and no area.
+    fn alloc_iova(&self, start: u64, length: u64) -> Result<u64, Errno> {
+        if length == 0 || length >= u64::MAX / 2 {
+            return Err(Errno::EOVERFLOW);
+        }
+        let page_offset = start % PAGE;
+        let mut align = length.next_power_of_two();
+        if start != 0 {
+            align = align.min(1 << start.trailing_zeros());
+        }
+        align = align.min(PAGE);
+        if align < self.alignment() {
+            return Err(Errno::EINVAL);
+        }
+        // The allowed span: [PAGE, u64::MAX - PAGE] (no IOMMU_IOAS_ALLOW_IOVAS).
+        let (lo, hi) = (PAGE, u64::MAX - PAGE);
+        // Holes between used ranges, clipped to the allowed span.
+        let mut holes = Vec::new();
+        let mut next = lo;
+        for (a, b) in self.used() {
+            if b < next {
+                continue;
+            }
+            if a > next {
+                holes.push((next, (a - 1).min(hi)));
+            }
+            if b >= hi {
+                next = u64::MAX;
+                break;
+            }
+            next = b + 1;
+        }
+        if next <= hi {
+            holes.push((next, hi));
+        }
+        for (h0, h1) in holes {
+            if h0 > hi {
+                break;
+            }
+            // __alloc_iova_check_range: round up, keep the page offset, fit below `h1`.
+            let Some(up) = h0.checked_add(align - 1) else {
+                continue;
+            };
+            let at = (up & !(align - 1)) | page_offset;
+            if at >= h1 || h1 - at < length - 1 {
+                continue;
+            }
+            return Ok(at);
+        }
+        Err(Errno::ENOSPC)
+    }
+
+    /// `iommufd_ioas_iova_ranges`: the holes between reserved ranges (areas do not count).
+    fn allowed_ranges(&self) -> Vec<(u64, u64)> {
+        let mut r: Vec<(u64, u64)> = self.reserved.iter().map(|r| (r.start, r.last)).collect();
+        r.sort_unstable();
+        let mut out = Vec::new();
+        let mut next = Some(0u64);
+        for (a, b) in r {
+            let Some(n) = next else { break };
+            if a > n {
+                out.push((n, a - 1));
+            }
+            if b >= n {
+                next = b.checked_add(1);
+            }
+        }
+        if let Some(n) = next {
+            out.push((n, u64::MAX));
+        }
+        out
     }
 }
 
@@ -112,6 +234,7 @@ impl Iommufd {
                 domain,
                 areas: BTreeMap::new(),
                 devices: std::collections::BTreeSet::new(),
+                reserved: Vec::new(),
             },
         );
         Ok(id)
@@ -122,22 +245,86 @@ impl Iommufd {
     /// IOAS's alignment to the page size: an area not aligned to it is `EADDRINUSE`
     /// (`iopt_check_iova_alignment` in io_pagetable.c); the IOAS a device leaves goes back to
     /// a byte once it has none.
+    ///
+    /// The checks, in the order of `iommufd_hw_pagetable_attach` and
+    /// `iommufd_hwpt_paging_alloc` (device.c, hw_pagetable.c): the device's reserved regions
+    /// (`iopt_table_enforce_dev_resv_regions`; the MSI window on Intel) must meet no area;
+    /// then, for the first device, which brings the domain (`iopt_table_add_domain`), every
+    /// area must be page aligned and inside the domain's aperture. Each failure is
+    /// `EADDRINUSE` and changes nothing. On success the device's regions and, with the
+    /// domain, everything past the aperture become reserved: a map there is `EINVAL`. They
+    /// go again when the device (or the domain's last device) leaves.
     pub fn attach(&self, dev: Bdf, ioas: u32) -> Result<(), Errno> {
         let mut m = sync::lock(&self.ioas);
         let io = m.get_mut(&ioas).ok_or(Errno::ENOENT)?;
-        if io.devices.is_empty() && io.areas.values().any(|a| a.unaligned) {
-            return Err(Errno::EADDRINUSE);
+        if io.devices.contains(&dev) {
+            return Ok(());
         }
         let iommu = self.env.dma.iommu().ok_or(Errno::ENODEV)?;
+        let resv = iommu.reserved_regions(dev);
+        if resv.iter().any(|r| io.area_meets(r.start, r.last)) {
+            return Err(Errno::EADDRINUSE);
+        }
+        let first = io.devices.is_empty();
+        if first
+            && (io.areas.values().any(|a| a.unaligned) || io.area_meets(APERTURE_END + 1, u64::MAX))
+        {
+            return Err(Errno::EADDRINUSE);
+        }
         iommu.attach(dev, Attach::Paging(io.domain))?;
+        if first {
+            io.reserved.push(Reserved {
+                start: APERTURE_END + 1,
+                last: u64::MAX,
+                owner: Owner::Domain,
+            });
+        }
+        io.reserved.extend(resv.iter().map(|r| Reserved {
+            start: r.start,
+            last: r.last,
+            owner: Owner::Dev(dev),
+        }));
         for (&id, other) in m.iter_mut() {
-            if id == ioas {
-                other.devices.insert(dev);
-            } else {
-                other.devices.remove(&dev);
+            if id != ioas && other.devices.remove(&dev) {
+                other.reserved.retain(|r| r.owner != Owner::Dev(dev));
+                if other.devices.is_empty() {
+                    other.reserved.retain(|r| r.owner != Owner::Domain);
+                }
             }
         }
+        if let Some(io) = m.get_mut(&ioas) {
+            io.devices.insert(dev);
+        }
         Ok(())
+    }
+
+    /// `IOMMU_IOAS_IOVA_RANGES` with room for `room` ranges, in the order of Linux 7.2's
+    /// `iommufd_ioas_iova_ranges` (ioas.c): a nonzero reserved word → `EOPNOTSUPP`; no such
+    /// IOAS → `ENOENT`; then the ranges no reserved region covers, the IOAS's alignment,
+    /// and `EMSGSIZE` when there are more ranges than room (the count is still returned, in
+    /// the error's [`IovaRanges`]).
+    pub fn iova_ranges(
+        &self,
+        ioas: u32,
+        room: u32,
+        reserved_word: u32,
+    ) -> Result<IovaRanges, (Errno, Option<IovaRanges>)> {
+        if reserved_word != 0 {
+            return Err((Errno::EOPNOTSUPP, None));
+        }
+        let m = sync::lock(&self.ioas);
+        let io = m.get(&ioas).ok_or((Errno::ENOENT, None))?;
+        let all = io.allowed_ranges();
+        let total = u32::try_from(all.len()).unwrap_or(u32::MAX);
+        let r = IovaRanges {
+            ranges: all.into_iter().take(room as usize).collect(),
+            total,
+            alignment: io.alignment(),
+        };
+        if total > room {
+            return Err((Errno::EMSGSIZE, Some(r)));
+        }
+        Ok(r)
     }
 
     /// `IOMMU_IOAS_MAP_FILE` as the ioctl receives it: `fd` in `proc`, `flags` of
@@ -156,12 +343,16 @@ impl Iommufd {
     /// 7. the window ends past the buffer → `EINVAL`;
     /// 8. the dma-buf attach and the vfio interconnect (`EOPNOTSUPP` for another exporter or
     ///    several ranges, `ENODEV` while revoked);
-    /// 9. `length` or `iova` not page aligned → `EINVAL`; `iova + length - 1` wraps →
-    ///    `EOVERFLOW`; the range overlaps an area → `EEXIST`;
+    /// 9. `length` not aligned to the IOAS → `EINVAL`; then with FIXED_IOVA
+    ///    (`iopt_check_iova`): `iova` not aligned → `EINVAL`, `iova + length - 1` wraps →
+    ///    `EOVERFLOW`, the range meets a reserved region (a device's MSI window, past the
+    ///    domain's aperture) → `EINVAL`, or an area → `EEXIST`; without it the kernel picks
+    ///    the IOVA (`iopt_alloc_iova`, see `Ioas::alloc_iova`): `length` of half the space
+    ///    or more → `EOVERFLOW`, an alignment below the IOAS's → `EINVAL`, no room →
+    ///    `ENOSPC`;
     /// 10. `start` not page aligned → `EINVAL`.
     ///
-    /// Without FIXED_IOVA the kernel picks the IOVA; that is not modelled (`EOPNOTSUPP`, at
-    /// the point where the kernel would pick).
+    /// Returns the IOVA (the kernel's choice without FIXED_IOVA).
     #[allow(clippy::too_many_arguments)]
     pub fn map_file_ioctl(
         &self,
@@ -177,7 +368,7 @@ impl Iommufd {
         let file = proc.fget(fd)?;
         let r = self.map_checked(ioas, &file, start, length, iova, flags);
         file.put();
-        r.map(|()| iova)
+        r
     }
 
     /// `IOMMU_IOAS_MAP_FILE` of `length` bytes from `start` of a dma-buf at a fixed `iova`,
@@ -194,6 +385,7 @@ impl Iommufd {
         let flags = MAP_FIXED_IOVA | MAP_READABLE | MAP_WRITEABLE;
         self.arg_checks(ioas, start, length, iova, flags)?;
         self.map_checked(ioas, file, start, length, iova, flags)
+            .map(|_| ())
     }
 
     /// Steps 1 to 5 of [`Iommufd::map_file_ioctl`]: everything before the fd is looked at.
@@ -233,7 +425,7 @@ impl Iommufd {
         length: u64,
         iova: u64,
         flags: u32,
-    ) -> Result<(), Errno> {
+    ) -> Result<u64, Errno> {
         let iommu = self.env.dma.iommu().ok_or(Errno::ENODEV)?.clone();
         let domain = sync::lock(&self.ioas)
             .get(&ioas)
@@ -246,13 +438,17 @@ impl Iommufd {
             return Err(Errno::EINVAL);
         }
         let state = Arc::new(Mutex::new(AreaState::Pending));
-        let (s2, m2) = (state.clone(), iommu.clone());
+        // The area's IOVA, known once the map has the lock (the kernel may choose it); the
+        // callback reads it under the same lock.
+        let at = Arc::new(AtomicU64::new(iova));
+        let (s2, m2, at2) = (state.clone(), iommu.clone(), at.clone());
         let ops = ImporterOps {
             allow_peer2peer: true,
             invalidate: Some(Arc::new(move |_: &Attachment, _: &ResvGuard<'_>| {
                 // Revoked: the area's entries go and the IOTLB is synced; it stays dead.
                 let mut st = sync::lock(&s2);
                 if *st == AreaState::Live {
+                    let iova = at2.load(Ordering::Relaxed);
                     m2.unmap(domain, iova, length);
                     m2.sync_range(domain, iova, length);
                 }
@@ -276,25 +472,31 @@ impl Iommufd {
                 if length % align != 0 {
                     return Err(Errno::EINVAL);
                 }
-                if flags & MAP_FIXED_IOVA == 0 {
-                    return Err(Errno::EOPNOTSUPP);
-                }
-                if iova % align != 0 {
-                    return Err(Errno::EINVAL);
-                }
-                let end = iova.checked_add(length - 1).ok_or(Errno::EOVERFLOW)?;
-                if io
-                    .areas
-                    .range(..=end)
-                    .next_back()
-                    .is_some_and(|(&a, area)| a + (area.len - 1) >= iova)
-                {
-                    return Err(Errno::EEXIST);
-                }
+                let iova = if flags & MAP_FIXED_IOVA == 0 {
+                    io.alloc_iova(start, length)?
+                } else {
+                    // iopt_check_iova.
+                    if iova % align != 0 {
+                        return Err(Errno::EINVAL);
+                    }
+                    let end = iova.checked_add(length - 1).ok_or(Errno::EOVERFLOW)?;
+                    if io.reserved_meets(iova, end) {
+                        return Err(Errno::EINVAL);
+                    }
+                    if io.area_meets(iova, end) {
+                        return Err(Errno::EEXIST);
+                    }
+                    iova
+                };
+                at.store(iova, Ordering::Relaxed);
                 if (start % PAGE) % align != 0 {
                     return Err(Errno::EINVAL);
                 }
                 let unaligned = (iova | length | start) % PAGE != 0;
+                // With no device there is no domain: nothing to write, and past the aperture
+                // nothing could be (the first device's domain refuses the area instead).
+                let unbacked =
+                    unaligned || (io.devices.is_empty() && iova + (length - 1) > APERTURE_END);
                 let mut p = prot::MMIO;
                 if flags & MAP_READABLE != 0 {
                     p |= prot::READ;
@@ -303,7 +505,7 @@ impl Iommufd {
                     p |= prot::WRITE;
                 }
                 let phys = pv.paddr.get() + start;
-                let grant = if unaligned {
+                let grant = if unbacked {
                     // No device can reach it: nothing to write, nothing to watch.
                     *sync::lock(&state) = AreaState::Unbacked;
                     None
@@ -325,7 +527,7 @@ impl Iommufd {
                         grant,
                     },
                 );
-                Ok(())
+                Ok(iova)
             })
         };
         if r.is_err() {
@@ -434,5 +636,69 @@ impl Iommufd {
             .get(&ioas)
             .and_then(|io| io.areas.get(&iova))
             .map(|a| *sync::lock(&a.state) == AreaState::Dead)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An IOAS with one device attached and these ranges reserved (no areas).
+    fn ioas(reserved: &[(u64, u64)]) -> Ioas {
+        Ioas {
+            domain: DomainId(0),
+            areas: BTreeMap::new(),
+            devices: [Bdf::new(0, 1, 0, 0).unwrap()].into_iter().collect(),
+            reserved: reserved
+                .iter()
+                .map(|&(start, last)| Reserved {
+                    start,
+                    last,
+                    owner: Owner::Domain,
+                })
+                .collect(),
+        }
+    }
+
+    const MSI: (u64, u64) = peerdma_dma::iommu::MSI_WINDOW;
+    const TOP: (u64, u64) = (APERTURE_END + 1, u64::MAX);
+
+    #[test]
+    fn a_kernel_chosen_iova_skips_reserved_ranges() {
+        // Everything below the MSI window used but its last page.
+        let io = ioas(&[(0x1000, MSI.0 - 0x1001), MSI, TOP]);
+        assert_eq!(io.alloc_iova(0, 0x1000), Ok(MSI.0 - 0x1000));
+        assert_eq!(
+            io.alloc_iova(0, 0x2000),
+            Ok(MSI.1 + 1),
+            "too big for the page"
+        );
+        // Nothing left at all.
+        let full = ioas(&[(0x1000, u64::MAX)]);
+        assert_eq!(full.alloc_iova(0, 0x1000), Err(Errno::ENOSPC));
+        // Half the space or more.
+        assert_eq!(io.alloc_iova(0, 1 << 63), Err(Errno::EOVERFLOW));
+        // An offset whose lowest bit is below the IOAS's alignment.
+        assert_eq!(io.alloc_iova(0x800, 0x1000), Err(Errno::EINVAL));
+        // Page 0 is never chosen, and the start's offset in its page is kept.
+        let empty = ioas(&[]);
+        assert_eq!(empty.alloc_iova(0, 0x1000), Ok(0x1000));
+        let mut byte = ioas(&[]);
+        byte.devices.clear();
+        assert_eq!(byte.alloc_iova(0x10_0123, 0x1000), Ok(0x1123));
+    }
+
+    #[test]
+    fn iova_ranges_are_the_holes_between_reserved_ranges() {
+        assert_eq!(ioas(&[]).allowed_ranges(), vec![(0, u64::MAX)]);
+        assert_eq!(
+            ioas(&[MSI, TOP]).allowed_ranges(),
+            vec![(0, MSI.0 - 1), (MSI.1 + 1, APERTURE_END)]
+        );
+        // Overlapping and touching ranges merge; one at 0 leaves no hole there.
+        assert_eq!(
+            ioas(&[(0, 0xfff), (0x1000, 0x1fff), (0x1800, 0x2fff), TOP]).allowed_ranges(),
+            vec![(0x3000, APERTURE_END)]
+        );
     }
 }

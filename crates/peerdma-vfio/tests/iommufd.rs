@@ -283,3 +283,127 @@ fn an_ioas_a_device_leaves_goes_back_to_byte_alignment() {
     assert_eq!(r.map(0, 0x1800, IOVA, RW), Ok(IOVA), "nic1 moved away");
     assert_eq!(r.ifd.attach(r.t.nic1, r.ioas), Err(Errno::EADDRINUSE));
 }
+
+const MSI: u64 = 0xfee0_0000;
+const PAST_APERTURE: u64 = 1 << 48;
+const RO_RW: u32 = MAP_READABLE | MAP_WRITEABLE;
+
+#[test]
+fn attaching_over_an_area_in_the_msi_window_or_past_the_aperture_is_eaddrinuse() {
+    for iova in [MSI, MSI + 0xf_0000, MSI - K64 + 0x1000, PAST_APERTURE] {
+        let r = bare();
+        // With no device, nothing is reserved: both map.
+        assert_eq!(r.map(0, K64, iova, RW), Ok(iova), "{iova:#x}");
+        assert_eq!(
+            r.ifd.attach(r.t.nic1, r.ioas),
+            Err(Errno::EADDRINUSE),
+            "{iova:#x}"
+        );
+        // Nothing changed: the area is there, nothing is reserved, no device came.
+        let rg = r.ifd.iova_ranges(r.ioas, 8, 0).unwrap();
+        assert_eq!(rg.ranges, vec![(0, u64::MAX)]);
+        assert_eq!(rg.alignment, 1);
+        assert_eq!(r.ifd.unmap(r.ioas, iova, K64), Ok(K64));
+        assert_eq!(r.ifd.attach(r.t.nic1, r.ioas), Ok(()));
+    }
+}
+
+#[test]
+fn a_map_into_a_reserved_region_of_an_attached_device_is_einval() {
+    let r = rig();
+    assert_eq!(r.map(0, K64, MSI, RW), Err(Errno::EINVAL));
+    assert_eq!(
+        r.map(0, K64, MSI - 0x1000, RW),
+        Err(Errno::EINVAL),
+        "reaches into it"
+    );
+    assert_eq!(
+        r.map(0, K64, 0xfef0_0000, RW),
+        Ok(0xfef0_0000),
+        "just past it"
+    );
+    assert_eq!(r.map(0, K64, PAST_APERTURE, RW), Err(Errno::EINVAL));
+    assert_eq!(
+        r.map(0, K64, PAST_APERTURE - 0x1000, RW),
+        Err(Errno::EINVAL),
+        "reaches past the aperture"
+    );
+    // Reserved before overlapping: the reserved check comes first.
+    assert_eq!(r.map(0, K64, IOVA, RW), Ok(IOVA));
+    assert_eq!(r.map(0, K64, MSI, RW), Err(Errno::EINVAL));
+    // Unaligned comes before reserved; a wrap before reserved too.
+    assert_eq!(r.map(0, K64, MSI + 0x800, RW), Err(Errno::EINVAL));
+    assert_eq!(r.vfio.violation_count(), 0);
+}
+
+#[test]
+fn iova_ranges_follow_the_devices_and_the_domain() {
+    let r = bare();
+    let all = r.ifd.iova_ranges(r.ioas, 8, 0).unwrap();
+    assert_eq!(
+        (all.ranges, all.total, all.alignment),
+        (vec![(0, u64::MAX)], 1, 1)
+    );
+    r.ifd.attach(r.t.nic1, r.ioas).unwrap();
+    let want = vec![(0, MSI - 1), (0xfef0_0000, PAST_APERTURE - 1)];
+    let got = r.ifd.iova_ranges(r.ioas, 8, 0).unwrap();
+    assert_eq!(
+        (got.ranges.clone(), got.total, got.alignment),
+        (want.clone(), 2, 4096)
+    );
+    // Room for one: EMSGSIZE, with the count and the first range.
+    let (e, part) = r.ifd.iova_ranges(r.ioas, 1, 0).unwrap_err();
+    assert_eq!(e, Errno::EMSGSIZE);
+    let part = part.unwrap();
+    assert_eq!((part.ranges, part.total), (want[..1].to_vec(), 2));
+    // A second device adds its own (identical) region; nothing new shows.
+    r.ifd.attach(r.t.nic0, r.ioas).unwrap();
+    assert_eq!(r.ifd.iova_ranges(r.ioas, 8, 0).unwrap().ranges, want);
+    // Checks before the IOAS: the reserved word, then the IOAS.
+    assert_eq!(
+        r.ifd.iova_ranges(999, 8, 1).unwrap_err().0,
+        Errno::EOPNOTSUPP
+    );
+    assert_eq!(r.ifd.iova_ranges(999, 8, 0).unwrap_err().0, Errno::ENOENT);
+    // Both devices move away: the IOAS is as new.
+    let other = r.ifd.ioas_alloc().unwrap();
+    r.ifd.attach(r.t.nic1, other).unwrap();
+    assert_eq!(
+        r.ifd.iova_ranges(r.ioas, 8, 0).unwrap().ranges,
+        want,
+        "nic0 is still there"
+    );
+    r.ifd.attach(r.t.nic0, other).unwrap();
+    let back = r.ifd.iova_ranges(r.ioas, 8, 0).unwrap();
+    assert_eq!((back.ranges, back.alignment), (vec![(0, u64::MAX)], 1));
+    // And the MSI window can be mapped again there.
+    assert_eq!(r.map(0, K64, MSI, RW), Ok(MSI));
+}
+
+#[test]
+fn the_kernel_picks_the_lowest_free_iova_and_dma_goes_through_it() {
+    let r = rig();
+    // From the second page up, page aligned (no transparent huge pages).
+    assert_eq!(r.map(0, K64, 0, RO_RW), Ok(0x1000));
+    assert_eq!(
+        r.map(K64, K64, 0xdead_0000, RO_RW),
+        Ok(0x1000 + K64),
+        "the iova given is ignored"
+    );
+    assert!(r.lands(0x1000 + 0x40, 0x40));
+    assert!(r.lands(0x1000 + K64 + 0x80, K64 + 0x80));
+    // A hole is reused once it is big enough.
+    assert_eq!(r.ifd.unmap(r.ioas, 0x1000, K64), Ok(K64));
+    assert_eq!(r.map(0, 0x2000, 0, RO_RW), Ok(0x1000));
+    assert_eq!(
+        r.map(0, 2 * K64, 0, RO_RW),
+        Ok(0x1000 + 2 * K64),
+        "too big for the hole at 0x3000"
+    );
+    // A window past the buffer is refused before any IOVA is looked for.
+    assert_eq!(r.map(0, 1 << 63, 0, RO_RW), Err(Errno::EINVAL));
+    // The chosen area is revoked like any other.
+    r.dev.config_write(regs::COMMAND, &[0, 0]).unwrap();
+    assert!(!r.lands(0x1000 + 0x40, 0x40));
+    assert_eq!(r.vfio.violation_count(), 0);
+}

@@ -156,6 +156,9 @@ struct Mem {
     wake: Option<Arc<File>>,
     /// Times the device was woken that way.
     wakeups: u32,
+    /// COMMAND as the first open left it (`pci_save_state` in `vfio_pci_core_enable`), put
+    /// back at the last close (`pci_restore_state` in `vfio_pci_core_disable`).
+    saved_command: u16,
 }
 
 struct Dev {
@@ -530,6 +533,7 @@ impl DeviceFd {
             let _ = d
                 .fabric
                 .config_write(d.bdf, regs::COMMAND, 2, u32::from(cmd));
+            m.saved_command = cmd;
             m.vconfig = VConfig::init(&d.fabric, d.bdf).ok();
             m.engaged = false;
         }
@@ -696,7 +700,11 @@ impl DeviceFd {
                 m.cleanup_bufs();
                 d.disengage(&mut m);
                 let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
-                let cmd = d.command_hw() & !(regs::COMMAND_MEMORY | regs::COMMAND_MASTER);
+                // The state saved at the first open comes back (whatever the user wrote since:
+                // an I/O decode bit the user cleared is set again), bus mastering off. Unlike
+                // Linux, which leaves memory decode as saved (on), the model turns it off, so
+                // that nothing reaches a closed device's BARs without a mapping.
+                let cmd = m.saved_command & !(regs::COMMAND_MEMORY | regs::COMMAND_MASTER);
                 let _ = d
                     .fabric
                     .config_write(d.bdf, regs::COMMAND, 2, u32::from(cmd));
