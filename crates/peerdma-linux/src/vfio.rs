@@ -103,6 +103,8 @@ struct AnonPage {
     ptr: *mut u8,
     len: usize,
     iova: u64,
+    /// The IOAS it is mapped in.
+    ioas: u32,
 }
 
 // SAFETY: the page is owned by the backend and only touched through `&mut self` methods.
@@ -320,6 +322,7 @@ impl LinuxBackend {
             ptr: p.cast(),
             len,
             iova,
+            ioas: ioas.0,
         };
         let i = self.iommufd()?;
         let map = iommu_ioas_map {
@@ -337,20 +340,25 @@ impl LinuxBackend {
     }
 
     /// Writes into anonymous memory mapped at `iova` by [`LinuxBackend::ioas_map_anon`].
+    /// Every page mapped at `iova` (in whichever IOAS) gets the bytes.
     pub fn anon_write(&mut self, iova: u64, data: &[u8]) -> Result<(), Errno> {
-        let page = self
+        let mut found = false;
+        for page in self
             .anon
             .iter()
-            .find(|p| iova >= p.iova && iova - p.iova < p.len as u64)
-            .ok_or(Errno::ENOENT)?;
-        let off = (iova - page.iova) as usize;
-        if off + data.len() > page.len {
-            return Err(Errno::EINVAL);
+            .filter(|p| iova >= p.iova && iova - p.iova < p.len as u64)
+        {
+            let off = (iova - page.iova) as usize;
+            if off + data.len() > page.len {
+                return Err(Errno::EINVAL);
+            }
+            // SAFETY: `off + data.len()` lies inside the owned mapping; devices may DMA into
+            // it concurrently, which is why it is written through a raw pointer and never
+            // borrowed.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), page.ptr.add(off), data.len()) };
+            found = true;
         }
-        // SAFETY: `off + data.len()` lies inside the owned mapping; devices may DMA into it
-        // concurrently, which is why it is written through a raw pointer and never borrowed.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), page.ptr.add(off), data.len()) };
-        Ok(())
+        if found { Ok(()) } else { Err(Errno::ENOENT) }
     }
 
     /// One run of edu's DMA engine: `cmd` bit 0 starts it, bit 1 set = from its buffer (device
@@ -388,8 +396,15 @@ impl LinuxBackend {
         if data.len() > 4096 {
             return Err(Errno::EINVAL);
         }
-        if !self.anon.iter().any(|p| p.iova == EDU_RAM_IOVA) {
-            let ioas = *self.attached.get(&edu.0).ok_or(Errno::EINVAL)?;
+        // The RAM page, in the IOAS the edu is attached to now (once per IOAS). A detached
+        // edu uses whatever page there was: its DMA faults, as on any machine.
+        let now = self.attached.get(&edu.0).copied();
+        let have = |io: u32| {
+            self.anon
+                .iter()
+                .any(|p| p.iova == EDU_RAM_IOVA && p.ioas == io)
+        };
+        if let Some(ioas) = now.filter(|io| !have(io.0)) {
             self.ioas_map_anon(
                 ioas,
                 4096,
@@ -404,7 +419,10 @@ impl LinuxBackend {
         if want != cmd {
             self.config_write(edu, u64::from(regs::COMMAND), &want.to_le_bytes())?;
         }
-        self.anon_write(EDU_RAM_IOVA, data)?;
+        match self.anon_write(EDU_RAM_IOVA, data) {
+            Ok(()) | Err(Errno::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
         self.edu_run(edu, EDU_RAM_IOVA, BUF, data.len(), false)?;
         self.edu_run(edu, BUF, dst, data.len(), true)
     }
@@ -640,6 +658,28 @@ impl UapiBackend for LinuxBackend {
             ));
         }
         Ok(map.iova)
+    }
+
+    fn detach_ioas(&mut self, dev: DevHandle) -> Result<(), Errno> {
+        self.dev(dev)?
+            .device
+            .detach_hwpt()
+            .map_err(|e| errno_of(&e))?;
+        self.attached.remove(&dev.0);
+        Ok(())
+    }
+
+    fn ioas_destroy(&mut self, ioas: IoasId) -> Result<(), Errno> {
+        let fd = self.iommufd()?;
+        fd.destroy_iommu_object(ioas.0).map_err(|e| errno_of(&e))?;
+        // Gone in the kernel: its handle must not destroy the id again when dropped (the
+        // kernel may hand the same id to a later object).
+        if let Some(h) = self.ioas.remove(&ioas.0) {
+            std::mem::forget(h);
+        }
+        // Its RAM pages went with it (and the id may come back for a new IOAS).
+        self.anon.retain(|p| p.ioas != ioas.0);
+        Ok(())
     }
 
     fn ioas_iova_ranges(&mut self, ioas: IoasId, room: u32) -> Result<IovaRanges, Errno> {

@@ -37,9 +37,17 @@ pub struct Scenario {
     pub about: String,
     /// The steps, in order.
     pub steps: Vec<Step>,
+    /// Runs only on kernels whose `CONFIG_PM` is this (`pm = true|false` in the file); every
+    /// kernel when absent.
+    pub pm: Option<bool>,
 }
 
 impl Scenario {
+    /// Whether it runs on a kernel whose `CONFIG_PM` is `pm`.
+    pub fn runs_with_pm(&self, pm: bool) -> bool {
+        self.pm.is_none_or(|p| p == pm)
+    }
+
     /// Whether a step uses iommufd (an IOAS, a mapping, a DMA through one).
     pub fn needs_iommufd(&self) -> bool {
         self.steps.iter().any(|s| {
@@ -55,6 +63,8 @@ impl Scenario {
                     | Action::Map { .. }
                     | Action::Unmap { .. }
                     | Action::IovaRanges { .. }
+                    | Action::Detach { .. }
+                    | Action::IoasDestroy { .. }
                     | Action::Dma { .. }
             )
         })
@@ -268,6 +278,16 @@ pub enum Action {
         /// Length.
         length: u64,
     },
+    /// `VFIO_DEVICE_DETACH_IOMMUFD_PT`.
+    Detach {
+        /// Device name.
+        dev: String,
+    },
+    /// `IOMMU_DESTROY` of an IOAS.
+    IoasDestroy {
+        /// IOAS name.
+        ioas: String,
+    },
     /// `IOMMU_IOAS_IOVA_RANGES` with room for `room` ranges.
     IovaRanges {
         /// IOAS name.
@@ -343,6 +363,8 @@ impl Action {
             Action::Map { .. } => "map",
             Action::Unmap { .. } => "unmap",
             Action::IovaRanges { .. } => "iova_ranges",
+            Action::Detach { .. } => "detach",
+            Action::IoasDestroy { .. } => "ioas_destroy",
             Action::Dma { .. } => "dma",
         }
     }
@@ -546,6 +568,7 @@ pub fn load_str(text: &str, name: &str) -> Result<Scenario, FormatError> {
     })?;
     let mut f = Fields::new(top, name.to_string());
     let about = f.string("about")?;
+    let pm = f.opt_bool("pm")?;
     let steps_v = f.take("step").ok_or_else(|| f.err("step", "no [[step]]"))?;
     let bad_steps = f.err("step", "must be [[step]] tables");
     f.done()?;
@@ -573,6 +596,7 @@ pub fn load_str(text: &str, name: &str) -> Result<Scenario, FormatError> {
         name: name.to_string(),
         about,
         steps,
+        pm,
     })
 }
 
@@ -979,6 +1003,8 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
         "reset" => Some(("dev", |dev| Action::Reset { dev }, ok.clone())),
         "hot_reset" => Some(("dev", |dev| Action::HotReset { dev }, ok.clone())),
         "close_fd" => Some(("fd", |fd| Action::CloseFd { fd }, ok.clone())),
+        "detach" => Some(("dev", |dev| Action::Detach { dev }, ok.clone())),
+        "ioas_destroy" => Some(("ioas", |ioas| Action::IoasDestroy { ioas }, ok.clone())),
         "fdinfo" => Some(("fd", |fd| Action::Fdinfo { fd }, fd.clone())),
         _ => None,
     };
@@ -1251,7 +1277,7 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
                 format!(
                     "unknown action {other:?} (open, bind, close, feature, export, close_fd, fdinfo, \
                      seek, mmap, config_read, config_write, memory, power, flr, af_flr, reset, hot_reset, \
-                     low_power, ioas, attach, map, unmap, iova_ranges, dma)"
+                     low_power, ioas, attach, detach, ioas_destroy, map, unmap, iova_ranges, dma)"
                 ),
             ));
         }

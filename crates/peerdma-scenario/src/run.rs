@@ -571,6 +571,14 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
                 None,
             ))
         }
+        Action::Detach { dev } => {
+            let (d, _) = st.dev(dev)?;
+            ok_or_errno(be.detach_ioas(d))
+        }
+        Action::IoasDestroy { ioas } => {
+            let i = st.ioas(ioas)?;
+            ok_or_errno(be.ioas_destroy(i))
+        }
         Action::IovaRanges { ioas, room } => {
             let i = st.ioas(ioas)?;
             Ok((

@@ -28,9 +28,14 @@ fn all() -> Vec<Scenario> {
     files.iter().map(|f| load_path(f).unwrap()).collect()
 }
 
+/// The harness's machine as the reference kernel is built (no CONFIG_PM).
 fn machine() -> Machine {
+    machine_pm(false)
+}
+
+fn machine_pm(pm: bool) -> Machine {
     let f = peerdma_pci::file::load_str(peerdma_pci::examples::QEMU_Q35, "qemu-q35.toml").unwrap();
-    Machine::new(Arc::new(f)).unwrap()
+    Machine::with_config(Arc::new(f), peerdma_vfio::KernelConfig { pm }).unwrap()
 }
 
 fn run_all(m: &Machine, scenarios: &[Scenario]) -> Vec<StepResult> {
@@ -39,8 +44,24 @@ fn run_all(m: &Machine, scenarios: &[Scenario]) -> Vec<StepResult> {
 
 #[test]
 fn every_scenario_passes_on_the_emulated_machine() {
-    let scenarios = all();
-    assert!(scenarios.len() >= 40, "{} scenarios", scenarios.len());
+    let every = all();
+    assert!(every.len() >= 40, "{} scenarios", every.len());
+    // Those for a kernel with CONFIG_PM, on a machine built that way.
+    let with_pm: Vec<Scenario> = every
+        .iter()
+        .filter(|s| s.runs_with_pm(true))
+        .cloned()
+        .collect();
+    let mp = machine_pm(true);
+    let results = run_all(&mp, &with_pm);
+    let failed: Vec<&StepResult> = results.iter().filter(|r| r.pass != Some(true)).collect();
+    assert!(failed.is_empty(), "with CONFIG_PM: {failed:#?}");
+    assert_eq!(mp.violation_count(), 0);
+    // And the rest of the checks on the reference kernel's (no CONFIG_PM).
+    let scenarios: Vec<Scenario> = every
+        .into_iter()
+        .filter(|s| s.runs_with_pm(false))
+        .collect();
     let m = machine();
     let results = run_all(&m, &scenarios);
     let failed: Vec<&StepResult> = results.iter().filter(|r| r.pass != Some(true)).collect();
@@ -151,6 +172,12 @@ impl UapiBackend for Tweaked<'_> {
     ) -> Result<u64, Errno> {
         self.inner
             .ioas_map_file(ioas, fd, start, length, iova, flags)
+    }
+    fn detach_ioas(&mut self, dev: DevHandle) -> Result<(), Errno> {
+        self.inner.detach_ioas(dev)
+    }
+    fn ioas_destroy(&mut self, ioas: IoasId) -> Result<(), Errno> {
+        self.inner.ioas_destroy(ioas)
     }
     fn ioas_iova_ranges(
         &mut self,
@@ -410,10 +437,19 @@ fn the_group_path_subset_runs_without_iommufd() {
             }
         }
     }
-    let m = machine();
-    let r = run_all(&m, &group);
-    assert!(r.iter().all(|r| r.pass == Some(true)), "{r:#?}");
-    assert!(!r.iter().any(|r| r.action == "dma" || r.action == "map"));
+    // On Debian's kernel (CONFIG_PM) and without CONFIG_PM, each with its own subset.
+    for pm in [true, false] {
+        let subset: Vec<Scenario> = group
+            .iter()
+            .filter(|s| s.runs_with_pm(pm))
+            .cloned()
+            .collect();
+        let m = machine_pm(pm);
+        let r = run_all(&m, &subset);
+        let failed: Vec<_> = r.iter().filter(|r| r.pass != Some(true)).collect();
+        assert!(failed.is_empty(), "pm {pm}: {failed:#?}");
+        assert!(!r.iter().any(|r| r.action == "dma" || r.action == "map"));
+    }
 }
 
 mod random {
@@ -566,6 +602,8 @@ mod random {
                 length
             }),
             (ioas(), 0u32..4).prop_map(|(ioas, room)| Action::IovaRanges { ioas, room }),
+            dev().prop_map(|dev| Action::Detach { dev }),
+            ioas().prop_map(|ioas| Action::IoasDestroy { ioas }),
             (dev(), iova()).prop_map(|(dev, iova)| Action::Dma {
                 dev,
                 iova: iova.into()
@@ -606,7 +644,7 @@ mod random {
                 }
             }
             steps.extend(actions.into_iter().map(|action| Step { action, expect: Expect::Ok }));
-            let s = Scenario { name: "random".into(), about: "random".into(), steps };
+            let s = Scenario { name: "random".into(), about: "random".into(), steps, pm: None };
             let r = run(&s, &mut m.process(), &mut RunCtx::default());
             prop_assert_eq!(r.len(), s.steps.len());
             prop_assert_eq!(&r[5].outcome, "ok", "the setup maps the buffer");

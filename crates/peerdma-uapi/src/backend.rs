@@ -120,6 +120,10 @@ pub trait UapiBackend {
     ) -> Result<u64, Errno>;
     /// `IOMMU_IOAS_IOVA_RANGES` with room for `room` ranges.
     fn ioas_iova_ranges(&mut self, ioas: IoasId, room: u32) -> Result<IovaRanges, Errno>;
+    /// `VFIO_DEVICE_DETACH_IOMMUFD_PT`.
+    fn detach_ioas(&mut self, dev: DevHandle) -> Result<(), Errno>;
+    /// `IOMMU_DESTROY` of an IOAS.
+    fn ioas_destroy(&mut self, ioas: IoasId) -> Result<(), Errno>;
     /// `IOMMU_IOAS_UNMAP`; returns the length unmapped.
     fn ioas_unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64, Errno>;
 }

@@ -20,6 +20,7 @@ use peerdma_uapi::feature::O_CLOEXEC;
 use peerdma_uapi::{DevHandle, DmabufInfo, IoasId, OpenPath, UapiBackend};
 
 use crate::iommufd::Iommufd;
+use crate::pci::KernelConfig;
 use crate::pci::{DeviceFd, VfioPci, iommu_group};
 
 /// The emulated hardware with vfio-pci bound to every endpoint.
@@ -54,6 +55,11 @@ impl Machine {
     /// Builds the machine on `fabric`: an IOMMU translating every endpoint's DMA, vfio-pci
     /// bound to every endpoint.
     pub fn new(fabric: Arc<Fabric>) -> Result<Machine, Errno> {
+        Machine::with_config(fabric, KernelConfig::default())
+    }
+
+    /// [`Machine::new`] with a kernel built as `config` says.
+    pub fn with_config(fabric: Arc<Fabric>, config: KernelConfig) -> Result<Machine, Errno> {
         let dma = Arc::new(DmaSystem::new(fabric.clone(), true));
         let endpoints: Vec<Bdf> = fabric
             .functions()
@@ -75,7 +81,7 @@ impl Machine {
         };
         let mut vfio = BTreeMap::new();
         for b in endpoints {
-            vfio.insert(b, VfioPci::bind(&env, b)?);
+            vfio.insert(b, VfioPci::bind_with(&env, b, config)?);
         }
         Ok(Machine {
             fabric,
@@ -340,6 +346,15 @@ impl UapiBackend for Emulated<'_> {
         self.iommufd()?;
         let i = self.iommufd.as_ref().ok_or(Errno::ENODEV)?;
         i.map_file_ioctl(&self.proc, ioas.0, fd, start, length, iova, flags)
+    }
+
+    fn detach_ioas(&mut self, dev: DevHandle) -> Result<(), Errno> {
+        let bdf = self.dev(dev)?.bdf;
+        self.iommufd()?.detach(bdf)
+    }
+
+    fn ioas_destroy(&mut self, ioas: IoasId) -> Result<(), Errno> {
+        self.iommufd()?.ioas_destroy(ioas.0)
     }
 
     fn ioas_iova_ranges(&mut self, ioas: IoasId, room: u32) -> Result<IovaRanges, Errno> {

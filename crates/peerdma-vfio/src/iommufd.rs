@@ -11,7 +11,8 @@
 //! those before it unmapped. Attaching a device reserves its IOMMU reserved regions (the MSI
 //! window) and, with the first device's domain, everything past the aperture;
 //! `IOMMU_IOAS_IOVA_RANGES` reports the rest, and a map without FIXED_IOVA gets an IOVA
-//! the way the kernel picks one. Not modelled yet: detach, IOAS destroy.
+//! the way the kernel picks one. A device detaches; an IOAS no device is attached to can be
+//! destroyed.
 
 use peerdma_pci::sync::atomic::{AtomicU64, Ordering};
 use peerdma_pci::sync::{Arc, Mutex};
@@ -295,6 +296,43 @@ impl Iommufd {
         if let Some(io) = m.get_mut(&ioas) {
             io.devices.insert(dev);
         }
+        Ok(())
+    }
+
+    /// `VFIO_DEVICE_DETACH_IOMMUFD_PT` (`vfio_iommufd_physical_detach_ioas`): the device
+    /// leaves its IOAS — its DMA is blocked from now on, its reserved regions go, and with
+    /// the IOAS's last device the domain's — or nothing happens if it is attached nowhere.
+    pub fn detach(&self, dev: Bdf) -> Result<(), Errno> {
+        let mut m = sync::lock(&self.ioas);
+        let Some(io) = m.values_mut().find(|io| io.devices.contains(&dev)) else {
+            return Ok(());
+        };
+        io.devices.remove(&dev);
+        io.reserved.retain(|r| r.owner != Owner::Dev(dev));
+        if io.devices.is_empty() {
+            io.reserved.retain(|r| r.owner != Owner::Domain);
+        }
+        let iommu = self.env.dma.iommu().ok_or(Errno::ENODEV)?;
+        iommu.attach(dev, Attach::Blocked)?;
+        Ok(())
+    }
+
+    /// `IOMMU_DESTROY` of an IOAS (`iommufd_object_remove`, main.c): no such IOAS →
+    /// `ENOENT`; a device still attached (its domain holds the IOAS) → `EBUSY`; otherwise
+    /// every area is unmapped (their dma-buf attachments go) and the IOAS is gone.
+    pub fn ioas_destroy(&self, ioas: u32) -> Result<(), Errno> {
+        {
+            let m = sync::lock(&self.ioas);
+            let io = m.get(&ioas).ok_or(Errno::ENOENT)?;
+            if !io.devices.is_empty() {
+                return Err(Errno::EBUSY);
+            }
+        }
+        match self.unmap(ioas, 0, u64::MAX) {
+            Ok(_) | Err(Errno::ENOENT) => {}
+            Err(e) => return Err(e),
+        }
+        sync::lock(&self.ioas).remove(&ioas);
         Ok(())
     }
 

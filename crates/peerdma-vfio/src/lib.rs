@@ -27,5 +27,5 @@ pub mod soak;
 pub mod testbed;
 pub mod watch;
 
-pub use pci::{DeviceFd, VfioPci};
+pub use pci::{DeviceFd, KernelConfig, VfioPci};
 pub use registration::{RegRef, Registration};

@@ -407,3 +407,45 @@ fn the_kernel_picks_the_lowest_free_iova_and_dma_goes_through_it() {
     assert!(!r.lands(0x1000 + 0x40, 0x40));
     assert_eq!(r.vfio.violation_count(), 0);
 }
+
+#[test]
+fn a_detached_device_faults_and_its_reserved_regions_go() {
+    let r = rig();
+    assert_eq!(r.map(0, K64, IOVA, RW), Ok(IOVA));
+    assert!(r.lands(IOVA, 0));
+    assert_eq!(r.ifd.detach(r.t.nic1), Ok(()));
+    assert!(!r.lands(IOVA, 0), "blocked once detached");
+    let rg = r.ifd.iova_ranges(r.ioas, 8, 0).unwrap();
+    assert_eq!((rg.ranges, rg.alignment), (vec![(0, u64::MAX)], 1));
+    assert_eq!(
+        r.ifd.detach(r.t.nic1),
+        Ok(()),
+        "a second detach does nothing"
+    );
+    r.ifd.attach(r.t.nic1, r.ioas).unwrap();
+    assert!(r.lands(IOVA, 0), "the area is still there");
+    assert_eq!(r.vfio.violation_count(), 0);
+}
+
+#[test]
+fn an_ioas_is_destroyed_only_without_devices_and_takes_its_areas() {
+    let r = rig();
+    assert_eq!(r.map(0, K64, IOVA, RW), Ok(IOVA));
+    assert_eq!(r.ifd.ioas_destroy(r.ioas), Err(Errno::EBUSY));
+    assert!(r.lands(IOVA, 0), "nothing changed");
+    assert_eq!(r.ifd.ioas_destroy(999), Err(Errno::ENOENT));
+    r.ifd.detach(r.t.nic1).unwrap();
+    let buf = r.proc.dma_buf_get(r.fd).unwrap();
+    let before = buf.dmabuf().unwrap().attachments().len();
+    assert_eq!(before, 1, "the area's attachment");
+    assert_eq!(r.ifd.ioas_destroy(r.ioas), Ok(()));
+    assert_eq!(
+        buf.dmabuf().unwrap().attachments().len(),
+        0,
+        "gone with the area"
+    );
+    buf.put();
+    assert_eq!(r.ifd.ioas_destroy(r.ioas), Err(Errno::ENOENT));
+    assert_eq!(r.map(0, K64, IOVA, RW), Err(Errno::ENOENT));
+    assert_eq!(r.ifd.attach(r.t.nic1, r.ioas), Err(Errno::ENOENT));
+}

@@ -161,6 +161,10 @@ enum ScenarioCmd {
         /// device through its group and a container.
         #[arg(long)]
         group_only: bool,
+        /// The kernel's CONFIG_PM (`on` or `off`): which scenarios run, and how the emulated
+        /// machine's kernel is built. Default `off`, as the harness's custom kernel.
+        #[arg(long, default_value = "off", value_parser = ["on", "off"])]
+        pm: String,
         /// One JSON object per step.
         #[arg(long)]
         json: bool,
@@ -186,6 +190,10 @@ enum ScenarioCmd {
         /// The real run was made with `--group-only`: compare the same subset, the same way.
         #[arg(long)]
         group_only: bool,
+        /// The real kernel's CONFIG_PM (`on` or `off`): the emulated machine is built the
+        /// same way and the same scenarios are compared. Default `off`.
+        #[arg(long, default_value = "off", value_parser = ["on", "off"])]
+        pm: String,
         /// One JSON object per row.
         #[arg(long)]
         json: bool,
@@ -422,8 +430,16 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 backend,
                 fabric,
                 group_only,
+                pm,
                 json,
-            } => scenario::run(&files, &backend, fabric.as_ref(), group_only, json),
+            } => scenario::run(
+                &files,
+                &backend,
+                fabric.as_ref(),
+                group_only,
+                pm == "on",
+                json,
+            ),
             ScenarioCmd::Compare {
                 files,
                 real,
@@ -431,6 +447,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 divergences,
                 fabric,
                 group_only,
+                pm,
                 json,
             } => scenario::compare(
                 &files,
@@ -439,6 +456,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 &divergences,
                 fabric.as_ref(),
                 group_only,
+                pm == "on",
                 json,
             ),
         },

@@ -7,6 +7,7 @@ use peerdma_scenario::agree::table;
 use peerdma_scenario::{
     Scenario, StepResult, agreement, documented_divergences, load_path, run_all,
 };
+use peerdma_vfio::KernelConfig;
 use peerdma_vfio::emulated::Machine;
 
 use crate::CliError;
@@ -17,7 +18,7 @@ fn bad(message: String) -> CliError {
 
 /// Expands directories into their `*.toml` files (sorted) and loads every scenario; with
 /// `group_only`, keeps those that run without iommufd, opening devices the group way.
-pub fn load_all(paths: &[PathBuf], group_only: bool) -> Result<Vec<Scenario>, CliError> {
+pub fn load_all(paths: &[PathBuf], group_only: bool, pm: bool) -> Result<Vec<Scenario>, CliError> {
     let mut files = Vec::new();
     for p in paths {
         if p.is_dir() {
@@ -44,18 +45,19 @@ pub fn load_all(paths: &[PathBuf], group_only: bool) -> Result<Vec<Scenario>, Cl
         }
         out.push(s);
     }
+    out.retain(|s| s.runs_with_pm(pm));
     if group_only {
         out = out.iter().filter_map(Scenario::on_group_path).collect();
     }
     Ok(out)
 }
 
-fn machine(fabric: Option<&PathBuf>) -> Result<Machine, CliError> {
+fn machine(fabric: Option<&PathBuf>, pm: bool) -> Result<Machine, CliError> {
     let f = match fabric {
         Some(p) => peerdma_pci::file::load_path(p)?,
         None => peerdma_pci::file::load_str(peerdma_pci::examples::QEMU_Q35, "qemu-q35.toml")?,
     };
-    Machine::new(Arc::new(f)).map_err(|e| CliError {
+    Machine::with_config(Arc::new(f), KernelConfig { pm }).map_err(|e| CliError {
         message: format!("building the emulated machine: {e}"),
         status: 1,
     })
@@ -66,8 +68,9 @@ fn machine(fabric: Option<&PathBuf>) -> Result<Machine, CliError> {
 pub fn run_emulated(
     scenarios: &[Scenario],
     fabric: Option<&PathBuf>,
+    pm: bool,
 ) -> Result<(Vec<StepResult>, usize), CliError> {
-    let m = machine(fabric)?;
+    let m = machine(fabric, pm)?;
     let out = run_all(scenarios, || m.process());
     Ok((out, m.violation_count()))
 }
@@ -78,11 +81,12 @@ pub fn run(
     backend: &str,
     fabric: Option<&PathBuf>,
     group_only: bool,
+    pm: bool,
     json: bool,
 ) -> Result<(), CliError> {
-    let scenarios = load_all(files, group_only)?;
+    let scenarios = load_all(files, group_only, pm)?;
     let (results, landings) = match backend {
-        "emulated" => run_emulated(&scenarios, fabric)?,
+        "emulated" => run_emulated(&scenarios, fabric, pm)?,
         "linux" => (
             run_all(&scenarios, peerdma_linux::vfio::LinuxBackend::new),
             0,
@@ -156,6 +160,7 @@ fn read_real(path: &Path) -> Result<Vec<StepResult>, CliError> {
 /// `peerdma scenario compare`: runs the scenarios on the emulated machine, puts them beside
 /// the real run, prints the agreement table and one `TEST scenario:NAME … ok|FAILED` line per
 /// scenario; fails on any step that is not an agreement or a documented divergence.
+#[allow(clippy::too_many_arguments)]
 pub fn compare(
     files: &[PathBuf],
     real: &Path,
@@ -163,9 +168,10 @@ pub fn compare(
     divergences: &Path,
     fabric: Option<&PathBuf>,
     group_only: bool,
+    pm: bool,
     json: bool,
 ) -> Result<(), CliError> {
-    let scenarios = load_all(files, group_only)?;
+    let scenarios = load_all(files, group_only, pm)?;
     let real = read_real(real)?;
     let shm = match shm {
         Some(p) => Some(std::fs::read(p).map_err(|e| bad(format!("{}: {e}", p.display())))?),
@@ -174,7 +180,7 @@ pub fn compare(
     let doc = std::fs::read_to_string(divergences)
         .map_err(|e| bad(format!("{}: {e}", divergences.display())))?;
     let documented = documented_divergences(&doc);
-    let (emu, landings) = run_emulated(&scenarios, fabric)?;
+    let (emu, landings) = run_emulated(&scenarios, fabric, pm)?;
     let rows = agreement(&scenarios, &emu, &real, shm.as_deref(), &documented);
     if json {
         for r in &rows {

@@ -162,6 +162,8 @@ impl DeviceFd {
     /// `EFAULT` past the config size.
     pub fn read_config(&self, offset: u16, buf: &mut [u8]) -> Result<(), Errno> {
         self.granted()?;
+        // `vfio_pci_rw` resumes the device first, as every ioctl does.
+        self.ioctl_resume();
         let d = &self.dev;
         let mut m = d.lock_mem();
         let v = m.vconfig.as_mut().ok_or(Errno::EINVAL)?;
@@ -185,6 +187,7 @@ impl DeviceFd {
     /// `EFAULT` past the config size; a chunk that fails stops the write there.
     pub fn config_write(&self, offset: u16, data: &[u8]) -> Result<(), Errno> {
         self.granted()?;
+        self.ioctl_resume();
         let d = &self.dev;
         let mut m = d.lock_mem();
         let layout = m.vconfig.as_ref().ok_or(Errno::EINVAL)?.layout;

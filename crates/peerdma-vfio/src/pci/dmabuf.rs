@@ -380,7 +380,10 @@ impl DeviceFd {
             let mut m = d.lock_mem();
             let buf = file.dmabuf().ok_or(Errno::EINVAL)?;
             let _g = buf.lock();
-            let born_revoked = !d.memory_enabled(&m);
+            // Born revoked while memory is off, and while low power is engaged whether or not
+            // the kernel could suspend the device (without CONFIG_PM it stays in D0):
+            // divergence 6.
+            let born_revoked = !d.memory_enabled(&m) || m.engaged;
             state.revoked.store(born_revoked, Ordering::Release);
             if born_revoked {
                 state.revoke_finished();

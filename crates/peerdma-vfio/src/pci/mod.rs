@@ -141,6 +141,24 @@ impl Variant for NvgraceGpu {
 }
 
 /// What `memory_lock` protects.
+/// How the emulated kernel was built, where that changes what a user sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelConfig {
+    /// `CONFIG_PM`: runtime power management. With it, low-power entry suspends the device
+    /// (D3hot where it has PM) and an access to a wakeup-armed device resumes it for good,
+    /// signalling the eventfd. Without it (the harness's custom kernel), the runtime-PM
+    /// calls do nothing: low-power entry only marks the device engaged (it stays in D0,
+    /// buffers revoked) and nothing ever wakes it; only `LOW_POWER_EXIT` leaves.
+    pub pm: bool,
+}
+
+impl Default for KernelConfig {
+    /// A distribution kernel: `CONFIG_PM` on.
+    fn default() -> Self {
+        KernelConfig { pm: true }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Mem {
     /// The exported buffers not yet released or cleaned up (`vdev->dmabufs`), each with its
@@ -175,6 +193,8 @@ struct Dev {
     ledger: Arc<Ledger>,
     /// Buffers exported so far (numbers them for the watch).
     exported: AtomicU64,
+    /// The kernel has runtime power management (`CONFIG_PM`): see [`KernelConfig::pm`].
+    pm: AtomicBool,
     /// A wakeup-armed low power is engaged (so an ioctl must look under `memory_lock`).
     wake_armed: AtomicBool,
 }
@@ -398,6 +418,13 @@ impl VfioPci {
         VfioPci::bind_variant(env, bdf, Arc::new(DefaultPci))
     }
 
+    /// [`Self::bind`] on a kernel built with `config` (see [`KernelConfig`]).
+    pub fn bind_with(env: &DmaEnv, bdf: Bdf, config: KernelConfig) -> Result<VfioPci, Errno> {
+        let v = VfioPci::bind_variant(env, bdf, Arc::new(DefaultPci))?;
+        v.dev.pm.store(config.pm, Ordering::Release);
+        Ok(v)
+    }
+
     /// Binds a variant driver (same P2PDMA rule as [`Self::bind`]).
     pub fn bind_variant(
         env: &DmaEnv,
@@ -425,6 +452,7 @@ impl VfioPci {
             variant,
             ledger: Arc::new(Ledger::new(bdf)),
             exported: AtomicU64::new(0),
+            pm: AtomicBool::new(KernelConfig::default().pm),
             wake_armed: AtomicBool::new(false),
         });
         dev.fabric.subscribe(Arc::new(Watch(Arc::downgrade(&dev))));

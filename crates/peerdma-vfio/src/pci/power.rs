@@ -31,7 +31,10 @@ impl DeviceFd {
         m.engaged = true;
         d.wake_armed.store(wake.is_some(), Ordering::Release);
         m.wake = wake;
-        let _ = d.fabric.set_power_state(d.bdf, PowerState::D3Hot);
+        // Without CONFIG_PM the runtime-PM put does nothing: the device stays in D0.
+        if d.pm.load(Ordering::Acquire) {
+            let _ = d.fabric.set_power_state(d.bdf, PowerState::D3Hot);
+        }
         Ok(())
     }
 
@@ -52,13 +55,18 @@ impl DeviceFd {
         Self::leave_low_power(d, &mut m);
     }
 
-    /// Every device-fd ioctl runtime-resumes the device first; a device asleep in a
-    /// wakeup-armed low power wakes for good: the eventfd is signalled and low power left.
+    /// Every device-fd ioctl and region access (`vfio_pci_rw`) runtime-resumes the device
+    /// first; a device asleep in a wakeup-armed low power wakes for good: the eventfd is
+    /// signalled and low power left. Without CONFIG_PM nothing happens.
     pub(super) fn ioctl_resume(&self) {
         let d = &self.dev;
         // Only a device asleep with a wakeup armed has anything to do (and only then is
         // `memory_lock` taken, as the runtime-resume callback takes it).
         if !d.wake_armed.load(Ordering::Acquire) {
+            return;
+        }
+        // Without CONFIG_PM there is no runtime resume: nothing wakes.
+        if !d.pm.load(Ordering::Acquire) {
             return;
         }
         let mut m = d.lock_mem();
