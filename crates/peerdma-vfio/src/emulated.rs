@@ -243,6 +243,13 @@ impl UapiBackend for Emulated<'_> {
         let o = self.devs.remove(&dev.0).ok_or(Errno::EBADF)?;
         let group = iommu_group(&self.m.fabric, o.bdf);
         let bound = o.fd.is_bound();
+        // The last close of a bound cdev unbinds it from iommufd, detaching it from its IOAS
+        // first (`vfio_iommufd_physical_unbind`): nothing of the device stays in the IOAS.
+        if bound && !o.via_group {
+            if let Some(i) = &self.iommufd {
+                let _ = i.detach(o.bdf);
+            }
+        }
         o.fd.close();
         self.release_group(group, o.via_group, bound);
         Ok(())
@@ -260,6 +267,10 @@ impl UapiBackend for Emulated<'_> {
         // Binding blocks the group: refused while its group file is open.
         if u.file_open {
             return Err(Errno::EBUSY);
+        }
+        // Only the group path opens a device twice (`vfio_df_open`).
+        if self.m.vfio(o.bdf).is_some_and(|v| v.open_count() > 0) {
+            return Err(Errno::EINVAL);
         }
         o.fd.bind()?;
         u.cdevs += 1;
