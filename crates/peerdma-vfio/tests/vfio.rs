@@ -1838,3 +1838,88 @@ fn every_operation_with_every_disruption_at_every_point() {
         );
     });
 }
+
+/// Without CONFIG_PM (`KernelConfig { pm: false }`, the harness's reference kernel) nothing
+/// suspends and nothing wakes: a wakeup-armed low power survives every access, a second entry
+/// is `EINVAL`, the buffer stays revoked and the device stays in D0; only the exit leaves.
+#[test]
+fn without_config_pm_nothing_wakes_a_device_in_low_power() {
+    let r = rig();
+    let v = VfioPci::bind_with(&r.env, r.gpu, peerdma_vfio::KernelConfig { pm: false }).unwrap();
+    let d = v.open().unwrap();
+    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    let efd = r
+        .proc
+        .install(peerdma_dmabuf::File::other("eventfd"), true)
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let mut entry = header_bytes(16, SET | id::LOW_POWER_ENTRY_WITH_WAKEUP);
+    entry.extend_from_slice(&efd.to_le_bytes());
+    entry.extend_from_slice(&0u32.to_le_bytes());
+    assert_eq!(d.feature(&r.proc, &entry), Ok(0));
+    assert_eq!(
+        r.fabric.power_state(r.gpu).unwrap(),
+        peerdma_pci::PowerState::D0,
+        "nothing suspends it"
+    );
+    // Accesses of every kind: a probe, a config read, a config write.
+    let probe = header_bytes(8, PROBE | GET | id::DMA_BUF);
+    assert_eq!(d.feature(&r.proc, &probe), Ok(0));
+    d.config_read(regs::COMMAND, 2).unwrap();
+    cmd(&d, true);
+    assert_eq!(d.wakeups(), 0);
+    assert_eq!(import(&r, &f, r.nic1).err(), Some(Errno::ENODEV));
+    assert_eq!(
+        d.feature(&r.proc, &entry),
+        Err(Errno::EINVAL),
+        "still engaged"
+    );
+    assert_eq!(
+        d.feature(&r.proc, &header_bytes(8, SET | id::LOW_POWER_EXIT)),
+        Ok(0)
+    );
+    let imp = import(&r, &f, r.nic1).unwrap();
+    imp.map(&f).unwrap();
+    r.fabric
+        .dma_write(r.nic1, imp.first_addr().unwrap(), b"exit-pm!")
+        .unwrap();
+    assert_eq!(bar0(&r, 8), b"exit-pm!");
+    // After the exit an entry works again.
+    assert_eq!(d.feature(&r.proc, &entry), Ok(0));
+    assert_eq!(d.wakeups(), 0);
+}
+
+/// With CONFIG_PM a reset during (not wakeup-armed) low power runs with the device resumed
+/// and brings the buffer back, and the device is suspended again at the end of the ioctl:
+/// the mapping exists, but a DMA does not reach the BAR until the exit (as the CONFIG_PM
+/// kernel showed: scenario `low-power-then-reset-with-pm`).
+#[test]
+fn with_config_pm_a_reset_in_low_power_leaves_the_device_suspended() {
+    let r = rig();
+    let v = VfioPci::bind_with(&r.env, r.gpu, peerdma_vfio::KernelConfig { pm: true }).unwrap();
+    let d = v.open().unwrap();
+    let f = get(&r, export(&r, &d, &ok_req()).unwrap());
+    assert_eq!(
+        d.feature(&r.proc, &header_bytes(8, SET | id::LOW_POWER_ENTRY)),
+        Ok(0)
+    );
+    assert_eq!(d.reset(), Ok(()));
+    assert_eq!(
+        r.fabric.power_state(r.gpu).unwrap(),
+        peerdma_pci::PowerState::D3Hot
+    );
+    let imp = import(&r, &f, r.nic1).unwrap();
+    imp.map(&f).unwrap();
+    let _ = r
+        .fabric
+        .dma_write(r.nic1, imp.first_addr().unwrap(), b"in-d3!!!");
+    assert_ne!(bar0(&r, 8), b"in-d3!!!");
+    assert_eq!(
+        d.feature(&r.proc, &header_bytes(8, SET | id::LOW_POWER_EXIT)),
+        Ok(0)
+    );
+    r.fabric
+        .dma_write(r.nic1, imp.first_addr().unwrap(), b"awake!!!")
+        .unwrap();
+    assert_eq!(bar0(&r, 8), b"awake!!!");
+}

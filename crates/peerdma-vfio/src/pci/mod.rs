@@ -670,6 +670,13 @@ impl DeviceFd {
             Some((bridge, affected)) => d.secondary_bus_reset(*bridge, affected),
         };
         d.unrevoke_if_enabled(&mut m);
+        // The ioctl ran with the device resumed; in engaged low power the runtime-PM put at
+        // its end suspends it again (D3hot, without revoking: `vfio_pci_core_runtime_suspend`
+        // only sets D0 first), so the buffer just brought back reaches a device that does
+        // not decode. Without CONFIG_PM nothing suspends it.
+        if m.engaged && d.pm.load(Ordering::Acquire) {
+            let _ = d.fabric.set_power_state(d.bdf, PowerState::D3Hot);
+        }
         r
     }
 
