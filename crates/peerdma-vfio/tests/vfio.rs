@@ -109,6 +109,22 @@ fn ok_req() -> DmaBufRequest {
     DmaBufRequest::new(2, vec![(0, 0x4000), (0x10_000, 0x2000)])
 }
 
+/// Leaves low power, then a fresh importer of `f` maps it and nic1's DMA of `marker` must
+/// land at the start of BAR 0; returns the importer (it gives its mapping back on close).
+fn exit_and_land(r: &Rig, d: &peerdma_vfio::DeviceFd, f: &Arc<File>, marker: [u8; 8]) -> Importer {
+    assert_eq!(
+        d.feature(&r.proc, &header_bytes(8, SET | id::LOW_POWER_EXIT)),
+        Ok(0)
+    );
+    let imp = import(r, f, r.nic1).unwrap();
+    imp.map(f).unwrap();
+    r.fabric
+        .dma_write(r.nic1, imp.first_addr().unwrap(), &marker)
+        .unwrap();
+    assert_eq!(bar0(r, 8), marker);
+    imp
+}
+
 // ---- errnos, in order ---------------------------------------------------------------------
 
 #[test]
@@ -433,16 +449,7 @@ fn divergence_second_low_power_entry_changes_nothing() {
     let entry = header_bytes(8, SET | id::LOW_POWER_ENTRY);
     assert_eq!(d.feature(&r.proc, &entry), Ok(0));
     assert_eq!(d.feature(&r.proc, &entry), Err(Errno::EINVAL));
-    assert_eq!(
-        d.feature(&r.proc, &header_bytes(8, SET | id::LOW_POWER_EXIT)),
-        Ok(0)
-    );
-    let imp = import(&r, &f, r.nic1).unwrap();
-    imp.map(&f).unwrap();
-    r.fabric
-        .dma_write(r.nic1, imp.first_addr().unwrap(), b"awake!!!")
-        .unwrap();
-    assert_eq!(bar0(&r, 8), b"awake!!!");
+    let _imp = exit_and_land(&r, &d, &f, *b"awake!!!");
 }
 
 #[test]
@@ -1874,16 +1881,7 @@ fn without_config_pm_nothing_wakes_a_device_in_low_power() {
         Err(Errno::EINVAL),
         "still engaged"
     );
-    assert_eq!(
-        d.feature(&r.proc, &header_bytes(8, SET | id::LOW_POWER_EXIT)),
-        Ok(0)
-    );
-    let imp = import(&r, &f, r.nic1).unwrap();
-    imp.map(&f).unwrap();
-    r.fabric
-        .dma_write(r.nic1, imp.first_addr().unwrap(), b"exit-pm!")
-        .unwrap();
-    assert_eq!(bar0(&r, 8), b"exit-pm!");
+    let _imp = exit_and_land(&r, &d, &f, *b"exit-pm!");
     // After the exit an entry works again.
     assert_eq!(d.feature(&r.proc, &entry), Ok(0));
     assert_eq!(d.wakeups(), 0);
