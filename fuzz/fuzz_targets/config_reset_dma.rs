@@ -223,7 +223,7 @@ impl State {
                 "a buffer of a closed device mapped"
             );
         }
-        if !self.rig.decodes() {
+        if !self.rig.decodes() && !self.rig.suspended_live(self.dev.as_ref()) {
             assert!(res.is_err(), "mapped while gpu0 does not decode memory");
         }
     }
@@ -297,7 +297,8 @@ impl State {
             self.bars,
             "a user operation moved gpu0's BARs"
         );
-        let off = self.dev.is_none() || !self.rig.decodes();
+        let off = self.dev.is_none()
+            || (!self.rig.decodes() && !self.rig.suspended_live(self.dev.as_ref()));
         for (k, i) in self.imps.iter().enumerate() {
             let b = &self.bufs[i.buf];
             if off || b.open != self.open {

@@ -264,7 +264,8 @@ impl State {
     /// The promises that hold after every call.
     fn check(&self) {
         self.rig.check_watch();
-        let off = self.dev.borrow().is_none() || !self.rig.decodes();
+        let off = self.dev.borrow().is_none()
+            || (!self.rig.decodes() && !self.rig.suspended_live(self.dev.borrow().as_ref()));
         for (&(nic, key), mr) in &self.mrs {
             if off || self.bufs[mr.buf].open != self.open {
                 assert!(

@@ -28,7 +28,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
-use peerdma_dma::iommu::{Attach, DomainId};
+use peerdma_dma::iommu::{APERTURE_END, Attach, DomainId, MSI_WINDOW};
 use peerdma_dmabuf::{File, Process};
 use peerdma_fuzz::{PAGE, Reader, Rig, install_eventfd, revoke, rig, window_range};
 use peerdma_pci::sync::points::{self, HookGuard};
@@ -43,6 +43,11 @@ const PRE: usize = 12;
 const MAX_IOAS: usize = 32;
 /// IOVAs the fuzzer aims at lie below this (page tables are never freed either).
 const IOVA_SPAN: u64 = 256 << 20;
+
+/// Whether `a` meets `[first, last]`.
+fn meets(a: &Area, first: u64, last: u64) -> bool {
+    a.iova <= last && a.iova + (a.len - 1) >= first
+}
 
 /// The process's iommufd and its IOASes with their IOMMU domains.
 struct Fd {
@@ -145,6 +150,10 @@ impl State {
     }
 
     fn iova(r: &mut Reader<'_>) -> u64 {
+        if r.u8() == 0xff {
+            // Now and then around the MSI window.
+            return MSI_WINDOW.0 - 0x10_0000 + u64::from(r.u16()) * PAGE;
+        }
         let b = r.u8();
         if b < 0xe0 {
             u64::from(r.u16()) * PAGE % IOVA_SPAN
@@ -187,15 +196,23 @@ impl State {
         };
         let id = self.ioas_id(r);
         let res = self.fd.ifd.attach(dev, id);
-        // The first device of an IOAS needs every area page aligned.
-        let unaligned = self.fd.alignment(id) == 1
-            && self
-                .areas
-                .iter()
-                .any(|a| a.ioas == id && (a.iova | a.len | a.start) % PAGE != 0);
+        // A device new to the IOAS brings its reserved region (the MSI window): no area may
+        // meet it. The first device brings the domain: every area page aligned and inside
+        // the 48-bit aperture.
+        let new_here = self.attached.get(&dev) != Some(&id);
+        let first = self.fd.alignment(id) == 1;
+        let in_ioas = |a: &&Area| a.ioas == id;
+        let msi = self
+            .areas
+            .iter()
+            .filter(in_ioas)
+            .any(|a| meets(a, MSI_WINDOW.0, MSI_WINDOW.1));
+        let domain = self.areas.iter().filter(in_ioas).any(|a| {
+            (a.iova | a.len | a.start) % PAGE != 0 || meets(a, APERTURE_END + 1, u64::MAX)
+        });
         let want = if !self.known(id) {
             Err(Errno::ENOENT)
-        } else if unaligned {
+        } else if new_here && (msi || (first && domain)) {
             Err(Errno::EADDRINUSE)
         } else {
             Ok(())
@@ -250,12 +267,12 @@ impl State {
             self.fd
                 .ifd
                 .map_file(id, &self.bufs[k].file, start, length, iova)
+                .map(|()| iova)
         } else {
             let fd = self.bufs[k].fd;
             self.fd
                 .ifd
                 .map_file_ioctl(&self.proc, id, fd, start, length, iova, flags)
-                .map(|v| assert_eq!(v, iova, "the fixed IOVA is the one given"))
         };
         drop(hook);
         if flags & !7 != 0 {
@@ -273,9 +290,20 @@ impl State {
                 "MAP_FILE neither readable nor writeable"
             );
         }
-        if res.is_ok() {
-            assert_eq!(flags & 1, 1, "a map without a fixed IOVA succeeded");
+        let fixed = flags & 1 == 1;
+        if let Ok(at) = res {
+            if fixed {
+                assert_eq!(at, iova, "the fixed IOVA is the one given");
+            } else {
+                // The kernel's choice: from the second page up, page aligned (plus the
+                // start's offset in its page), never in a reserved range.
+                assert!(
+                    at >= PAGE && at % PAGE == start % PAGE,
+                    "chosen IOVA {at:#x}"
+                );
+            }
         }
+        let iova = res.unwrap_or(iova);
         let b = &self.bufs[k];
         let overlap = self.areas.iter().any(|a| {
             a.ioas == id
@@ -283,8 +311,15 @@ impl State {
                 && a.iova + a.len > iova
         });
         let align = self.fd.alignment(id);
+        // With a device attached: the MSI window and everything past the aperture.
+        let reserved = align != 1
+            && length > 0
+            && iova.checked_add(length - 1).is_some_and(|last| {
+                (iova <= MSI_WINDOW.1 && last >= MSI_WINDOW.0) || last > APERTURE_END
+            });
         match res {
-            Ok(()) => {
+            Ok(_) => {
+                assert!(!reserved, "map_file into a reserved range at {iova:#x}");
                 assert!(self.known(id), "map_file into unknown IOAS {id}");
                 assert!(
                     length > 0
@@ -307,7 +342,7 @@ impl State {
                     buf: k,
                 });
             }
-            Err(Errno::EEXIST) => assert!(overlap, "EEXIST without an overlapping area"),
+            Err(Errno::EEXIST) => assert!(overlap && fixed, "EEXIST without an overlapping area"),
             Err(_) => {}
         }
     }
@@ -422,6 +457,13 @@ impl State {
             assert!(res.is_err(), "acc0's DMA through dead area {a:x?} landed");
             return;
         }
+        if self.rig.suspended_live(self.dev.borrow().as_ref()) {
+            assert!(
+                res.is_err(),
+                "acc0's DMA reached suspended gpu0 through {a:x?}"
+            );
+            return;
+        }
         let b = &self.bufs[a.buf];
         let bar_off = b.ranges[0].0 + a.start + off;
         let mut back = vec![0u8; n];
@@ -480,7 +522,9 @@ impl State {
     /// The promises that hold after every call.
     fn check(&self) {
         self.rig.check_watch();
-        let off = self.dev.borrow().is_none() || !self.rig.decodes();
+        // Off: closed, or not decoding (but see `Rig::suspended_live`).
+        let off = self.dev.borrow().is_none()
+            || (!self.rig.decodes() && !self.rig.suspended_live(self.dev.borrow().as_ref()));
         // Each area's state looked up once (nothing changes it during the check).
         let dead: Vec<bool> = self.areas.iter().map(|a| self.is_dead(a)).collect();
         for (a, &dead) in self.areas.iter().zip(&dead) {

@@ -249,6 +249,16 @@ impl Rig {
         cmd & regs::COMMAND_MEMORY != 0 && d0
     }
 
+    /// gpu0 is in engaged low power and suspended (D3hot): on a CONFIG_PM kernel a reset
+    /// then brings its buffers back, as Linux does, and the device is suspended again when
+    /// the ioctl ends — live buffers on a device that does not decode (their DMA cannot
+    /// reach the BAR; the watch would see it if it did).
+    pub fn suspended_live(&self, d: Option<&DeviceFd>) -> bool {
+        d.is_some_and(|d| {
+            d.low_power_engaged() && self.fabric.power_state(self.gpu) == Ok(PowerState::D3Hot)
+        })
+    }
+
     /// Fails the input if the revocation watch saw a DMA land through a mapping that had been
     /// taken away.
     pub fn check_watch(&self) {

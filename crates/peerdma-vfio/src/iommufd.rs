@@ -258,10 +258,12 @@ impl Iommufd {
     pub fn attach(&self, dev: Bdf, ioas: u32) -> Result<(), Errno> {
         let mut m = sync::lock(&self.ioas);
         let io = m.get_mut(&ioas).ok_or(Errno::ENOENT)?;
-        if io.devices.contains(&dev) {
-            return Ok(());
-        }
         let iommu = self.env.dma.iommu().ok_or(Errno::ENODEV)?;
+        if io.devices.contains(&dev) {
+            // Already here: the kernel's replace with the same page table changes nothing
+            // (the attachment is written again, so it is what this IOAS says).
+            return iommu.attach(dev, Attach::Paging(io.domain));
+        }
         let resv = iommu.reserved_regions(dev);
         if resv.iter().any(|r| io.area_meets(r.start, r.last)) {
             return Err(Errno::EADDRINUSE);

@@ -77,6 +77,11 @@ impl DeviceFd {
         }
     }
 
+    /// Whether runtime low power is engaged (entered and not yet left).
+    pub fn low_power_engaged(&self) -> bool {
+        self.dev.read_mem(|m| m.engaged)
+    }
+
     /// How many times an access woke the device out of a wakeup-armed low power (each one
     /// signals the eventfd given at entry).
     pub fn wakeups(&self) -> u32 {
