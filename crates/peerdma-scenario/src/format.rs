@@ -40,6 +40,9 @@ pub struct Scenario {
     /// Runs only on kernels whose `CONFIG_PM` is this (`pm = true|false` in the file); every
     /// kernel when absent.
     pub pm: Option<bool>,
+    /// `group_path = false`: not run the group/container way on a kernel without iommufd
+    /// (for behaviour only the cdev path has been held to the kernel).
+    pub group_path: bool,
 }
 
 impl Scenario {
@@ -73,7 +76,7 @@ impl Scenario {
     /// The scenario for a kernel without iommufd: every device opened the group/container
     /// way; `None` if it needs iommufd.
     pub fn on_group_path(&self) -> Option<Scenario> {
-        if self.needs_iommufd() {
+        if self.needs_iommufd() || !self.group_path {
             return None;
         }
         let mut s = self.clone();
@@ -569,6 +572,7 @@ pub fn load_str(text: &str, name: &str) -> Result<Scenario, FormatError> {
     let mut f = Fields::new(top, name.to_string());
     let about = f.string("about")?;
     let pm = f.opt_bool("pm")?;
+    let group_path = f.opt_bool("group_path")?.unwrap_or(true);
     let steps_v = f.take("step").ok_or_else(|| f.err("step", "no [[step]]"))?;
     let bad_steps = f.err("step", "must be [[step]] tables");
     f.done()?;
@@ -597,6 +601,7 @@ pub fn load_str(text: &str, name: &str) -> Result<Scenario, FormatError> {
         about,
         steps,
         pm,
+        group_path,
     })
 }
 

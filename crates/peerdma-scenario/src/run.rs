@@ -171,8 +171,9 @@ impl State {
             Iova::Named { name, plus } => self
                 .iovas
                 .get(name)
-                .map(|a| a.wrapping_add(*plus))
-                .ok_or_else(|| format!("error: no map named {name:?} got an IOVA")),
+                .ok_or_else(|| format!("error: no map named {name:?} got an IOVA"))?
+                .checked_add(*plus)
+                .ok_or_else(|| format!("error: {name}+{plus:#x} is past 2^64")),
         }
     }
     fn ioas(&self, name: &str) -> Result<IoasId, String> {
@@ -290,8 +291,12 @@ fn pick_target(st: &State, ctx: &RunCtx, iova: u64) -> Result<(u64, Bdf, u32, u6
         .ok_or_else(|| format!("error: {iova:#x} is in no window an earlier map step made"))?;
     let e = &st.exports[w.export.ok_or("error: the window's fd is not an export")?];
     let mut cand = iova;
-    while cand + PATTERN_LEN <= w.iova + w.length {
-        let mut b = cand - w.iova + w.start;
+    // Offsets into the window, so that a window at the top of the address space cannot
+    // overflow.
+    while cand - w.iova <= w.length.saturating_sub(PATTERN_LEN) && w.length >= PATTERN_LEN {
+        let Some(mut b) = (cand - w.iova).checked_add(w.start) else {
+            break;
+        };
         let mut at = None;
         for &(off, len) in &e.ranges {
             if b < len {
@@ -305,7 +310,10 @@ fn pick_target(st: &State, ctx: &RunCtx, iova: u64) -> Result<(u64, Bdf, u32, u6
                 return Ok((cand, e.bdf, e.region, off));
             }
         }
-        cand += PATTERN_LEN;
+        let Some(next) = cand.checked_add(PATTERN_LEN) else {
+            break;
+        };
+        cand = next;
     }
     Err("error: no unused 16-byte slot left in the window".into())
 }

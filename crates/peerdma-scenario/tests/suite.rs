@@ -644,7 +644,7 @@ mod random {
                 }
             }
             steps.extend(actions.into_iter().map(|action| Step { action, expect: Expect::Ok }));
-            let s = Scenario { name: "random".into(), about: "random".into(), steps, pm: None };
+            let s = Scenario { name: "random".into(), about: "random".into(), steps, pm: None, group_path: true };
             let r = run(&s, &mut m.process(), &mut RunCtx::default());
             prop_assert_eq!(r.len(), s.steps.len());
             prop_assert_eq!(&r[5].outcome, "ok", "the setup maps the buffer");

@@ -66,7 +66,6 @@ impl DmabufInfo {
     }
 }
 
-/// The operations peerdma performs across the userspace boundary. Every failure is the errno
 /// The answer of `IOMMU_IOAS_IOVA_RANGES`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IovaRanges {
@@ -78,6 +77,7 @@ pub struct IovaRanges {
     pub alignment: u64,
 }
 
+/// The operations peerdma performs across the userspace boundary. Every failure is the errno
 /// the kernel would return.
 pub trait UapiBackend {
     /// Opens a VFIO device.

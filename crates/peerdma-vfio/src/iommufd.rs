@@ -323,18 +323,18 @@ impl Iommufd {
     /// `ENOENT`; a device still attached (its domain holds the IOAS) → `EBUSY`; otherwise
     /// every area is unmapped (their dma-buf attachments go) and the IOAS is gone.
     pub fn ioas_destroy(&self, ioas: u32) -> Result<(), Errno> {
-        {
-            let m = sync::lock(&self.ioas);
+        let iommu = self.env.dma.iommu().ok_or(Errno::ENODEV)?.clone();
+        // Out of the table first, in one hold of the lock (as the kernel removes the object
+        // before destroying it): a map or attach racing this one finds no IOAS.
+        let io = {
+            let mut m = sync::lock(&self.ioas);
             let io = m.get(&ioas).ok_or(Errno::ENOENT)?;
             if !io.devices.is_empty() {
                 return Err(Errno::EBUSY);
             }
-        }
-        match self.unmap(ioas, 0, u64::MAX) {
-            Ok(_) | Err(Errno::ENOENT) => {}
-            Err(e) => return Err(e),
-        }
-        sync::lock(&self.ioas).remove(&ioas);
+            m.remove(&ioas).ok_or(Errno::ENOENT)?
+        };
+        Self::teardown(&iommu, io.domain, io.areas.into_iter().collect());
         Ok(())
     }
 
@@ -634,6 +634,21 @@ impl Iommufd {
             (io.domain, gone, partial)
         };
         sync::points::point("iommufd.unmap.removed");
+        let total = Self::teardown(&iommu, domain, gone);
+        if partial || (total == 0 && !all) {
+            return Err(Errno::ENOENT);
+        }
+        Ok(total)
+    }
+
+    /// Takes down areas already removed from their IOAS: entries cleared and synced (under
+    /// the buffer's lock), grants ended, attachments detached, files given back. Returns the
+    /// bytes they covered.
+    fn teardown(
+        iommu: &peerdma_dma::iommu::Iommu,
+        domain: DomainId,
+        gone: Vec<(u64, Area)>,
+    ) -> u64 {
         let mut total = 0;
         for (at, area) in gone {
             if let Some(buf) = area.file.dmabuf() {
@@ -654,10 +669,7 @@ impl Iommufd {
             total += area.len;
             area.file.put();
         }
-        if partial || (total == 0 && !all) {
-            return Err(Errno::ENOENT);
-        }
-        Ok(total)
+        total
     }
 
     fn release_all(&self) {

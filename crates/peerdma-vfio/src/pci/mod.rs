@@ -140,13 +140,12 @@ impl Variant for NvgraceGpu {
     }
 }
 
-/// What `memory_lock` protects.
 /// How the emulated kernel was built, where that changes what a user sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelConfig {
     /// `CONFIG_PM`: runtime power management. With it, low-power entry suspends the device
     /// (D3hot where it has PM) and an access to a wakeup-armed device resumes it for good,
-    /// signalling the eventfd. Without it (the harness's custom kernel), the runtime-PM
+    /// signalling the eventfd. Without it (the harness's reference kernel, harness/kernel.config), the runtime-PM
     /// calls do nothing: low-power entry only marks the device engaged (it stays in D0,
     /// buffers revoked) and nothing ever wakes it; only `LOW_POWER_EXIT` leaves.
     pub pm: bool,
@@ -160,6 +159,7 @@ impl Default for KernelConfig {
 }
 
 #[derive(Debug, Default)]
+/// What `memory_lock` protects.
 struct Mem {
     /// The exported buffers not yet released or cleaned up (`vdev->dmabufs`), each with its
     /// file, so that a revoke walks one list without taking any lock but each buffer's.
