@@ -651,9 +651,7 @@ impl UapiBackend for LinuxBackend {
         // lives across the call; no memory is kept.
         let ret = unsafe { ioctl_with_mut_ptr(&*i, IOMMU_IOAS_MAP_FILE(), &raw mut map) };
         if ret < 0 {
-            return Err(Errno(
-                std::io::Error::last_os_error().raw_os_error().unwrap_or(5),
-            ));
+            return Err(last_errno());
         }
         Ok(map.iova)
     }
@@ -696,9 +694,7 @@ impl UapiBackend for LinuxBackend {
         // live across the call.
         let ret = unsafe { ioctl_with_mut_ptr(&*i, IOMMU_IOAS_IOVA_RANGES(), &raw mut cmd) };
         if ret < 0 {
-            return Err(Errno(
-                std::io::Error::last_os_error().raw_os_error().unwrap_or(5),
-            ));
+            return Err(last_errno());
         }
         out.truncate(cmd.num_iovas.min(room) as usize);
         Ok(IovaRanges {

@@ -652,6 +652,14 @@ impl Fields {
                 .map_err(|_| self.err(key, "does not fit 32 bits")),
         }
     }
+    /// The `iova` field, if given (see [`Iova`]).
+    fn opt_iova(&mut self) -> Result<Option<Iova>, FormatError> {
+        match self.take("iova") {
+            None => Ok(None),
+            Some(v) => iova(&v).map(Some).map_err(|w| self.err("iova", w)),
+        }
+    }
+
     fn opt_bool(&mut self, key: &str) -> Result<Option<bool>, FormatError> {
         match self.take(key) {
             None => Ok(None),
@@ -1226,8 +1234,8 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
             let length = f.num("length")?;
             let flags = f.opt_u32("flags")?.unwrap_or(7);
             let fixed = flags & peerdma_uapi::backend::MAP_FIXED_IOVA != 0;
-            let iova = match f.take("iova") {
-                Some(v) => iova(&v).map_err(|w| f.err("iova", w))?,
+            let iova = match f.opt_iova()? {
+                Some(v) => v,
                 None if !fixed => Iova::At(0),
                 None => return Err(f.err("iova", "missing (a fixed-IOVA map needs one)")),
             };
@@ -1248,8 +1256,7 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
         }
         "unmap" => {
             let ioas = f.string("ioas")?;
-            let v = f.take("iova").ok_or_else(|| f.err("iova", "missing"))?;
-            let iova = iova(&v).map_err(|w| f.err("iova", w))?;
+            let iova = f.opt_iova()?.ok_or_else(|| f.err("iova", "missing"))?;
             (
                 Action::Unmap {
                     ioas,
@@ -1266,8 +1273,7 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
         }
         "dma" => {
             let dev = f.string("dev")?;
-            let v = f.take("iova").ok_or_else(|| f.err("iova", "missing"))?;
-            let iova = iova(&v).map_err(|w| f.err("iova", w))?;
+            let iova = f.opt_iova()?.ok_or_else(|| f.err("iova", "missing"))?;
             let off = match &iova {
                 Iova::At(v) | Iova::Named { plus: v, .. } => *v,
             };

@@ -91,6 +91,19 @@ impl Ioas {
         if self.devices.is_empty() { 1 } else { PAGE }
     }
 
+    /// `dev` leaves (if it is here): its reserved regions go, and with the last device the
+    /// domain's (`iopt_remove_reserved_iova`, `iopt_table_remove_domain`). Whether it was here.
+    fn leave(&mut self, dev: Bdf) -> bool {
+        if !self.devices.remove(&dev) {
+            return false;
+        }
+        self.reserved.retain(|r| r.owner != Owner::Dev(dev));
+        if self.devices.is_empty() {
+            self.reserved.retain(|r| r.owner != Owner::Domain);
+        }
+        true
+    }
+
     /// Whether an area meets `[start, last]` (`iopt_area_iter_first`).
     fn area_meets(&self, start: u64, last: u64) -> bool {
         self.areas
@@ -288,11 +301,8 @@ impl Iommufd {
             owner: Owner::Dev(dev),
         }));
         for (&id, other) in m.iter_mut() {
-            if id != ioas && other.devices.remove(&dev) {
-                other.reserved.retain(|r| r.owner != Owner::Dev(dev));
-                if other.devices.is_empty() {
-                    other.reserved.retain(|r| r.owner != Owner::Domain);
-                }
+            if id != ioas {
+                other.leave(dev);
             }
         }
         if let Some(io) = m.get_mut(&ioas) {
@@ -306,13 +316,8 @@ impl Iommufd {
     /// the IOAS's last device the domain's — or nothing happens if it is attached nowhere.
     pub fn detach(&self, dev: Bdf) -> Result<(), Errno> {
         let mut m = sync::lock(&self.ioas);
-        let Some(io) = m.values_mut().find(|io| io.devices.contains(&dev)) else {
+        if !m.values_mut().any(|io| io.leave(dev)) {
             return Ok(());
-        };
-        io.devices.remove(&dev);
-        io.reserved.retain(|r| r.owner != Owner::Dev(dev));
-        if io.devices.is_empty() {
-            io.reserved.retain(|r| r.owner != Owner::Domain);
         }
         let iommu = self.env.dma.iommu().ok_or(Errno::ENODEV)?;
         iommu.attach(dev, Attach::Blocked)?;

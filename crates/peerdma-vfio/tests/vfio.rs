@@ -109,6 +109,19 @@ fn ok_req() -> DmaBufRequest {
     DmaBufRequest::new(2, vec![(0, 0x4000), (0x10_000, 0x2000)])
 }
 
+/// A `LOW_POWER_ENTRY_WITH_WAKEUP` feature request with a fresh eventfd of `r`'s process.
+fn wakeup_entry(r: &Rig) -> Vec<u8> {
+    let efd = r
+        .proc
+        .install(peerdma_dmabuf::File::other("eventfd"), true)
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let mut entry = header_bytes(16, SET | id::LOW_POWER_ENTRY_WITH_WAKEUP);
+    entry.extend_from_slice(&efd.to_le_bytes());
+    entry.extend_from_slice(&0u32.to_le_bytes());
+    entry
+}
+
 /// Leaves low power, then a fresh importer of `f` maps it and nic1's DMA of `marker` must
 /// land at the start of BAR 0; returns the importer (it gives its mapping back on close).
 fn exit_and_land(r: &Rig, d: &peerdma_vfio::DeviceFd, f: &Arc<File>, marker: [u8; 8]) -> Importer {
@@ -515,14 +528,7 @@ fn divergence_low_power_keeps_buffers_revoked_whatever_the_user_does() {
 fn divergence_a_wakeup_brings_the_buffers_back() {
     let r = rig();
     let (_v, d, f) = exported(&r);
-    let efd = r
-        .proc
-        .install(peerdma_dmabuf::File::other("eventfd"), true)
-        .map_err(|(e, _)| e)
-        .unwrap();
-    let mut entry = header_bytes(16, SET | id::LOW_POWER_ENTRY_WITH_WAKEUP);
-    entry.extend_from_slice(&efd.to_le_bytes());
-    entry.extend_from_slice(&0u32.to_le_bytes());
+    let entry = wakeup_entry(&r);
     assert_eq!(d.feature(&r.proc, &entry), Ok(0));
     assert_eq!(import(&r, &f, r.nic1).err(), Some(Errno::ENODEV));
     assert_eq!(d.wakeups(), 0);
@@ -1855,14 +1861,7 @@ fn without_config_pm_nothing_wakes_a_device_in_low_power() {
     let v = VfioPci::bind_with(&r.env, r.gpu, peerdma_vfio::KernelConfig { pm: false }).unwrap();
     let d = v.open().unwrap();
     let f = get(&r, export(&r, &d, &ok_req()).unwrap());
-    let efd = r
-        .proc
-        .install(peerdma_dmabuf::File::other("eventfd"), true)
-        .map_err(|(e, _)| e)
-        .unwrap();
-    let mut entry = header_bytes(16, SET | id::LOW_POWER_ENTRY_WITH_WAKEUP);
-    entry.extend_from_slice(&efd.to_le_bytes());
-    entry.extend_from_slice(&0u32.to_le_bytes());
+    let entry = wakeup_entry(&r);
     assert_eq!(d.feature(&r.proc, &entry), Ok(0));
     assert_eq!(
         r.fabric.power_state(r.gpu).unwrap(),
@@ -1920,4 +1919,31 @@ fn with_config_pm_a_reset_in_low_power_leaves_the_device_suspended() {
         .dma_write(r.nic1, imp.first_addr().unwrap(), b"awake!!!")
         .unwrap();
     assert_eq!(bar0(&r, 8), b"awake!!!");
+}
+
+/// Divergence 8 (docs/divergences.md): the last close puts back the COMMAND saved at the
+/// first open (here: an I/O decode bit the user cleared comes back), but turns memory decode
+/// off where Linux leaves it on; the next open turns it on again.
+#[test]
+fn divergence_the_last_close_restores_command_but_memory_decode_off() {
+    let r = rig();
+    let v = VfioPci::bind(&r.env, r.gpu).unwrap();
+    let d = v.open().unwrap();
+    let at_open = r.fabric.command(r.gpu).unwrap();
+    assert_ne!(at_open & regs::COMMAND_MEMORY, 0);
+    d.config_write(regs::COMMAND, &[0, 0]).unwrap();
+    d.close();
+    let after = r.fabric.command(r.gpu).unwrap();
+    assert_eq!(
+        after & regs::COMMAND_MEMORY,
+        0,
+        "memory decode off after the close"
+    );
+    assert_eq!(
+        after & !(regs::COMMAND_MEMORY | regs::COMMAND_MASTER),
+        at_open & !(regs::COMMAND_MEMORY | regs::COMMAND_MASTER),
+        "the rest as saved at the first open"
+    );
+    let d = v.open().unwrap();
+    assert!(d.memory_enabled());
 }

@@ -738,7 +738,7 @@ impl DeviceFd {
                 // The state saved at the first open comes back (whatever the user wrote since:
                 // an I/O decode bit the user cleared is set again), bus mastering off. Unlike
                 // Linux, which leaves memory decode as saved (on), the model turns it off, so
-                // that nothing reaches a closed device's BARs without a mapping.
+                // that nothing reaches a closed device's BARs without a mapping (divergence 8).
                 let cmd = m.saved_command & !(regs::COMMAND_MEMORY | regs::COMMAND_MASTER);
                 let _ = d
                     .fabric
