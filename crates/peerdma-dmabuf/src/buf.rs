@@ -359,8 +359,10 @@ impl DmaBuf {
         }
     }
 
-    /// `dma_buf_dynamic_attach`: `dev` `None` or importer ops without a callback → EINVAL;
-    /// the exporter's `attach` runs without the lock; the new attachment goes first.
+    /// `dma_buf_dynamic_attach`: `dev` `None` → EINVAL; importer ops without an
+    /// invalidation callback are accepted (a pinned importer; whether to take it is the
+    /// exporter's decision); the exporter's `attach` runs without the lock; the new
+    /// attachment goes first.
     pub fn dynamic_attach(
         &self,
         dev: Option<Bdf>,
@@ -369,9 +371,6 @@ impl DmaBuf {
         let Some(dev) = dev else {
             return Err(Errno::EINVAL);
         };
-        if importer.as_ref().is_some_and(|o| o.invalidate.is_none()) {
-            return Err(Errno::EINVAL);
-        }
         let a = Arc::new(Attachment {
             dev,
             peer2peer: importer.as_ref().is_some_and(|o| o.allow_peer2peer),

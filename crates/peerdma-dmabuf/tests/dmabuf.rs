@@ -242,7 +242,7 @@ fn attachments_hold_no_file_reference() {
 // ---- 3.2 attach --------------------------------------------------------------------------
 
 #[test]
-fn attach_refuses_no_device_and_ops_without_callback() {
+fn attach_refuses_no_device_and_leaves_ops_without_callback_to_the_exporter() {
     let r = rig(true);
     let f = file_of(&exporter(&r, ALL));
     assert_eq!(
@@ -254,13 +254,12 @@ fn attach_refuses_no_device_and_ops_without_callback() {
         invalidate: None,
         stub: false,
     };
-    assert_eq!(
-        buf(&f)
-            .dynamic_attach(Some(r.nic0), Some(no_cb))
-            .unwrap_err(),
-        Errno::EINVAL
-    );
     assert!(buf(&f).attachments().is_empty());
+    // A pinned importer (no invalidation callback): 7.2's core takes it; this exporter
+    // accepts everything, so the attachment is made, dynamic but not revocable.
+    let a = buf(&f).dynamic_attach(Some(r.nic0), Some(no_cb)).unwrap();
+    assert!(a.is_dynamic() && a.peer2peer && !a.is_revocable());
+    assert_eq!(buf(&f).attachments().len(), 1);
 }
 
 #[test]

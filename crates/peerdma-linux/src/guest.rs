@@ -412,7 +412,7 @@ fn p2p_suite(r: &mut Runner) {
     };
     let landed = |be: &mut LinuxBackend, off: u64, p: &[u8]| -> Result<bool, String> {
         let mut got = vec![0u8; p.len()];
-        be.region_read(ivs, 2, off, &mut got)
+        be.bar_read(ivs, 2, off, &mut got)
             .map_err(|e| format!("reading BAR2: {e}"))?;
         Ok(got == p)
     };

@@ -8,6 +8,10 @@
 //! - `VFIO_DEVICE_RESET` returning its errno (`VfioDevice::reset` discards it);
 //! - config-space access as `pread`/`pwrite` at the config region's offset returning errors
 //!   (`VfioDevice::region_read` panics-free but silent);
+//! - `VFIO_DEVICE_GET_REGION_INFO` returning its errno and capability chain
+//!   (`VfioDevice` reads every region's info once at open and keeps no errno);
+//! - CPU loads and stores through an `mmap` of a BAR, each made in a child process so that
+//!   a `SIGBUS` (the kernel refusing the page fault) is an answer rather than the end;
 //! - `IOMMU_IOAS_MAP_FILE` with the argument writable (`IommuFd::map_iommu_ioas_file` takes
 //!   it by shared reference, but without FIXED_IOVA the kernel writes the IOVA it chose
 //!   back into it) and `IOMMU_IOAS_IOVA_RANGES` (not offered).
@@ -24,7 +28,8 @@ use iommufd_bindings::iommufd::{
 use iommufd_ioctls::{IommuFd, IommufdIoas};
 use peerdma_pci::{Bdf, Errno, regs};
 use peerdma_uapi::backend::{
-    IovaRanges, Landed, MAP_FIXED_IOVA, MAP_READABLE, MAP_WRITEABLE, ScenarioBackend,
+    CpuFault, IovaRanges, Landed, MAP_FIXED_IOVA, MAP_READABLE, MAP_WRITEABLE, MapHandle,
+    REGION_OFFSET_SHIFT, RegionInfo, ScenarioBackend,
 };
 use peerdma_uapi::{DevHandle, DmabufInfo, IoasId, OpenPath, UapiBackend};
 use vfio_bindings::bindings::vfio::{VFIO_BASE, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_TYPE};
@@ -33,7 +38,7 @@ use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ptr};
 
 use nr::{
     IOMMU_IOAS_IOVA_RANGES, IOMMU_IOAS_MAP_FILE, VFIO_DEVICE_BIND_IOMMUFD, VFIO_DEVICE_FEATURE,
-    VFIO_DEVICE_PCI_HOT_RESET, VFIO_DEVICE_RESET,
+    VFIO_DEVICE_GET_REGION_INFO, VFIO_DEVICE_PCI_HOT_RESET, VFIO_DEVICE_RESET,
 };
 
 /// The ioctl numbers the crates keep private.
@@ -42,6 +47,11 @@ mod nr {
     use super::{VFIO_BASE, VFIO_TYPE};
     use vmm_sys_util::ioctl_io_nr;
     ioctl_io_nr!(VFIO_DEVICE_RESET, u32::from(VFIO_TYPE), VFIO_BASE + 11);
+    ioctl_io_nr!(
+        VFIO_DEVICE_GET_REGION_INFO,
+        u32::from(VFIO_TYPE),
+        VFIO_BASE + 8
+    );
     ioctl_io_nr!(VFIO_DEVICE_FEATURE, u32::from(VFIO_TYPE), VFIO_BASE + 17);
     ioctl_io_nr!(
         VFIO_DEVICE_PCI_HOT_RESET,
@@ -98,6 +108,114 @@ fn last_errno() -> Errno {
     )
 }
 
+/// A CPU mapping of a device region (`mmap` of a device fd), unmapped on drop.
+struct RegionMap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by the backend and only touched through `&mut self` methods.
+unsafe impl Send for RegionMap {}
+
+impl Drop for RegionMap {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly what mmap returned in `region_mmap`.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// Where `offset` of region `index` is in a vfio-pci device fd.
+fn region_pos(index: u32, offset: u64) -> Result<i64, Errno> {
+    (u64::from(index) << REGION_OFFSET_SHIFT)
+        .checked_add(offset)
+        .and_then(|p| i64::try_from(p).ok())
+        .ok_or(Errno::EINVAL)
+}
+
+/// One load or store of 1, 2, 4 or 8 bytes at `p`, in a child process: `Ok` with the bytes
+/// (a load) or `Err(CpuFault::Sigbus)` when the kernel refused the page fault and the child
+/// died of it. The child shares the mapping, so a store it makes lands where the parent's
+/// would.
+// `p` is aligned to the access size: `cpu_access` checks it before calling.
+#[allow(clippy::cast_ptr_alignment)]
+fn access_in_child(p: *mut u8, buf: &mut [u8], write: bool) -> Result<(), CpuFault> {
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe writes.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(CpuFault::Errno(last_errno()));
+    }
+    let (rd, wr) = (fds[0], fds[1]);
+    let mut word = [0u8; 8];
+    word[..buf.len()].copy_from_slice(buf);
+    let n = buf.len();
+    // SAFETY: the child only makes one volatile access, a write(2) and _exit(2), all
+    // async-signal-safe; the parent waits for it below.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        // SAFETY: closing the pipe just made.
+        unsafe {
+            libc::close(rd);
+            libc::close(wr);
+        }
+        return Err(CpuFault::Errno(last_errno()));
+    }
+    if pid == 0 {
+        // SAFETY: `p` points into a live shared mapping at least `n` bytes long, aligned to
+        // `n` by the caller; the access is volatile, as device memory needs.
+        unsafe {
+            let v: u64 = match (n, write) {
+                (1, false) => u64::from(std::ptr::read_volatile(p)),
+                (2, false) => u64::from(std::ptr::read_volatile(p.cast::<u16>())),
+                (4, false) => u64::from(std::ptr::read_volatile(p.cast::<u32>())),
+                (8, false) => std::ptr::read_volatile(p.cast::<u64>()),
+                (1, true) => {
+                    std::ptr::write_volatile(p, word[0]);
+                    0
+                }
+                (2, true) => {
+                    std::ptr::write_volatile(
+                        p.cast::<u16>(),
+                        u16::from_le_bytes([word[0], word[1]]),
+                    );
+                    0
+                }
+                (4, true) => {
+                    let w = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+                    std::ptr::write_volatile(p.cast::<u32>(), w);
+                    0
+                }
+                _ => {
+                    std::ptr::write_volatile(p.cast::<u64>(), u64::from_le_bytes(word));
+                    0
+                }
+            };
+            let b = v.to_le_bytes();
+            libc::write(wr, b.as_ptr().cast(), 8);
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: the parent's copy of the write end is not needed.
+    unsafe { libc::close(wr) };
+    let mut status = 0;
+    // SAFETY: waiting for the child forked above.
+    unsafe { libc::waitpid(pid, &raw mut status, 0) };
+    let mut got = [0u8; 8];
+    // SAFETY: reads at most 8 bytes into `got`.
+    let r = unsafe { libc::read(rd, got.as_mut_ptr().cast(), 8) };
+    // SAFETY: closing the read end.
+    unsafe { libc::close(rd) };
+    if libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGBUS {
+        return Err(CpuFault::Sigbus);
+    }
+    if !libc::WIFEXITED(status) || r != 8 {
+        return Err(CpuFault::Errno(Errno::EIO));
+    }
+    if !write {
+        buf.copy_from_slice(&got[..n]);
+    }
+    Ok(())
+}
+
 /// Anonymous memory the backend mapped into an IOAS (so a device can DMA from RAM).
 struct AnonPage {
     ptr: *mut u8,
@@ -139,6 +257,9 @@ pub struct LinuxBackend {
     unbound: HashMap<u32, File>,
     /// Eventfds given to wakeup-armed low-power entries.
     eventfds: Vec<File>,
+    /// CPU mappings of device regions.
+    maps: HashMap<u32, RegionMap>,
+    next_map: u32,
     /// Where sysfs is (for tests on captured trees; `/sys` normally).
     pub sysfs: PathBuf,
 }
@@ -247,8 +368,9 @@ impl LinuxBackend {
         Ok(self.dev(d)?.device.as_raw_fd())
     }
 
-    /// Reads a VFIO region of an open device (a BAR: index 0-5) at `offset`.
-    pub fn region_read(
+    /// Reads a VFIO region of an open device (a BAR: index 0-5) at `offset`, all of `buf`
+    /// (`EIO` if the kernel reads less).
+    pub fn bar_read(
         &self,
         d: DevHandle,
         index: u32,
@@ -271,8 +393,8 @@ impl LinuxBackend {
         }
     }
 
-    /// Writes a VFIO region of an open device at `offset`.
-    pub fn region_write(
+    /// Writes all of `data` to a VFIO region of an open device at `offset`.
+    pub fn bar_write(
         &self,
         d: DevHandle,
         index: u32,
@@ -371,14 +493,14 @@ impl LinuxBackend {
         len: usize,
         to_memory: bool,
     ) -> Result<(), Errno> {
-        self.region_write(edu, 0, 0x80, &src.to_le_bytes())?;
-        self.region_write(edu, 0, 0x88, &dst.to_le_bytes())?;
-        self.region_write(edu, 0, 0x90, &(len as u64).to_le_bytes())?;
+        self.bar_write(edu, 0, 0x80, &src.to_le_bytes())?;
+        self.bar_write(edu, 0, 0x88, &dst.to_le_bytes())?;
+        self.bar_write(edu, 0, 0x90, &(len as u64).to_le_bytes())?;
         let cmd: u64 = if to_memory { 3 } else { 1 };
-        self.region_write(edu, 0, 0x98, &cmd.to_le_bytes())?;
+        self.bar_write(edu, 0, 0x98, &cmd.to_le_bytes())?;
         for _ in 0..2000 {
             let mut c = [0u8; 8];
-            self.region_read(edu, 0, 0x98, &mut c)?;
+            self.bar_read(edu, 0, 0x98, &mut c)?;
             if u64::from_le_bytes(c) & 1 == 0 {
                 return Ok(());
             }
@@ -704,6 +826,130 @@ impl UapiBackend for LinuxBackend {
         })
     }
 
+    fn region_info(&mut self, dev: DevHandle, index: u32) -> Result<RegionInfo, Errno> {
+        // struct vfio_region_info (32 bytes), then room for a capability chain.
+        let mut b = [0u64; 32];
+        let bytes: &mut [u8; 256] = bytemuck_cast(&mut b);
+        bytes[0..4].copy_from_slice(&256u32.to_le_bytes());
+        bytes[8..12].copy_from_slice(&index.to_le_bytes());
+        let fd = self.raw(dev)?;
+        let file = std::mem::ManuallyDrop::new(
+            // SAFETY: a borrowed view of a descriptor this backend owns, never closed here.
+            unsafe { File::from_raw_fd(fd) },
+        );
+        // SAFETY: the kernel reads and writes at most `argsz` (256) bytes of `b`.
+        let ret =
+            unsafe { ioctl_with_mut_ptr(&*file, VFIO_DEVICE_GET_REGION_INFO(), b.as_mut_ptr()) };
+        if ret < 0 {
+            return Err(last_errno());
+        }
+        let bytes: &[u8; 256] = bytemuck_cast(&mut b);
+        let u32_at =
+            |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
+        let u64_at = |o: usize| u64::from(u32_at(o)) | u64::from(u32_at(o + 4)) << 32;
+        let mut info = RegionInfo {
+            flags: u32_at(4),
+            size: u64_at(16),
+            offset: u64_at(24),
+            caps: Vec::new(),
+        };
+        // The chain: {id u16, version u16, next u32} headers, offsets from the struct's start.
+        let mut at = u32_at(12) as usize;
+        while at != 0 && at + 8 <= bytes.len() && info.caps.len() < 16 {
+            info.caps
+                .push(u16::from_le_bytes([bytes[at], bytes[at + 1]]));
+            at = u32_at(at + 4) as usize;
+        }
+        Ok(info)
+    }
+
+    fn region_read(
+        &mut self,
+        dev: DevHandle,
+        index: u32,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize, Errno> {
+        let (fd, at) = (self.raw(dev)?, region_pos(index, offset)?);
+        // SAFETY: pread writes at most `buf.len()` bytes into `buf`.
+        let n = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), at) };
+        usize::try_from(n).map_err(|_| last_errno())
+    }
+
+    fn region_write(
+        &mut self,
+        dev: DevHandle,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<usize, Errno> {
+        let (fd, at) = (self.raw(dev)?, region_pos(index, offset)?);
+        // SAFETY: pwrite reads at most `data.len()` bytes from `data`.
+        let n = unsafe { libc::pwrite(fd, data.as_ptr().cast(), data.len(), at) };
+        usize::try_from(n).map_err(|_| last_errno())
+    }
+
+    fn region_mmap(
+        &mut self,
+        dev: DevHandle,
+        index: u32,
+        offset: u64,
+        length: u64,
+        shared: bool,
+    ) -> Result<MapHandle, Errno> {
+        let (fd, at) = (self.raw(dev)?, region_pos(index, offset)?);
+        let len = usize::try_from(length).map_err(|_| Errno::EINVAL)?;
+        let kind = if shared {
+            libc::MAP_SHARED
+        } else {
+            libc::MAP_PRIVATE
+        };
+        // SAFETY: a fresh mapping at a kernel-chosen address; it is only touched through
+        // `access_in_child` within `len`, and unmapped by `RegionMap`'s drop.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                kind,
+                fd,
+                at,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(last_errno());
+        }
+        let h = self.next_map;
+        self.next_map += 1;
+        self.maps.insert(h, RegionMap { ptr: p.cast(), len });
+        Ok(MapHandle(h))
+    }
+
+    fn cpu_access(
+        &mut self,
+        map: MapHandle,
+        offset: u64,
+        buf: &mut [u8],
+        write: bool,
+    ) -> Result<(), CpuFault> {
+        let m = self.maps.get(&map.0).ok_or(CpuFault::Errno(Errno::EBADF))?;
+        let n = buf.len();
+        let inside = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(n))
+            .is_some_and(|end| end <= m.len);
+        if !inside || !matches!(n, 1 | 2 | 4 | 8) || offset % n as u64 != 0 {
+            return Err(CpuFault::Errno(Errno::EFAULT));
+        }
+        // SAFETY: `offset + n <= len`: inside the mapping.
+        let p = unsafe { m.ptr.add(offset as usize) };
+        access_in_child(p, buf, write)
+    }
+
+    fn cpu_unmap(&mut self, map: MapHandle) -> Result<(), Errno> {
+        self.maps.remove(&map.0).map(drop).ok_or(Errno::EINVAL)
+    }
+
     fn ioas_unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64, Errno> {
         let i = self.iommufd()?;
         let mut u = iommu_ioas_unmap {
@@ -782,7 +1028,7 @@ impl ScenarioBackend for LinuxBackend {
         if ret < 0 { Err(last_errno()) } else { Ok(()) }
     }
 
-    fn low_power_wakeup(&mut self, dev: DevHandle) -> Result<(), Errno> {
+    fn low_power_wakeup(&mut self, dev: DevHandle, reserved: u32) -> Result<(), Errno> {
         // SAFETY: eventfd creates a new descriptor; no memory is involved.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if efd < 0 {
@@ -795,7 +1041,7 @@ impl ScenarioBackend for LinuxBackend {
             peerdma_uapi::feature::VFIO_DEVICE_FEATURE_SET | 4,
         );
         b.extend_from_slice(&efd.to_le_bytes());
-        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&reserved.to_le_bytes());
         self.device_feature(dev, &mut b).map(drop)
     }
 
@@ -815,6 +1061,13 @@ impl ScenarioBackend for LinuxBackend {
         let got = read_bar(&dir.join(format!("resource{region}")), offset, data.len())?;
         Ok(if got == data { Landed::Yes } else { Landed::No })
     }
+}
+
+/// The bytes of a `u64` array.
+fn bytemuck_cast(b: &mut [u64; 32]) -> &mut [u8; 256] {
+    // SAFETY: `[u64; 32]` and `[u8; 256]` have the same size, u8 has no alignment needs and
+    // every bit pattern is valid for both; the borrow is carried over.
+    unsafe { &mut *b.as_mut_ptr().cast::<[u8; 256]>() }
 }
 
 /// Reads `len` bytes at `offset` of a BAR through its sysfs resource file (mapped, read with

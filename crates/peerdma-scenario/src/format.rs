@@ -241,6 +241,8 @@ pub enum Action {
         enter: bool,
         /// Entry armed with a wakeup eventfd.
         wakeup: bool,
+        /// The payload's reserved word, with `wakeup` (0 unless given).
+        reserved: u32,
     },
     /// `IOMMU_IOAS_ALLOC`.
     IoasAlloc {
@@ -297,6 +299,77 @@ pub enum Action {
         ioas: String,
         /// `num_iovas` on the way in.
         room: u32,
+    },
+    /// `VFIO_DEVICE_GET_REGION_INFO`.
+    RegionInfo {
+        /// Device name.
+        dev: String,
+        /// Region index (BARs 0-5, ROM 6, config 7, VGA 8).
+        region: u32,
+    },
+    /// `pread` of a region of the device fd.
+    RegionRead {
+        /// Device name.
+        dev: String,
+        /// Region index.
+        region: u32,
+        /// Offset in the region.
+        offset: u64,
+        /// Bytes asked for.
+        size: usize,
+        /// Whether the outcome shows the bytes read (else only how many).
+        show: bool,
+    },
+    /// `pwrite` of a region of the device fd.
+    RegionWrite {
+        /// Device name.
+        dev: String,
+        /// Region index.
+        region: u32,
+        /// Offset in the region.
+        offset: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// `mmap` of a region of the device fd, read and write.
+    CpuMap {
+        /// Device name.
+        dev: String,
+        /// Region index.
+        region: u32,
+        /// Offset in the region.
+        offset: u64,
+        /// Length.
+        length: u64,
+        /// `MAP_SHARED` (else `MAP_PRIVATE`).
+        shared: bool,
+        /// Name for later steps.
+        name: String,
+    },
+    /// A CPU load through a mapping.
+    CpuRead {
+        /// Mapping name.
+        map: String,
+        /// Offset in the mapping.
+        offset: u64,
+        /// 1, 2, 4 or 8 bytes.
+        size: usize,
+        /// Whether the outcome shows the bytes read.
+        show: bool,
+    },
+    /// A CPU store through a mapping.
+    CpuWrite {
+        /// Mapping name.
+        map: String,
+        /// Offset in the mapping.
+        offset: u64,
+        /// 1, 2, 4 or 8 bytes.
+        data: Vec<u8>,
+    },
+    /// `munmap` of a mapping.
+    CpuUnmap {
+        /// Mapping name.
+        map: String,
     },
     /// The initiator writes a fresh 16-byte pattern at (or just past) `iova`, inside a
     /// window mapped by an earlier `map` step; the provider's memory is then checked.
@@ -369,6 +442,13 @@ impl Action {
             Action::Detach { .. } => "detach",
             Action::IoasDestroy { .. } => "ioas_destroy",
             Action::Dma { .. } => "dma",
+            Action::RegionInfo { .. } => "region_info",
+            Action::RegionRead { .. } => "region_read",
+            Action::RegionWrite { .. } => "region_write",
+            Action::CpuMap { .. } => "cpu_map",
+            Action::CpuRead { .. } => "cpu_read",
+            Action::CpuWrite { .. } => "cpu_write",
+            Action::CpuUnmap { .. } => "cpu_unmap",
         }
     }
 }
@@ -439,6 +519,25 @@ pub enum Expect {
     Unmapped(u64),
     /// A map without FIXED_IOVA succeeds at the IOVA the kernel chose (this one, if given).
     Iova(Option<u64>),
+    /// `VFIO_DEVICE_GET_REGION_INFO` answers; the fields given must match.
+    Region {
+        /// `size`.
+        size: Option<u64>,
+        /// `flags`, as words (`read`, `write`, `mmap`, `caps`; `none` for 0).
+        flags: Option<String>,
+        /// `offset` in the device fd.
+        offset: Option<u64>,
+        /// The capability chain, as words (`sparse_mmap`, `type`, `msix_mappable`; `none`).
+        caps: Option<String>,
+    },
+    /// A read gives these bytes.
+    Read(Vec<u8>),
+    /// A read gives this many bytes (whatever they are).
+    ReadCount(u64),
+    /// A `region_write` writes only this many bytes.
+    Wrote(u64),
+    /// A CPU access through a mapping dies of `SIGBUS`.
+    Sigbus,
     /// `IOMMU_IOAS_IOVA_RANGES` answers these ranges (inclusive) and this alignment.
     Ranges {
         /// The allowed ranges.
@@ -457,6 +556,43 @@ pub fn ranges_outcome(ranges: &[(u64, u64)], alignment: u64) -> String {
     format!("ranges {} alignment {alignment:#x}", list.join(" "))
 }
 
+/// The words of `VFIO_REGION_INFO_FLAG_*` bits, as outcomes show them.
+pub fn region_flag_words(flags: u32) -> String {
+    let names = [(1, "read"), (2, "write"), (4, "mmap"), (8, "caps")];
+    let mut w: Vec<String> = names
+        .iter()
+        .filter(|(b, _)| flags & b != 0)
+        .map(|(_, n)| (*n).to_string())
+        .collect();
+    let rest = flags & !0xf;
+    if rest != 0 {
+        w.push(format!("{rest:#x}"));
+    }
+    if w.is_empty() {
+        "none".into()
+    } else {
+        w.join(",")
+    }
+}
+
+/// The words of a region's capability IDs, as outcomes show them.
+pub fn region_cap_words(caps: &[u16]) -> String {
+    if caps.is_empty() {
+        return "none".into();
+    }
+    caps.iter()
+        .map(|c| match c {
+            1 => "sparse_mmap".to_string(),
+            2 => "type".to_string(),
+            3 => "msix_mappable".to_string(),
+            4 => "nvlink2_ssatgt".to_string(),
+            5 => "nvlink2_lnkspd".to_string(),
+            n => format!("{n}"),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 impl Expect {
     /// Whether a step's outcome (see [`crate::run`](mod@crate::run)) is what this expects.
     pub fn matches(&self, outcome: &str) -> bool {
@@ -472,6 +608,27 @@ impl Expect {
             Expect::Iova(None) => outcome.starts_with("iova 0x"),
             Expect::Iova(Some(v)) => outcome == format!("iova {v:#x}"),
             Expect::Ranges { ranges, alignment } => outcome == ranges_outcome(ranges, *alignment),
+            Expect::Read(b) => outcome == format!("read {}", crate::run::hex(b)),
+            Expect::ReadCount(n) => outcome == format!("read {n} bytes"),
+            Expect::Wrote(n) => outcome == format!("wrote {n}"),
+            Expect::Sigbus => outcome == "SIGBUS",
+            Expect::Region {
+                size,
+                flags,
+                offset,
+                caps,
+            } => {
+                let mut words = outcome.split(' ');
+                if words.next() != Some("region") {
+                    return false;
+                }
+                let kv: Vec<(&str, &str)> = words.filter_map(|w| w.split_once('=')).collect();
+                let has = |k: &str, v: &str| kv.iter().any(|&(a, b)| a == k && b == v);
+                size.is_none_or(|s| has("size", &format!("{s:#x}")))
+                    && flags.as_deref().is_none_or(|f| has("flags", f))
+                    && offset.is_none_or(|o| has("offset", &format!("{o:#x}")))
+                    && caps.as_deref().is_none_or(|c| has("caps", c))
+            }
             Expect::Fd {
                 size,
                 count,
@@ -508,6 +665,31 @@ impl std::fmt::Display for Expect {
             Expect::Iova(Some(v)) => write!(f, "iova {v:#x}"),
             Expect::Ranges { ranges, alignment } => {
                 f.write_str(&ranges_outcome(ranges, *alignment))
+            }
+            Expect::Read(b) => write!(f, "read {}", crate::run::hex(b)),
+            Expect::ReadCount(n) => write!(f, "read {n} bytes"),
+            Expect::Wrote(n) => write!(f, "wrote {n}"),
+            Expect::Sigbus => f.write_str("SIGBUS"),
+            Expect::Region {
+                size,
+                flags,
+                offset,
+                caps,
+            } => {
+                f.write_str("region")?;
+                if let Some(s) = size {
+                    write!(f, " size={s:#x}")?;
+                }
+                if let Some(x) = flags {
+                    write!(f, " flags={x}")?;
+                }
+                if let Some(o) = offset {
+                    write!(f, " offset={o:#x}")?;
+                }
+                if let Some(c) = caps {
+                    write!(f, " caps={c}")?;
+                }
+                Ok(())
             }
             Expect::Fd {
                 size,
@@ -771,6 +953,7 @@ fn expect(f: &mut Fields, default: Option<Expect>) -> Result<Expect, FormatError
             "not_landed" | "not landed" => Ok(Expect::Landed(false)),
             "no_capability" => Ok(Expect::NoCapability),
             "iova" => Ok(Expect::Iova(None)),
+            "SIGBUS" | "sigbus" => Ok(Expect::Sigbus),
             other => Errno::from_name(other).map(Expect::Errno).ok_or_else(|| {
                 f.err(
                     "expect",
@@ -817,6 +1000,46 @@ fn expect(f: &mut Fields, default: Option<Expect>) -> Result<Expect, FormatError
                 e.done()?;
                 return Ok(Expect::Value(v));
             }
+            if let Some(h) = e.opt_string("read")? {
+                let b = hex_bytes(&h).ok_or_else(|| e.err("read", "not hex bytes"))?;
+                e.done()?;
+                return Ok(Expect::Read(b));
+            }
+            if let Some(n) = e.opt_num("read_count")? {
+                e.done()?;
+                return Ok(Expect::ReadCount(n));
+            }
+            if let Some(n) = e.opt_num("wrote")? {
+                e.done()?;
+                return Ok(Expect::Wrote(n));
+            }
+            if e.opt_bool("region")? == Some(true) {
+                let words = |e: &mut Fields, k: &str| -> Result<Option<String>, FormatError> {
+                    match e.take(k) {
+                        None => Ok(None),
+                        Some(Value::String(s)) => Ok(Some(s)),
+                        Some(Value::Array(a)) => {
+                            let w: Option<Vec<String>> =
+                                a.iter().map(|v| v.as_str().map(str::to_string)).collect();
+                            let w = w.ok_or_else(|| e.err(k, "a list of words"))?;
+                            Ok(Some(if w.is_empty() {
+                                "none".into()
+                            } else {
+                                w.join(",")
+                            }))
+                        }
+                        Some(_) => Err(e.err(k, "a word or a list of words")),
+                    }
+                };
+                let r = Expect::Region {
+                    size: e.opt_num("size")?,
+                    flags: words(&mut e, "flags")?,
+                    offset: e.opt_num("offset")?,
+                    caps: words(&mut e, "caps")?,
+                };
+                e.done()?;
+                return Ok(r);
+            }
             let fd = e.opt_bool("fd")?;
             if fd == Some(false) {
                 return Err(e.err("fd", "say the errno instead of fd = false"));
@@ -860,6 +1083,62 @@ fn iova(v: &Value) -> Result<Iova, String> {
         name: name.to_string(),
         plus,
     })
+}
+
+/// A `region`: `bar0`…`bar5`, `rom`, `config`, `vga`, or an index.
+fn region_index(f: &mut Fields) -> Result<u32, FormatError> {
+    let v = f.take("region").ok_or_else(|| f.err("region", "missing"))?;
+    if let Value::String(s) = &v {
+        let named = match s.as_str() {
+            "bar0" => Some(0),
+            "bar1" => Some(1),
+            "bar2" => Some(2),
+            "bar3" => Some(3),
+            "bar4" => Some(4),
+            "bar5" => Some(5),
+            "rom" => Some(6),
+            "config" => Some(7),
+            "vga" => Some(8),
+            _ => None,
+        };
+        if let Some(n) = named {
+            return Ok(n);
+        }
+    }
+    num(&v)
+        .ok()
+        .and_then(|n| u32::try_from(n).ok())
+        .filter(|&n| n < 1 << 23)
+        .ok_or_else(|| {
+            f.err(
+                "region",
+                "bar0 to bar5, rom, config, vga, or an index below 2^23",
+            )
+        })
+}
+
+/// The bytes a write step writes: `data` (hex), or `value` in `size` bytes (little-endian,
+/// default 4).
+fn write_data(f: &mut Fields, most: usize) -> Result<Vec<u8>, FormatError> {
+    let data = match (f.opt_string("data")?, f.opt_num("value")?) {
+        (Some(_), Some(_)) => return Err(f.err("value", "give data or value, not both")),
+        (Some(h), None) => hex_bytes(&h).ok_or_else(|| f.err("data", "not hex bytes"))?,
+        (None, Some(v)) => {
+            let size = match f.opt_num("size")?.unwrap_or(4) {
+                n @ 1..=8 => n as usize,
+                _ => return Err(f.err("size", "1 to 8 bytes")),
+            };
+            if size < 8 && v >> (8 * size) != 0 {
+                return Err(f.err("value", format!("does not fit {size} byte(s)")));
+            }
+            v.to_le_bytes()[..size].to_vec()
+        }
+        (None, None) => return Err(f.err("data", "missing (data = \"hex\" or value)")),
+    };
+    if data.is_empty() || data.len() > most {
+        return Err(f.err("data", format!("1 to {most} bytes")));
+    }
+    Ok(data)
 }
 
 /// A `size` of 1, 2 or 4 bytes (default 2) for `power` and `flr`.
@@ -1212,7 +1491,19 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
             if wakeup && !enter {
                 return Err(f.err("wakeup", "only an entry takes a wakeup eventfd"));
             }
-            (Action::LowPower { dev, enter, wakeup }, ok)
+            let reserved = f.opt_u32("reserved")?.unwrap_or(0);
+            if reserved != 0 && !wakeup {
+                return Err(f.err("reserved", "only a wakeup entry has a reserved word"));
+            }
+            (
+                Action::LowPower {
+                    dev,
+                    enter,
+                    wakeup,
+                    reserved,
+                },
+                ok,
+            )
         }
         "ioas" => (
             Action::IoasAlloc {
@@ -1282,13 +1573,105 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
             }
             (Action::Dma { dev, iova }, None)
         }
+        "region_info" => (
+            Action::RegionInfo {
+                dev: f.string("dev")?,
+                region: region_index(&mut f)?,
+            },
+            None,
+        ),
+        "region_read" => {
+            let dev = f.string("dev")?;
+            let region = region_index(&mut f)?;
+            let offset = f.opt_num("offset")?.unwrap_or(0);
+            let size = f.num("size")?;
+            let size = usize::try_from(size)
+                .ok()
+                .filter(|&n| n <= 1 << 20)
+                .ok_or_else(|| f.err("size", "at most 1 MiB"))?;
+            let expect = expect(&mut f, None)?;
+            f.done()?;
+            let show = matches!(expect, Expect::Read(_));
+            return Ok(Step {
+                action: Action::RegionRead {
+                    dev,
+                    region,
+                    offset,
+                    size,
+                    show,
+                },
+                expect,
+            });
+        }
+        "region_write" => {
+            let dev = f.string("dev")?;
+            let region = region_index(&mut f)?;
+            let offset = f.opt_num("offset")?.unwrap_or(0);
+            let data = write_data(&mut f, 1 << 20)?;
+            (
+                Action::RegionWrite {
+                    dev,
+                    region,
+                    offset,
+                    data,
+                },
+                ok,
+            )
+        }
+        "cpu_map" => (
+            Action::CpuMap {
+                dev: f.string("dev")?,
+                region: region_index(&mut f)?,
+                offset: f.opt_num("offset")?.unwrap_or(0),
+                length: f.opt_num("length")?.unwrap_or(4096),
+                shared: f.opt_bool("shared")?.unwrap_or(true),
+                name: f.string("as")?,
+            },
+            ok,
+        ),
+        "cpu_read" => {
+            let map = f.string("map")?;
+            let offset = f.opt_num("offset")?.unwrap_or(0);
+            let size = match f.opt_num("size")?.unwrap_or(4) {
+                n @ (1 | 2 | 4 | 8) => n as usize,
+                _ => return Err(f.err("size", "1, 2, 4 or 8")),
+            };
+            let expect = expect(&mut f, None)?;
+            f.done()?;
+            let show = matches!(expect, Expect::Read(_));
+            return Ok(Step {
+                action: Action::CpuRead {
+                    map,
+                    offset,
+                    size,
+                    show,
+                },
+                expect,
+            });
+        }
+        "cpu_write" => {
+            let map = f.string("map")?;
+            let offset = f.opt_num("offset")?.unwrap_or(0);
+            let data = write_data(&mut f, 8)?;
+            if !matches!(data.len(), 1 | 2 | 4 | 8) {
+                return Err(f.err("data", "1, 2, 4 or 8 bytes"));
+            }
+            (Action::CpuWrite { map, offset, data }, ok)
+        }
+        "cpu_unmap" => (
+            Action::CpuUnmap {
+                map: f.string("map")?,
+            },
+            ok,
+        ),
         other => {
             return Err(f.err(
                 "do",
                 format!(
                     "unknown action {other:?} (open, bind, close, feature, export, close_fd, fdinfo, \
                      seek, mmap, config_read, config_write, memory, power, flr, af_flr, reset, hot_reset, \
-                     low_power, ioas, attach, detach, ioas_destroy, map, unmap, iova_ranges, dma)"
+                     low_power, ioas, attach, detach, ioas_destroy, map, unmap, iova_ranges, dma, \
+                     region_info, region_read, region_write, cpu_map, cpu_read, cpu_write, cpu_unmap)"
                 ),
             ));
         }

@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet};
 
 use peerdma_pci::{Bdf, Errno, regs};
-use peerdma_uapi::backend::{Landed, ScenarioBackend};
+use peerdma_uapi::backend::{CpuFault, Landed, MapHandle, ScenarioBackend};
 use peerdma_uapi::feature::{VFIO_DEVICE_FEATURE_SET, header_bytes};
 use peerdma_uapi::{DevHandle, IoasId};
 use serde::{Deserialize, Serialize};
@@ -55,11 +55,39 @@ pub struct StepResult {
 
 /// State that lives across the scenarios of one run (one boot of the guest, one emulated
 /// machine): which bytes of the providers' memory earlier DMAs used, so that every DMA of
-/// the run writes a fresh place and a later one cannot fake or hide an earlier result.
+/// the run writes a fresh place and a later one cannot fake or hide an earlier result; and
+/// which 16-byte slots CPU writes touched, so that no DMA uses them and no CPU write
+/// overwrites a pattern the host has yet to look for.
 #[derive(Debug, Default)]
 pub struct RunCtx {
     used: HashSet<(Bdf, u32, u64)>,
+    cpu_written: HashSet<(Bdf, u32, u64)>,
     seq: u32,
+}
+
+impl RunCtx {
+    /// Claims the slots `[offset, offset + len)` of region `region` of `bdf` for a CPU
+    /// write; an error if a DMA of the run used one of them.
+    fn claim_for_cpu(
+        &mut self,
+        bdf: Bdf,
+        region: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), String> {
+        let first = offset / PATTERN_LEN;
+        let last = offset.saturating_add(len.max(1) - 1) / PATTERN_LEN;
+        if let Some(s) = (first..=last).find(|&s| self.used.contains(&(bdf, region, s))) {
+            return Err(format!(
+                "error: the write would overwrite the pattern an earlier DMA of the run left at {:#x} of region {region}",
+                s * PATTERN_LEN
+            ));
+        }
+        for s in first..=last {
+            self.cpu_written.insert((bdf, region, s));
+        }
+        Ok(())
+    }
 }
 
 struct Export {
@@ -85,6 +113,9 @@ struct State {
     windows: Vec<Window>,
     /// The IOVAs named maps got.
     iovas: HashMap<String, u64>,
+    /// CPU mappings of device regions: the mapping, and where it starts (device, region,
+    /// offset).
+    cpu_maps: HashMap<String, (MapHandle, Bdf, u32, u64)>,
 }
 
 /// Plays `s` on `be`. Every step runs, whatever earlier ones produced.
@@ -141,6 +172,22 @@ fn ok_or_errno(r: Result<(), Errno>) -> Played {
     Ok((r.map_or_else(errno_word, |()| "ok".into()), None))
 }
 
+/// What a read produced: the bytes, or (when the step does not look at them) their count.
+fn read_outcome(b: &[u8], show: bool) -> String {
+    if show {
+        format!("read {}", hex(b))
+    } else {
+        format!("read {} bytes", b.len())
+    }
+}
+
+fn fault_word(f: CpuFault) -> String {
+    match f {
+        CpuFault::Sigbus => "SIGBUS".into(),
+        CpuFault::Errno(e) => errno_word(e),
+    }
+}
+
 fn fd_outcome(be: &mut dyn ScenarioBackend, fd: i32) -> String {
     match be.dmabuf_info(fd) {
         Ok(i) => format!(
@@ -175,6 +222,12 @@ impl State {
                 .checked_add(*plus)
                 .ok_or_else(|| format!("error: {name}+{plus:#x} is past 2^64")),
         }
+    }
+    fn cpu_map(&self, name: &str) -> Result<(MapHandle, Bdf, u32, u64), String> {
+        self.cpu_maps
+            .get(name)
+            .copied()
+            .ok_or_else(|| format!("error: no CPU mapping named {name:?}"))
     }
     fn ioas(&self, name: &str) -> Result<IoasId, String> {
         self.ioas
@@ -306,7 +359,13 @@ fn pick_target(st: &State, ctx: &RunCtx, iova: u64) -> Result<(u64, Bdf, u32, u6
             b -= len;
         }
         if let Some(off) = at {
-            if !ctx.used.contains(&(e.bdf, e.region, off / PATTERN_LEN)) {
+            let slot = (e.bdf, e.region, off / PATTERN_LEN);
+            // The pattern's first and last bytes' slots (it straddles two when unaligned).
+            let cpu = [off, off + PATTERN_LEN - 1].iter().any(|b| {
+                ctx.cpu_written
+                    .contains(&(e.bdf, e.region, b / PATTERN_LEN))
+            });
+            if !ctx.used.contains(&slot) && !cpu {
                 return Ok((cand, e.bdf, e.region, off));
             }
         }
@@ -511,9 +570,10 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
             dev,
             enter: true,
             wakeup: true,
+            reserved,
         } => {
             let (d, _) = st.dev(dev)?;
-            ok_or_errno(be.low_power_wakeup(d))
+            ok_or_errno(be.low_power_wakeup(d, *reserved))
         }
         Action::LowPower { dev, enter, .. } => {
             let (d, _) = st.dev(dev)?;
@@ -596,6 +656,107 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
                 },
                 None,
             ))
+        }
+        Action::RegionInfo { dev, region } => {
+            let (d, _) = st.dev(dev)?;
+            Ok((
+                be.region_info(d, *region).map_or_else(errno_word, |i| {
+                    format!(
+                        "region size={:#x} flags={} offset={:#x} caps={}",
+                        i.size,
+                        crate::format::region_flag_words(i.flags),
+                        i.offset,
+                        crate::format::region_cap_words(&i.caps)
+                    )
+                }),
+                None,
+            ))
+        }
+        Action::RegionRead {
+            dev,
+            region,
+            offset,
+            size,
+            show,
+        } => {
+            let (d, _) = st.dev(dev)?;
+            let mut b = vec![0u8; *size];
+            Ok((
+                match be.region_read(d, *region, *offset, &mut b) {
+                    Ok(n) => read_outcome(&b[..n.min(b.len())], *show),
+                    Err(e) => errno_word(e),
+                },
+                None,
+            ))
+        }
+        Action::RegionWrite {
+            dev,
+            region,
+            offset,
+            data,
+        } => {
+            let (d, bdf) = st.dev(dev)?;
+            if *region < 6 {
+                ctx.claim_for_cpu(bdf, *region, *offset, data.len() as u64)?;
+            }
+            Ok((
+                match be.region_write(d, *region, *offset, data) {
+                    Ok(n) if n == data.len() => "ok".into(),
+                    Ok(n) => format!("wrote {n}"),
+                    Err(e) => errno_word(e),
+                },
+                None,
+            ))
+        }
+        Action::CpuMap {
+            dev,
+            region,
+            offset,
+            length,
+            shared,
+            name,
+        } => {
+            let (d, bdf) = st.dev(dev)?;
+            match be.region_mmap(d, *region, *offset, *length, *shared) {
+                Ok(m) => {
+                    st.cpu_maps.insert(name.clone(), (m, bdf, *region, *offset));
+                    Ok(("ok".into(), None))
+                }
+                Err(e) => Ok((errno_word(e), None)),
+            }
+        }
+        Action::CpuRead {
+            map,
+            offset,
+            size,
+            show,
+        } => {
+            let (m, ..) = st.cpu_map(map)?;
+            let mut b = vec![0u8; *size];
+            Ok((
+                match be.cpu_access(m, *offset, &mut b, false) {
+                    Ok(()) => read_outcome(&b, *show),
+                    Err(f) => fault_word(f),
+                },
+                None,
+            ))
+        }
+        Action::CpuWrite { map, offset, data } => {
+            let (m, bdf, region, base) = st.cpu_map(map)?;
+            ctx.claim_for_cpu(bdf, region, base.saturating_add(*offset), data.len() as u64)?;
+            let mut b = data.clone();
+            Ok((
+                match be.cpu_access(m, *offset, &mut b, true) {
+                    Ok(()) => "ok".into(),
+                    Err(f) => fault_word(f),
+                },
+                None,
+            ))
+        }
+        Action::CpuUnmap { map } => {
+            let (m, ..) = st.cpu_map(map)?;
+            st.cpu_maps.remove(map);
+            ok_or_errno(be.cpu_unmap(m))
         }
         Action::Dma { dev, iova } => {
             let (d, _) = st.dev(dev)?;

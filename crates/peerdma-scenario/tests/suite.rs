@@ -189,6 +189,53 @@ impl UapiBackend for Tweaked<'_> {
     fn ioas_unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64, Errno> {
         self.inner.ioas_unmap(ioas, iova, length)
     }
+    fn region_info(
+        &mut self,
+        dev: DevHandle,
+        index: u32,
+    ) -> Result<peerdma_uapi::backend::RegionInfo, Errno> {
+        self.inner.region_info(dev, index)
+    }
+    fn region_read(
+        &mut self,
+        dev: DevHandle,
+        index: u32,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize, Errno> {
+        self.inner.region_read(dev, index, offset, buf)
+    }
+    fn region_write(
+        &mut self,
+        dev: DevHandle,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<usize, Errno> {
+        self.inner.region_write(dev, index, offset, data)
+    }
+    fn region_mmap(
+        &mut self,
+        dev: DevHandle,
+        index: u32,
+        offset: u64,
+        length: u64,
+        shared: bool,
+    ) -> Result<peerdma_uapi::backend::MapHandle, Errno> {
+        self.inner.region_mmap(dev, index, offset, length, shared)
+    }
+    fn cpu_access(
+        &mut self,
+        map: peerdma_uapi::backend::MapHandle,
+        offset: u64,
+        buf: &mut [u8],
+        write: bool,
+    ) -> Result<(), peerdma_uapi::backend::CpuFault> {
+        self.inner.cpu_access(map, offset, buf, write)
+    }
+    fn cpu_unmap(&mut self, map: peerdma_uapi::backend::MapHandle) -> Result<(), Errno> {
+        self.inner.cpu_unmap(map)
+    }
 }
 
 impl ScenarioBackend for Tweaked<'_> {
@@ -198,8 +245,8 @@ impl ScenarioBackend for Tweaked<'_> {
     fn hot_reset(&mut self, dev: DevHandle) -> Result<(), Errno> {
         self.inner.hot_reset(dev)
     }
-    fn low_power_wakeup(&mut self, dev: DevHandle) -> Result<(), Errno> {
-        self.inner.low_power_wakeup(dev)
+    fn low_power_wakeup(&mut self, dev: DevHandle, reserved: u32) -> Result<(), Errno> {
+        self.inner.low_power_wakeup(dev, reserved)
     }
     fn dma(&mut self, dev: DevHandle, iova: u64, data: &[u8]) -> Result<(), Errno> {
         self.inner.dma(dev, iova, data)
@@ -573,11 +620,68 @@ mod random {
                 }),
             dev().prop_map(|dev| Action::Reset { dev }),
             dev().prop_map(|dev| Action::HotReset { dev }),
-            (dev(), any::<bool>(), any::<bool>()).prop_map(|(dev, enter, w)| Action::LowPower {
-                dev,
-                enter,
-                wakeup: enter && w
+            (dev(), any::<bool>(), any::<bool>(), pick(vec![0u32, 1])).prop_map(
+                |(dev, enter, w, r)| Action::LowPower {
+                    dev,
+                    enter,
+                    wakeup: enter && w,
+                    reserved: if enter && w { r } else { 0 },
+                }
+            ),
+            (dev(), 0u32..12).prop_map(|(dev, region)| Action::RegionInfo { dev, region }),
+            (
+                dev(),
+                0u32..10,
+                pick(vec![0u64, 0xd0003, 0xffffc, 0x10_0000]),
+                0usize..12
+            )
+                .prop_map(|(dev, region, offset, size)| Action::RegionRead {
+                    dev,
+                    region,
+                    offset,
+                    size,
+                    show: true,
+                }),
+            (
+                dev(),
+                0u32..10,
+                pick(vec![0u64, 0xd0001, 0xffffe]),
+                1usize..9
+            )
+                .prop_map(|(dev, region, offset, n)| Action::RegionWrite {
+                    dev,
+                    region,
+                    offset,
+                    data: vec![0x5a; n],
+                }),
+            (
+                dev(),
+                0u32..9,
+                pick(vec![0u64, 0x1000, 0xff000]),
+                any::<bool>()
+            )
+                .prop_map(|(dev, region, offset, shared)| Action::CpuMap {
+                    dev,
+                    region,
+                    offset,
+                    length: 0x1000,
+                    shared,
+                    name: "m".into(),
+                }),
+            (pick(vec![0u64, 4, 0xffc]), pick(vec![1usize, 4, 8])).prop_map(|(offset, size)| {
+                Action::CpuRead {
+                    map: "m".into(),
+                    offset,
+                    size,
+                    show: true,
+                }
             }),
+            pick(vec![0u64, 8]).prop_map(|offset| Action::CpuWrite {
+                map: "m".into(),
+                offset,
+                data: vec![0xa5; 4],
+            }),
+            Just(Action::CpuUnmap { map: "m".into() }),
             ioas().prop_map(|name| Action::IoasAlloc { name }),
             (dev(), ioas()).prop_map(|(dev, ioas)| Action::Attach { dev, ioas }),
             (

@@ -77,6 +77,59 @@ pub struct IovaRanges {
     pub alignment: u64,
 }
 
+/// vfio-pci's fixed region layout: region `index` starts at `index << 40` of the device fd
+/// (`VFIO_PCI_OFFSET_SHIFT`).
+pub const REGION_OFFSET_SHIFT: u32 = 40;
+
+/// Region indexes of vfio-pci (`VFIO_PCI_*_REGION_INDEX`): BARs 0-5, then these.
+pub mod region {
+    /// The expansion ROM.
+    pub const ROM: u32 = 6;
+    /// Config space.
+    pub const CONFIG: u32 = 7;
+    /// Legacy VGA ranges.
+    pub const VGA: u32 = 8;
+}
+
+/// `VFIO_REGION_INFO_FLAG_*`.
+pub mod region_flags {
+    /// Readable with `pread`.
+    pub const READ: u32 = 1;
+    /// Writable with `pwrite`.
+    pub const WRITE: u32 = 2;
+    /// Can be mapped with `mmap`.
+    pub const MMAP: u32 = 4;
+    /// Capabilities follow the struct.
+    pub const CAPS: u32 = 8;
+}
+
+/// What `VFIO_DEVICE_GET_REGION_INFO` says of one region.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RegionInfo {
+    /// [`region_flags`] bits.
+    pub flags: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// Where it starts in the device fd.
+    pub offset: u64,
+    /// The capability IDs in its chain, in order (`VFIO_REGION_INFO_CAP_*`: 1 sparse mmap,
+    /// 2 type, 3 MSI-X mappable).
+    pub caps: Vec<u16>,
+}
+
+/// A CPU mapping of a device region a backend made (`mmap` of the device fd).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct MapHandle(pub u32);
+
+/// What a CPU load or store through a [`MapHandle`] ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuFault {
+    /// The kernel refused the page fault: the access killed the thread with `SIGBUS`.
+    Sigbus,
+    /// The backend could not make the access (no such mapping, outside it): this errno.
+    Errno(Errno),
+}
+
 /// The operations peerdma performs across the userspace boundary. Every failure is the errno
 /// the kernel would return.
 pub trait UapiBackend {
@@ -126,6 +179,47 @@ pub trait UapiBackend {
     fn ioas_destroy(&mut self, ioas: IoasId) -> Result<(), Errno>;
     /// `IOMMU_IOAS_UNMAP`; returns the length unmapped.
     fn ioas_unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64, Errno>;
+    /// `VFIO_DEVICE_GET_REGION_INFO` of region `index`.
+    fn region_info(&mut self, dev: DevHandle, index: u32) -> Result<RegionInfo, Errno>;
+    /// `pread` of the device fd at `offset` of region `index` (vfio-pci's fixed layout,
+    /// [`REGION_OFFSET_SHIFT`]); the bytes read.
+    fn region_read(
+        &mut self,
+        dev: DevHandle,
+        index: u32,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize, Errno>;
+    /// `pwrite` of the device fd at `offset` of region `index`; the bytes written.
+    fn region_write(
+        &mut self,
+        dev: DevHandle,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<usize, Errno>;
+    /// `mmap` (read and write, `MAP_SHARED` unless `shared` is false) of `length` bytes at
+    /// `offset` of region `index` of the device fd. The mapping holds the device file: a
+    /// device closed while it is mapped stays open until [`UapiBackend::cpu_unmap`].
+    fn region_mmap(
+        &mut self,
+        dev: DevHandle,
+        index: u32,
+        offset: u64,
+        length: u64,
+        shared: bool,
+    ) -> Result<MapHandle, Errno>;
+    /// A CPU load (`write` false, into `buf`) or store (from `buf`) at `offset` of a mapping,
+    /// in accesses of `buf.len()` bytes (1, 2, 4 or 8).
+    fn cpu_access(
+        &mut self,
+        map: MapHandle,
+        offset: u64,
+        buf: &mut [u8],
+        write: bool,
+    ) -> Result<(), CpuFault>;
+    /// `munmap` of a mapping.
+    fn cpu_unmap(&mut self, map: MapHandle) -> Result<(), Errno>;
 }
 
 /// Whether a pattern a device wrote is in the provider's memory.
@@ -153,8 +247,9 @@ pub trait ScenarioBackend: UapiBackend {
     /// (every affected device open in this process's iommufd; no group fds given).
     fn hot_reset(&mut self, dev: DevHandle) -> Result<(), Errno>;
     /// `VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY_WITH_WAKEUP` with a fresh eventfd the backend
-    /// keeps: the next ioctl on the device wakes it out of low power for good.
-    fn low_power_wakeup(&mut self, dev: DevHandle) -> Result<(), Errno>;
+    /// keeps (and `reserved` as the payload's second word): the next ioctl on the device
+    /// wakes it out of low power for good.
+    fn low_power_wakeup(&mut self, dev: DevHandle, reserved: u32) -> Result<(), Errno>;
     /// Makes the initiator `dev` (attached to an IOAS) write `data` at `iova`. A DMA that
     /// faults is not an error of the call: the check is whether the bytes landed.
     fn dma(&mut self, dev: DevHandle, iova: u64, data: &[u8]) -> Result<(), Errno>;

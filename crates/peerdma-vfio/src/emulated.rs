@@ -15,7 +15,7 @@ use peerdma_dmabuf::Process;
 use peerdma_dmabuf::sgt::DmaEnv;
 use peerdma_p2pdma::P2pDma;
 use peerdma_pci::{Bdf, DeviceKind, DmaAddr, Errno, Fabric, regs, sync};
-use peerdma_uapi::backend::{IovaRanges, Landed, ScenarioBackend};
+use peerdma_uapi::backend::{CpuFault, IovaRanges, Landed, MapHandle, RegionInfo, ScenarioBackend};
 use peerdma_uapi::feature::O_CLOEXEC;
 use peerdma_uapi::{DevHandle, DmabufInfo, IoasId, OpenPath, UapiBackend};
 
@@ -119,6 +119,8 @@ impl Machine {
             iommufd: None,
             devs: HashMap::new(),
             next: 0,
+            maps: HashMap::new(),
+            next_map: 0,
             proc: Process::new(),
             group_files: HashMap::new(),
         }
@@ -130,6 +132,20 @@ struct Open {
     /// Opened through the group file (else through the device's cdev).
     via_group: bool,
     fd: DeviceFd,
+    /// The user closed the fd, but CPU mappings of it hold the file open: the device is
+    /// closed when the last of them goes.
+    closed: bool,
+    /// CPU mappings of the fd.
+    maps: usize,
+}
+
+/// A CPU mapping of a BAR (`mmap` of a device fd).
+struct CpuMap {
+    dev: u32,
+    bar: u8,
+    /// Where in the BAR it starts, and how long it is.
+    offset: u64,
+    length: u64,
 }
 
 /// One process on an emulated [`Machine`].
@@ -139,6 +155,8 @@ pub struct Emulated<'m> {
     proc: Process,
     devs: HashMap<u32, Open>,
     next: u32,
+    maps: HashMap<u32, CpuMap>,
+    next_map: u32,
     /// Group files this process holds open, with how many devices use each.
     group_files: HashMap<Bdf, usize>,
 }
@@ -147,6 +165,10 @@ impl Drop for Emulated<'_> {
     /// A process exit: iommufd's mappings go first (they hold dma-buf references), then the
     /// file table, then the devices (each giving back its hold on its group).
     fn drop(&mut self) {
+        let maps: Vec<u32> = self.maps.keys().copied().collect();
+        for m in maps {
+            let _ = self.cpu_unmap(peerdma_uapi::backend::MapHandle(m));
+        }
         self.iommufd.take();
         for fd in self.proc.fds() {
             let _ = self.proc.close(fd);
@@ -186,8 +208,31 @@ impl Emulated<'_> {
         }
     }
 
+    /// A device fd the user still has open.
     fn dev(&self, d: DevHandle) -> Result<&Open, Errno> {
-        self.devs.get(&d.0).ok_or(Errno::EBADF)
+        self.devs
+            .get(&d.0)
+            .filter(|o| !o.closed)
+            .ok_or(Errno::EBADF)
+    }
+
+    /// The file's release (`vfio_device_fops_release`), once neither the fd nor a mapping
+    /// holds it.
+    fn release_device(&mut self, dev: u32) {
+        let Some(o) = self.devs.remove(&dev) else {
+            return;
+        };
+        let group = iommu_group(&self.m.fabric, o.bdf);
+        let bound = o.fd.is_bound();
+        // The last close of a bound cdev unbinds it from iommufd, detaching it from its IOAS
+        // first (`vfio_iommufd_physical_unbind`): nothing of the device stays in the IOAS.
+        if bound && !o.via_group {
+            if let Some(i) = &self.iommufd {
+                let _ = i.detach(o.bdf);
+            }
+        }
+        o.fd.close();
+        self.release_group(group, o.via_group, bound);
     }
 
     fn iommufd(&mut self) -> Result<&Iommufd, Errno> {
@@ -229,7 +274,16 @@ impl UapiBackend for Emulated<'_> {
         let h = DevHandle(self.next);
         self.next += 1;
         let via_group = path == OpenPath::GroupContainer;
-        self.devs.insert(h.0, Open { bdf, via_group, fd });
+        self.devs.insert(
+            h.0,
+            Open {
+                bdf,
+                via_group,
+                fd,
+                closed: false,
+                maps: 0,
+            },
+        );
         if path == OpenPath::CdevIommufd {
             if let Err(e) = self.bind_device(h) {
                 let _ = self.close_device(h);
@@ -239,19 +293,17 @@ impl UapiBackend for Emulated<'_> {
         Ok(h)
     }
 
+    /// Closing the fd releases the file unless a CPU mapping still holds it.
     fn close_device(&mut self, dev: DevHandle) -> Result<(), Errno> {
-        let o = self.devs.remove(&dev.0).ok_or(Errno::EBADF)?;
-        let group = iommu_group(&self.m.fabric, o.bdf);
-        let bound = o.fd.is_bound();
-        // The last close of a bound cdev unbinds it from iommufd, detaching it from its IOAS
-        // first (`vfio_iommufd_physical_unbind`): nothing of the device stays in the IOAS.
-        if bound && !o.via_group {
-            if let Some(i) = &self.iommufd {
-                let _ = i.detach(o.bdf);
-            }
+        let o = self
+            .devs
+            .get_mut(&dev.0)
+            .filter(|o| !o.closed)
+            .ok_or(Errno::EBADF)?;
+        o.closed = true;
+        if o.maps == 0 {
+            self.release_device(dev.0);
         }
-        o.fd.close();
-        self.release_group(group, o.via_group, bound);
         Ok(())
     }
 
@@ -377,6 +429,102 @@ impl UapiBackend for Emulated<'_> {
     fn ioas_unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64, Errno> {
         self.iommufd()?.unmap(ioas.0, iova, length)
     }
+
+    fn region_info(&mut self, dev: DevHandle, index: u32) -> Result<RegionInfo, Errno> {
+        self.dev(dev)?.fd.region_info(index)
+    }
+
+    fn region_read(
+        &mut self,
+        dev: DevHandle,
+        index: u32,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize, Errno> {
+        let pos = region_pos(index, offset)?;
+        self.dev(dev)?.fd.region_rw(pos, buf, false)
+    }
+
+    fn region_write(
+        &mut self,
+        dev: DevHandle,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<usize, Errno> {
+        let pos = region_pos(index, offset)?;
+        let mut b = data.to_vec();
+        self.dev(dev)?.fd.region_rw(pos, &mut b, true)
+    }
+
+    fn region_mmap(
+        &mut self,
+        dev: DevHandle,
+        index: u32,
+        offset: u64,
+        length: u64,
+        shared: bool,
+    ) -> Result<MapHandle, Errno> {
+        // The VFS's own checks first: a zero length, or an offset that is not page aligned.
+        if length == 0 || offset % 4096 != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let pos = region_pos(index, offset)?;
+        self.dev(dev)?.fd.mmap_check(pos, length, shared)?;
+        if let Some(o) = self.devs.get_mut(&dev.0) {
+            o.maps += 1;
+        }
+        let h = self.next_map;
+        self.next_map += 1;
+        self.maps.insert(
+            h,
+            CpuMap {
+                dev: dev.0,
+                bar: index as u8,
+                offset,
+                length,
+            },
+        );
+        Ok(MapHandle(h))
+    }
+
+    fn cpu_access(
+        &mut self,
+        map: MapHandle,
+        offset: u64,
+        buf: &mut [u8],
+        write: bool,
+    ) -> Result<(), CpuFault> {
+        let m = self.maps.get(&map.0).ok_or(CpuFault::Errno(Errno::EBADF))?;
+        let n = buf.len() as u64;
+        let inside = offset.checked_add(n).is_some_and(|end| end <= m.length);
+        if !inside || !matches!(n, 1 | 2 | 4 | 8) || offset % n != 0 {
+            return Err(CpuFault::Errno(Errno::EFAULT));
+        }
+        let o = self.devs.get(&m.dev).ok_or(CpuFault::Errno(Errno::EBADF))?;
+        o.fd.cpu_access(m.bar, m.offset + offset, buf, write)
+    }
+
+    fn cpu_unmap(&mut self, map: MapHandle) -> Result<(), Errno> {
+        let m = self.maps.remove(&map.0).ok_or(Errno::EINVAL)?;
+        let release = self.devs.get_mut(&m.dev).is_some_and(|o| {
+            o.maps -= 1;
+            o.closed && o.maps == 0
+        });
+        if release {
+            self.release_device(m.dev);
+        }
+        Ok(())
+    }
+}
+
+/// Where `offset` of region `index` is in a vfio-pci device fd (`EINVAL` past what a file
+/// offset can hold).
+fn region_pos(index: u32, offset: u64) -> Result<u64, Errno> {
+    let base = u64::from(index) << peerdma_uapi::backend::REGION_OFFSET_SHIFT;
+    base.checked_add(offset)
+        .filter(|&p| i64::try_from(p).is_ok())
+        .ok_or(Errno::EINVAL)
 }
 
 impl ScenarioBackend for Emulated<'_> {
@@ -408,7 +556,7 @@ impl ScenarioBackend for Emulated<'_> {
         o.fd.hot_reset(&owned)
     }
 
-    fn low_power_wakeup(&mut self, dev: DevHandle) -> Result<(), Errno> {
+    fn low_power_wakeup(&mut self, dev: DevHandle, reserved: u32) -> Result<(), Errno> {
         let efd = self
             .proc
             .install(peerdma_dmabuf::File::other("eventfd"), true)
@@ -418,7 +566,7 @@ impl ScenarioBackend for Emulated<'_> {
             })?;
         let mut b = peerdma_uapi::feature::header_bytes(16, crate::feature::SET | 4);
         b.extend_from_slice(&efd.to_le_bytes());
-        b.extend_from_slice(&0u32.to_le_bytes());
+        b.extend_from_slice(&reserved.to_le_bytes());
         self.device_feature(dev, &mut b).map(drop)
     }
 

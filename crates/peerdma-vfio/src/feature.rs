@@ -41,6 +41,8 @@ pub mod id {
     pub const DMA_LOGGING_REPORT: u32 = 8;
     /// `VFIO_DEVICE_FEATURE_MIG_DATA_SIZE`.
     pub const MIG_DATA_SIZE: u32 = 9;
+    /// `VFIO_DEVICE_FEATURE_MIG_PRECOPY_INFOv2`.
+    pub const MIG_PRECOPY_INFO_V2: u32 = 12;
     /// `VFIO_DEVICE_FEATURE_BUS_MASTER`.
     pub const BUS_MASTER: u32 = 10;
     /// `VFIO_DEVICE_FEATURE_DMA_BUF`.

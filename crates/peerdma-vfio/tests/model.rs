@@ -397,3 +397,28 @@ fn close_against_iommufd_map_and_unmap() {
         file.put();
     });
 }
+
+/// A CPU store through a BAR mapping against memory decoding turned off: in every order,
+/// once the `COMMAND` write has returned, the BAR does not change — the store either landed
+/// before (and the snapshot shows it) or died of `SIGBUS`. Fails if the page fault's check
+/// and the store are not made under one hold of `memory_lock`.
+#[test]
+fn cpu_store_against_memory_off() {
+    check("cpu_store_against_memory_off", || {
+        let r = rig();
+        let dev = r.dev.clone();
+        dev.mmap_check(2 << 40, 4096, true).unwrap();
+        let t = spawn(move || dev.cpu_access(2, 0, &mut [0xa5; 4], true));
+        memory(&r.dev, false);
+        let after_off = bar2(&r.t, 4);
+        let res = t.join().unwrap();
+        assert_eq!(
+            bar2(&r.t, 4),
+            after_off,
+            "a store landed after memory went off"
+        );
+        if res.is_ok() {
+            assert_eq!(after_off, vec![0xa5; 4]);
+        }
+    });
+}

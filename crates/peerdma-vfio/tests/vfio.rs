@@ -267,7 +267,6 @@ fn feature_header_errnos_and_unknown_features() {
         id::DMA_LOGGING_START,
         id::MIG_DATA_SIZE,
         id::BUS_MASTER,
-        12,
         0xffff,
     ] {
         assert_eq!(
@@ -276,6 +275,14 @@ fn feature_header_errnos_and_unknown_features() {
             "feature {f}"
         );
     }
+    // Pre-copy info v2 is vfio core's: a device without pre-copy migration refuses it.
+    assert_eq!(
+        d.feature(
+            &r.proc,
+            &header_bytes(8, GET | PROBE | id::MIG_PRECOPY_INFO_V2)
+        ),
+        Err(Errno::EINVAL)
+    );
     assert_eq!(
         d.feature(&r.proc, &header_bytes(8, SET | PROBE | id::LOW_POWER_ENTRY)),
         Ok(0)
@@ -302,7 +309,7 @@ fn a_device_whose_p2p_init_is_refused_works_but_cannot_export() {
 #[test]
 fn attach_needs_a_p2p_revocable_importer_and_pin_is_refused() {
     let r = rig();
-    let (_v, _d, f) = exported(&r);
+    let (_v, d, f) = exported(&r);
     let b = f.dmabuf().unwrap();
     assert_eq!(b.attach(r.nic1).unwrap_err(), Errno::EOPNOTSUPP);
     let noop: peerdma_dmabuf::Invalidate = Arc::new(|_, _| {});
@@ -327,6 +334,33 @@ fn attach_needs_a_p2p_revocable_importer_and_pin_is_refused() {
     let imp = import(&r, &f, r.nic1).unwrap();
     let g = b.lock();
     assert_eq!(b.pin(&imp.att, &g).unwrap_err(), Errno::EOPNOTSUPP);
+    drop(g);
+    // `vfio_pci_dma_buf_attach`'s order: a peer-to-peer importer without an invalidation
+    // callback is told the buffer is revoked (ENODEV) before that it is not revocable.
+    let pinned = || ImporterOps {
+        allow_peer2peer: true,
+        invalidate: None,
+        stub: false,
+    };
+    assert_eq!(
+        b.dynamic_attach(Some(r.nic1), Some(pinned())).unwrap_err(),
+        Errno::EOPNOTSUPP
+    );
+    d.config_write(regs::COMMAND, &0u16.to_le_bytes()).unwrap();
+    assert_eq!(
+        b.dynamic_attach(Some(r.nic1), Some(pinned())).unwrap_err(),
+        Errno::ENODEV
+    );
+    let no_p2p = ImporterOps {
+        allow_peer2peer: false,
+        invalidate: Some(noop),
+        stub: false,
+    };
+    assert_eq!(
+        b.dynamic_attach(Some(r.nic1), Some(no_p2p)).unwrap_err(),
+        Errno::EOPNOTSUPP,
+        "not peer-to-peer comes first"
+    );
 }
 
 /// Maps, DMAs a marker into the BAR through the mapping, returns the importer.
@@ -906,6 +940,17 @@ fn low_power_with_wakeup_needs_its_payload_and_revokes_like_entry() {
     assert_eq!(d.feature(&r.proc, &ok), Ok(0));
     assert!(imp.table.lock().unwrap().is_none());
     assert!(!d.memory_enabled());
+    // The reserved word is never looked at: a second entry fails only because low power
+    // is engaged, and after an exit an entry with reserved = 1 goes through.
+    let mut reserved = header_bytes(8 + 8, SET | id::LOW_POWER_ENTRY_WITH_WAKEUP);
+    reserved.extend_from_slice(&efd.to_le_bytes());
+    reserved.extend_from_slice(&1u32.to_le_bytes());
+    assert_eq!(
+        d.feature(&r.proc, &header_bytes(8, SET | id::LOW_POWER_EXIT)),
+        Ok(0)
+    );
+    assert_eq!(d.feature(&r.proc, &reserved), Ok(0));
+    assert!(d.low_power_engaged());
     assert_eq!(
         d.feature(&r.proc, &header_bytes(8, SET | id::LOW_POWER_EXIT)),
         Ok(0)

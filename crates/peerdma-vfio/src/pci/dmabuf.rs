@@ -76,11 +76,15 @@ impl DmaBufOps for Exporter {
         ops::MAP | ops::UNMAP | ops::RELEASE | ops::PIN | ops::UNPIN
     }
     fn attach(&self, _buf: &DmaBuf, a: &Attachment) -> Result<(), Errno> {
-        if !a.peer2peer || !a.is_revocable() {
+        // `vfio_pci_dma_buf_attach`'s order: peer-to-peer, then revoked, then revocable.
+        if !a.peer2peer {
             return Err(Errno::EOPNOTSUPP);
         }
         if self.0.revoked.load(Ordering::Acquire) {
             return Err(Errno::ENODEV);
+        }
+        if !a.is_revocable() {
+            return Err(Errno::EOPNOTSUPP);
         }
         Ok(())
     }

@@ -58,6 +58,7 @@ use crate::watch::{BufWatch, Ledger, Piece, Violation, target_phys};
 mod config_access;
 mod dmabuf;
 mod power;
+mod rdwr;
 
 use dmabuf::Linked;
 pub use dmabuf::iommufd_map;
@@ -197,6 +198,11 @@ struct Dev {
     pm: AtomicBool,
     /// A wakeup-armed low power is engaged (so an ioctl must look under `memory_lock`).
     wake_armed: AtomicBool,
+    /// The BARs as the PCI core assigned them (`pdev->resource`), with the mmap probe's
+    /// verdict.
+    resources: [Option<rdwr::Resource>; 6],
+    /// Where the MSI-X table is, if the function has one.
+    msix: Option<rdwr::MsixTable>,
 }
 
 /// Watches every DMA on the fabric for the device's ledger (see [`crate::watch`]).
@@ -440,7 +446,11 @@ impl VfioPci {
             Err(e) if e.errno() == Errno::EOPNOTSUPP => false,
             Err(e) => return Err(e.errno()),
         };
+        let resources = rdwr::resources(&fabric, bdf, &*variant);
+        let msix = rdwr::msix_table(&fabric, bdf);
         let dev = Arc::new(Dev {
+            resources,
+            msix,
             fabric,
             bdf,
             env: env.clone(),
@@ -599,6 +609,11 @@ impl DeviceFd {
         if feature::is_core_feature(f) {
             return Err(Errno::ENOTTY);
         }
+        // Pre-copy info v2 is vfio core's too, and a device without pre-copy migration
+        // refuses it before anything else (`vfio_ioctl_device_feature_migration_precopy_info_v2`).
+        if f == id::MIG_PRECOPY_INFO_V2 {
+            return Err(Errno::EINVAL);
+        }
         match f {
             id::DMA_BUF => self.dma_buf(proc, &req),
             id::LOW_POWER_ENTRY => {
@@ -618,9 +633,12 @@ impl DeviceFd {
                         .and_then(|b| <[u8; 4]>::try_from(b).ok())
                         .ok_or(Errno::EFAULT)
                 };
-                let (fd, reserved) = (i32::from_le_bytes(word(0)?), u32::from_le_bytes(word(4)?));
+                // The reserved word is read and never looked at
+                // (`vfio_pci_core_pm_entry_with_wakeup`).
+                let fd = i32::from_le_bytes(word(0)?);
+                word(4)?;
                 // A negative fd is refused before it is looked up (7.2, as observed).
-                if reserved != 0 || fd < 0 {
+                if fd < 0 {
                     return Err(Errno::EINVAL);
                 }
                 let file = proc.fget(fd)?;
