@@ -37,7 +37,8 @@ use vfio_ioctls::{VfioContainer, VfioDevice, VfioIommufd, VfioOps};
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ptr};
 
 use nr::{
-    IOMMU_IOAS_IOVA_RANGES, IOMMU_IOAS_MAP_FILE, VFIO_DEVICE_BIND_IOMMUFD, VFIO_DEVICE_FEATURE,
+    IOMMU_IOAS_IOVA_RANGES, IOMMU_IOAS_MAP_FILE, VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+    VFIO_DEVICE_BIND_IOMMUFD, VFIO_DEVICE_DETACH_IOMMUFD_PT, VFIO_DEVICE_FEATURE,
     VFIO_DEVICE_GET_REGION_INFO, VFIO_DEVICE_PCI_HOT_RESET, VFIO_DEVICE_RESET,
 };
 
@@ -47,6 +48,16 @@ mod nr {
     use super::{VFIO_BASE, VFIO_TYPE};
     use vmm_sys_util::ioctl_io_nr;
     ioctl_io_nr!(VFIO_DEVICE_RESET, u32::from(VFIO_TYPE), VFIO_BASE + 11);
+    ioctl_io_nr!(
+        VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+        u32::from(VFIO_TYPE),
+        VFIO_BASE + 19
+    );
+    ioctl_io_nr!(
+        VFIO_DEVICE_DETACH_IOMMUFD_PT,
+        u32::from(VFIO_TYPE),
+        VFIO_BASE + 20
+    );
     ioctl_io_nr!(
         VFIO_DEVICE_GET_REGION_INFO,
         u32::from(VFIO_TYPE),
@@ -106,6 +117,74 @@ fn last_errno() -> Errno {
             .raw_os_error()
             .unwrap_or(libc::EIO),
     )
+}
+
+/// Bytes at the very end of an anonymous mapping whose next page is inaccessible.
+struct GuardedBuf {
+    base: *mut u8,
+    map_len: usize,
+    len: usize,
+}
+
+impl GuardedBuf {
+    fn new(bytes: &[u8]) -> Result<GuardedBuf, Errno> {
+        let page = 4096;
+        let data_pages = bytes.len().div_ceil(page).max(1);
+        let map_len = (data_pages + 1) * page;
+        // SAFETY: a fresh private anonymous mapping at a kernel-chosen address, owned by
+        // the returned value and unmapped by its drop.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(last_errno());
+        }
+        let g = GuardedBuf {
+            base: base.cast(),
+            map_len,
+            len: bytes.len(),
+        };
+        // SAFETY: the last page of the mapping made above.
+        if unsafe {
+            libc::mprotect(
+                base.cast::<u8>().add(data_pages * page).cast(),
+                page,
+                libc::PROT_NONE,
+            )
+        } != 0
+        {
+            return Err(last_errno());
+        }
+        // SAFETY: `ptr()` .. `ptr() + len` lies inside the writable pages.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), g.ptr(), bytes.len()) };
+        Ok(g)
+    }
+
+    /// Where the bytes start: `len` bytes before the guard page.
+    fn ptr(&self) -> *mut u8 {
+        // SAFETY: `map_len - 4096 - len` is inside the mapping (`len` fits the data pages).
+        unsafe { self.base.add(self.map_len - 4096 - self.len) }
+    }
+
+    fn copy_out(&self, out: &mut [u8]) {
+        let n = out.len().min(self.len);
+        // SAFETY: reads `n <= len` bytes from the data pages.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr(), out.as_mut_ptr(), n) };
+    }
+}
+
+impl Drop for GuardedBuf {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping `new` made.
+        unsafe { libc::munmap(self.base.cast(), self.map_len) };
+    }
 }
 
 /// A CPU mapping of a device region (`mmap` of a device fd), unmapped on drop.
@@ -360,6 +439,19 @@ impl LinuxBackend {
         );
         // SAFETY: the kernel reads and writes at most `argsz` (16) bytes of `b`.
         let ret = unsafe { ioctl_with_mut_ptr(&*file, VFIO_DEVICE_BIND_IOMMUFD(), &raw mut b) };
+        if ret < 0 { Err(last_errno()) } else { Ok(()) }
+    }
+
+    /// An ioctl with an argument struct on an open device's fd, bound or not.
+    fn raw_ioctl(&self, dev: DevHandle, nr: libc::c_ulong, arg: *mut u8) -> Result<(), Errno> {
+        let fd = self.raw(dev)?;
+        let file = std::mem::ManuallyDrop::new(
+            // SAFETY: a borrowed view of a descriptor this backend owns, never closed here.
+            unsafe { File::from_raw_fd(fd) },
+        );
+        // SAFETY: `arg` points to the ioctl's struct, which the caller owns and sized as the
+        // struct's `argsz` says; the kernel touches no more than that.
+        let ret = unsafe { ioctl_with_mut_ptr(&*file, nr, arg) };
         if ret < 0 { Err(last_errno()) } else { Ok(()) }
     }
 
@@ -629,10 +721,15 @@ impl UapiBackend for LinuxBackend {
             // duration of this call; ManuallyDrop keeps this temporary File from closing it.
             unsafe { File::from_raw_fd(fd) },
         );
-        // SAFETY: VFIO_DEVICE_FEATURE reads at most `argsz` bytes from the buffer and writes
-        // back at most as many; `owned` is at least that long (or the kernel will fail the
-        // copy with EFAULT for argsz above 1 MiB, touching nothing).
-        let ret = unsafe { ioctl_with_mut_ptr(&*file, VFIO_DEVICE_FEATURE(), owned.as_mut_ptr()) };
+        // The bytes end where a page nobody may touch begins, so that a kernel read past them
+        // (more ranges than the caller wrote) is EFAULT, as it is for a buffer of exactly
+        // these bytes, rather than whatever the heap holds next.
+        let guarded = GuardedBuf::new(&owned)?;
+        // SAFETY: VFIO_DEVICE_FEATURE reads at most `argsz` bytes (and, for DMA_BUF,
+        // `nr_ranges` ranges) from the buffer and writes back at most as many; past the
+        // buffer's end is the guard page, where the kernel's copy fails with EFAULT.
+        let ret = unsafe { ioctl_with_mut_ptr(&*file, VFIO_DEVICE_FEATURE(), guarded.ptr()) };
+        guarded.copy_out(&mut owned);
         let n = buf.len().min(owned.len());
         buf[..n].copy_from_slice(&owned[..n]);
         if ret < 0 {
@@ -741,11 +838,20 @@ impl UapiBackend for LinuxBackend {
     }
 
     fn attach_ioas(&mut self, dev: DevHandle, ioas: IoasId) -> Result<(), Errno> {
-        // Unknown ids go to the kernel too: its answer (ENOENT) is what a scenario checks.
-        self.dev(dev)?
-            .device
-            .attach_hwpt(ioas.0)
-            .map_err(|e| errno_of(&e))?;
+        // Raw, on any open fd (bound, unbound or group-opened) and any id: the kernel's
+        // answer is what a scenario checks. struct vfio_device_attach_iommufd_pt up to pt_id.
+        #[repr(C)]
+        struct Attach {
+            argsz: u32,
+            flags: u32,
+            pt_id: u32,
+        }
+        let mut a = Attach {
+            argsz: 12,
+            flags: 0,
+            pt_id: ioas.0,
+        };
+        self.raw_ioctl(dev, VFIO_DEVICE_ATTACH_IOMMUFD_PT(), (&raw mut a).cast())?;
         self.attached.insert(dev.0, ioas);
         Ok(())
     }
@@ -779,10 +885,9 @@ impl UapiBackend for LinuxBackend {
     }
 
     fn detach_ioas(&mut self, dev: DevHandle) -> Result<(), Errno> {
-        self.dev(dev)?
-            .device
-            .detach_hwpt()
-            .map_err(|e| errno_of(&e))?;
+        // struct vfio_device_detach_iommufd_pt up to flags.
+        let mut d = [8u32, 0];
+        self.raw_ioctl(dev, VFIO_DEVICE_DETACH_IOMMUFD_PT(), d.as_mut_ptr().cast())?;
         self.attached.remove(&dev.0);
         Ok(())
     }

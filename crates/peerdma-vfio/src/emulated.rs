@@ -235,6 +235,20 @@ impl Emulated<'_> {
         self.release_group(group, o.via_group, bound);
     }
 
+    /// The prologue of `VFIO_DEVICE_ATTACH_IOMMUFD_PT` / `_DETACH_`
+    /// (`vfio_device_fops_unl_ioctl`): a fd without access granted (an unbound cdev) is
+    /// `EINVAL`; a group-opened fd does not know these ioctls — vfio-pci answers `ENOTTY`.
+    fn cdev_only_ioctl(&self, dev: DevHandle) -> Result<Bdf, Errno> {
+        let o = self.dev(dev)?;
+        if !o.fd.is_bound() {
+            return Err(Errno::EINVAL);
+        }
+        if o.via_group {
+            return Err(Errno::ENOTTY);
+        }
+        Ok(o.bdf)
+    }
+
     fn iommufd(&mut self) -> Result<&Iommufd, Errno> {
         if self.iommufd.is_none() {
             self.iommufd = Some(Iommufd::open(&self.m.env)?);
@@ -393,7 +407,7 @@ impl UapiBackend for Emulated<'_> {
     }
 
     fn attach_ioas(&mut self, dev: DevHandle, ioas: IoasId) -> Result<(), Errno> {
-        let bdf = self.dev(dev)?.bdf;
+        let bdf = self.cdev_only_ioctl(dev)?;
         self.iommufd()?.attach(bdf, ioas.0)
     }
 
@@ -412,7 +426,7 @@ impl UapiBackend for Emulated<'_> {
     }
 
     fn detach_ioas(&mut self, dev: DevHandle) -> Result<(), Errno> {
-        let bdf = self.dev(dev)?.bdf;
+        let bdf = self.cdev_only_ioctl(dev)?;
         self.iommufd()?.detach(bdf)
     }
 

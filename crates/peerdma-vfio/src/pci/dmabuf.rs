@@ -3,6 +3,9 @@
 //! unrevoke walk over the device's buffers (`vfio_pci_dma_buf_move`), the cleanup at close,
 //! and the private interconnect iommufd maps through. Locking: see [`super`].
 
+/// `KMALLOC_MAX_SIZE` on x86-64 (4 MiB: 262,144 ranges of 16 bytes).
+const KMALLOC_MAX_SIZE: usize = 4 << 20;
+
 use super::{
     Arc, AtomicBool, AtomicUsize, Attachment, BufWatch, Condvar, DMA_BUF_LEN, Dev, DeviceFd,
     Direction, DmaBuf, DmaBufOps, DmaEnv, Duration, Errno, ExportInfo, Fabric, File, GET, Ledger,
@@ -73,7 +76,9 @@ pub(super) struct Exporter(pub(super) Arc<BufState>);
 
 impl DmaBufOps for Exporter {
     fn provides(&self) -> u32 {
-        ops::MAP | ops::UNMAP | ops::RELEASE | ops::PIN | ops::UNPIN
+        // No pin or unpin (`vfio_pci_dmabuf_ops` has neither): `dma_buf_pin` of a vfio
+        // buffer is 0, and what keeps an importer's mapping safe is revocation, not a pin.
+        ops::MAP | ops::UNMAP | ops::RELEASE
     }
     fn attach(&self, _buf: &DmaBuf, a: &Attachment) -> Result<(), Errno> {
         // `vfio_pci_dma_buf_attach`'s order: peer-to-peer, then revoked, then revocable.
@@ -87,9 +92,6 @@ impl DmaBufOps for Exporter {
             return Err(Errno::EOPNOTSUPP);
         }
         Ok(())
-    }
-    fn pin(&self, _a: &Attachment, _g: &ResvGuard<'_>) -> Result<(), Errno> {
-        Err(Errno::EOPNOTSUPP)
     }
     fn map(&self, a: &Attachment, dir: Direction, g: &ResvGuard<'_>) -> Result<SgTable, Errno> {
         if self.0.revoked.load(Ordering::Acquire) {
@@ -321,8 +323,9 @@ impl DeviceFd {
             (bar.cpu.map(PhysAddr::get), bar.bar.size)
         };
         let n = hdr.nr_ranges as usize;
-        // kvmalloc refuses more than INT_MAX bytes.
-        if n.checked_mul(16).is_none_or(|b| b > i32::MAX as usize) {
+        // `memdup_array_user` copies the ranges into one kmalloc allocation, which is
+        // refused above KMALLOC_MAX_SIZE before a byte of the caller's buffer is read.
+        if n.checked_mul(16).is_none_or(|b| b > KMALLOC_MAX_SIZE) {
             return Err(Errno::ENOMEM);
         }
         let mut raw = Vec::new();
