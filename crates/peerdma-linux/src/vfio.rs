@@ -339,6 +339,8 @@ pub struct LinuxBackend {
     /// CPU mappings of device regions.
     maps: HashMap<u32, RegionMap>,
     next_map: u32,
+    /// `/dev/kmsg`, read from where it stood when the backend was made.
+    kmsg: Option<File>,
     /// Where sysfs is (for tests on captured trees; `/sys` normally).
     pub sysfs: PathBuf,
 }
@@ -356,6 +358,7 @@ impl LinuxBackend {
     pub fn new() -> LinuxBackend {
         LinuxBackend {
             sysfs: PathBuf::from("/sys"),
+            kmsg: open_kmsg(),
             ..LinuxBackend::default()
         }
     }
@@ -1154,6 +1157,14 @@ impl ScenarioBackend for LinuxBackend {
         self.edu_dma(dev, iova, data)
     }
 
+    fn kernel_messages(&mut self) -> Vec<String> {
+        self.kmsg.as_ref().map(read_kmsg).unwrap_or_default()
+    }
+
+    fn has_kernel_log(&self) -> bool {
+        self.kmsg.is_some()
+    }
+
     /// ivshmem: only the host can tell, from the backing file. Any other device: its BAR
     /// as the CPU sees it now, through a mapping of the sysfs resource file (a device that
     /// does not decode memory, or sleeps in D3hot, shows nothing: nothing can have landed).
@@ -1166,6 +1177,69 @@ impl ScenarioBackend for LinuxBackend {
         let got = read_bar(&dir.join(format!("resource{region}")), offset, data.len())?;
         Ok(if got == data { Landed::Yes } else { Landed::No })
     }
+}
+
+/// `/dev/kmsg` opened without blocking and moved to its end; `None` where it cannot be read
+/// (no permission, no such device).
+fn open_kmsg() -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+        .ok()?;
+    // SAFETY: lseek on a descriptor `f` owns.
+    unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_END) };
+    Some(f)
+}
+
+/// One `/dev/kmsg` record — `"prefix,seq,usec,flags;message\n"` then dictionary lines —
+/// as its level (the prefix's low 3 bits) and message; `None` if it is not one.
+fn kmsg_record(rec: &str) -> Option<(u32, String)> {
+    let (head, rest) = rec.split_once(';')?;
+    let prefix: u32 = head.split(',').next()?.parse().ok()?;
+    let msg = rest.lines().next().unwrap_or("").trim_end().to_string();
+    Some((prefix & 7, msg))
+}
+
+/// How many kernel lines one step reports at most.
+const KMSG_LINES: usize = 8;
+
+/// The records `/dev/kmsg` has for us now that the suite must show: warnings and worse
+/// (levels 0-4), and IOMMU faults.
+fn read_kmsg(f: &File) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut more = 0usize;
+    let mut buf = vec![0u8; 8192];
+    loop {
+        // SAFETY: reads at most `buf.len()` bytes into `buf`; one record per read.
+        let n = unsafe { libc::read(f.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            // EPIPE: records were overwritten before we read them; the next read goes on.
+            if last_errno() == Errno::EPIPE {
+                continue;
+            }
+            break;
+        }
+        if n == 0 {
+            break;
+        }
+        let rec = String::from_utf8_lossy(&buf[..n.unsigned_abs()]);
+        let Some((level, msg)) = kmsg_record(&rec) else {
+            continue;
+        };
+        if level <= 4 || msg.contains("DMAR") {
+            if out.len() < KMSG_LINES {
+                out.push(msg);
+            } else {
+                more += 1;
+            }
+        }
+    }
+    if more > 0 {
+        out.push(format!("({more} more lines)"));
+    }
+    out
 }
 
 /// The bytes of a `u64` array.
@@ -1218,4 +1292,23 @@ fn read_bar(path: &std::path::Path, offset: u64, len: usize) -> Result<Vec<u8>, 
     // SAFETY: `p`/`span` are exactly what mmap returned.
     unsafe { libc::munmap(p, span) };
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kmsg_record;
+
+    #[test]
+    fn kmsg_records_give_their_level_and_message() {
+        assert_eq!(
+            kmsg_record(
+                "4,1234,5678,-;WARNING: CPU: 0 PID: 1 at x.c:10 f+0x1/0x2\n SUBSYSTEM=pci\n"
+            ),
+            Some((4, "WARNING: CPU: 0 PID: 1 at x.c:10 f+0x1/0x2".to_string()))
+        );
+        // The facility is in the high bits of the prefix.
+        assert_eq!(kmsg_record("27,9,1,-;DMAR: fault").map(|r| r.0), Some(3));
+        assert_eq!(kmsg_record("no semicolon"), None);
+        assert_eq!(kmsg_record("x,1;text"), None);
+    }
 }

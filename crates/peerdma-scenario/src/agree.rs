@@ -29,6 +29,9 @@ pub enum Verdict {
     Disagree,
     /// The real run has no result for this step (the guest stopped early).
     Missing,
+    /// The real kernel printed a warning, bug or oops the step does not expect, or not the
+    /// message it expects.
+    Kernel,
 }
 
 impl Verdict {
@@ -44,6 +47,7 @@ impl Verdict {
             Verdict::Divergence => "divergence (documented)",
             Verdict::Disagree => "DISAGREE",
             Verdict::Missing => "MISSING",
+            Verdict::Kernel => "KERNEL",
         }
     }
 }
@@ -66,6 +70,9 @@ pub struct Row {
     pub real: String,
     /// Verdict.
     pub verdict: Verdict,
+    /// What the real kernel printed during the step.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub kernel: Vec<String>,
 }
 
 /// The `(scenario, step)` pairs `docs/divergences.md` documents: every ``scenario `NAME`
@@ -133,8 +140,12 @@ pub fn agreement(
                 .get(&k)
                 .map_or_else(|| "(not run)".to_string(), |r| r.outcome.clone());
             let r = re.get(&k).map(|r| resolve(r, shm));
+            let kernel = re.get(&k).map(|r| r.kernel.clone()).unwrap_or_default();
             let verdict = match &r {
                 None => Verdict::Missing,
+                Some(_) if crate::run::kernel_problem(step, &kernel, true).is_some() => {
+                    Verdict::Kernel
+                }
                 Some(r) if *r == e && step.expect.matches(r) => Verdict::Agree,
                 Some(r) if *r == e => Verdict::BothUnexpected,
                 Some(_) if documented.contains(&k) => Verdict::Divergence,
@@ -148,6 +159,7 @@ pub fn agreement(
                 emulated: e,
                 real: r.unwrap_or_else(|| "(no result)".into()),
                 verdict,
+                kernel,
             });
         }
     }
@@ -192,8 +204,12 @@ pub fn table(rows: &[Row]) -> String {
         s
     };
     let mut out = line(&head.map(str::to_string));
-    for c in &cells {
+    for (c, r) in cells.iter().zip(rows) {
         out.push_str(&line(c));
+        // What the real kernel printed, under its step.
+        for k in &r.kernel {
+            let _ = writeln!(out, "    kernel: {k}");
+        }
     }
     out
 }
@@ -201,6 +217,56 @@ pub fn table(rows: &[Row]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kernel_warning_fails_a_step_unless_the_step_expects_it() {
+        let text = "about = \"k\"\n[[step]]\ndo = \"ioas\"\nas = \"a\"\n\
+                    [[step]]\ndo = \"ioas\"\nas = \"b\"\ndmesg = \"WARNING: CPU\"\n";
+        let s = crate::format::load_str(text, "k").unwrap();
+        let res = |step: usize, kernel: &[&str]| StepResult {
+            scenario: "k".into(),
+            step,
+            action: "ioas".into(),
+            expect: "ok".into(),
+            outcome: "ok".into(),
+            pass: Some(true),
+            check: None,
+            kernel: kernel.iter().map(|k| (*k).to_string()).collect(),
+        };
+        let emu = [res(1, &[]), res(2, &[])];
+        let warn = "WARNING: CPU: 1 PID: 7 at drivers/vfio/pci/vfio_pci_core.c:1 f";
+        let verdicts = |real: &[StepResult]| -> Vec<Verdict> {
+            agreement(std::slice::from_ref(&s), &emu, real, None, &[])
+                .iter()
+                .map(|r| r.verdict)
+                .collect()
+        };
+        // A warning in step 1 fails it; a DMAR fault is shown but fails nothing.
+        assert_eq!(
+            verdicts(&[res(1, &[warn]), res(2, &[warn])]),
+            [Verdict::Kernel, Verdict::Agree]
+        );
+        assert_eq!(
+            verdicts(&[res(1, &["DMAR: [DMA Write] fault"]), res(2, &[warn])]),
+            [Verdict::Agree, Verdict::Agree]
+        );
+        // Step 2 expects a message the kernel did not print.
+        assert_eq!(
+            verdicts(&[res(1, &[]), res(2, &[])]),
+            [Verdict::Agree, Verdict::Kernel]
+        );
+        let rows = agreement(
+            std::slice::from_ref(&s),
+            &emu,
+            &[res(1, &[warn]), res(2, &[warn])],
+            None,
+            &[],
+        );
+        assert!(table(&rows).contains("    kernel: WARNING: CPU: 1"));
+        // On a backend without a kernel log an expected message cannot be missing.
+        assert!(crate::run::kernel_problem(&s.steps[1], &[], false).is_none());
+        assert!(crate::run::kernel_problem(&s.steps[1], &[], true).is_some());
+    }
 
     #[test]
     fn divergence_lines_are_found() {

@@ -96,6 +96,9 @@ pub struct Step {
     pub action: Action,
     /// The expected result.
     pub expect: Expect,
+    /// Text the real kernel must print while the step runs (`dmesg = "…"`); such a
+    /// message, even a warning, is then not held against the step.
+    pub dmesg: Option<String>,
 }
 
 /// What a step does. Device, fd and IOAS fields are names given earlier with `as`, except
@@ -1279,6 +1282,16 @@ fn cap_id(v: &Value, ext: bool) -> Result<Cap, String> {
 }
 
 fn step(mut f: Fields) -> Result<Step, FormatError> {
+    let dmesg = f.opt_string("dmesg")?;
+    if dmesg.as_deref() == Some("") {
+        return Err(f.err("dmesg", "say what text the kernel must print"));
+    }
+    let mut s = step_fields(f)?;
+    s.dmesg = dmesg;
+    Ok(s)
+}
+
+fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
     let word = f.string("do")?;
     let ok = Some(Expect::Ok);
     let fd = Some(Expect::Fd {
@@ -1304,7 +1317,11 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
         let action = make(f.string(key)?);
         let expect = expect(&mut f, default)?;
         f.done()?;
-        return Ok(Step { action, expect });
+        return Ok(Step {
+            action,
+            expect,
+            dmesg: None,
+        });
     }
     let (action, default) = match word.as_str() {
         "open" => {
@@ -1601,6 +1618,7 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
                     show,
                 },
                 expect,
+                dmesg: None,
             });
         }
         "region_write" => {
@@ -1647,6 +1665,7 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
                     show,
                 },
                 expect,
+                dmesg: None,
             });
         }
         "cpu_write" => {
@@ -1678,7 +1697,11 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
     };
     let expect = expect(&mut f, default)?;
     f.done()?;
-    Ok(Step { action, expect })
+    Ok(Step {
+        action,
+        expect,
+        dmesg: None,
+    })
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use peerdma_uapi::feature::{VFIO_DEVICE_FEATURE_SET, header_bytes};
 use peerdma_uapi::{DevHandle, IoasId};
 use serde::{Deserialize, Serialize};
 
-use crate::format::{Action, Cap, ConfigAt, Iova, Scenario};
+use crate::format::{Action, Cap, ConfigAt, Iova, Scenario, Step};
 
 /// Bytes each DMA step writes: `peerdma!`, a sequence number, filler. Short on purpose: a
 /// revoked DMA faults once per 4 bytes in QEMU's IOMMU, and fault storms are what the real
@@ -51,6 +51,9 @@ pub struct StepResult {
     /// For a pending DMA: where to look.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub check: Option<Check>,
+    /// What the kernel printed during the step ([`ScenarioBackend::kernel_messages`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kernel: Vec<String>,
 }
 
 /// State that lives across the scenarios of one run (one boot of the guest, one emulated
@@ -122,15 +125,21 @@ struct State {
 pub fn run(s: &Scenario, be: &mut dyn ScenarioBackend, ctx: &mut RunCtx) -> Vec<StepResult> {
     let mut st = State::default();
     let mut out = Vec::new();
+    // What the kernel printed before the scenario belongs to no step.
+    let _ = be.kernel_messages();
     for (i, step) in s.steps.iter().enumerate() {
         let (outcome, check) = match play(&step.action, be, &mut st, ctx) {
             Ok(o) => o,
             Err(e) => (e, None),
         };
+        let kernel = be.kernel_messages();
         let pass = if outcome == "pending" {
             None
         } else {
-            Some(step.expect.matches(&outcome))
+            Some(
+                step.expect.matches(&outcome)
+                    && kernel_problem(step, &kernel, be.has_kernel_log()).is_none(),
+            )
         };
         out.push(StepResult {
             scenario: s.name.clone(),
@@ -140,6 +149,7 @@ pub fn run(s: &Scenario, be: &mut dyn ScenarioBackend, ctx: &mut RunCtx) -> Vec<
             outcome,
             pass,
             check,
+            kernel,
         });
     }
     out
@@ -161,6 +171,24 @@ pub fn run_all<B: ScenarioBackend>(
 }
 
 type Played = Result<(String, Option<Check>), String>;
+
+/// What is wrong with what the kernel printed during `step`: a warning, bug or oops the
+/// step does not expect, or (on a backend with a kernel log) the message it expects missing.
+pub fn kernel_problem(step: &Step, kernel: &[String], has_log: bool) -> Option<String> {
+    let expected = |l: &String| step.dmesg.as_deref().is_some_and(|d| l.contains(d));
+    if let Some(w) = kernel
+        .iter()
+        .find(|l| peerdma_uapi::backend::is_kernel_warning(l) && !expected(l))
+    {
+        return Some(format!("the kernel warned: {w}"));
+    }
+    match &step.dmesg {
+        Some(d) if has_log && !kernel.iter().any(|l| l.contains(d.as_str())) => {
+            Some(format!("the kernel did not print {d:?}"))
+        }
+        _ => None,
+    }
+}
 
 fn errno_word(e: Errno) -> String {
     e.name()

@@ -747,7 +747,11 @@ mod random {
                     _ => {}
                 }
             }
-            steps.extend(actions.into_iter().map(|action| Step { action, expect: Expect::Ok }));
+            steps.extend(actions.into_iter().map(|action| Step {
+                action,
+                expect: Expect::Ok,
+                dmesg: None,
+            }));
             let s = Scenario { name: "random".into(), about: "random".into(), steps, pm: None, group_path: true };
             let r = run(&s, &mut m.process(), &mut RunCtx::default());
             prop_assert_eq!(r.len(), s.steps.len());

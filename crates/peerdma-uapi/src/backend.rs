@@ -256,6 +256,32 @@ pub trait ScenarioBackend: UapiBackend {
     /// Whether `data` is at `offset` of region `region` of the provider `bdf`; an errno if
     /// the backend cannot look.
     fn landed(&mut self, bdf: Bdf, region: u32, offset: u64, data: &[u8]) -> Result<Landed, Errno>;
+    /// What the kernel printed since the last call that a reader of the conformance suite
+    /// must see: warnings and worse, and IOMMU (DMAR) faults, one line each. The emulated
+    /// machine has no kernel log: nothing.
+    fn kernel_messages(&mut self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Whether [`ScenarioBackend::kernel_messages`] reads a real kernel log (so that a step
+    /// can expect a message).
+    fn has_kernel_log(&self) -> bool {
+        false
+    }
+}
+
+/// Whether a kernel message is a warning, a bug or an oops: what fails a step unless the
+/// step expects it.
+pub fn is_kernel_warning(line: &str) -> bool {
+    [
+        "WARNING:",
+        "BUG:",
+        "Oops",
+        "general protection fault",
+        "kernel BUG",
+        "Call Trace",
+    ]
+    .iter()
+    .any(|w| line.contains(w))
 }
 
 #[cfg(test)]
