@@ -162,8 +162,13 @@ impl DeviceFd {
     /// `EFAULT` past the config size.
     pub fn read_config(&self, offset: u16, buf: &mut [u8]) -> Result<(), Errno> {
         self.granted()?;
-        // `vfio_pci_rw` resumes the device first, as every ioctl does.
+        // `vfio_pci_rw` resumes the device first, as every ioctl does: a wakeup-armed one
+        // for good, any other for the access (PMCSR then reads D0).
         self.ioctl_resume();
+        self.resumed(|| self.read_config_resumed(offset, buf))
+    }
+
+    fn read_config_resumed(&self, offset: u16, buf: &mut [u8]) -> Result<(), Errno> {
         let d = &self.dev;
         let mut m = d.lock_mem();
         let v = m.vconfig.as_mut().ok_or(Errno::EINVAL)?;

@@ -77,6 +77,24 @@ impl DeviceFd {
         }
     }
 
+    /// Runs `f` with the device resumed, as `vfio_pci_rw`'s runtime-PM get does for a region
+    /// access: with CONFIG_PM a runtime-suspended device (low power engaged, D3hot) is in D0
+    /// for the access, and the idle that follows suspends it again.
+    pub(super) fn resumed<R>(&self, f: impl FnOnce() -> R) -> R {
+        let d = &self.dev;
+        let suspended = d.pm.load(Ordering::Acquire)
+            && d.read_mem(|m| m.engaged)
+            && d.fabric.power_state(d.bdf) == Ok(PowerState::D3Hot);
+        if suspended {
+            let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
+        }
+        let r = f();
+        if suspended && d.read_mem(|m| m.engaged) {
+            let _ = d.fabric.set_power_state(d.bdf, PowerState::D3Hot);
+        }
+        r
+    }
+
     /// Whether runtime low power is engaged (entered and not yet left).
     pub fn low_power_engaged(&self) -> bool {
         self.dev.read_mem(|m| m.engaged)

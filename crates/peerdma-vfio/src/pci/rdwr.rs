@@ -30,10 +30,10 @@
 //!   Every revoke zaps the mappings, so after one the next access faults again and is
 //!   decided anew: a BAR whose memory comes back is reachable again through the old mapping.
 
-use peerdma_pci::{Bdf, Errno, Fabric, PhysAddr, PowerState, regs};
+use peerdma_pci::{Bdf, Errno, Fabric, PhysAddr, regs};
 use peerdma_uapi::backend::{CpuFault, REGION_OFFSET_SHIFT, RegionInfo, region, region_flags};
 
-use super::{Dev, DeviceFd, Ordering, PAGE};
+use super::{Dev, DeviceFd, PAGE};
 
 /// `VFIO_PCI_NUM_REGIONS`: BARs 0-5, ROM, config, VGA (vfio-pci adds no device regions
 /// for the functions modelled here).
@@ -266,15 +266,7 @@ impl DeviceFd {
             Some(t) if usize::from(t.bar) == bar => (t.offset, t.offset + t.size),
             _ => (0, 0),
         };
-        // With CONFIG_PM the access resumes a runtime-suspended device for its duration
-        // (the PCI core puts it in D0) and the idle that follows suspends it again.
-        let suspended = d.pm.load(Ordering::Acquire)
-            && d.read_mem(|m| m.engaged)
-            && d.fabric.power_state(d.bdf) == Ok(PowerState::D3Hot);
-        if suspended {
-            let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
-        }
-        let res = (|| {
+        self.resumed(|| {
             let mut done = 0usize;
             let mut off = pos;
             while done < count {
@@ -309,11 +301,7 @@ impl DeviceFd {
                 off += n as u64;
             }
             Ok(done)
-        })();
-        if suspended && d.read_mem(|m| m.engaged) {
-            let _ = d.fabric.set_power_state(d.bdf, PowerState::D3Hot);
-        }
-        res
+        })
     }
 
     /// `mmap` of `length` bytes at `pos` of the device fd (`vfio_pci_core_mmap`): the
