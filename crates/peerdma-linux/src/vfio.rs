@@ -29,7 +29,7 @@ use iommufd_ioctls::{IommuFd, IommufdIoas};
 use peerdma_pci::{Bdf, Errno, regs};
 use peerdma_uapi::backend::{
     CpuFault, IovaRanges, Landed, MAP_FIXED_IOVA, MAP_READABLE, MAP_WRITEABLE, MapHandle,
-    REGION_OFFSET_SHIFT, RegionInfo, ScenarioBackend,
+    RegionInfo, ScenarioBackend,
 };
 use peerdma_uapi::{DevHandle, DmabufInfo, IoasId, OpenPath, UapiBackend};
 use vfio_bindings::bindings::vfio::{VFIO_BASE, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_TYPE};
@@ -203,12 +203,10 @@ impl Drop for RegionMap {
     }
 }
 
-/// Where `offset` of region `index` is in a vfio-pci device fd.
+/// [`peerdma_uapi::backend::region_pos`] as an `off_t`.
 fn region_pos(index: u32, offset: u64) -> Result<i64, Errno> {
-    (u64::from(index) << REGION_OFFSET_SHIFT)
-        .checked_add(offset)
-        .and_then(|p| i64::try_from(p).ok())
-        .ok_or(Errno::EINVAL)
+    peerdma_uapi::backend::region_pos(index, offset)
+        .and_then(|p| i64::try_from(p).map_err(|_| Errno::EINVAL))
 }
 
 /// One load or store of 1, 2, 4 or 8 bytes at `p`, in a child process: `Ok` with the bytes

@@ -596,7 +596,46 @@ pub fn region_cap_words(caps: &[u16]) -> String {
         .join(",")
 }
 
+/// The `key=value` fields of an outcome an expectation names (`None`: not named).
+type KeyValues = Vec<(&'static str, Option<String>)>;
+
 impl Expect {
+    /// An expectation of an outcome made of a word and `key=value` fields (a new fd, a
+    /// region's info): the word and the fields the expectation names, as outcomes show them.
+    fn fields(&self) -> Option<(&'static str, KeyValues)> {
+        match self {
+            Expect::Fd {
+                size,
+                count,
+                exp_name,
+                flags,
+            } => Some((
+                "fd",
+                vec![
+                    ("size", size.map(|s| s.to_string())),
+                    ("count", count.map(|c| c.to_string())),
+                    ("exp_name", exp_name.clone()),
+                    ("flags", flags.map(|x| format!("{x:#o}"))),
+                ],
+            )),
+            Expect::Region {
+                size,
+                flags,
+                offset,
+                caps,
+            } => Some((
+                "region",
+                vec![
+                    ("size", size.map(|s| format!("{s:#x}"))),
+                    ("flags", flags.clone()),
+                    ("offset", offset.map(|o| format!("{o:#x}"))),
+                    ("caps", caps.clone()),
+                ],
+            )),
+            _ => None,
+        }
+    }
+
     /// Whether a step's outcome (see [`crate::run`](mod@crate::run)) is what this expects.
     pub fn matches(&self, outcome: &str) -> bool {
         match self {
@@ -615,39 +654,19 @@ impl Expect {
             Expect::ReadCount(n) => outcome == format!("read {n} bytes"),
             Expect::Wrote(n) => outcome == format!("wrote {n}"),
             Expect::Sigbus => outcome == "SIGBUS",
-            Expect::Region {
-                size,
-                flags,
-                offset,
-                caps,
-            } => {
+            Expect::Region { .. } | Expect::Fd { .. } => {
+                let Some((word, pairs)) = self.fields() else {
+                    return false;
+                };
                 let mut words = outcome.split(' ');
-                if words.next() != Some("region") {
+                if words.next() != Some(word) {
                     return false;
                 }
                 let kv: Vec<(&str, &str)> = words.filter_map(|w| w.split_once('=')).collect();
-                let has = |k: &str, v: &str| kv.iter().any(|&(a, b)| a == k && b == v);
-                size.is_none_or(|s| has("size", &format!("{s:#x}")))
-                    && flags.as_deref().is_none_or(|f| has("flags", f))
-                    && offset.is_none_or(|o| has("offset", &format!("{o:#x}")))
-                    && caps.as_deref().is_none_or(|c| has("caps", c))
-            }
-            Expect::Fd {
-                size,
-                count,
-                exp_name,
-                flags,
-            } => {
-                let mut words = outcome.split(' ');
-                if words.next() != Some("fd") {
-                    return false;
-                }
-                let kv: Vec<(&str, &str)> = words.filter_map(|w| w.split_once('=')).collect();
-                let has = |k: &str, v: &str| kv.iter().any(|&(a, b)| a == k && b == v);
-                size.is_none_or(|s| has("size", &s.to_string()))
-                    && count.is_none_or(|c| has("count", &c.to_string()))
-                    && exp_name.as_deref().is_none_or(|n| has("exp_name", n))
-                    && flags.is_none_or(|x| has("flags", &format!("{x:#o}")))
+                pairs.iter().all(|(k, v)| {
+                    v.as_deref()
+                        .is_none_or(|v| kv.iter().any(|&(a, b)| a == *k && b == v))
+                })
             }
         }
     }
@@ -673,45 +692,15 @@ impl std::fmt::Display for Expect {
             Expect::ReadCount(n) => write!(f, "read {n} bytes"),
             Expect::Wrote(n) => write!(f, "wrote {n}"),
             Expect::Sigbus => f.write_str("SIGBUS"),
-            Expect::Region {
-                size,
-                flags,
-                offset,
-                caps,
-            } => {
-                f.write_str("region")?;
-                if let Some(s) = size {
-                    write!(f, " size={s:#x}")?;
-                }
-                if let Some(x) = flags {
-                    write!(f, " flags={x}")?;
-                }
-                if let Some(o) = offset {
-                    write!(f, " offset={o:#x}")?;
-                }
-                if let Some(c) = caps {
-                    write!(f, " caps={c}")?;
-                }
-                Ok(())
-            }
-            Expect::Fd {
-                size,
-                count,
-                exp_name,
-                flags,
-            } => {
-                f.write_str("fd")?;
-                if let Some(s) = size {
-                    write!(f, " size={s}")?;
-                }
-                if let Some(c) = count {
-                    write!(f, " count={c}")?;
-                }
-                if let Some(n) = exp_name {
-                    write!(f, " exp_name={n}")?;
-                }
-                if let Some(x) = flags {
-                    write!(f, " flags={x:#o}")?;
+            Expect::Region { .. } | Expect::Fd { .. } => {
+                let Some((word, pairs)) = self.fields() else {
+                    return Ok(());
+                };
+                f.write_str(word)?;
+                for (k, v) in pairs {
+                    if let Some(v) = v {
+                        write!(f, " {k}={v}")?;
+                    }
                 }
                 Ok(())
             }

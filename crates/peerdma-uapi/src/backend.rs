@@ -81,6 +81,15 @@ pub struct IovaRanges {
 /// (`VFIO_PCI_OFFSET_SHIFT`).
 pub const REGION_OFFSET_SHIFT: u32 = 40;
 
+/// Where `offset` of region `index` is in a vfio-pci device fd; `EINVAL` past what a file
+/// offset (`off_t`) can hold.
+pub fn region_pos(index: u32, offset: u64) -> Result<u64, Errno> {
+    (u64::from(index) << REGION_OFFSET_SHIFT)
+        .checked_add(offset)
+        .filter(|&p| i64::try_from(p).is_ok())
+        .ok_or(Errno::EINVAL)
+}
+
 /// Region indexes of vfio-pci (`VFIO_PCI_*_REGION_INDEX`): BARs 0-5, then these.
 pub mod region {
     /// The expansion ROM.

@@ -15,7 +15,9 @@ use peerdma_dmabuf::Process;
 use peerdma_dmabuf::sgt::DmaEnv;
 use peerdma_p2pdma::P2pDma;
 use peerdma_pci::{Bdf, DeviceKind, DmaAddr, Errno, Fabric, regs, sync};
-use peerdma_uapi::backend::{CpuFault, IovaRanges, Landed, MapHandle, RegionInfo, ScenarioBackend};
+use peerdma_uapi::backend::{
+    CpuFault, IovaRanges, Landed, MapHandle, RegionInfo, ScenarioBackend, region_pos,
+};
 use peerdma_uapi::feature::O_CLOEXEC;
 use peerdma_uapi::{DevHandle, DmabufInfo, IoasId, OpenPath, UapiBackend};
 
@@ -530,15 +532,6 @@ impl UapiBackend for Emulated<'_> {
         }
         Ok(())
     }
-}
-
-/// Where `offset` of region `index` is in a vfio-pci device fd (`EINVAL` past what a file
-/// offset can hold).
-fn region_pos(index: u32, offset: u64) -> Result<u64, Errno> {
-    let base = u64::from(index) << peerdma_uapi::backend::REGION_OFFSET_SHIFT;
-    base.checked_add(offset)
-        .filter(|&p| i64::try_from(p).is_ok())
-        .ok_or(Errno::EINVAL)
 }
 
 impl ScenarioBackend for Emulated<'_> {
