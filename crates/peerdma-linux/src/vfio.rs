@@ -28,8 +28,8 @@ use iommufd_bindings::iommufd::{
 use iommufd_ioctls::{IommuFd, IommufdIoas};
 use peerdma_pci::{Bdf, Errno, regs};
 use peerdma_uapi::backend::{
-    CpuFault, IovaRanges, Landed, MAP_FIXED_IOVA, MAP_READABLE, MAP_WRITEABLE, MapHandle,
-    RegionInfo, ScenarioBackend,
+    CpuFault, Dependent, HOT_RESET_FLAG_DEV_ID, HotResetInfo, IovaRanges, Landed, MAP_FIXED_IOVA,
+    MAP_READABLE, MAP_WRITEABLE, MapHandle, RegionInfo, ScenarioBackend,
 };
 use peerdma_uapi::{DevHandle, DmabufInfo, IoasId, OpenPath, UapiBackend};
 use vfio_bindings::bindings::vfio::{VFIO_BASE, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_TYPE};
@@ -39,7 +39,8 @@ use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ptr};
 use nr::{
     IOMMU_IOAS_IOVA_RANGES, IOMMU_IOAS_MAP_FILE, VFIO_DEVICE_ATTACH_IOMMUFD_PT,
     VFIO_DEVICE_BIND_IOMMUFD, VFIO_DEVICE_DETACH_IOMMUFD_PT, VFIO_DEVICE_FEATURE,
-    VFIO_DEVICE_GET_REGION_INFO, VFIO_DEVICE_PCI_HOT_RESET, VFIO_DEVICE_RESET,
+    VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, VFIO_DEVICE_GET_REGION_INFO, VFIO_DEVICE_PCI_HOT_RESET,
+    VFIO_DEVICE_RESET,
 };
 
 /// The ioctl numbers the crates keep private.
@@ -48,6 +49,11 @@ mod nr {
     use super::{VFIO_BASE, VFIO_TYPE};
     use vmm_sys_util::ioctl_io_nr;
     ioctl_io_nr!(VFIO_DEVICE_RESET, u32::from(VFIO_TYPE), VFIO_BASE + 11);
+    ioctl_io_nr!(
+        VFIO_DEVICE_GET_PCI_HOT_RESET_INFO,
+        u32::from(VFIO_TYPE),
+        VFIO_BASE + 12
+    );
     ioctl_io_nr!(
         VFIO_DEVICE_ATTACH_IOMMUFD_PT,
         u32::from(VFIO_TYPE),
@@ -1050,6 +1056,38 @@ impl UapiBackend for LinuxBackend {
         // SAFETY: `offset + n <= len`: inside the mapping.
         let p = unsafe { m.ptr.add(offset as usize) };
         access_in_child(p, buf, write)
+    }
+
+    fn hot_reset_info(&mut self, dev: DevHandle, room: u32) -> Result<HotResetInfo, Errno> {
+        // struct vfio_pci_hot_reset_info (argsz, flags, count), then `room` 8-byte
+        // struct vfio_pci_dependent_device (group_id or devid, segment, bus, devfn).
+        let room = room.min(256) as usize;
+        let mut b = vec![0u32; 3 + 2 * room];
+        b[0] = u32::try_from(b.len() * 4).unwrap_or(u32::MAX);
+        self.raw_ioctl(
+            dev,
+            VFIO_DEVICE_GET_PCI_HOT_RESET_INFO(),
+            b.as_mut_ptr().cast(),
+        )?;
+        let (flags, count) = (b[1], (b[2] as usize).min(room));
+        let devices = (0..count)
+            .map(|i| {
+                let (id, loc) = (b[3 + 2 * i], b[4 + 2 * i]);
+                let [seg_lo, seg_hi, bus, devfn] = loc.to_le_bytes();
+                let bdf = Bdf::from_devfn(u16::from_le_bytes([seg_lo, seg_hi]), bus, devfn);
+                let dep = if flags & HOT_RESET_FLAG_DEV_ID == 0 {
+                    Dependent::Group(id)
+                } else {
+                    match id {
+                        u32::MAX => Dependent::Owned,
+                        0xffff_fffe => Dependent::NotOwned,
+                        _ => Dependent::DevId(id),
+                    }
+                };
+                (bdf, dep)
+            })
+            .collect();
+        Ok(HotResetInfo { flags, devices })
     }
 
     fn cpu_unmap(&mut self, map: MapHandle) -> Result<(), Errno> {

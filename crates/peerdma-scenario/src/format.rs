@@ -374,6 +374,13 @@ pub enum Action {
         /// Mapping name.
         map: String,
     },
+    /// `VFIO_DEVICE_GET_PCI_HOT_RESET_INFO`.
+    HotResetInfo {
+        /// Device name.
+        dev: String,
+        /// Room for this many devices in the answer.
+        room: u32,
+    },
     /// The initiator writes a fresh 16-byte pattern at (or just past) `iova`, inside a
     /// window mapped by an earlier `map` step; the provider's memory is then checked.
     Dma {
@@ -452,6 +459,7 @@ impl Action {
             Action::CpuRead { .. } => "cpu_read",
             Action::CpuWrite { .. } => "cpu_write",
             Action::CpuUnmap { .. } => "cpu_unmap",
+            Action::HotResetInfo { .. } => "hot_reset_info",
         }
     }
 }
@@ -541,6 +549,9 @@ pub enum Expect {
     Wrote(u64),
     /// A CPU access through a mapping dies of `SIGBUS`.
     Sigbus,
+    /// Exactly this outcome (for the steps whose outcome is a list, such as
+    /// `hot_reset_info`).
+    Exactly(String),
     /// `IOMMU_IOAS_IOVA_RANGES` answers these ranges (inclusive) and this alignment.
     Ranges {
         /// The allowed ranges.
@@ -654,6 +665,7 @@ impl Expect {
             Expect::ReadCount(n) => outcome == format!("read {n} bytes"),
             Expect::Wrote(n) => outcome == format!("wrote {n}"),
             Expect::Sigbus => outcome == "SIGBUS",
+            Expect::Exactly(o) => outcome == o,
             Expect::Region { .. } | Expect::Fd { .. } => {
                 let Some((word, pairs)) = self.fields() else {
                     return false;
@@ -692,6 +704,7 @@ impl std::fmt::Display for Expect {
             Expect::ReadCount(n) => write!(f, "read {n} bytes"),
             Expect::Wrote(n) => write!(f, "wrote {n}"),
             Expect::Sigbus => f.write_str("SIGBUS"),
+            Expect::Exactly(o) => f.write_str(o),
             Expect::Region { .. } | Expect::Fd { .. } => {
                 let Some((word, pairs)) = self.fields() else {
                     return Ok(());
@@ -1000,6 +1013,10 @@ fn expect(f: &mut Fields, default: Option<Expect>) -> Result<Expect, FormatError
             if let Some(n) = e.opt_num("read_count")? {
                 e.done()?;
                 return Ok(Expect::ReadCount(n));
+            }
+            if let Some(o) = e.opt_string("outcome")? {
+                e.done()?;
+                return Ok(Expect::Exactly(o));
             }
             if let Some(n) = e.opt_num("wrote")? {
                 e.done()?;
@@ -1672,6 +1689,13 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
             },
             ok,
         ),
+        "hot_reset_info" => (
+            Action::HotResetInfo {
+                dev: f.string("dev")?,
+                room: f.opt_u32("room")?.unwrap_or(8),
+            },
+            None,
+        ),
         other => {
             return Err(f.err(
                 "do",
@@ -1679,7 +1703,8 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
                     "unknown action {other:?} (open, bind, close, feature, export, close_fd, fdinfo, \
                      seek, mmap, config_read, config_write, memory, power, flr, af_flr, reset, hot_reset, \
                      low_power, ioas, attach, detach, ioas_destroy, map, unmap, iova_ranges, dma, \
-                     region_info, region_read, region_write, cpu_map, cpu_read, cpu_write, cpu_unmap)"
+                     region_info, region_read, region_write, cpu_map, cpu_read, cpu_write, cpu_unmap, \
+                     hot_reset_info)"
                 ),
             ));
         }

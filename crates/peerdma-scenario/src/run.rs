@@ -209,6 +209,39 @@ fn read_outcome(b: &[u8], show: bool) -> String {
     }
 }
 
+/// `devices 0000:05:00.0=devid 0000:05:00.1=owned flags=dev_id,owned`: each device the
+/// reset reaches and how the kernel named it (`devid`, `owned`, `not_owned`, `group`; ids
+/// themselves differ between backends), then the flags (`none` for 0).
+fn hot_reset_outcome(i: &peerdma_uapi::backend::HotResetInfo) -> String {
+    use peerdma_uapi::backend::{Dependent, HOT_RESET_FLAG_DEV_ID, HOT_RESET_FLAG_DEV_ID_OWNED};
+    let mut words = vec!["devices".to_string()];
+    for (b, d) in &i.devices {
+        let w = match d {
+            Dependent::DevId(_) => "devid",
+            Dependent::Owned => "owned",
+            Dependent::NotOwned => "not_owned",
+            Dependent::Group(_) => "group",
+        };
+        words.push(format!("{b}={w}"));
+    }
+    let mut f = Vec::new();
+    if i.flags & HOT_RESET_FLAG_DEV_ID != 0 {
+        f.push("dev_id".to_string());
+    }
+    if i.flags & HOT_RESET_FLAG_DEV_ID_OWNED != 0 {
+        f.push("owned".to_string());
+    }
+    let rest = i.flags & !3;
+    if rest != 0 {
+        f.push(format!("{rest:#x}"));
+    }
+    if f.is_empty() {
+        f.push("none".into());
+    }
+    words.push(format!("flags={}", f.join(",")));
+    words.join(" ")
+}
+
 fn fault_word(f: CpuFault) -> String {
     match f {
         CpuFault::Sigbus => "SIGBUS".into(),
@@ -778,6 +811,14 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
                     Ok(()) => "ok".into(),
                     Err(f) => fault_word(f),
                 },
+                None,
+            ))
+        }
+        Action::HotResetInfo { dev, room } => {
+            let (d, _) = st.dev(dev)?;
+            Ok((
+                be.hot_reset_info(d, *room)
+                    .map_or_else(errno_word, |i| hot_reset_outcome(&i)),
                 None,
             ))
         }

@@ -236,6 +236,13 @@ impl UapiBackend for Tweaked<'_> {
     fn cpu_unmap(&mut self, map: peerdma_uapi::backend::MapHandle) -> Result<(), Errno> {
         self.inner.cpu_unmap(map)
     }
+    fn hot_reset_info(
+        &mut self,
+        dev: DevHandle,
+        room: u32,
+    ) -> Result<peerdma_uapi::backend::HotResetInfo, Errno> {
+        self.inner.hot_reset_info(dev, room)
+    }
 }
 
 impl ScenarioBackend for Tweaked<'_> {
@@ -682,6 +689,7 @@ mod random {
                 data: vec![0xa5; 4],
             }),
             Just(Action::CpuUnmap { map: "m".into() }),
+            (dev(), 0u32..4).prop_map(|(dev, room)| Action::HotResetInfo { dev, room }),
             ioas().prop_map(|name| Action::IoasAlloc { name }),
             (dev(), ioas()).prop_map(|(dev, ioas)| Action::Attach { dev, ioas }),
             (

@@ -126,6 +126,33 @@ pub struct RegionInfo {
     pub caps: Vec<u16>,
 }
 
+/// How `VFIO_DEVICE_GET_PCI_HOT_RESET_INFO` names one device a hot reset would reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dependent {
+    /// Its iommufd device id in the caller's iommufd (the device is bound there).
+    DevId(u32),
+    /// Not bound in the caller's iommufd, but its IOMMU group is (`VFIO_PCI_DEVID_OWNED`).
+    Owned,
+    /// Neither (`VFIO_PCI_DEVID_NOT_OWNED`): the caller cannot reset it.
+    NotOwned,
+    /// Its IOMMU group's id (the asking device was opened the group way).
+    Group(u32),
+}
+
+/// `VFIO_PCI_HOT_RESET_FLAG_DEV_ID`: the devices are named by iommufd device ids.
+pub const HOT_RESET_FLAG_DEV_ID: u32 = 1;
+/// `VFIO_PCI_HOT_RESET_FLAG_DEV_ID_OWNED`: the caller owns every device named.
+pub const HOT_RESET_FLAG_DEV_ID_OWNED: u32 = 2;
+
+/// The answer of `VFIO_DEVICE_GET_PCI_HOT_RESET_INFO`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HotResetInfo {
+    /// `HOT_RESET_FLAG_*` bits.
+    pub flags: u32,
+    /// Every device the reset reaches, in bus order.
+    pub devices: Vec<(Bdf, Dependent)>,
+}
+
 /// A CPU mapping of a device region a backend made (`mmap` of the device fd).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct MapHandle(pub u32);
@@ -229,6 +256,9 @@ pub trait UapiBackend {
     ) -> Result<(), CpuFault>;
     /// `munmap` of a mapping.
     fn cpu_unmap(&mut self, map: MapHandle) -> Result<(), Errno>;
+    /// `VFIO_DEVICE_GET_PCI_HOT_RESET_INFO` with room for `room` devices (`ENOSPC` if the
+    /// reset reaches more).
+    fn hot_reset_info(&mut self, dev: DevHandle, room: u32) -> Result<HotResetInfo, Errno>;
 }
 
 /// Whether a pattern a device wrote is in the provider's memory.

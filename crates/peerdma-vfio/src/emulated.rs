@@ -16,7 +16,8 @@ use peerdma_dmabuf::sgt::DmaEnv;
 use peerdma_p2pdma::P2pDma;
 use peerdma_pci::{Bdf, DeviceKind, DmaAddr, Errno, Fabric, regs, sync};
 use peerdma_uapi::backend::{
-    CpuFault, IovaRanges, Landed, MapHandle, RegionInfo, ScenarioBackend, region_pos,
+    CpuFault, Dependent, HOT_RESET_FLAG_DEV_ID, HOT_RESET_FLAG_DEV_ID_OWNED, HotResetInfo,
+    IovaRanges, Landed, MapHandle, RegionInfo, ScenarioBackend, region_pos,
 };
 use peerdma_uapi::feature::O_CLOEXEC;
 use peerdma_uapi::{DevHandle, DmabufInfo, IoasId, OpenPath, UapiBackend};
@@ -519,6 +520,53 @@ impl UapiBackend for Emulated<'_> {
         }
         let o = self.devs.get(&m.dev).ok_or(CpuFault::Errno(Errno::EBADF))?;
         o.fd.cpu_access(m.bar, m.offset + offset, buf, write)
+    }
+
+    /// Devices of the reset named as vfio-pci names them to this process: by iommufd
+    /// device id when this process has it bound, as owned when its IOMMU group is bound in
+    /// this process's iommufd, else not owned; by IOMMU group when the asking fd was opened
+    /// the group way.
+    fn hot_reset_info(&mut self, dev: DevHandle, room: u32) -> Result<HotResetInfo, Errno> {
+        let o = self.dev(dev)?;
+        let scope = o.fd.hot_reset_scope()?;
+        if scope.len() > room as usize {
+            return Err(Errno::ENOSPC);
+        }
+        let f = &self.m.fabric;
+        if o.via_group {
+            let devices = scope
+                .iter()
+                .map(|&b| {
+                    let id = u32::from(iommu_group(f, b).requester_id());
+                    (b, Dependent::Group(id))
+                })
+                .collect();
+            return Ok(HotResetInfo { flags: 0, devices });
+        }
+        let bound: Vec<(u32, Bdf)> = self
+            .devs
+            .iter()
+            .filter(|(_, d)| !d.via_group && d.fd.is_bound())
+            .map(|(h, d)| (*h, d.bdf))
+            .collect();
+        let mut flags = HOT_RESET_FLAG_DEV_ID | HOT_RESET_FLAG_DEV_ID_OWNED;
+        let mut devices = Vec::new();
+        for b in scope {
+            let id = if let Some((h, _)) = bound.iter().find(|(_, x)| *x == b) {
+                // Device ids are numbered from 1 in the order devices were bound.
+                Dependent::DevId(h + 1)
+            } else if bound
+                .iter()
+                .any(|&(_, x)| iommu_group(f, x) == iommu_group(f, b))
+            {
+                Dependent::Owned
+            } else {
+                flags &= !HOT_RESET_FLAG_DEV_ID_OWNED;
+                Dependent::NotOwned
+            };
+            devices.push((b, id));
+        }
+        Ok(HotResetInfo { flags, devices })
     }
 
     fn cpu_unmap(&mut self, map: MapHandle) -> Result<(), Errno> {

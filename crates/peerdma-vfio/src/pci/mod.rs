@@ -738,6 +738,18 @@ impl DeviceFd {
         res
     }
 
+    /// The functions a hot reset of the device's bus reaches, in bus order
+    /// (`vfio_pci_ioctl_get_pci_hot_reset_info`'s walk; the model's slots never reset, and
+    /// only endpoints are counted): `ENODEV` when the device sits on a root bus, where no
+    /// bridge can reset it.
+    pub fn hot_reset_scope(&self) -> Result<Vec<Bdf>, Errno> {
+        self.granted()?;
+        self.ioctl_resume();
+        let (_, mut affected) = self.dev.bus_scope().ok_or(Errno::ENODEV)?;
+        affected.sort();
+        Ok(affected)
+    }
+
     /// Closes the file (`vfio_df_close`); the last close revokes every dma-buf for good
     /// **before** disabling the device (7.2 order), then disables it.
     pub fn close(mut self) {
