@@ -1078,9 +1078,10 @@ impl UapiBackend for LinuxBackend {
                 let dep = if flags & HOT_RESET_FLAG_DEV_ID == 0 {
                     Dependent::Group(id)
                 } else {
+                    // VFIO_PCI_DEVID_OWNED is 0, VFIO_PCI_DEVID_NOT_OWNED is -1.
                     match id {
-                        u32::MAX => Dependent::Owned,
-                        0xffff_fffe => Dependent::NotOwned,
+                        0 => Dependent::Owned,
+                        u32::MAX => Dependent::NotOwned,
                         _ => Dependent::DevId(id),
                     }
                 };

@@ -166,6 +166,11 @@ pub fn agreement(
     rows
 }
 
+/// A kernel line the table shows: a warning, bug or oops, or an IOMMU fault.
+fn notable(line: &str) -> bool {
+    peerdma_uapi::backend::is_kernel_warning(line) || line.contains("DMAR")
+}
+
 /// The table as text: a header, one line per step, aligned.
 pub fn table(rows: &[Row]) -> String {
     let head = [
@@ -206,8 +211,10 @@ pub fn table(rows: &[Row]) -> String {
     let mut out = line(&head.map(str::to_string));
     for (c, r) in cells.iter().zip(rows) {
         out.push_str(&line(c));
-        // What the real kernel printed, under its step.
-        for k in &r.kernel {
+        // What the real kernel printed that a reader must see, under its step: warnings,
+        // bugs, oopses and IOMMU faults (the rest, such as the PCI core's "resetting", stays
+        // in the JSON lines for `dmesg` expectations).
+        for k in r.kernel.iter().filter(|k| notable(k)) {
             let _ = writeln!(out, "    kernel: {k}");
         }
     }

@@ -68,6 +68,9 @@ pub struct Layout {
     pub(crate) pm: Option<u16>,
     pub(crate) exp: Option<u16>,
     pub(crate) af: Option<u16>,
+    /// The PCIe capability's length by its version and type (`vfio_cap_len`): 0x14 for v1
+    /// (0xc for a root-complex integrated endpoint), 0x34 for v2 (0x2c).
+    pub(crate) exp_len: u16,
     /// 4096 with a PCIe capability, else 256 (`pdev->cfg_size`).
     pub(crate) size: usize,
 }
@@ -76,10 +79,21 @@ impl Layout {
     pub(crate) fn of(fabric: &Fabric, bdf: Bdf) -> Result<Layout, Errno> {
         let f = fabric.function(bdf).map_err(|_| Errno::ENODEV)?;
         let c = f.caps();
+        let exp_len = c.exp.map_or(0, |e| {
+            let flags = fabric.config_read(bdf, e + regs::EXP_FLAGS, 2).unwrap_or(0);
+            let rciep = (flags >> 4) & 0xf == u32::from(regs::EXP_TYPE_RC_END);
+            match (flags & u32::from(regs::EXP_FLAGS_VERS) == 1, rciep) {
+                (true, true) => 0xc,
+                (true, false) => 0x14,
+                (false, true) => 0x2c,
+                (false, false) => 0x34,
+            }
+        });
         Ok(Layout {
             pm: c.pm,
             exp: c.exp,
             af: c.af,
+            exp_len,
             size: if c.exp.is_some() {
                 regs::CFG_SIZE
             } else {
@@ -94,7 +108,7 @@ impl Layout {
             Owner::Header
         } else if let Some(c) = inside(self.pm, u16::from(regs::PM_SIZEOF)) {
             Owner::Pm(c)
-        } else if let Some(c) = inside(self.exp, u16::from(regs::EXP_SIZEOF_V2)) {
+        } else if let Some(c) = inside(self.exp, self.exp_len) {
             Owner::Exp(c)
         } else if let Some(c) = inside(self.af, AF_LEN) {
             Owner::Af(c)
@@ -317,7 +331,8 @@ impl VConfig {
                     regs::BAR_MEM_TYPE_64 | (u32::from(b.bar.prefetch) * regs::BAR_MEM_PREFETCH)
                 }
             };
-            let lo = self.get(at, 4) & (mask as u32) & !0xf;
+            // `vfio_bar_fixup`: the size mask alone (an I/O BAR of 4 or 8 bytes keeps bits 2-3).
+            let lo = self.get(at, 4) & (mask as u32);
             self.set(at, 4, lo | flags);
             if b.bar.kind == BarType::Mem64 && i < 5 {
                 let hi = self.get(at + 4, 4) & (mask >> 32) as u32;

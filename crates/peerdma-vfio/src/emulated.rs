@@ -396,11 +396,34 @@ impl UapiBackend for Emulated<'_> {
         r
     }
 
+    /// The `mmap` syscall's own checks (mm/mmap.c `do_mmap`, after x86's `sys_mmap`), then
+    /// the dma-buf's: an offset that is not page aligned or does not fit `off_t`, a zero
+    /// length → EINVAL; a length that page-aligns to 0 → ENOMEM; an end page past 2^64 →
+    /// EOVERFLOW; a file not open for reading → EACCES (the mapping is `PROT_READ`,
+    /// `MAP_SHARED`); then `dma_buf_mmap_internal`.
     fn dmabuf_mmap(&mut self, fd: i32, offset: u64, len: u64) -> Result<(), Errno> {
+        const PAGE: u64 = 4096;
+        if offset % PAGE != 0 || i64::try_from(offset).is_err() {
+            return Err(Errno::EINVAL);
+        }
         let f = self.proc.fget(fd)?;
-        let r = f
-            .dmabuf()
-            .map_or(Err(Errno::ENODEV), |b| b.mmap(offset, len));
+        let aligned = len.checked_add(PAGE - 1).map(|l| l & !(PAGE - 1));
+        let r = if len == 0 {
+            Err(Errno::EINVAL)
+        } else if aligned.is_none_or(|l| l == 0) {
+            Err(Errno::ENOMEM)
+        } else if (offset / PAGE)
+            .checked_add(aligned.unwrap_or(0) / PAGE)
+            .is_none()
+        {
+            Err(Errno::EOVERFLOW)
+        } else if f.flags() & 0o3 == 0o1 {
+            // O_WRONLY: no read access.
+            Err(Errno::EACCES)
+        } else {
+            f.dmabuf()
+                .map_or(Err(Errno::ENODEV), |b| b.mmap(offset, len))
+        };
         f.put();
         r
     }

@@ -310,3 +310,25 @@ fn no_cpu_store_lands_while_memory_is_off_whatever_the_interleaving() {
     });
     assert_eq!(landed_while_off, 0);
 }
+
+#[test]
+fn an_io_bar_sized_with_all_ones_reads_its_size_mask_and_the_io_flag() {
+    // `vfio_bar_fixup`: the value AND the size mask, OR the flags — an 8-byte I/O BAR keeps
+    // bit 2, so all ones read 0xfffffff9.
+    let text = examples::QEMU_Q35.replace(
+        "bars = [ { index = 0, size = 256, addr = 0xfe20_0000 },",
+        "bars = [ { index = 0, size = 8, type = \"io\", addr = 0xc000 },",
+    );
+    let f = file::load_str(&text, "q").unwrap();
+    let m = Machine::with_config(Arc::new(f), KernelConfig { pm: false }).unwrap();
+    let mut be = m.process();
+    let (p, _) = open(&mut be, "provider");
+    be.config_write(p, 0x10, &u32::MAX.to_le_bytes()).unwrap();
+    let mut b = [0u8; 4];
+    be.config_read(p, 0x10, &mut b).unwrap();
+    assert_eq!(u32::from_le_bytes(b), 0xffff_fff9);
+    // An I/O BAR is never mappable, and its region reads go through without a memory check.
+    assert_eq!(be.region_info(p, 0).unwrap().flags, 3);
+    memory(&mut be, p, false);
+    assert_eq!(be.region_read(p, 0, 0, &mut b), Ok(4));
+}

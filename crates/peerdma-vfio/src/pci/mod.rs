@@ -707,21 +707,22 @@ impl DeviceFd {
         self.granted()?;
         self.ioctl_resume();
         let d = &self.dev;
-        let (bridge, affected) = d.bus_scope().ok_or(Errno::EINVAL)?;
-        let mut set: Vec<&Arc<Dev>> = Vec::new();
-        for b in &affected {
-            let v = owned
-                .iter()
-                .find(|v| v.dev.bdf == *b)
-                .ok_or(Errno::EINVAL)?;
-            set.push(&v.dev);
-        }
+        // No bridge above: no bus reset (`pci_probe_reset_bus`), ENODEV.
+        let (bridge, mut affected) = d.bus_scope().ok_or(Errno::ENODEV)?;
+        affected.sort();
+        // `vfio_pci_dev_set_hot_reset`: per device in turn, ownership (EINVAL) then the
+        // try-lock of its memory_lock (EBUSY) and the revoke; a failure unwinds those
+        // before it.
         let mut locked: Vec<(&Arc<Dev>, MemGuard<'_>)> = Vec::new();
         let mut res = Ok(());
-        for dev in &set {
-            if let Some(m) = dev.try_lock_mem() {
+        for b in &affected {
+            let Some(v) = owned.iter().find(|v| v.dev.bdf == *b) else {
+                res = Err(Errno::EINVAL);
+                break;
+            };
+            if let Some(m) = v.dev.try_lock_mem() {
                 m.move_bufs(true);
-                locked.push((dev, m));
+                locked.push((&v.dev, m));
             } else {
                 res = Err(Errno::EBUSY);
                 break;
