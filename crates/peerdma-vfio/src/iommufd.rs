@@ -270,15 +270,39 @@ impl Iommufd {
     /// go again when the device (or the domain's last device) leaves.
     pub fn attach(&self, dev: Bdf, ioas: u32) -> Result<(), Errno> {
         let mut m = sync::lock(&self.ioas);
-        let io = m.get_mut(&ioas).ok_or(Errno::ENOENT)?;
         let iommu = self.env.dma.iommu().ok_or(Errno::ENODEV)?;
+        let group = self.group(dev);
+        let io = m.get(&ioas).ok_or(Errno::ENOENT)?;
         if io.devices.contains(&dev) {
             // Already here: the kernel's replace with the same page table changes nothing
             // (the attachment is written again, so it is what this IOAS says).
-            return iommu.attach(dev, Attach::Paging(io.domain));
+            return self.attach_group(iommu, &group, Attach::Paging(io.domain));
         }
-        let resv = iommu.reserved_regions(dev);
-        if resv.iter().any(|r| io.area_meets(r.start, r.last)) {
+        // The IOMMU group is the unit (device.c `iommufd_hw_pagetable_attach`,
+        // `iommufd_device_do_replace`): a group attached elsewhere takes a fresh device of
+        // it nowhere else (EINVAL); a device that is attached elsewhere moves, and with it
+        // every attached device of its group.
+        let elsewhere: Vec<Bdf> = m
+            .iter()
+            .filter(|&(&id, _)| id != ioas)
+            .flat_map(|(_, o)| o.devices.iter().copied())
+            .filter(|d| group.contains(d))
+            .collect();
+        if !elsewhere.is_empty() && !elsewhere.contains(&dev) {
+            return Err(Errno::EINVAL);
+        }
+        let moving: Vec<Bdf> = std::iter::once(dev)
+            .chain(elsewhere.into_iter().filter(|&d| d != dev))
+            .collect();
+        let resv: Vec<(Bdf, Vec<_>)> = moving
+            .iter()
+            .map(|&d| (d, iommu.reserved_regions(d)))
+            .collect();
+        if resv
+            .iter()
+            .flat_map(|(_, r)| r)
+            .any(|r| io.area_meets(r.start, r.last))
+        {
             return Err(Errno::EADDRINUSE);
         }
         let first = io.devices.is_empty();
@@ -287,7 +311,18 @@ impl Iommufd {
         {
             return Err(Errno::EADDRINUSE);
         }
-        iommu.attach(dev, Attach::Paging(io.domain))?;
+        let group_here = io.devices.iter().any(|d| group.contains(d));
+        if !group_here {
+            self.attach_group(iommu, &group, Attach::Paging(io.domain))?;
+        }
+        for (&id, other) in m.iter_mut() {
+            if id != ioas {
+                for d in &moving {
+                    other.leave(*d);
+                }
+            }
+        }
+        let io = m.get_mut(&ioas).ok_or(Errno::ENOENT)?;
         if first {
             io.reserved.push(Reserved {
                 start: APERTURE_END + 1,
@@ -295,18 +330,47 @@ impl Iommufd {
                 owner: Owner::Domain,
             });
         }
-        io.reserved.extend(resv.iter().map(|r| Reserved {
-            start: r.start,
-            last: r.last,
-            owner: Owner::Dev(dev),
-        }));
-        for (&id, other) in m.iter_mut() {
-            if id != ioas {
-                other.leave(dev);
-            }
+        for (d, r) in resv {
+            io.reserved.extend(r.iter().map(|r| Reserved {
+                start: r.start,
+                last: r.last,
+                owner: Owner::Dev(d),
+            }));
+            io.devices.insert(d);
         }
-        if let Some(io) = m.get_mut(&ioas) {
-            io.devices.insert(dev);
+        Ok(())
+    }
+
+    /// The functions of `dev`'s IOMMU group ([`crate::pci::iommu_group`]).
+    fn group(&self, dev: Bdf) -> Vec<Bdf> {
+        let f = self.env.dma.fabric();
+        let g = crate::pci::iommu_group(f, dev);
+        let mut out: Vec<Bdf> = f
+            .functions()
+            .filter(|x| {
+                matches!(
+                    x.kind(),
+                    peerdma_pci::DeviceKind::Endpoint | peerdma_pci::DeviceKind::Vf
+                )
+            })
+            .map(peerdma_pci::Function::bdf)
+            .filter(|&b| crate::pci::iommu_group(f, b) == g)
+            .collect();
+        if !out.contains(&dev) {
+            out.push(dev);
+        }
+        out
+    }
+
+    /// Puts every function of a group behind `to` (`iommu_attach_group`).
+    fn attach_group(
+        &self,
+        iommu: &peerdma_dma::iommu::Iommu,
+        group: &[Bdf],
+        to: Attach,
+    ) -> Result<(), Errno> {
+        for &d in group {
+            iommu.attach(d, to)?;
         }
         Ok(())
     }
@@ -319,9 +383,16 @@ impl Iommufd {
         if !m.values_mut().any(|io| io.leave(dev)) {
             return Ok(());
         }
+        // The group leaves the domain with its last attached device
+        // (`iommufd_hw_pagetable_detach`); until then the device still translates through it.
+        let group = self.group(dev);
+        if m.values()
+            .any(|io| io.devices.iter().any(|d| group.contains(d)))
+        {
+            return Ok(());
+        }
         let iommu = self.env.dma.iommu().ok_or(Errno::ENODEV)?;
-        iommu.attach(dev, Attach::Blocked)?;
-        Ok(())
+        self.attach_group(iommu, &group, Attach::Blocked)
     }
 
     /// `IOMMU_DESTROY` of an IOAS (`iommufd_object_remove`, main.c): no such IOAS →
