@@ -276,7 +276,7 @@ impl Iommufd {
         if io.devices.contains(&dev) {
             // Already here: the kernel's replace with the same page table changes nothing
             // (the attachment is written again, so it is what this IOAS says).
-            return self.attach_group(iommu, &group, Attach::Paging(io.domain));
+            return Self::attach_group(iommu, &group, Attach::Paging(io.domain));
         }
         // The IOMMU group is the unit (device.c `iommufd_hw_pagetable_attach`,
         // `iommufd_device_do_replace`): a group attached elsewhere takes a fresh device of
@@ -313,7 +313,7 @@ impl Iommufd {
         }
         let group_here = io.devices.iter().any(|d| group.contains(d));
         if !group_here {
-            self.attach_group(iommu, &group, Attach::Paging(io.domain))?;
+            Self::attach_group(iommu, &group, Attach::Paging(io.domain))?;
         }
         for (&id, other) in m.iter_mut() {
             if id != ioas {
@@ -364,7 +364,6 @@ impl Iommufd {
 
     /// Puts every function of a group behind `to` (`iommu_attach_group`).
     fn attach_group(
-        &self,
         iommu: &peerdma_dma::iommu::Iommu,
         group: &[Bdf],
         to: Attach,
@@ -392,7 +391,7 @@ impl Iommufd {
             return Ok(());
         }
         let iommu = self.env.dma.iommu().ok_or(Errno::ENODEV)?;
-        self.attach_group(iommu, &group, Attach::Blocked)
+        Self::attach_group(iommu, &group, Attach::Blocked)
     }
 
     /// `IOMMU_DESTROY` of an IOAS (`iommufd_object_remove`, main.c): no such IOAS →
