@@ -1997,3 +1997,36 @@ fn divergence_the_last_close_restores_command_but_memory_decode_off() {
     let d = v.open().unwrap();
     assert!(d.memory_enabled());
 }
+
+#[test]
+fn unrevoke_waits_for_every_fence_before_the_buffer_is_live_again() {
+    // `vfio_pci_dma_buf_move` waits for BOOKKEEP fences on the way back too: memory coming
+    // back does not return, nor may anything map, until the fence added while revoked is
+    // signalled.
+    use peerdma_dmabuf::{Fence, Usage};
+    let r = rig();
+    let (_v, d, f) = exported(&r);
+    let b = f.dmabuf().unwrap();
+    d.config_write(regs::COMMAND, &0u16.to_le_bytes()).unwrap();
+    let fence = Fence::new();
+    b.lock().add_fence(fence.clone(), Usage::Bookkeep);
+    let signaller = {
+        let fence = fence.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            fence.signal();
+        })
+    };
+    let start = std::time::Instant::now();
+    d.config_write(regs::COMMAND, &regs::COMMAND_MEMORY.to_le_bytes())
+        .unwrap();
+    assert!(
+        fence.is_signaled(),
+        "the unrevoke returned before the fence was signalled"
+    );
+    assert!(start.elapsed() >= Duration::from_millis(90));
+    signaller.join().unwrap();
+    // Live again: an importer maps.
+    let imp = import(&r, &f, r.nic1).unwrap();
+    imp.map(&f).unwrap();
+}

@@ -270,11 +270,11 @@ impl Mem {
                     b.watch.revoked_at.store(0, Ordering::SeqCst);
                 }
                 let _ = l.buf.invalidate_mappings(&g);
+                // Both ways the kernel then waits for every fence, bookkeeping ones included,
+                // before the buffer changes state for the importers.
+                g.wait_all(Usage::Bookkeep);
                 if !revoked {
                     b.revoked.store(false, Ordering::Release);
-                }
-                if revoked {
-                    g.wait_all(Usage::Bookkeep);
                 }
             }
             if revoked {
