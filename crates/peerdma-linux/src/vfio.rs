@@ -1045,15 +1045,8 @@ impl UapiBackend for LinuxBackend {
         write: bool,
     ) -> Result<(), CpuFault> {
         let m = self.maps.get(&map.0).ok_or(CpuFault::Errno(Errno::EBADF))?;
-        let n = buf.len();
-        let inside = usize::try_from(offset)
-            .ok()
-            .and_then(|o| o.checked_add(n))
-            .is_some_and(|end| end <= m.len);
-        if !inside || !matches!(n, 1 | 2 | 4 | 8) || offset % n as u64 != 0 {
-            return Err(CpuFault::Errno(Errno::EFAULT));
-        }
-        // SAFETY: `offset + n <= len`: inside the mapping.
+        peerdma_uapi::backend::check_cpu_access(offset, buf.len(), m.len as u64)?;
+        // SAFETY: `check_cpu_access` kept `offset + buf.len()` inside the mapping.
         let p = unsafe { m.ptr.add(offset as usize) };
         access_in_child(p, buf, write)
     }

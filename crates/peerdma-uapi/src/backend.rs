@@ -166,6 +166,18 @@ pub enum CpuFault {
     Errno(Errno),
 }
 
+/// What every backend checks of a CPU access before making it: one naturally aligned load or
+/// store of 1, 2, 4 or 8 bytes inside a mapping of `map_len` bytes (`EFAULT` otherwise: the
+/// caller's mistake, not the kernel's answer).
+pub fn check_cpu_access(offset: u64, len: usize, map_len: u64) -> Result<(), CpuFault> {
+    let n = len as u64;
+    let inside = offset.checked_add(n).is_some_and(|end| end <= map_len);
+    if !inside || !matches!(n, 1 | 2 | 4 | 8) || offset % n != 0 {
+        return Err(CpuFault::Errno(Errno::EFAULT));
+    }
+    Ok(())
+}
+
 /// The operations peerdma performs across the userspace boundary. Every failure is the errno
 /// the kernel would return.
 pub trait UapiBackend {

@@ -536,11 +536,7 @@ impl UapiBackend for Emulated<'_> {
         write: bool,
     ) -> Result<(), CpuFault> {
         let m = self.maps.get(&map.0).ok_or(CpuFault::Errno(Errno::EBADF))?;
-        let n = buf.len() as u64;
-        let inside = offset.checked_add(n).is_some_and(|end| end <= m.length);
-        if !inside || !matches!(n, 1 | 2 | 4 | 8) || offset % n != 0 {
-            return Err(CpuFault::Errno(Errno::EFAULT));
-        }
+        peerdma_uapi::backend::check_cpu_access(offset, buf.len(), m.length)?;
         let o = self.devs.get(&m.dev).ok_or(CpuFault::Errno(Errno::EBADF))?;
         o.fd.cpu_access(m.bar, m.offset + offset, buf, write)
     }
