@@ -55,9 +55,15 @@ pub enum Owner {
     Exp(u16),
     /// The AF capability at this offset.
     Af(u16),
+    /// The MSI-X capability at this offset: vfio-pci gives it no write handler, so writes
+    /// are dropped (`cap_perms[PCI_CAP_ID_MSIX]`); reads come from the device.
+    Msix(u16),
     /// Anything else: passed through.
     Other,
 }
+
+/// `pci_cap_length[PCI_CAP_ID_MSIX]`.
+const MSIX_LEN: u16 = 12;
 
 /// `pci_cap_length[PCI_CAP_ID_AF]`.
 const AF_LEN: u16 = 6;
@@ -68,6 +74,8 @@ pub struct Layout {
     pub(crate) pm: Option<u16>,
     pub(crate) exp: Option<u16>,
     pub(crate) af: Option<u16>,
+    /// The MSI-X capability, found through the list at the first open.
+    pub(crate) msix: Option<u16>,
     /// The PCIe capability's length by its version and type (`vfio_cap_len`): 0x14 for v1
     /// (0xc for a root-complex integrated endpoint), 0x34 for v2 (0x2c).
     pub(crate) exp_len: u16,
@@ -93,6 +101,7 @@ impl Layout {
             pm: c.pm,
             exp: c.exp,
             af: c.af,
+            msix: find_cap(fabric, bdf, 0x11),
             exp_len,
             size: if c.exp.is_some() {
                 regs::CFG_SIZE
@@ -112,6 +121,8 @@ impl Layout {
             Owner::Exp(c)
         } else if let Some(c) = inside(self.af, AF_LEN) {
             Owner::Af(c)
+        } else if let Some(c) = inside(self.msix, MSIX_LEN) {
+            Owner::Msix(c)
         } else {
             Owner::Other
         }
@@ -166,6 +177,8 @@ impl Layout {
                 4 => (regs::AF_CTRL_FLR, regs::AF_CTRL_FLR),
                 _ => (0, 0),
             },
+            // Read from the device; writes never reach it (the handler drops them).
+            Owner::Msix(_) => (0, 0),
             Owner::Other => (0xff, 0),
         }
     }
@@ -345,6 +358,26 @@ impl VConfig {
         self.set(ROM_ADDRESS, 4, 0);
         self.bar_dirty = false;
     }
+}
+
+/// Capability `id` in the device's standard list (at most 48 entries, as `vfio_cap_init`).
+fn find_cap(fabric: &Fabric, bdf: Bdf, id: u8) -> Option<u16> {
+    let rd = |off: u16, n: usize| fabric.config_read(bdf, off, n).ok();
+    if rd(regs::STATUS, 2)? & u32::from(regs::STATUS_CAP_LIST) == 0 {
+        return None;
+    }
+    let mut p = rd(regs::CAPABILITY_LIST, 1)? as u16 & 0xfc;
+    for _ in 0..48 {
+        if p < 0x40 {
+            return None;
+        }
+        let hdr = rd(p, 2)?;
+        if hdr & 0xff == u32::from(id) {
+            return Some(p);
+        }
+        p = (hdr >> 8) as u16 & 0xfc;
+    }
+    None
 }
 
 /// The chunks of an access of `len` bytes at `offset`, after the bounds check.

@@ -116,6 +116,8 @@ impl Dev {
                     }
                 }
             }
+            // No write handler: the write is dropped and reported done.
+            Owner::Msix(_) => {}
             Owner::Other => {
                 f.config_write(b, pos, n, val).map_err(|_| Errno::EIO)?;
             }
