@@ -940,22 +940,11 @@ impl UapiBackend for LinuxBackend {
 
     fn region_info(&mut self, dev: DevHandle, index: u32) -> Result<RegionInfo, Errno> {
         // struct vfio_region_info (32 bytes), then room for a capability chain.
-        let mut b = [0u64; 32];
-        let bytes: &mut [u8; 256] = bytemuck_cast(&mut b);
+        // The kernel copies the struct byte-wise: a byte buffer needs no alignment.
+        let mut bytes = [0u8; 256];
         bytes[0..4].copy_from_slice(&256u32.to_le_bytes());
         bytes[8..12].copy_from_slice(&index.to_le_bytes());
-        let fd = self.raw(dev)?;
-        let file = std::mem::ManuallyDrop::new(
-            // SAFETY: a borrowed view of a descriptor this backend owns, never closed here.
-            unsafe { File::from_raw_fd(fd) },
-        );
-        // SAFETY: the kernel reads and writes at most `argsz` (256) bytes of `b`.
-        let ret =
-            unsafe { ioctl_with_mut_ptr(&*file, VFIO_DEVICE_GET_REGION_INFO(), b.as_mut_ptr()) };
-        if ret < 0 {
-            return Err(last_errno());
-        }
-        let bytes: &[u8; 256] = bytemuck_cast(&mut b);
+        self.raw_ioctl(dev, VFIO_DEVICE_GET_REGION_INFO(), bytes.as_mut_ptr())?;
         let u32_at =
             |o: usize| u32::from_le_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]);
         let u64_at = |o: usize| u64::from(u32_at(o)) | u64::from(u32_at(o + 4)) << 32;
@@ -1270,13 +1259,6 @@ fn read_kmsg(f: &File) -> Vec<String> {
         out.push(format!("({more} more lines)"));
     }
     out
-}
-
-/// The bytes of a `u64` array.
-fn bytemuck_cast(b: &mut [u64; 32]) -> &mut [u8; 256] {
-    // SAFETY: `[u64; 32]` and `[u8; 256]` have the same size, u8 has no alignment needs and
-    // every bit pattern is valid for both; the borrow is carried over.
-    unsafe { &mut *b.as_mut_ptr().cast::<[u8; 256]>() }
 }
 
 /// Reads `len` bytes at `offset` of a BAR through its sysfs resource file (mapped, read with
