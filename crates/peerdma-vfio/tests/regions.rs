@@ -332,3 +332,46 @@ fn an_io_bar_sized_with_all_ones_reads_its_size_mask_and_the_io_flag() {
     memory(&mut be, p, false);
     assert_eq!(be.region_read(p, 0, 0, &mut b), Ok(4));
 }
+
+#[test]
+fn an_sriov_pf_takes_a_vf_token_by_set_only_and_other_functions_know_no_such_feature() {
+    use peerdma_uapi::feature::{
+        VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_PROBE, VFIO_DEVICE_FEATURE_SET, header_bytes,
+    };
+    let f = file::load_str(examples::SRIOV_NIC, "s").unwrap();
+    let m = Machine::new(Arc::new(f)).unwrap();
+    let mut be = m.process();
+    let pf = m.fabric().lookup("nic-pf0").unwrap();
+    let vf = m.fabric().lookup("vf0").unwrap();
+    let p = be.open_device(pf, OpenPath::CdevIommufd).unwrap();
+    let v = be.open_device(vf, OpenPath::CdevIommufd).unwrap();
+    let token = |flags: u32, data: &[u8]| {
+        let mut b = header_bytes(u32::try_from(8 + data.len()).unwrap(), flags);
+        b.extend_from_slice(data);
+        b
+    };
+    let uuid: Vec<u8> = (1..=16).collect();
+    let set = VFIO_DEVICE_FEATURE_SET;
+    // A VF has no token: ENOTTY whatever is asked.
+    assert_eq!(
+        be.device_feature(v, &mut token(set, &uuid)),
+        Err(Errno::ENOTTY)
+    );
+    // The PF: PROBE of SET is 0, GET is refused, a short payload is EINVAL.
+    assert_eq!(
+        be.device_feature(p, &mut token(set | VFIO_DEVICE_FEATURE_PROBE, &[])),
+        Ok(0)
+    );
+    assert_eq!(
+        be.device_feature(p, &mut token(VFIO_DEVICE_FEATURE_GET, &uuid)),
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(
+        be.device_feature(p, &mut token(set, &uuid[..8])),
+        Err(Errno::EINVAL)
+    );
+    assert_eq!(m.vfio(pf).unwrap().vf_token(), Some([0; 16]));
+    assert_eq!(be.device_feature(p, &mut token(set, &uuid)), Ok(0));
+    assert_eq!(m.vfio(pf).unwrap().vf_token().unwrap().to_vec(), uuid);
+    assert_eq!(m.vfio(vf).unwrap().vf_token(), None);
+}

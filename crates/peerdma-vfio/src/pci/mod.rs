@@ -203,6 +203,9 @@ struct Dev {
     resources: [Option<rdwr::Resource>; 6],
     /// Where the MSI-X table is, if the function has one.
     msix: Option<rdwr::MsixTable>,
+    /// The VF token of an SR-IOV PF (`vdev->vf_token`), set with `PCI_VF_TOKEN`; `None` for
+    /// every other function.
+    vf_token: Option<Mutex<[u8; 16]>>,
 }
 
 /// Watches every DMA on the fabric for the device's ledger (see [`crate::watch`]).
@@ -447,10 +450,12 @@ impl VfioPci {
             Err(e) => return Err(e.errno()),
         };
         let resources = rdwr::resources(&fabric, bdf, &*variant);
+        let vf_token = f.caps().sriov.map(|_| Mutex::new([0u8; 16]));
         let msix = rdwr::msix_table(&fabric, bdf);
         let dev = Arc::new(Dev {
             resources,
             msix,
+            vf_token,
             fabric,
             bdf,
             env: env.clone(),
@@ -472,6 +477,12 @@ impl VfioPci {
     /// The function.
     pub fn bdf(&self) -> Bdf {
         self.dev.bdf
+    }
+
+    /// The VF token last set with `VFIO_DEVICE_FEATURE_PCI_VF_TOKEN` (all zeros until then);
+    /// `None` unless the function is an SR-IOV PF.
+    pub fn vf_token(&self) -> Option<[u8; 16]> {
+        self.dev.vf_token.as_ref().map(|t| *sync::lock(t))
     }
     /// How many DMAs landed through a mapping of this device's buffers that had been taken
     /// away (every DMA on the fabric is watched from bind on; see [`crate::watch`]); anything
@@ -616,6 +627,21 @@ impl DeviceFd {
         }
         match f {
             id::DMA_BUF => self.dma_buf(proc, &req),
+            // `vfio_pci_core_feature_token`: only an SR-IOV PF has a token; SET only (a GET
+            // could show the previous user's token), 16 bytes.
+            id::PCI_VF_TOKEN => {
+                let token = self.dev.vf_token.as_ref().ok_or(Errno::ENOTTY)?;
+                if !feature::check_feature(req.flags, req.data_argsz(), SET, 16)? {
+                    return Ok(0);
+                }
+                let uuid: [u8; 16] = req
+                    .data
+                    .get(..16)
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or(Errno::EFAULT)?;
+                *sync::lock(token) = uuid;
+                Ok(0)
+            }
             id::LOW_POWER_ENTRY => {
                 if !feature::check_feature(req.flags, req.data_argsz(), SET, 0)? {
                     return Ok(0);
