@@ -101,7 +101,7 @@ impl Layout {
             pm: c.pm,
             exp: c.exp,
             af: c.af,
-            msix: find_cap(fabric, bdf, 0x11),
+            msix: find_cap(fabric, bdf, CAP_ID_MSIX),
             exp_len,
             size: if c.exp.is_some() {
                 regs::CFG_SIZE
@@ -360,8 +360,11 @@ impl VConfig {
     }
 }
 
+/// `PCI_CAP_ID_MSIX`.
+pub(crate) const CAP_ID_MSIX: u8 = 0x11;
+
 /// Capability `id` in the device's standard list (at most 48 entries, as `vfio_cap_init`).
-fn find_cap(fabric: &Fabric, bdf: Bdf, id: u8) -> Option<u16> {
+pub(crate) fn find_cap(fabric: &Fabric, bdf: Bdf, id: u8) -> Option<u16> {
     let rd = |off: u16, n: usize| fabric.config_read(bdf, off, n).ok();
     if rd(regs::STATUS, 2)? & u32::from(regs::STATUS_CAP_LIST) == 0 {
         return None;

@@ -353,6 +353,14 @@ impl Dev {
         Some((bridge, affected))
     }
 
+    /// What a hot reset of the device's bus reaches, in bus order: the bridge and the
+    /// functions below it; no bridge above is no bus reset (`pci_probe_reset_bus`), ENODEV.
+    fn reset_bus(&self) -> Result<(Bdf, Vec<Bdf>), Errno> {
+        let (bridge, mut affected) = self.bus_scope().ok_or(Errno::ENODEV)?;
+        affected.sort();
+        Ok((bridge, affected))
+    }
+
     /// Pulses the bridge's secondary bus reset, saving and restoring the state of every
     /// function below it (`pci_reset_bus`).
     fn secondary_bus_reset(&self, bridge: Bdf, affected: &[Bdf]) -> Result<(), Errno> {
@@ -733,9 +741,7 @@ impl DeviceFd {
         self.granted()?;
         self.ioctl_resume();
         let d = &self.dev;
-        // No bridge above: no bus reset (`pci_probe_reset_bus`), ENODEV.
-        let (bridge, mut affected) = d.bus_scope().ok_or(Errno::ENODEV)?;
-        affected.sort();
+        let (bridge, affected) = d.reset_bus()?;
         // `vfio_pci_dev_set_hot_reset`: per device in turn, ownership (EINVAL) then the
         // try-lock of its memory_lock (EBUSY) and the revoke; a failure unwinds those
         // before it.
@@ -772,9 +778,7 @@ impl DeviceFd {
     pub fn hot_reset_scope(&self) -> Result<Vec<Bdf>, Errno> {
         self.granted()?;
         self.ioctl_resume();
-        let (_, mut affected) = self.dev.bus_scope().ok_or(Errno::ENODEV)?;
-        affected.sort();
-        Ok(affected)
+        Ok(self.dev.reset_bus()?.1)
     }
 
     /// Closes the file (`vfio_df_close`); the last close revokes every dma-buf for good

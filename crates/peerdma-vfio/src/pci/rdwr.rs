@@ -30,7 +30,7 @@
 //!   Every revoke zaps the mappings, so after one the next access faults again and is
 //!   decided anew: a BAR whose memory comes back is reachable again through the old mapping.
 
-use peerdma_pci::{Bdf, Errno, Fabric, PhysAddr, regs};
+use peerdma_pci::{Bdf, Errno, Fabric, PhysAddr};
 use peerdma_uapi::backend::{CpuFault, REGION_OFFSET_SHIFT, RegionInfo, region, region_flags};
 
 use super::{Dev, DeviceFd, PAGE};
@@ -121,53 +121,42 @@ pub(super) fn resources(
 /// The MSI-X table's place, read from the capability at open (`vfio_pci_core_enable`).
 pub(super) fn msix_table(fabric: &Fabric, bdf: Bdf) -> Option<MsixTable> {
     let rd = |off: u16, n: usize| fabric.config_read(bdf, off, n).ok();
-    if rd(regs::STATUS, 2)? & u32::from(regs::STATUS_CAP_LIST) == 0 {
-        return None;
-    }
-    let mut p = rd(regs::CAPABILITY_LIST, 1)? as u16 & 0xfc;
-    for _ in 0..48 {
-        if p == 0 {
-            return None;
-        }
-        let hdr = rd(p, 2)?;
-        if hdr & 0xff == 0x11 {
-            let flags = rd(p + 2, 2)?;
-            let table = rd(p + 4, 4)?;
-            return Some(MsixTable {
-                bar: (table & 0x7) as u8,
-                offset: u64::from(table & !0x7),
-                size: (u64::from(flags & 0x7ff) + 1) * 16,
-            });
-        }
-        p = (hdr >> 8) as u16 & 0xfc;
-    }
-    None
+    let p = crate::config::find_cap(fabric, bdf, crate::config::CAP_ID_MSIX)?;
+    let flags = rd(p + 2, 2)?;
+    let table = rd(p + 4, 4)?;
+    Some(MsixTable {
+        bar: (table & 0x7) as u8,
+        offset: u64::from(table & !0x7),
+        size: (u64::from(flags & 0x7ff) + 1) * 16,
+    })
 }
 
 impl Dev {
     /// One naturally aligned piece of a BAR access: the memory check under `memory_lock`
-    /// for a memory BAR, then the load or store. A load the fabric cannot complete reads
-    /// all ones, as a PCIe master abort does; a store that cannot complete is lost.
+    /// for a memory BAR, then the load or store.
     fn io_piece(&self, r: &Resource, off: u64, piece: &mut [u8], write: bool) -> Result<(), Errno> {
-        let mut access = || {
-            let at = PhysAddr(r.start + off);
-            if write {
-                let _ = self.fabric.cpu_write(at, piece);
-            } else if self.fabric.cpu_read(at, piece).is_err() {
-                piece.fill(0xff);
-            }
-        };
         if !r.mem {
-            access();
+            self.cpu_io(r, off, piece, write);
             return Ok(());
         }
         self.read_mem(|m| {
             if !self.memory_enabled(m) {
                 return Err(Errno::EIO);
             }
-            access();
+            self.cpu_io(r, off, piece, write);
             Ok(())
         })
+    }
+
+    /// The CPU's load or store at `off` of a BAR resource: a load the fabric cannot complete
+    /// reads all ones, as a PCIe master abort does; a store that cannot complete is lost.
+    fn cpu_io(&self, r: &Resource, off: u64, buf: &mut [u8], write: bool) {
+        let at = PhysAddr(r.start + off);
+        if write {
+            let _ = self.fabric.cpu_write(at, buf);
+        } else if self.fabric.cpu_read(at, buf).is_err() {
+            buf.fill(0xff);
+        }
     }
 }
 
@@ -350,12 +339,7 @@ impl DeviceFd {
             if m.engaged || !d.memory_enabled(m) {
                 return Err(CpuFault::Sigbus);
             }
-            let at = PhysAddr(r.start + off);
-            if write {
-                let _ = d.fabric.cpu_write(at, buf);
-            } else if d.fabric.cpu_read(at, buf).is_err() {
-                buf.fill(0xff);
-            }
+            d.cpu_io(&r, off, buf, write);
             Ok(())
         })
     }
