@@ -6,7 +6,7 @@
 //! reservation lock (the exporter's `attach`/`detach`/`release` may take it); pin, unpin, map,
 //! unmap and invalidation need it — they take a [`ResvGuard`] and check it is this buffer's.
 
-use peerdma_pci::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use peerdma_pci::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::any::Any;
 use std::collections::BTreeMap;
 
@@ -39,7 +39,14 @@ pub mod whence {
     pub const CUR: i32 = 1;
     /// `SEEK_END`.
     pub const END: i32 = 2;
+    /// `SEEK_DATA`.
+    pub const DATA: i32 = 3;
+    /// `SEEK_HOLE`.
+    pub const HOLE: i32 = 4;
 }
+
+/// The page size the memfd page cache is kept in.
+const PAGE: u64 = 4096;
 
 /// `O_ACCMODE | O_NONBLOCK`: what a dma-buf file keeps of the export flags.
 pub const FILE_FLAGS_KEPT: u32 = 0o3 | 0o4000;
@@ -189,6 +196,21 @@ impl std::fmt::Debug for DmaBuf {
 pub enum FileKind {
     /// A dma-buf.
     DmaBuf(Arc<DmaBuf>),
+    /// An eventfd (`eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)`): a 64-bit counter that a
+    /// signal adds to and a read takes (fs/eventfd.c).
+    Eventfd(AtomicU64),
+    /// A memfd (shmem): `size` bytes of RAM, contiguous here at CPU physical address
+    /// `base` (mm/shmem.c; Linux scatters the pages, which no user of the fd can tell).
+    Memfd {
+        /// Where its bytes are in RAM.
+        base: u64,
+        /// Its size (`ftruncate`).
+        size: u64,
+        /// The pages (index from 0) that are in the page cache. A fresh memfd has none;
+        /// pinning a range for iommufd allocates its pages (`memfd_pin_folios`), and reads
+        /// of holes allocate nothing. `SEEK_DATA` and `SEEK_HOLE` see this.
+        resident: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    },
     /// Some other file (to test that dma-buf calls refuse it).
     Other(String),
 }
@@ -199,16 +221,40 @@ pub struct File {
     kind: FileKind,
     refs: AtomicUsize,
     flags: u32,
+    /// The file position (`f_pos`), which `read` and `lseek` move on a memfd.
+    pos: AtomicU64,
 }
 
+/// The largest file offset (`MAX_LFS_FILESIZE` on 64-bit: `LLONG_MAX`).
+const MAX_LFS_FILESIZE: u64 = i64::MAX as u64;
+
 impl File {
+    fn new(kind: FileKind, flags: u32) -> Arc<File> {
+        Arc::new(File {
+            kind,
+            refs: AtomicUsize::new(1),
+            flags,
+            pos: AtomicU64::new(0),
+        })
+    }
     /// An ordinary (non-dma-buf) file with one reference.
     pub fn other(name: &str) -> Arc<File> {
-        Arc::new(File {
-            kind: FileKind::Other(name.to_string()),
-            refs: AtomicUsize::new(1),
-            flags: 0o2,
-        })
+        File::new(FileKind::Other(name.to_string()), 0o2)
+    }
+    /// A new eventfd, counter 0, open read-write and non-blocking.
+    pub fn eventfd() -> Arc<File> {
+        File::new(FileKind::Eventfd(AtomicU64::new(0)), 0o2 | 0o4000)
+    }
+    /// A new memfd of `size` bytes whose contents live in RAM at `base`, open read-write.
+    pub fn memfd(base: u64, size: u64) -> Arc<File> {
+        File::new(
+            FileKind::Memfd {
+                base,
+                size,
+                resident: std::sync::Mutex::default(),
+            },
+            0o2,
+        )
     }
     /// What it is.
     pub fn kind(&self) -> &FileKind {
@@ -226,7 +272,129 @@ impl File {
     pub fn dmabuf(&self) -> Option<&Arc<DmaBuf>> {
         match &self.kind {
             FileKind::DmaBuf(b) => Some(b),
-            FileKind::Other(_) => None,
+            _ => None,
+        }
+    }
+    /// Whether it is an eventfd.
+    pub fn is_eventfd(&self) -> bool {
+        matches!(self.kind, FileKind::Eventfd(_))
+    }
+    /// `eventfd_signal`: adds `n` to an eventfd's counter (nothing on other files).
+    pub fn eventfd_signal(&self, n: u64) {
+        if let FileKind::Eventfd(c) = &self.kind {
+            let _ = c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                Some(v.saturating_add(n).min(u64::MAX - 1))
+            });
+        }
+    }
+
+    /// The part of `read(2)` that is the file's: `vfs_read`'s checks (a file not open for
+    /// reading → `EBADF`; no read method → `EINVAL`: a dma-buf), then the file's read
+    /// method. An eventfd (`eventfd_read`) needs room for 8 bytes (`EINVAL`), is `EAGAIN`
+    /// at 0 (non-blocking), and otherwise hands out its counter and resets it. A memfd reads
+    /// from the file position to at most its size; `peek` reads its RAM. Returns the bytes
+    /// read.
+    pub fn read(&self, buf: &mut [u8], peek: impl FnOnce(u64, &mut [u8])) -> Result<usize, Errno> {
+        if self.flags & 0o3 == 0o1 {
+            return Err(Errno::EBADF);
+        }
+        match &self.kind {
+            FileKind::Eventfd(c) => {
+                if buf.len() < 8 {
+                    return Err(Errno::EINVAL);
+                }
+                let v = c.swap(0, Ordering::AcqRel);
+                if v == 0 {
+                    return Err(Errno::EAGAIN);
+                }
+                buf[..8].copy_from_slice(&v.to_le_bytes());
+                Ok(8)
+            }
+            FileKind::Memfd { base, size, .. } => {
+                let pos = self.pos.load(Ordering::Acquire);
+                let n = size.saturating_sub(pos).min(buf.len() as u64);
+                // `n` is at most `buf.len()`.
+                let n = n as usize;
+                if n > 0 {
+                    peek(base + pos, &mut buf[..n]);
+                    self.pos.store(pos + n as u64, Ordering::Release);
+                }
+                Ok(n)
+            }
+            FileKind::DmaBuf(_) | FileKind::Other(_) => Err(Errno::EINVAL),
+        }
+    }
+
+    /// Marks the pages of a memfd that `[offset, offset + len)` touches as in the page
+    /// cache, as pinning them does (nothing on other files).
+    pub fn memfd_populate(&self, offset: u64, len: u64) {
+        if let FileKind::Memfd { size, resident, .. } = &self.kind {
+            let end = offset.saturating_add(len).min(*size);
+            if end <= offset {
+                return;
+            }
+            let mut r = resident
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for page in offset / PAGE..end.div_ceil(PAGE) {
+                r.insert(page);
+            }
+        }
+    }
+
+    /// `lseek` on a file that is not a dma-buf (whence already checked ≤ `SEEK_MAX` by the
+    /// caller): an eventfd's `noop_llseek` answers the position and moves nothing; a
+    /// memfd's `shmem_file_llseek` is `generic_file_llseek_size` for `SEEK_SET`, `SEEK_CUR`
+    /// and `SEEK_END` (a result below 0 or past `MAX_LFS_FILESIZE` → `EINVAL`), and
+    /// `mapping_seek_hole_data` for `SEEK_DATA`/`SEEK_HOLE` (a negative offset, or one at
+    /// or past the size → `ENXIO`; `SEEK_DATA` finds the first resident page at or after
+    /// the offset, else `ENXIO`; `SEEK_HOLE` the first hole, the size counting as one);
+    /// anything else → `ESPIPE`.
+    pub fn llseek_other(&self, offset: i64, whence: i32) -> Result<u64, Errno> {
+        let pos = self.pos.load(Ordering::Acquire);
+        match &self.kind {
+            FileKind::Eventfd(_) => Ok(pos),
+            FileKind::Memfd { size, resident, .. } => {
+                let size_i = i64::try_from(*size).map_err(|_| Errno::EINVAL)?;
+                let to = match whence {
+                    whence::SET | whence::CUR | whence::END => {
+                        let base = match whence {
+                            whence::SET => 0,
+                            whence::CUR if offset == 0 => return Ok(pos),
+                            whence::CUR => i64::try_from(pos).map_err(|_| Errno::EINVAL)?,
+                            _ => size_i,
+                        };
+                        let to = base.checked_add(offset).ok_or(Errno::EINVAL)?;
+                        u64::try_from(to).map_err(|_| Errno::EINVAL)?
+                    }
+                    whence::DATA | whence::HOLE => {
+                        let start = u64::try_from(offset).map_err(|_| Errno::ENXIO)?;
+                        if start >= *size {
+                            return Err(Errno::ENXIO);
+                        }
+                        let r = resident
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        if whence == whence::DATA {
+                            let first = r.range(start / PAGE..).next().ok_or(Errno::ENXIO)?;
+                            (first * PAGE).max(start).min(*size)
+                        } else {
+                            let mut page = start / PAGE;
+                            while r.contains(&page) {
+                                page += 1;
+                            }
+                            (page * PAGE).max(start).min(*size)
+                        }
+                    }
+                    _ => return Err(Errno::EINVAL),
+                };
+                if to > MAX_LFS_FILESIZE {
+                    return Err(Errno::EINVAL);
+                }
+                self.pos.store(to, Ordering::Release);
+                Ok(to)
+            }
+            FileKind::DmaBuf(_) | FileKind::Other(_) => Err(Errno::ESPIPE),
         }
     }
     /// Takes another reference (`get_file`).
@@ -281,11 +449,10 @@ pub fn export(info: ExportInfo) -> Result<Arc<File>, Errno> {
         resv: Resv::default(),
         released: AtomicBool::new(false),
     });
-    Ok(Arc::new(File {
-        kind: FileKind::DmaBuf(buf),
-        refs: AtomicUsize::new(1),
-        flags: info.flags & FILE_FLAGS_KEPT,
-    }))
+    Ok(File::new(
+        FileKind::DmaBuf(buf),
+        info.flags & FILE_FLAGS_KEPT,
+    ))
 }
 
 impl DmaBuf {
@@ -577,6 +744,16 @@ impl Process {
             return Err(Errno::EINVAL);
         }
         Ok(f)
+    }
+
+    /// `fcntl(fd, F_DUPFD_CLOEXEC, 0)`: the same file at the lowest free fd, one more
+    /// reference; EBADF for a bad fd, EMFILE when the table is full.
+    pub fn dup(&self, fd: i32) -> Result<i32, Errno> {
+        let f = self.fget(fd)?;
+        self.install(f, true).map_err(|(e, f)| {
+            f.put();
+            e
+        })
     }
 
     /// `close(fd)`.

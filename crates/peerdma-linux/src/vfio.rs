@@ -792,12 +792,16 @@ impl UapiBackend for LinuxBackend {
         self.files.remove(&fd).map(drop).ok_or(Errno::EBADF)
     }
 
+    /// `EINVAL` for a fd that is not a dma-buf (its fdinfo has no `exp_name`).
     fn dmabuf_info(&mut self, fd: i32) -> Result<DmabufInfo, Errno> {
         if !self.files.contains_key(&fd) {
             return Err(Errno::EBADF);
         }
         let t = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}"))
             .map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        if !t.lines().any(|l| l.starts_with("exp_name:")) {
+            return Err(Errno::EINVAL);
+        }
         Ok(DmabufInfo::parse(&t))
     }
 
@@ -808,6 +812,65 @@ impl UapiBackend for LinuxBackend {
         // SAFETY: lseek on a descriptor this backend owns; no memory is involved.
         let r = unsafe { libc::lseek(fd, offset, whence) };
         u64::try_from(r).map_err(|_| last_errno())
+    }
+
+    fn dup_fd(&mut self, fd: i32) -> Result<i32, Errno> {
+        if !self.files.contains_key(&fd) {
+            return Err(Errno::EBADF);
+        }
+        // SAFETY: fcntl on a descriptor this backend owns; the new one is owned from here.
+        let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if n < 0 {
+            return Err(last_errno());
+        }
+        // SAFETY: `n` is the new descriptor, owned by nothing else.
+        self.files.insert(n, unsafe { File::from_raw_fd(n) });
+        Ok(n)
+    }
+
+    fn memfd(&mut self, size: u64) -> Result<i32, Errno> {
+        // SAFETY: a NUL-terminated name; the call creates a descriptor and touches no memory
+        // of ours beyond the name.
+        let n = unsafe { libc::memfd_create(c"peerdma".as_ptr(), libc::MFD_CLOEXEC) };
+        if n < 0 {
+            return Err(last_errno());
+        }
+        // SAFETY: `n` is the new descriptor, owned by nothing else.
+        let f = unsafe { File::from_raw_fd(n) };
+        f.set_len(size)
+            .map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        self.files.insert(n, f);
+        Ok(n)
+    }
+
+    fn eventfd(&mut self) -> Result<i32, Errno> {
+        // SAFETY: eventfd creates a new descriptor; no memory is involved.
+        let n = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if n < 0 {
+            return Err(last_errno());
+        }
+        // SAFETY: `n` is the new descriptor, owned by nothing else.
+        self.files.insert(n, unsafe { File::from_raw_fd(n) });
+        Ok(n)
+    }
+
+    fn read_fd(&mut self, fd: i32, buf: &mut [u8]) -> Result<usize, Errno> {
+        if !self.files.contains_key(&fd) {
+            return Err(Errno::EBADF);
+        }
+        // SAFETY: `buf` is valid for `buf.len()` bytes of writes; `fd` is ours.
+        let r = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        usize::try_from(r).map_err(|_| last_errno())
+    }
+
+    fn memfd_peek(&mut self, fd: i32, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+        if !self.files.contains_key(&fd) {
+            return Err(Errno::EBADF);
+        }
+        let off = libc::off_t::try_from(offset).map_err(|_| Errno::EINVAL)?;
+        // SAFETY: `buf` is valid for `buf.len()` bytes of writes; `fd` is ours.
+        let r = unsafe { libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), off) };
+        usize::try_from(r).map_err(|_| last_errno())
     }
 
     fn dmabuf_mmap(&mut self, fd: i32, offset: u64, len: u64) -> Result<(), Errno> {
@@ -1155,14 +1218,24 @@ impl ScenarioBackend for LinuxBackend {
         if ret < 0 { Err(last_errno()) } else { Ok(()) }
     }
 
-    fn low_power_wakeup(&mut self, dev: DevHandle, reserved: u32) -> Result<(), Errno> {
-        // SAFETY: eventfd creates a new descriptor; no memory is involved.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if efd < 0 {
-            return Err(last_errno());
-        }
-        // SAFETY: `efd` is the new descriptor, owned from here on by the backend.
-        self.eventfds.push(unsafe { File::from_raw_fd(efd) });
+    fn low_power_wakeup(
+        &mut self,
+        dev: DevHandle,
+        reserved: u32,
+        eventfd: Option<i32>,
+    ) -> Result<(), Errno> {
+        let efd = if let Some(fd) = eventfd {
+            fd
+        } else {
+            // SAFETY: eventfd creates a new descriptor; no memory is involved.
+            let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+            if efd < 0 {
+                return Err(last_errno());
+            }
+            // SAFETY: `efd` is the new descriptor, owned from here on by the backend.
+            self.eventfds.push(unsafe { File::from_raw_fd(efd) });
+            efd
+        };
         let mut b = peerdma_uapi::feature::header_bytes(
             16,
             peerdma_uapi::feature::VFIO_DEVICE_FEATURE_SET | 4,

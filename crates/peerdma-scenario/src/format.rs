@@ -235,8 +235,8 @@ pub enum Action {
         /// Device name.
         dev: String,
     },
-    /// `VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY` / `_EXIT`, or `_ENTRY_WITH_WAKEUP` with a fresh
-    /// eventfd.
+    /// `VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY` / `_EXIT`, or `_ENTRY_WITH_WAKEUP` with a named
+    /// fd or a fresh eventfd.
     LowPower {
         /// Device name.
         dev: String,
@@ -246,6 +246,36 @@ pub enum Action {
         wakeup: bool,
         /// The payload's reserved word, with `wakeup` (0 unless given).
         reserved: u32,
+        /// The fd (by name) given as the wakeup eventfd; `None`: a fresh eventfd.
+        eventfd: Option<String>,
+    },
+    /// `fcntl(F_DUPFD_CLOEXEC)`: a second fd for the same file.
+    Dup {
+        /// The fd's name.
+        fd: String,
+        /// The new fd's name.
+        name: String,
+    },
+    /// `memfd_create` and `ftruncate`: a shmem file of `size` bytes.
+    Memfd {
+        /// Bytes.
+        size: u64,
+        /// Name.
+        name: String,
+    },
+    /// `eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)`.
+    Eventfd {
+        /// Name.
+        name: String,
+    },
+    /// `read(2)` of `size` bytes at the fd's position.
+    Read {
+        /// The fd's name.
+        fd: String,
+        /// Bytes asked for.
+        size: usize,
+        /// Whether the outcome shows the bytes (the step expects them) or their count.
+        show: bool,
     },
     /// `IOMMU_IOAS_ALLOC`.
     IoasAlloc {
@@ -460,9 +490,16 @@ impl Action {
             Action::CpuWrite { .. } => "cpu_write",
             Action::CpuUnmap { .. } => "cpu_unmap",
             Action::HotResetInfo { .. } => "hot_reset_info",
+            Action::Dup { .. } => "dup",
+            Action::Memfd { .. } => "memfd",
+            Action::Eventfd { .. } => "eventfd",
+            Action::Read { .. } => "read",
         }
     }
 }
+
+/// The largest memfd a scenario may make (what the emulated machine backs with RAM).
+pub const MEMFD_MAX: u64 = 64 << 20;
 
 /// A capability, by ID.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1518,15 +1555,62 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
             if reserved != 0 && !wakeup {
                 return Err(f.err("reserved", "only a wakeup entry has a reserved word"));
             }
+            let eventfd = f.opt_string("eventfd")?;
+            if eventfd.is_some() && !wakeup {
+                return Err(f.err("eventfd", "only a wakeup entry takes an eventfd"));
+            }
             (
                 Action::LowPower {
                     dev,
                     enter,
                     wakeup,
                     reserved,
+                    eventfd,
                 },
                 ok,
             )
+        }
+        "dup" => (
+            Action::Dup {
+                fd: f.string("fd")?,
+                name: f.string("as")?,
+            },
+            fd.clone(),
+        ),
+        "memfd" => {
+            let size = f.num("size")?;
+            if size > MEMFD_MAX {
+                return Err(f.err("size", "at most 64 MiB"));
+            }
+            (
+                Action::Memfd {
+                    size,
+                    name: f.string("as")?,
+                },
+                ok,
+            )
+        }
+        "eventfd" => (
+            Action::Eventfd {
+                name: f.string("as")?,
+            },
+            ok,
+        ),
+        "read" => {
+            let fd = f.string("fd")?;
+            let size = f.opt_num("size")?.unwrap_or(8);
+            let size = usize::try_from(size)
+                .ok()
+                .filter(|&n| n <= 4096)
+                .ok_or_else(|| f.err("size", "at most 4096 bytes"))?;
+            let expect = expect(&mut f, None)?;
+            f.done()?;
+            let show = matches!(expect, Expect::Read(_));
+            return Ok(Step {
+                action: Action::Read { fd, size, show },
+                expect,
+                dmesg: None,
+            });
         }
         "ioas" => (
             Action::IoasAlloc {

@@ -99,18 +99,43 @@ struct Export {
     ranges: Vec<(u64, u64)>,
 }
 
+/// What a named fd is, as far as a DMA through a window of it is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Src {
+    /// A dma-buf an export step made (an index into `State::exports`).
+    Export(usize),
+    /// A memfd (numbered in the scenario's order): a DMA through it is checked by reading
+    /// the file.
+    Memfd(u32),
+    /// Anything else (an eventfd).
+    Other,
+}
+
 struct Window {
     iova: u64,
     length: u64,
     start: u64,
-    /// The export behind the mapped fd, as it was at map time (`None`: not an export).
-    export: Option<usize>,
+    /// The mapped fd (its number at map time) and what it is.
+    fd: i32,
+    src: Src,
 }
+
+/// The fd number that stands for a closed fd: past any process's fd table, so no file is
+/// ever there and every call with it answers as for a closed fd (`EBADF`). The number the
+/// fd had may be reused by a later fd, so it cannot stand for it; a negative number would
+/// be refused by some calls before they look (a wakeup eventfd of -1 is `EINVAL`).
+const CLOSED_FD: i32 = 0x3fff_ffff;
 
 #[derive(Default)]
 struct State {
     devs: HashMap<String, (DevHandle, Bdf)>,
-    fds: HashMap<String, (i32, Option<usize>)>,
+    fds: HashMap<String, (i32, Src)>,
+    /// Names of fds a `close_fd` step closed.
+    closed: std::collections::HashSet<String>,
+    /// Memfds made so far.
+    memfds: u32,
+    /// 16-byte slots of memfds (by number) a DMA of the scenario wrote.
+    memfd_used: HashSet<(u32, u64)>,
     exports: Vec<Export>,
     ioas: HashMap<String, IoasId>,
     windows: Vec<Window>,
@@ -249,13 +274,17 @@ fn fault_word(f: CpuFault) -> String {
     }
 }
 
+/// A fd's outcome: `fd` and, for a dma-buf, what its fdinfo says; the errno when the fd is
+/// not open.
 fn fd_outcome(be: &mut dyn ScenarioBackend, fd: i32) -> String {
     match be.dmabuf_info(fd) {
         Ok(i) => format!(
             "fd size={} count={} exp_name={} flags={:#o}",
             i.size, i.count, i.exp_name, i.flags
         ),
-        Err(e) => format!("fd (fdinfo: {})", errno_word(e)),
+        // Not a dma-buf: there is nothing more to say of it.
+        Err(Errno::EINVAL) => "fd".into(),
+        Err(e) => errno_word(e),
     }
 }
 
@@ -266,7 +295,10 @@ impl State {
             .copied()
             .ok_or_else(|| format!("error: no device named {name:?}"))
     }
-    fn fd(&self, name: &str) -> Result<(i32, Option<usize>), String> {
+    fn fd(&self, name: &str) -> Result<(i32, Src), String> {
+        if self.closed.contains(name) {
+            return Ok((CLOSED_FD, Src::Other));
+        }
         self.fds
             .get(name)
             .copied()
@@ -298,13 +330,17 @@ impl State {
     }
     /// Keeps a new fd under `name`; `export` says which export made it.
     fn keep(&mut self, name: Option<&String>, fd: i32, export: Option<Export>) {
-        let idx = export.map(|e| {
+        let src = export.map_or(Src::Other, |e| {
             self.exports.push(e);
-            self.exports.len() - 1
+            Src::Export(self.exports.len() - 1)
         });
         if let Some(n) = name {
-            self.fds.insert(n.clone(), (fd, idx));
+            self.keep_as(n, fd, src);
         }
+    }
+    fn keep_as(&mut self, name: &str, fd: i32, src: Src) {
+        self.closed.remove(name);
+        self.fds.insert(name.to_string(), (fd, src));
     }
 }
 
@@ -396,20 +432,46 @@ fn find_cap(be: &mut dyn ScenarioBackend, d: DevHandle, id: u8) -> Result<Option
 
 /// The provider memory a DMA at `iova` would reach through the newest window holding it, at
 /// a 16-byte slot no earlier DMA of the run used: (iova, provider, region, offset).
-fn pick_target(st: &State, ctx: &RunCtx, iova: u64) -> Result<(u64, Bdf, u32, u64), String> {
+/// Where a DMA at `iova` is aimed and where its bytes must land.
+enum Target {
+    /// At `offset` of region `region` of the provider `bdf`.
+    Bar(Bdf, u32, u64),
+    /// At `offset` of the memfd numbered `id`, through its fd `fd`.
+    Memfd(i32, u32, u64),
+}
+
+/// The first IOVA from `iova` up, in the newest window holding it, whose 16 bytes land
+/// where no earlier DMA or CPU write of this run put anything.
+fn pick_target(st: &State, ctx: &RunCtx, iova: u64) -> Result<(u64, Target), String> {
     let w = st
         .windows
         .iter()
         .rev()
         .find(|w| iova >= w.iova && iova - w.iova < w.length)
         .ok_or_else(|| format!("error: {iova:#x} is in no window an earlier map step made"))?;
-    let e = &st.exports[w.export.ok_or("error: the window's fd is not an export")?];
+    let (e, memfd) = match w.src {
+        Src::Export(i) => (Some(&st.exports[i]), None),
+        Src::Memfd(id) => (None, Some(id)),
+        Src::Other => return Err("error: the window's fd is not an export or a memfd".into()),
+    };
     let mut cand = iova;
     // Offsets into the window, so that a window at the top of the address space cannot
     // overflow.
     while cand - w.iova <= w.length.saturating_sub(PATTERN_LEN) && w.length >= PATTERN_LEN {
         let Some(mut b) = (cand - w.iova).checked_add(w.start) else {
             break;
+        };
+        let Some(e) = e else {
+            let id = memfd.unwrap_or(0);
+            let slots = [b / PATTERN_LEN, b.div_ceil(PATTERN_LEN)];
+            if !slots.iter().any(|&x| st.memfd_used.contains(&(id, x))) {
+                return Ok((cand, Target::Memfd(w.fd, id, b)));
+            }
+            let Some(next) = cand.checked_add(PATTERN_LEN) else {
+                break;
+            };
+            cand = next;
+            continue;
         };
         let mut at = None;
         for &(off, len) in &e.ranges {
@@ -427,7 +489,7 @@ fn pick_target(st: &State, ctx: &RunCtx, iova: u64) -> Result<(u64, Bdf, u32, u6
                     .contains(&(e.bdf, e.region, b / PATTERN_LEN))
             });
             if !ctx.used.contains(&slot) && !cpu {
-                return Ok((cand, e.bdf, e.region, off));
+                return Ok((cand, Target::Bar(e.bdf, e.region, off)));
             }
         }
         let Some(next) = cand.checked_add(PATTERN_LEN) else {
@@ -520,7 +582,44 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
         Action::CloseFd { fd } => {
             let (n, _) = st.fd(fd)?;
             st.fds.remove(fd);
+            st.closed.insert(fd.clone());
             ok_or_errno(be.close_fd(n))
+        }
+        Action::Dup { fd, name } => {
+            let (n, src) = st.fd(fd)?;
+            match be.dup_fd(n) {
+                Ok(new) => {
+                    st.keep_as(name, new, src);
+                    Ok((fd_outcome(be, new), None))
+                }
+                Err(e) => Ok((errno_word(e), None)),
+            }
+        }
+        Action::Memfd { size, name } => match be.memfd(*size) {
+            Ok(n) => {
+                st.memfds += 1;
+                st.keep_as(name, n, Src::Memfd(st.memfds));
+                Ok(("ok".into(), None))
+            }
+            Err(e) => Ok((errno_word(e), None)),
+        },
+        Action::Eventfd { name } => match be.eventfd() {
+            Ok(n) => {
+                st.keep_as(name, n, Src::Other);
+                Ok(("ok".into(), None))
+            }
+            Err(e) => Ok((errno_word(e), None)),
+        },
+        Action::Read { fd, size, show } => {
+            let (n, _) = st.fd(fd)?;
+            let mut b = vec![0u8; *size];
+            Ok((
+                match be.read_fd(n, &mut b) {
+                    Ok(k) => read_outcome(&b[..k.min(b.len())], *show),
+                    Err(e) => errno_word(e),
+                },
+                None,
+            ))
         }
         Action::Fdinfo { fd } => {
             let (n, _) = st.fd(fd)?;
@@ -632,9 +731,14 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
             enter: true,
             wakeup: true,
             reserved,
+            eventfd,
         } => {
             let (d, _) = st.dev(dev)?;
-            ok_or_errno(be.low_power_wakeup(d, *reserved))
+            let efd = match eventfd {
+                Some(name) => Some(st.fd(name)?.0),
+                None => None,
+            };
+            ok_or_errno(be.low_power_wakeup(d, *reserved, efd))
         }
         Action::LowPower { dev, enter, .. } => {
             let (d, _) = st.dev(dev)?;
@@ -664,7 +768,7 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
             name,
         } => {
             let space = st.ioas(ioas)?;
-            let (n, export) = st.fd(fd)?;
+            let (n, src) = st.fd(fd)?;
             let asked = st.iova(iova)?;
             let r = be.ioas_map_file(space, n, *start, *length, asked, *flags);
             if let Ok(at) = r {
@@ -672,7 +776,8 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
                     iova: at,
                     length: *length,
                     start: *start,
-                    export,
+                    fd: n,
+                    src,
                 });
                 if let Some(name) = name {
                     st.iovas.insert(name.clone(), at);
@@ -830,9 +935,27 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
         Action::Dma { dev, iova } => {
             let (d, _) = st.dev(dev)?;
             let iova = st.iova(iova)?;
-            let (at, bdf, region, offset) = pick_target(st, ctx, iova)?;
+            let (at, target) = pick_target(st, ctx, iova)?;
             ctx.seq += 1;
             let p = pattern(ctx.seq);
+            let (bdf, region, offset) = match target {
+                Target::Bar(bdf, region, offset) => (bdf, region, offset),
+                Target::Memfd(fd, id, offset) => {
+                    st.memfd_used.insert((id, offset / PATTERN_LEN));
+                    st.memfd_used.insert((id, offset.div_ceil(PATTERN_LEN)));
+                    be.dma(d, at, &p)
+                        .map_err(|e| format!("error: the DMA engine failed: {}", errno_word(e)))?;
+                    let mut got = vec![0u8; p.len()];
+                    return Ok(match be.memfd_peek(fd, offset, &mut got) {
+                        Err(e) => (
+                            format!("error: cannot read the memfd: {}", errno_word(e)),
+                            None,
+                        ),
+                        Ok(n) if n == p.len() && got == p => ("landed".into(), None),
+                        Ok(_) => ("not landed".into(), None),
+                    });
+                }
+            };
             ctx.used.insert((bdf, region, offset / PATTERN_LEN));
             be.dma(d, at, &p)
                 .map_err(|e| format!("error: the DMA engine failed: {}", errno_word(e)))?;

@@ -119,6 +119,21 @@ struct Tweaked<'m> {
 }
 
 impl UapiBackend for Tweaked<'_> {
+    fn dup_fd(&mut self, fd: i32) -> Result<i32, Errno> {
+        self.inner.dup_fd(fd)
+    }
+    fn memfd(&mut self, size: u64) -> Result<i32, Errno> {
+        self.inner.memfd(size)
+    }
+    fn eventfd(&mut self) -> Result<i32, Errno> {
+        self.inner.eventfd()
+    }
+    fn read_fd(&mut self, fd: i32, buf: &mut [u8]) -> Result<usize, Errno> {
+        self.inner.read_fd(fd, buf)
+    }
+    fn memfd_peek(&mut self, fd: i32, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+        self.inner.memfd_peek(fd, offset, buf)
+    }
     fn open_device(&mut self, bdf: Bdf, path: OpenPath) -> Result<DevHandle, Errno> {
         self.inner.open_device(bdf, path)
     }
@@ -252,8 +267,13 @@ impl ScenarioBackend for Tweaked<'_> {
     fn hot_reset(&mut self, dev: DevHandle) -> Result<(), Errno> {
         self.inner.hot_reset(dev)
     }
-    fn low_power_wakeup(&mut self, dev: DevHandle, reserved: u32) -> Result<(), Errno> {
-        self.inner.low_power_wakeup(dev, reserved)
+    fn low_power_wakeup(
+        &mut self,
+        dev: DevHandle,
+        reserved: u32,
+        eventfd: Option<i32>,
+    ) -> Result<(), Errno> {
+        self.inner.low_power_wakeup(dev, reserved, eventfd)
     }
     fn dma(&mut self, dev: DevHandle, iova: u64, data: &[u8]) -> Result<(), Errno> {
         self.inner.dma(dev, iova, data)
@@ -633,6 +653,7 @@ mod random {
                     enter,
                     wakeup: enter && w,
                     reserved: if enter && w { r } else { 0 },
+                    eventfd: None,
                 }
             ),
             (dev(), 0u32..12).prop_map(|(dev, region)| Action::RegionInfo { dev, region }),
@@ -719,6 +740,22 @@ mod random {
             (dev(), iova()).prop_map(|(dev, iova)| Action::Dma {
                 dev,
                 iova: iova.into()
+            }),
+            (fd(), fd()).prop_map(|(fd, name)| Action::Dup { fd, name }),
+            (pick(vec![0u64, 0x1000, 0x10_0000]), fd())
+                .prop_map(|(size, name)| Action::Memfd { size, name }),
+            fd().prop_map(|name| Action::Eventfd { name }),
+            (fd(), pick(vec![0usize, 4, 8, 16])).prop_map(|(fd, size)| Action::Read {
+                fd,
+                size,
+                show: true
+            }),
+            (dev(), fd()).prop_map(|(dev, fd)| Action::LowPower {
+                dev,
+                enter: true,
+                wakeup: true,
+                reserved: 0,
+                eventfd: Some(fd),
             }),
         ]
     }

@@ -200,10 +200,22 @@ pub trait UapiBackend {
     fn close_fd(&mut self, fd: i32) -> Result<(), Errno>;
     /// The fdinfo of a dma-buf fd.
     fn dmabuf_info(&mut self, fd: i32) -> Result<DmabufInfo, Errno>;
-    /// `lseek(fd, offset, whence)` on a dma-buf fd; the new position.
+    /// `lseek(fd, offset, whence)` on a fd the backend handed out (a dma-buf, a memfd, an
+    /// eventfd); the new position.
     fn dmabuf_seek(&mut self, fd: i32, offset: i64, whence: i32) -> Result<u64, Errno>;
-    /// `mmap` of `len` bytes at `offset` of a dma-buf fd (unmapped again at once if it works).
+    /// `mmap` of `len` bytes at `offset` of a fd the backend handed out, `PROT_READ` and
+    /// `MAP_SHARED` (unmapped again at once if it works).
     fn dmabuf_mmap(&mut self, fd: i32, offset: u64, len: u64) -> Result<(), Errno>;
+    /// `fcntl(fd, F_DUPFD_CLOEXEC, 0)`: a second fd for the same open file.
+    fn dup_fd(&mut self, fd: i32) -> Result<i32, Errno>;
+    /// `memfd_create(MFD_CLOEXEC)`, then `ftruncate` to `size` bytes: a shmem file.
+    fn memfd(&mut self, size: u64) -> Result<i32, Errno>;
+    /// `eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)`.
+    fn eventfd(&mut self) -> Result<i32, Errno>;
+    /// `read(fd, buf)` at the file position; the bytes read.
+    fn read_fd(&mut self, fd: i32, buf: &mut [u8]) -> Result<usize, Errno>;
+    /// `pread(fd, buf, offset)` of a memfd (how a DMA into one is checked); the bytes read.
+    fn memfd_peek(&mut self, fd: i32, offset: u64, buf: &mut [u8]) -> Result<usize, Errno>;
     /// `IOMMU_IOAS_ALLOC`.
     fn ioas_alloc(&mut self) -> Result<IoasId, Errno>;
     /// Attaches an open (cdev) device to an IOAS (`VFIO_DEVICE_ATTACH_IOMMUFD_PT`).
@@ -297,10 +309,16 @@ pub trait ScenarioBackend: UapiBackend {
     /// `VFIO_DEVICE_PCI_HOT_RESET` of the bus above `dev`, with ownership proven the cdev way
     /// (every affected device open in this process's iommufd; no group fds given).
     fn hot_reset(&mut self, dev: DevHandle) -> Result<(), Errno>;
-    /// `VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY_WITH_WAKEUP` with a fresh eventfd the backend
-    /// keeps (and `reserved` as the payload's second word): the next ioctl on the device
-    /// wakes it out of low power for good.
-    fn low_power_wakeup(&mut self, dev: DevHandle, reserved: u32) -> Result<(), Errno>;
+    /// `VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY_WITH_WAKEUP` with `eventfd` (or, with `None`, a
+    /// fresh eventfd the backend keeps) and `reserved` as the payload's second word: with
+    /// CONFIG_PM the next ioctl on the device wakes it out of low power for good and signals
+    /// the eventfd.
+    fn low_power_wakeup(
+        &mut self,
+        dev: DevHandle,
+        reserved: u32,
+        eventfd: Option<i32>,
+    ) -> Result<(), Errno>;
     /// Makes the initiator `dev` (attached to an IOAS) write `data` at `iova`. A DMA that
     /// faults is not an error of the call: the check is whether the bytes landed.
     fn dma(&mut self, dev: DevHandle, iova: u64, data: &[u8]) -> Result<(), Errno>;

@@ -11,8 +11,9 @@ use peerdma_pci::sync::Arc;
 use std::collections::{BTreeMap, HashMap};
 
 use peerdma_dma::{DmaConfig, DmaSystem};
-use peerdma_dmabuf::Process;
+use peerdma_dmabuf::buf::FileKind;
 use peerdma_dmabuf::sgt::DmaEnv;
+use peerdma_dmabuf::{File, Process};
 use peerdma_p2pdma::P2pDma;
 use peerdma_pci::{Bdf, DeviceKind, DmaAddr, Errno, Fabric, regs, sync};
 use peerdma_uapi::backend::{
@@ -35,7 +36,13 @@ pub struct Machine {
     /// device of the group is open through its cdev, and no cdev open while the group file
     /// is (vfio's `group.c`).
     groups: peerdma_pci::sync::Mutex<HashMap<Bdf, GroupUse>>,
+    /// The RAM memfds take their bytes from: the next free address and the end (the upper
+    /// half of the first RAM range; pages are never given back within a machine's life).
+    memfd_ram: peerdma_pci::sync::Mutex<(u64, u64)>,
 }
+
+/// The largest memfd the emulated machine backs (what a scenario may ask for).
+pub const MEMFD_MAX: u64 = 64 << 20;
 
 /// Who uses a VFIO group now.
 #[derive(Debug, Default)]
@@ -86,11 +93,17 @@ impl Machine {
         for b in endpoints {
             vfio.insert(b, VfioPci::bind_with(&env, b, config)?);
         }
+        let ram = fabric
+            .platform()
+            .ram
+            .first()
+            .map_or((0, 0), |r| (r.cpu + r.size / 2, r.cpu + r.size));
         Ok(Machine {
             fabric,
             env,
             vfio,
             groups: peerdma_pci::sync::Mutex::new(HashMap::new()),
+            memfd_ram: peerdma_pci::sync::Mutex::new(((ram.0 + 4095) & !4095, ram.1)),
         })
     }
 
@@ -388,10 +401,15 @@ impl UapiBackend for Emulated<'_> {
 
     fn dmabuf_seek(&mut self, fd: i32, offset: i64, whence: i32) -> Result<u64, Errno> {
         let f = self.proc.fget(fd)?;
-        // A file that is not a dma-buf has its own llseek; only dma-bufs are handed out here.
-        let r = f
-            .dmabuf()
-            .map_or(Err(Errno::EINVAL), |b| b.llseek(offset, whence));
+        // `ksys_lseek`: a whence past SEEK_HOLE is refused before the file's llseek.
+        let r = if (0..=4).contains(&whence) {
+            match f.dmabuf() {
+                Some(b) => b.llseek(offset, whence),
+                None => f.llseek_other(offset, whence),
+            }
+        } else {
+            Err(Errno::EINVAL)
+        };
         f.put();
         r
     }
@@ -403,6 +421,9 @@ impl UapiBackend for Emulated<'_> {
     /// `MAP_SHARED`); then `dma_buf_mmap_internal`.
     fn dmabuf_mmap(&mut self, fd: i32, offset: u64, len: u64) -> Result<(), Errno> {
         const PAGE: u64 = 4096;
+        // x86-64's user address space: 47 bits less a page.
+        const TASK_SIZE: u64 = (1 << 47) - PAGE;
+        const MAX_LFS_FILESIZE: u64 = i64::MAX as u64;
         if offset % PAGE != 0 || i64::try_from(offset).is_err() {
             return Err(Errno::EINVAL);
         }
@@ -417,12 +438,91 @@ impl UapiBackend for Emulated<'_> {
             .is_none()
         {
             Err(Errno::EOVERFLOW)
+        } else if aligned.is_some_and(|l| l > TASK_SIZE) {
+            // `__get_unmapped_area`: longer than the address space.
+            Err(Errno::ENOMEM)
+        } else if matches!(f.kind(), FileKind::Memfd { .. })
+            && (offset / PAGE) > (MAX_LFS_FILESIZE - aligned.unwrap_or(0)) >> 12
+        {
+            // `file_mmap_ok`: a shmem file ends at MAX_LFS_FILESIZE.
+            Err(Errno::EOVERFLOW)
         } else if f.flags() & 0o3 == 0o1 {
             // O_WRONLY: no read access.
             Err(Errno::EACCES)
         } else {
-            f.dmabuf()
-                .map_or(Err(Errno::ENODEV), |b| b.mmap(offset, len))
+            match f.kind() {
+                FileKind::DmaBuf(b) => b.mmap(offset, len),
+                // shmem_mmap: any page of the file, even past its end (touching one there
+                // would be SIGBUS).
+                FileKind::Memfd { .. } => Ok(()),
+                // An eventfd has no mmap method (`can_mmap_file`).
+                FileKind::Eventfd(_) | FileKind::Other(_) => Err(Errno::ENODEV),
+            }
+        };
+        f.put();
+        r
+    }
+
+    fn dup_fd(&mut self, fd: i32) -> Result<i32, Errno> {
+        self.proc.dup(fd)
+    }
+
+    /// Backed by RAM of the machine, so that a device can DMA into it through an IOAS;
+    /// `ENOMEM` past [`MEMFD_MAX`] or when the machine's memfd RAM is used up.
+    fn memfd(&mut self, size: u64) -> Result<i32, Errno> {
+        if size > MEMFD_MAX {
+            return Err(Errno::ENOMEM);
+        }
+        let base = {
+            let mut r = sync::lock(&self.m.memfd_ram);
+            let pages = size.div_ceil(4096) * 4096;
+            if r.0 + pages > r.1 {
+                return Err(Errno::ENOMEM);
+            }
+            let b = r.0;
+            r.0 += pages;
+            b
+        };
+        self.proc
+            .install(File::memfd(base, size), true)
+            .map_err(|(e, f)| {
+                f.put();
+                e
+            })
+    }
+
+    fn eventfd(&mut self) -> Result<i32, Errno> {
+        self.proc.install(File::eventfd(), true).map_err(|(e, f)| {
+            f.put();
+            e
+        })
+    }
+
+    fn read_fd(&mut self, fd: i32, buf: &mut [u8]) -> Result<usize, Errno> {
+        let f = self.proc.fget(fd)?;
+        let fabric = &self.m.fabric;
+        let r = f.read(buf, |at, b| {
+            let _ = fabric.ram_peek(peerdma_pci::PhysAddr(at), b);
+        });
+        f.put();
+        r
+    }
+
+    /// A file without positional reads (an eventfd, a dma-buf) is `ESPIPE`.
+    fn memfd_peek(&mut self, fd: i32, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {
+        let f = self.proc.fget(fd)?;
+        let r = match f.kind() {
+            FileKind::Memfd { base, size, .. } => {
+                let n = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+                if n > 0 {
+                    let _ = self
+                        .m
+                        .fabric
+                        .ram_peek(peerdma_pci::PhysAddr(base + offset), &mut buf[..n]);
+                }
+                Ok(n)
+            }
+            _ => Err(Errno::ESPIPE),
         };
         f.put();
         r
@@ -630,14 +730,16 @@ impl ScenarioBackend for Emulated<'_> {
         o.fd.hot_reset(&owned)
     }
 
-    fn low_power_wakeup(&mut self, dev: DevHandle, reserved: u32) -> Result<(), Errno> {
-        let efd = self
-            .proc
-            .install(peerdma_dmabuf::File::other("eventfd"), true)
-            .map_err(|(e, f)| {
-                f.put();
-                e
-            })?;
+    fn low_power_wakeup(
+        &mut self,
+        dev: DevHandle,
+        reserved: u32,
+        eventfd: Option<i32>,
+    ) -> Result<(), Errno> {
+        let efd = match eventfd {
+            Some(fd) => fd,
+            None => self.eventfd()?,
+        };
         let mut b = peerdma_uapi::feature::header_bytes(16, crate::feature::SET | 4);
         b.extend_from_slice(&efd.to_le_bytes());
         b.extend_from_slice(&reserved.to_le_bytes());

@@ -28,6 +28,11 @@ use crate::pci::iommufd_map;
 
 const PAGE: u64 = 4096;
 
+/// The last IOVA of an area (its length is at least 1 and it does not wrap).
+fn last_iova(iova: u64, length: u64) -> u64 {
+    iova + (length - 1)
+}
+
 /// Where an area's IOMMU entries stand. Changed only with the buffer's reservation lock
 /// held — by `map_file`, by the invalidation callback and by `unmap` — so an invalidation can
 /// never miss entries that exist, nor mark dead an area whose entries come later.
@@ -51,8 +56,15 @@ struct Area {
     len: u64,
     /// Its IOVA, length or offset in the buffer is not page aligned.
     unaligned: bool,
+    /// A file area (not a dma-buf) whose pages cannot be pinned — not shmem, or past the
+    /// file's end. Mapped while no device was attached (nothing is pinned then), it makes
+    /// the first device's attach fail (`iopt_fill_domain` → `memfd_pin_folios`: `EINVAL`).
+    unpinnable: bool,
+    /// Where in the file (or buffer) the area starts.
+    start: u64,
     file: Arc<File>,
-    att: Arc<Attachment>,
+    /// The dma-buf attachment (none for a file area).
+    att: Option<Arc<Attachment>>,
     state: Arc<Mutex<AreaState>>,
     /// The watch's record of the mapping, ended when the entries go.
     grant: Option<crate::watch::GrantId>,
@@ -86,6 +98,39 @@ struct Ioas {
 }
 
 impl Ioas {
+    /// Where a new area of `length` bytes from `start` of its file goes
+    /// (`iopt_alloc_area_pages`, `iopt_insert_area`): a length that is not a multiple of
+    /// the IOAS's alignment → `EINVAL`; without FIXED_IOVA the kernel's choice
+    /// ([`Ioas::alloc_iova`]); with it, `iopt_check_iova`: an IOVA off the alignment →
+    /// `EINVAL`, one that wraps → `EOVERFLOW`, one meeting a reserved range → `EINVAL`, an
+    /// area → `EEXIST`; then a start whose offset in its page is off the alignment →
+    /// `EINVAL`.
+    fn place(&self, start: u64, length: u64, iova: u64, flags: u32) -> Result<u64, Errno> {
+        let align = self.alignment();
+        if length % align != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let iova = if flags & MAP_FIXED_IOVA == 0 {
+            self.alloc_iova(start, length)?
+        } else {
+            if iova % align != 0 {
+                return Err(Errno::EINVAL);
+            }
+            let end = iova.checked_add(length - 1).ok_or(Errno::EOVERFLOW)?;
+            if self.reserved_meets(iova, end) {
+                return Err(Errno::EINVAL);
+            }
+            if self.area_meets(iova, end) {
+                return Err(Errno::EEXIST);
+            }
+            iova
+        };
+        if (start % PAGE) % align != 0 {
+            return Err(Errno::EINVAL);
+        }
+        Ok(iova)
+    }
+
     /// `iopt->iova_alignment`: 1 with no domain, the page size once a device is attached.
     fn alignment(&self) -> u64 {
         if self.devices.is_empty() { 1 } else { PAGE }
@@ -310,6 +355,16 @@ impl Iommufd {
             && (io.areas.values().any(|a| a.unaligned) || io.area_meets(APERTURE_END + 1, u64::MAX))
         {
             return Err(Errno::EADDRINUSE);
+        }
+        // The new domain is filled last: a file area that cannot be pinned fails it.
+        if first && io.areas.values().any(|a| a.unpinnable) {
+            return Err(Errno::EINVAL);
+        }
+        if first {
+            // Filling the first domain pins (so allocates) every memfd area's pages.
+            for a in io.areas.values().filter(|a| a.att.is_none()) {
+                a.file.memfd_populate(a.start, a.len);
+            }
         }
         let group_here = io.devices.iter().any(|d| group.contains(d));
         if !group_here {
@@ -546,7 +601,9 @@ impl Iommufd {
             .get(&ioas)
             .ok_or(Errno::ENOENT)?
             .domain;
-        let buf = file.dmabuf().ok_or(Errno::EINVAL)?;
+        let Some(buf) = file.dmabuf() else {
+            return self.map_file_pages(ioas, file, start, length, iova, flags);
+        };
         // `arg_checks` made sure this does not wrap.
         let last = start + (length - 1);
         if last >= buf.size() {
@@ -583,30 +640,8 @@ impl Iommufd {
             iommufd_map(buf, &att, &g).and_then(|pv| {
                 let mut ioas_map = sync::lock(&self.ioas);
                 let io = ioas_map.get_mut(&ioas).ok_or(Errno::ENOENT)?;
-                let align = io.alignment();
-                if length % align != 0 {
-                    return Err(Errno::EINVAL);
-                }
-                let iova = if flags & MAP_FIXED_IOVA == 0 {
-                    io.alloc_iova(start, length)?
-                } else {
-                    // iopt_check_iova.
-                    if iova % align != 0 {
-                        return Err(Errno::EINVAL);
-                    }
-                    let end = iova.checked_add(length - 1).ok_or(Errno::EOVERFLOW)?;
-                    if io.reserved_meets(iova, end) {
-                        return Err(Errno::EINVAL);
-                    }
-                    if io.area_meets(iova, end) {
-                        return Err(Errno::EEXIST);
-                    }
-                    iova
-                };
+                let iova = io.place(start, length, iova, flags)?;
                 at.store(iova, Ordering::Relaxed);
-                if (start % PAGE) % align != 0 {
-                    return Err(Errno::EINVAL);
-                }
                 let unaligned = (iova | length | start) % PAGE != 0;
                 // With no device there is no domain: nothing to write, and past the aperture
                 // nothing could be (the first device's domain refuses the area instead).
@@ -636,8 +671,10 @@ impl Iommufd {
                     Area {
                         len: length,
                         unaligned,
+                        unpinnable: false,
+                        start,
                         file: file.get(),
-                        att: att.clone(),
+                        att: Some(att.clone()),
                         state: state.clone(),
                         grant,
                     },
@@ -649,6 +686,82 @@ impl Iommufd {
             buf.detach(&att);
         }
         r
+    }
+
+    /// `IOMMU_IOAS_MAP_FILE` of a file that is not a dma-buf (`iopt_map_file_pages`'s
+    /// `fget` branch, `iopt_alloc_file_pages`, `iopt_map_pages`): a length past
+    /// `SIZE_MAX - PAGE_SIZE` → `EINVAL` (`iopt_alloc_pages`); the area is placed
+    /// ([`Ioas::place`]); then, if a device is attached, its pages are pinned at once
+    /// (`iopt_fill_domains_pages` → `memfd_pin_folios`): a file that is not shmem (an
+    /// eventfd), or a range whose last page reaches the file's size, is `EINVAL` and the
+    /// area goes again. With no device nothing is pinned and any file maps; the first
+    /// attach then pins (see [`Area::unpinnable`]). A memfd's pages are RAM: a device's
+    /// DMA through the area lands in the file.
+    fn map_file_pages(
+        &self,
+        ioas: u32,
+        file: &Arc<File>,
+        start: u64,
+        length: u64,
+        iova: u64,
+        flags: u32,
+    ) -> Result<u64, Errno> {
+        if length > u64::MAX - PAGE {
+            return Err(Errno::EINVAL);
+        }
+        let iommu = self.env.dma.iommu().ok_or(Errno::ENODEV)?.clone();
+        let mut ioas_map = sync::lock(&self.ioas);
+        let io = ioas_map.get_mut(&ioas).ok_or(Errno::ENOENT)?;
+        let iova = io.place(start, length, iova, flags)?;
+        // The pinned span: whole pages from the one holding `start` to the one holding
+        // the last byte (`arg_checks` made sure `start + length - 1` does not wrap).
+        let last = start + (length - 1);
+        let pin_end = last | (PAGE - 1);
+        let phys = match file.kind() {
+            peerdma_dmabuf::buf::FileKind::Memfd { base, size, .. } if pin_end < *size => {
+                Some(base + start)
+            }
+            _ => None,
+        };
+        if !io.devices.is_empty() {
+            if phys.is_none() {
+                return Err(Errno::EINVAL);
+            }
+            // A domain is there to fill: the pages are pinned, so allocated, now.
+            file.memfd_populate(start, length);
+        }
+        let unaligned = (iova | length | start) % PAGE != 0;
+        let state = Arc::new(Mutex::new(AreaState::Unbacked));
+        if let Some(phys) = phys {
+            let unbacked =
+                unaligned || (io.devices.is_empty() && last_iova(iova, length) > APERTURE_END);
+            if !unbacked {
+                let mut p = 0;
+                if flags & MAP_READABLE != 0 {
+                    p |= prot::READ;
+                }
+                if flags & MAP_WRITEABLE != 0 {
+                    p |= prot::WRITE;
+                }
+                iommu.map(io.domain, iova, phys, length, p)?;
+                iommu.sync_range(io.domain, iova, length);
+                *sync::lock(&state) = AreaState::Live;
+            }
+        }
+        io.areas.insert(
+            iova,
+            Area {
+                len: length,
+                unaligned,
+                unpinnable: phys.is_none(),
+                start,
+                file: file.get(),
+                att: None,
+                state,
+                grant: None,
+            },
+        );
+        Ok(iova)
     }
 
     /// `IOMMU_IOAS_UNMAP` of `[iova, iova + length)`, in the order of Linux 7.2's
@@ -726,7 +839,15 @@ impl Iommufd {
     ) -> u64 {
         let mut total = 0;
         for (at, area) in gone {
-            if let Some(buf) = area.file.dmabuf() {
+            if area.att.is_none() {
+                // A file area: its entries go, its pages are unpinned.
+                let mut st = sync::lock(&area.state);
+                if *st == AreaState::Live {
+                    iommu.unmap(domain, at, area.len);
+                    iommu.sync_range(domain, at, area.len);
+                }
+                *st = AreaState::Dead;
+            } else if let Some(buf) = area.file.dmabuf() {
                 {
                     let _g = buf.lock();
                     let mut st = sync::lock(&area.state);
@@ -739,7 +860,9 @@ impl Iommufd {
                         crate::watch::end(buf, id);
                     }
                 }
-                buf.detach(&area.att);
+                if let Some(att) = &area.att {
+                    buf.detach(att);
+                }
             }
             total += area.len;
             area.file.put();

@@ -113,7 +113,7 @@ fn ok_req() -> DmaBufRequest {
 fn wakeup_entry(r: &Rig) -> Vec<u8> {
     let efd = r
         .proc
-        .install(peerdma_dmabuf::File::other("eventfd"), true)
+        .install(peerdma_dmabuf::File::eventfd(), true)
         .map_err(|(e, _)| e)
         .unwrap();
     let mut entry = header_bytes(16, SET | id::LOW_POWER_ENTRY_WITH_WAKEUP);
@@ -936,7 +936,7 @@ fn low_power_with_wakeup_needs_its_payload_and_revokes_like_entry() {
     );
     let efd = r
         .proc
-        .install(peerdma_dmabuf::File::other("eventfd"), true)
+        .install(peerdma_dmabuf::File::eventfd(), true)
         .map_err(|(e, _)| e)
         .unwrap();
     let mut ok = header_bytes(8 + 8, SET | id::LOW_POWER_ENTRY_WITH_WAKEUP);

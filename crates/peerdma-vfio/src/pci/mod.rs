@@ -39,7 +39,7 @@ use peerdma_pci::sync::{Arc, Condvar, Mutex, RwLock, RwLockWriteGuard, Weak};
 use std::time::Duration;
 
 use peerdma_dma::Direction;
-use peerdma_dmabuf::buf::{ExportInfo, FileKind, ops};
+use peerdma_dmabuf::buf::{ExportInfo, ops};
 use peerdma_dmabuf::sgt::{DmaEnv, PhysVec, SgTable, free_sgt, phys_vec_to_sgt};
 use peerdma_dmabuf::{Attachment, DmaBuf, DmaBufOps, File, Process, ResvGuard, Usage};
 use peerdma_p2pdma::{Binding, Provider};
@@ -676,7 +676,7 @@ impl DeviceFd {
                     return Err(Errno::EINVAL);
                 }
                 let file = proc.fget(fd)?;
-                if !matches!(file.kind(), FileKind::Other(k) if k == "eventfd") {
+                if !file.is_eventfd() {
                     file.put();
                     return Err(Errno::EINVAL);
                 }

@@ -71,7 +71,8 @@ impl DeviceFd {
         }
         let mut m = d.lock_mem();
         // An armed wake implies low power is engaged.
-        if m.wake.is_some() {
+        if let Some(w) = &m.wake {
+            w.eventfd_signal(1);
             m.wakeups += 1;
             Self::leave_low_power(d, &mut m);
         }
