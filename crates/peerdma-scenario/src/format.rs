@@ -1469,7 +1469,11 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
                 None | Some("set") => 0,
                 Some("cur") => 1,
                 Some("end") => 2,
-                Some(w) => return Err(f.err("whence", format!("{w:?}: set, cur or end"))),
+                Some("data") => 3,
+                Some("hole") => 4,
+                Some(w) => {
+                    return Err(f.err("whence", format!("{w:?}: set, cur, end, data or hole")));
+                }
             };
             (Action::Seek { fd, offset, whence }, None)
         }
