@@ -213,6 +213,42 @@ pub enum FileKind {
     },
     /// Some other file (to test that dma-buf calls refuse it).
     Other(String),
+    /// A VFIO group's char device (`/dev/vfio/N`): no read, seek or mmap methods, so it
+    /// answers those as [`FileKind::Other`] does. `id` names the group for whoever opened
+    /// it; `release` runs once, when the last reference goes (`vfio_group_fops_release`).
+    VfioGroup {
+        /// The group.
+        id: u64,
+        /// What the last `fput` does.
+        release: OnRelease,
+    },
+}
+
+/// Something to do once, when a file's last reference goes.
+#[derive(Default)]
+pub struct OnRelease(std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>);
+
+impl OnRelease {
+    /// Runs `f` at release.
+    pub fn new(f: impl FnOnce() + Send + 'static) -> OnRelease {
+        OnRelease(std::sync::Mutex::new(Some(Box::new(f))))
+    }
+    fn run(&self) {
+        let f = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(f) = f {
+            f();
+        }
+    }
+}
+
+impl std::fmt::Debug for OnRelease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OnRelease")
+    }
 }
 
 /// A reference-counted open file.
@@ -240,6 +276,17 @@ impl File {
     /// An ordinary (non-dma-buf) file with one reference.
     pub fn other(name: &str) -> Arc<File> {
         File::new(FileKind::Other(name.to_string()), 0o2)
+    }
+    /// A VFIO group file of group `id`, open read-write; `release` runs at its last put.
+    pub fn vfio_group(id: u64, release: OnRelease) -> Arc<File> {
+        File::new(FileKind::VfioGroup { id, release }, 0o2)
+    }
+    /// The group, if it is a VFIO group file.
+    pub fn vfio_group_id(&self) -> Option<u64> {
+        match &self.kind {
+            FileKind::VfioGroup { id, .. } => Some(*id),
+            _ => None,
+        }
     }
     /// A new eventfd, counter 0, open read-write and non-blocking.
     pub fn eventfd() -> Arc<File> {
@@ -321,7 +368,9 @@ impl File {
                 }
                 Ok(n)
             }
-            FileKind::DmaBuf(_) | FileKind::Other(_) => Err(Errno::EINVAL),
+            FileKind::DmaBuf(_) | FileKind::Other(_) | FileKind::VfioGroup { .. } => {
+                Err(Errno::EINVAL)
+            }
         }
     }
 
@@ -394,7 +443,9 @@ impl File {
                 self.pos.store(to, Ordering::Release);
                 Ok(to)
             }
-            FileKind::DmaBuf(_) | FileKind::Other(_) => Err(Errno::ESPIPE),
+            FileKind::DmaBuf(_) | FileKind::Other(_) | FileKind::VfioGroup { .. } => {
+                Err(Errno::ESPIPE)
+            }
         }
     }
     /// Takes another reference (`get_file`).
@@ -422,8 +473,10 @@ impl File {
     /// `release` runs exactly once).
     pub fn put(self: Arc<Self>) {
         if self.refs.fetch_sub(1, Ordering::AcqRel) == 1 {
-            if let FileKind::DmaBuf(b) = &self.kind {
-                b.release();
+            match &self.kind {
+                FileKind::DmaBuf(b) => b.release(),
+                FileKind::VfioGroup { release, .. } => release.run(),
+                _ => {}
             }
         }
     }

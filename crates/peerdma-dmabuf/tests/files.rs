@@ -1,6 +1,12 @@
 //! Files that are not dma-bufs — eventfds, memfds — and what `read`, `lseek` and `dup` do
 //! with them (fs/eventfd.c, mm/shmem.c, fs/read_write.c, fs/fcntl.c).
 
+#![allow(
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_truncation
+)] // small test offsets
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 

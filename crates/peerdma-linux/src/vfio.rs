@@ -345,6 +345,8 @@ pub struct LinuxBackend {
     next_map: u32,
     /// `/dev/kmsg`, read from where it stood when the backend was made.
     kmsg: Option<File>,
+    /// Each open device's sysfs directory.
+    dev_dirs: HashMap<u32, PathBuf>,
     /// Where sysfs is (for tests on captured trees; `/sys` normally).
     pub sysfs: PathBuf,
 }
@@ -648,6 +650,26 @@ impl LinuxBackend {
         self.edu_run(edu, BUF, dst, data.len(), true)
     }
 
+    /// After a low-power entry the kernel suspends the device asynchronously (the
+    /// `pm_runtime_put` that ends the ioctl queues the idle work): waits, up to a second,
+    /// until its runtime-PM status says `suspended`, so that the next step meets the state
+    /// the entry leads to rather than whatever the work queue got to. A kernel without
+    /// CONFIG_PM has no such file, and nothing to wait for.
+    fn settle_runtime_pm(&self, dev: DevHandle) {
+        let Some(dir) = self.dev_dirs.get(&dev.0) else {
+            return;
+        };
+        let status = dir.join("power/runtime_status");
+        for _ in 0..1000 {
+            match std::fs::read_to_string(&status) {
+                Ok(s) if s.trim() == "suspended" => return,
+                Ok(s) if s.trim() == "unsupported" => return,
+                Ok(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
+                Err(_) => return,
+            }
+        }
+    }
+
     /// Takes ownership of a dma-buf fd the backend handed out (the caller closes it).
     pub fn take_file(&mut self, fd: RawFd) -> Option<File> {
         self.files.remove(&fd)
@@ -660,6 +682,8 @@ impl UapiBackend for LinuxBackend {
         if !sysfs.exists() {
             return Err(Errno::ENODEV);
         }
+        let h = DevHandle(self.next);
+        self.dev_dirs.insert(h.0, sysfs.clone());
         let device = match path {
             OpenPath::GroupContainer => {
                 let c = if let Some(c) = &self.container {
@@ -674,7 +698,6 @@ impl UapiBackend for LinuxBackend {
             // The cdev, then (unless asked not to) `VFIO_DEVICE_BIND_IOMMUFD`.
             OpenPath::CdevIommufd | OpenPath::CdevUnbound => {
                 let cdev = VfioDevice::open_cdev(&sysfs).map_err(|e| errno_of(&e))?;
-                let h = DevHandle(self.next);
                 self.next += 1;
                 self.unbound.insert(h.0, cdev);
                 if path == OpenPath::CdevIommufd {
@@ -686,7 +709,6 @@ impl UapiBackend for LinuxBackend {
                 return Ok(h);
             }
         };
-        let h = DevHandle(self.next);
         self.next += 1;
         self.keep(h, device);
         Ok(h)
@@ -741,6 +763,15 @@ impl UapiBackend for LinuxBackend {
         buf[..n].copy_from_slice(&owned[..n]);
         if ret < 0 {
             return Err(last_errno());
+        }
+        if let Some((_, flags)) = peerdma_uapi::feature::parse_header(buf) {
+            let f = flags & peerdma_uapi::feature::VFIO_DEVICE_FEATURE_MASK;
+            let set = flags & peerdma_uapi::feature::VFIO_DEVICE_FEATURE_SET != 0;
+            let probe = flags & peerdma_uapi::feature::VFIO_DEVICE_FEATURE_PROBE != 0;
+            // LOW_POWER_ENTRY (3) and LOW_POWER_ENTRY_WITH_WAKEUP (4).
+            if set && !probe && (f == 3 || f == 4) {
+                self.settle_runtime_pm(dev);
+            }
         }
         if ret > 0 {
             // SAFETY: a positive result of a GET is a new file descriptor the kernel handed
@@ -825,6 +856,48 @@ impl UapiBackend for LinuxBackend {
         }
         // SAFETY: `n` is the new descriptor, owned by nothing else.
         self.files.insert(n, unsafe { File::from_raw_fd(n) });
+        Ok(n)
+    }
+
+    /// The group file this process holds (the group container keeps one per group it has
+    /// a device of) is found among `/proc/self/fd` and duplicated; without one the group's
+    /// char device is opened.
+    fn group_fd(&mut self, bdf: Bdf) -> Result<i32, Errno> {
+        let link = self
+            .sysfs
+            .join("bus/pci/devices")
+            .join(bdf.to_string())
+            .join("iommu_group");
+        let group = std::fs::read_link(&link).map_err(|_| Errno::ENODEV)?;
+        let n = group
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or(Errno::ENODEV)?
+            .to_string();
+        let dev = PathBuf::from(format!("/dev/vfio/{n}"));
+        let held = std::fs::read_dir("/proc/self/fd")
+            .map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EIO)))?
+            .filter_map(Result::ok)
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == dev))
+            .find_map(|e| e.file_name().to_str()?.parse::<RawFd>().ok());
+        let f = if let Some(fd) = held {
+            // SAFETY: fcntl on a descriptor this process holds open (the container's group
+            // file); the new descriptor is owned from here.
+            let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+            if n < 0 {
+                return Err(last_errno());
+            }
+            // SAFETY: `n` is the new descriptor, owned by nothing else.
+            unsafe { File::from_raw_fd(n) }
+        } else {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&dev)
+                .map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EIO)))?
+        };
+        let n = f.as_raw_fd();
+        self.files.insert(n, f);
         Ok(n)
     }
 
@@ -1153,14 +1226,6 @@ impl UapiBackend for LinuxBackend {
     }
 }
 
-/// `struct vfio_pci_hot_reset` with no group fds.
-#[repr(C)]
-struct HotReset {
-    argsz: u32,
-    flags: u32,
-    count: u32,
-}
-
 impl ScenarioBackend for LinuxBackend {
     /// `provider` is the first ivshmem (1af4:1110), `initiator` the first edu (1234:11e8),
     /// `pm_provider` the first QEMU NVMe controller (1b36:0010, its CMB is BAR2), `sibling`
@@ -1201,20 +1266,25 @@ impl ScenarioBackend for LinuxBackend {
         found.first().copied().ok_or(Errno::ENODEV)
     }
 
-    fn hot_reset(&mut self, dev: DevHandle) -> Result<(), Errno> {
+    fn hot_reset(&mut self, dev: DevHandle, groups: Option<&[i32]>) -> Result<(), Errno> {
         let fd = self.raw(dev)?;
-        let mut arg = HotReset {
-            argsz: 12,
-            flags: 0,
-            count: 0,
-        };
+        let groups = groups.unwrap_or(&[]);
+        // `struct vfio_pci_hot_reset`: argsz, flags, count, then `count` group fds.
+        let count = u32::try_from(groups.len()).map_err(|_| Errno::EINVAL)?;
+        let argsz = count
+            .checked_mul(4)
+            .and_then(|n| n.checked_add(12))
+            .ok_or(Errno::EINVAL)?;
+        let mut arg: Vec<u32> = vec![argsz, 0, count];
+        arg.extend(groups.iter().map(|&g| u32::from_ne_bytes(g.to_ne_bytes())));
         let file = std::mem::ManuallyDrop::new(
             // SAFETY: as in `device_feature`: a borrowed view of the open device's fd.
             unsafe { File::from_raw_fd(fd) },
         );
-        // SAFETY: the ioctl reads `argsz` (12) bytes of `arg`, which is that long, and no
-        // group fds (count 0).
-        let ret = unsafe { ioctl_with_mut_ptr(&*file, VFIO_DEVICE_PCI_HOT_RESET(), &raw mut arg) };
+        // SAFETY: the ioctl reads the 12-byte header and `count` group fds after it: exactly
+        // the words of `arg`, which lives across the call.
+        let ret =
+            unsafe { ioctl_with_mut_ptr(&*file, VFIO_DEVICE_PCI_HOT_RESET(), arg.as_mut_ptr()) };
         if ret < 0 { Err(last_errno()) } else { Ok(()) }
     }
 

@@ -234,6 +234,17 @@ pub enum Action {
     HotReset {
         /// Device name.
         dev: String,
+        /// Group fds (their names) handed to the ioctl, in order; `None` for none at all
+        /// (`count` 0, the cdev way).
+        groups: Option<Vec<String>>,
+    },
+    /// A descriptor of a device's VFIO group file (`/dev/vfio/N`): a second one of the
+    /// group file this process holds open, else the group's char device opened now.
+    Group {
+        /// The device (a role).
+        dev: String,
+        /// Its name.
+        name: String,
     },
     /// `VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY` / `_EXIT`, or `_ENTRY_WITH_WAKEUP` with a named
     /// fd or a fresh eventfd.
@@ -473,6 +484,7 @@ impl Action {
             Action::AfFlr { .. } => "af_flr",
             Action::Reset { .. } => "reset",
             Action::HotReset { .. } => "hot_reset",
+            Action::Group { .. } => "group",
             Action::LowPower { .. } => "low_power",
             Action::IoasAlloc { .. } => "ioas",
             Action::Attach { .. } => "attach",
@@ -858,6 +870,21 @@ impl Fields {
     fn string(&mut self, key: &str) -> Result<String, FormatError> {
         self.opt_string(key)?
             .ok_or_else(|| self.err(key, "missing"))
+    }
+    /// A list of strings (`groups = ["g1", "g2"]`), if given.
+    fn opt_strings(&mut self, key: &str) -> Result<Option<Vec<String>>, FormatError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(Value::Array(a)) => a
+                .into_iter()
+                .map(|v| match v {
+                    Value::String(s) => Ok(s),
+                    _ => Err(self.err(key, "must be a list of names")),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(_) => Err(self.err(key, "must be a list of names")),
+        }
     }
     fn opt_num(&mut self, key: &str) -> Result<Option<u64>, FormatError> {
         match self.take(key) {
@@ -1349,7 +1376,6 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
         "bind" => Some(("dev", |dev| Action::Bind { dev }, ok.clone())),
         "af_flr" => Some(("dev", |dev| Action::AfFlr { dev }, ok.clone())),
         "reset" => Some(("dev", |dev| Action::Reset { dev }, ok.clone())),
-        "hot_reset" => Some(("dev", |dev| Action::HotReset { dev }, ok.clone())),
         "close_fd" => Some(("fd", |fd| Action::CloseFd { fd }, ok.clone())),
         "detach" => Some(("dev", |dev| Action::Detach { dev }, ok.clone())),
         "ioas_destroy" => Some(("ioas", |ioas| Action::IoasDestroy { ioas }, ok.clone())),
@@ -1777,6 +1803,20 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
             },
             ok,
         ),
+        "hot_reset" => (
+            Action::HotReset {
+                dev: f.string("dev")?,
+                groups: f.opt_strings("groups")?,
+            },
+            ok,
+        ),
+        "group" => (
+            Action::Group {
+                dev: f.string("dev")?,
+                name: f.string("as")?,
+            },
+            ok,
+        ),
         "hot_reset_info" => (
             Action::HotResetInfo {
                 dev: f.string("dev")?,
@@ -1792,7 +1832,7 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
                      seek, mmap, config_read, config_write, memory, power, flr, af_flr, reset, hot_reset, \
                      low_power, ioas, attach, detach, ioas_destroy, map, unmap, iova_ranges, dma, \
                      region_info, region_read, region_write, cpu_map, cpu_read, cpu_write, cpu_unmap, \
-                     hot_reset_info)"
+                     hot_reset_info, group, dup, memfd, eventfd, read)"
                 ),
             ));
         }

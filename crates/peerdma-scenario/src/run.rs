@@ -722,9 +722,30 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
             let (d, _) = st.dev(dev)?;
             ok_or_errno(be.reset(d))
         }
-        Action::HotReset { dev } => {
+        Action::HotReset { dev, groups } => {
             let (d, _) = st.dev(dev)?;
-            ok_or_errno(be.hot_reset(d))
+            let fds = match groups {
+                None => None,
+                Some(names) => Some(
+                    names
+                        .iter()
+                        .map(|n| st.fd(n).map(|(fd, _)| fd))
+                        .collect::<Result<Vec<i32>, String>>()?,
+                ),
+            };
+            ok_or_errno(be.hot_reset(d, fds.as_deref()))
+        }
+        Action::Group { dev, name } => {
+            let bdf = be
+                .role(dev)
+                .map_err(|_| format!("error: no device plays {dev:?} here"))?;
+            match be.group_fd(bdf) {
+                Ok(n) => {
+                    st.keep_as(name, n, Src::Other);
+                    Ok(("ok".into(), None))
+                }
+                Err(e) => Ok((errno_word(e), None)),
+            }
         }
         Action::LowPower {
             dev,

@@ -122,6 +122,9 @@ impl UapiBackend for Tweaked<'_> {
     fn dup_fd(&mut self, fd: i32) -> Result<i32, Errno> {
         self.inner.dup_fd(fd)
     }
+    fn group_fd(&mut self, bdf: Bdf) -> Result<i32, Errno> {
+        self.inner.group_fd(bdf)
+    }
     fn memfd(&mut self, size: u64) -> Result<i32, Errno> {
         self.inner.memfd(size)
     }
@@ -264,8 +267,8 @@ impl ScenarioBackend for Tweaked<'_> {
     fn role(&self, role: &str) -> Result<Bdf, Errno> {
         self.inner.role(role)
     }
-    fn hot_reset(&mut self, dev: DevHandle) -> Result<(), Errno> {
-        self.inner.hot_reset(dev)
+    fn hot_reset(&mut self, dev: DevHandle, groups: Option<&[i32]>) -> Result<(), Errno> {
+        self.inner.hot_reset(dev, groups)
     }
     fn low_power_wakeup(
         &mut self,
@@ -646,7 +649,19 @@ mod random {
                     },
                 }),
             dev().prop_map(|dev| Action::Reset { dev }),
-            dev().prop_map(|dev| Action::HotReset { dev }),
+            (
+                dev(),
+                proptest::option::of(proptest::collection::vec(fd(), 0..3))
+            )
+                .prop_map(|(dev, groups)| Action::HotReset { dev, groups }),
+            (
+                pick(vec!["provider", "pm_provider", "sibling", "initiator"]),
+                fd()
+            )
+                .prop_map(|(r, name)| Action::Group {
+                    dev: r.into(),
+                    name
+                }),
             (dev(), any::<bool>(), any::<bool>(), pick(vec![0u32, 1])).prop_map(
                 |(dev, enter, w, r)| Action::LowPower {
                     dev,

@@ -216,6 +216,10 @@ pub trait UapiBackend {
     fn read_fd(&mut self, fd: i32, buf: &mut [u8]) -> Result<usize, Errno>;
     /// `pread(fd, buf, offset)` of a memfd (how a DMA into one is checked); the bytes read.
     fn memfd_peek(&mut self, fd: i32, offset: u64, buf: &mut [u8]) -> Result<usize, Errno>;
+    /// A descriptor of `bdf`'s VFIO group file: a second descriptor (`F_DUPFD_CLOEXEC`) of
+    /// the group file this process holds open, else the group's char device opened now
+    /// (`EBUSY` while another holds it or a cdev of the group is bound).
+    fn group_fd(&mut self, bdf: Bdf) -> Result<i32, Errno>;
     /// `IOMMU_IOAS_ALLOC`.
     fn ioas_alloc(&mut self) -> Result<IoasId, Errno>;
     /// Attaches an open (cdev) device to an IOAS (`VFIO_DEVICE_ATTACH_IOMMUFD_PT`).
@@ -306,9 +310,11 @@ pub trait ScenarioBackend: UapiBackend {
     /// with PM and FLR; `sibling`: another function of the pm_provider's device, in its
     /// hot-reset set); `ENODEV` if none.
     fn role(&self, role: &str) -> Result<Bdf, Errno>;
-    /// `VFIO_DEVICE_PCI_HOT_RESET` of the bus above `dev`, with ownership proven the cdev way
-    /// (every affected device open in this process's iommufd; no group fds given).
-    fn hot_reset(&mut self, dev: DevHandle) -> Result<(), Errno>;
+    /// `VFIO_DEVICE_PCI_HOT_RESET` of the bus above `dev`. With `groups` `None` (`count` 0)
+    /// ownership is proven the cdev way (every affected device open in this process's
+    /// iommufd); otherwise the descriptors are the group fds the ioctl is handed, in order,
+    /// and every affected device must be in one of their groups.
+    fn hot_reset(&mut self, dev: DevHandle, groups: Option<&[i32]>) -> Result<(), Errno>;
     /// `VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY_WITH_WAKEUP` with `eventfd` (or, with `None`, a
     /// fresh eventfd the backend keeps) and `reserved` as the payload's second word: with
     /// CONFIG_PM the next ioctl on the device wakes it out of low power for good and signals

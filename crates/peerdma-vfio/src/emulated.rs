@@ -35,7 +35,7 @@ pub struct Machine {
     /// The VFIO groups (by [`iommu_group`]): one group-file opener at a time, never while a
     /// device of the group is open through its cdev, and no cdev open while the group file
     /// is (vfio's `group.c`).
-    groups: peerdma_pci::sync::Mutex<HashMap<Bdf, GroupUse>>,
+    groups: Arc<peerdma_pci::sync::Mutex<HashMap<Bdf, GroupUse>>>,
     /// The RAM memfds take their bytes from: the next free address and the end (the upper
     /// half of the first RAM range; pages are never given back within a machine's life).
     memfd_ram: peerdma_pci::sync::Mutex<(u64, u64)>,
@@ -51,6 +51,22 @@ struct GroupUse {
     file_open: bool,
     /// Devices of the group open through their cdev.
     cdevs: usize,
+    /// Group fds handed out by name (`group` steps), in any process: each holds the group
+    /// file open until its last reference goes.
+    named: usize,
+}
+
+impl GroupUse {
+    /// The group's char device is open, by a device's container or a named fd.
+    fn file_busy(&self) -> bool {
+        self.file_open || self.named > 0
+    }
+}
+
+/// The number user space knows a group by (its `/dev/vfio/N`): here, the requester ID of
+/// the group's first function.
+fn group_number(group: Bdf) -> u64 {
+    u64::from(group.requester_id())
 }
 
 impl std::fmt::Debug for Machine {
@@ -102,7 +118,7 @@ impl Machine {
             fabric,
             env,
             vfio,
-            groups: peerdma_pci::sync::Mutex::new(HashMap::new()),
+            groups: Arc::new(peerdma_pci::sync::Mutex::new(HashMap::new())),
             memfd_ram: peerdma_pci::sync::Mutex::new(((ram.0 + 4095) & !4095, ram.1)),
         })
     }
@@ -256,9 +272,7 @@ impl Emulated<'_> {
     /// `EINVAL`; a group-opened fd does not know these ioctls — vfio-pci answers `ENOTTY`.
     fn cdev_only_ioctl(&self, dev: DevHandle) -> Result<Bdf, Errno> {
         let o = self.dev(dev)?;
-        if !o.fd.is_bound() {
-            return Err(Errno::EINVAL);
-        }
+        o.fd.ioctl_prologue()?;
         if o.via_group {
             return Err(Errno::ENOTTY);
         }
@@ -285,7 +299,7 @@ impl UapiBackend for Emulated<'_> {
             if !self.group_files.contains_key(&group) {
                 let mut g = sync::lock(&self.m.groups);
                 let u = g.entry(group).or_default();
-                if u.file_open || u.cdevs > 0 {
+                if u.file_busy() || u.cdevs > 0 {
                     return Err(Errno::EBUSY);
                 }
                 u.file_open = true;
@@ -323,8 +337,15 @@ impl UapiBackend for Emulated<'_> {
         Ok(h)
     }
 
-    /// Closing the fd releases the file unless a CPU mapping still holds it.
+    /// Closing the fd releases the file unless a CPU mapping still holds it. A bound cdev is
+    /// first detached from its IOAS by `VFIO_DEVICE_DETACH_IOMMUFD_PT`, as the real backend's
+    /// device type (rust-vmm's `VfioDevice`) does when it is dropped: an ioctl like any
+    /// other, so it wakes a device asleep in wakeup-armed low power, and the device's DMA
+    /// stops at once even while a CPU mapping keeps the file open.
     fn close_device(&mut self, dev: DevHandle) -> Result<(), Errno> {
+        if self.dev(dev).is_ok_and(|o| !o.via_group && o.fd.is_bound()) {
+            let _ = self.detach_ioas(dev);
+        }
         let o = self
             .devs
             .get_mut(&dev.0)
@@ -347,7 +368,7 @@ impl UapiBackend for Emulated<'_> {
         let mut g = sync::lock(&self.m.groups);
         let u = g.entry(group).or_default();
         // Binding blocks the group: refused while its group file is open.
-        if u.file_open {
+        if u.file_busy() {
             return Err(Errno::EBUSY);
         }
         // Only the group path opens a device twice (`vfio_df_open`).
@@ -456,11 +477,56 @@ impl UapiBackend for Emulated<'_> {
                 // would be SIGBUS).
                 FileKind::Memfd { .. } => Ok(()),
                 // An eventfd has no mmap method (`can_mmap_file`).
-                FileKind::Eventfd(_) | FileKind::Other(_) => Err(Errno::ENODEV),
+                FileKind::Eventfd(_) | FileKind::Other(_) | FileKind::VfioGroup { .. } => {
+                    Err(Errno::ENODEV)
+                }
             }
         };
         f.put();
         r
+    }
+
+    /// The group file, named: held by this process already (a device of the group is open
+    /// the group way, or a named fd of it is open) it is a second descriptor of it;
+    /// otherwise the group's char device is opened (`vfio_group_fops_open`: `EBUSY` while
+    /// a cdev of the group is bound or another holds the file).
+    fn group_fd(&mut self, bdf: Bdf) -> Result<i32, Errno> {
+        if !self.m.vfio.contains_key(&bdf) {
+            return Err(Errno::ENODEV);
+        }
+        let group = iommu_group(&self.m.fabric, bdf);
+        let held_here = self.group_files.contains_key(&group)
+            || self
+                .proc
+                .fds()
+                .into_iter()
+                .filter_map(|fd| self.proc.fget(fd).ok())
+                .any(|f| {
+                    let mine = f.vfio_group_id() == Some(group_number(group));
+                    f.put();
+                    mine
+                });
+        {
+            let mut g = sync::lock(&self.m.groups);
+            let u = g.entry(group).or_default();
+            if !held_here && (u.file_busy() || u.cdevs > 0) {
+                return Err(Errno::EBUSY);
+            }
+            u.named += 1;
+        }
+        let groups = self.m.groups.clone();
+        let release = peerdma_dmabuf::buf::OnRelease::new(move || {
+            let mut g = sync::lock(&groups);
+            if let Some(u) = g.get_mut(&group) {
+                u.named = u.named.saturating_sub(1);
+            }
+        });
+        self.proc
+            .install(File::vfio_group(group_number(group), release), true)
+            .map_err(|(e, f)| {
+                f.put();
+                e
+            })
     }
 
     fn dup_fd(&mut self, fd: i32) -> Result<i32, Errno> {
@@ -706,28 +772,55 @@ impl ScenarioBackend for Emulated<'_> {
         self.m.fabric.lookup(role).map_err(|_| Errno::ENODEV)
     }
 
-    fn hot_reset(&mut self, dev: DevHandle) -> Result<(), Errno> {
+    /// `vfio_pci_ioctl_pci_hot_reset`'s order: the ioctl prologue (which wakes a device in
+    /// wakeup-armed low power); group fds from a cdev-opened device, or none from a
+    /// group-opened one → `EINVAL`; no bus to reset → `ENODEV`; more group fds than
+    /// devices the reset reaches → `EINVAL`; then each fd in turn: not open → `EBADF`, not
+    /// a group file → `EINVAL`. Every affected device must then be owned: in one of the
+    /// groups given, or (with none) in a group with a device bound in this process's
+    /// iommufd.
+    fn hot_reset(&mut self, dev: DevHandle, groups: Option<&[i32]>) -> Result<(), Errno> {
         let o = self.dev(dev)?;
-        // Without group fds, only a device opened through its cdev can prove ownership.
-        if o.via_group {
+        o.fd.ioctl_prologue()?;
+        let fds = groups.unwrap_or(&[]);
+        if fds.is_empty() == o.via_group {
             return Err(Errno::EINVAL);
         }
-        // Ownership is per IOMMU group: a group with one device open in this process's
-        // iommufd is owned whole.
         let f = &self.m.fabric;
-        let groups: Vec<Bdf> = self
-            .devs
-            .values()
-            .filter(|d| !d.via_group && d.fd.is_bound())
-            .map(|d| iommu_group(f, d.bdf))
-            .collect();
+        let groups: Vec<Bdf> = if fds.is_empty() {
+            // Ownership is per IOMMU group: a group with one device open in this process's
+            // iommufd is owned whole.
+            self.devs
+                .values()
+                .filter(|d| !d.via_group && d.fd.is_bound())
+                .map(|d| iommu_group(f, d.bdf))
+                .collect()
+        } else {
+            if fds.len() > o.fd.hot_reset_scope()?.len() {
+                return Err(Errno::EINVAL);
+            }
+            let mut ids = Vec::new();
+            for &fd in fds {
+                let file = self.proc.fget(fd)?;
+                let id = file.vfio_group_id();
+                file.put();
+                ids.push(id.ok_or(Errno::EINVAL)?);
+            }
+            self.m
+                .vfio
+                .keys()
+                .map(|&b| iommu_group(f, b))
+                .filter(|g| ids.contains(&group_number(*g)))
+                .collect()
+        };
         let owned: Vec<&VfioPci> = self
             .m
             .vfio
             .values()
             .filter(|v| groups.contains(&iommu_group(f, v.bdf())))
             .collect();
-        o.fd.hot_reset(&owned)
+        let set: Vec<&VfioPci> = self.m.vfio.values().collect();
+        o.fd.hot_reset_in(&set, &owned)
     }
 
     fn low_power_wakeup(

@@ -52,13 +52,13 @@ fn a_hot_reset_is_owned_through_the_group() {
     assert_eq!(sib, b("0000:05:00.1"));
     let d = be.open_device(nvme, OpenPath::CdevIommufd).unwrap();
     // The sibling is not open, but its group is: the reset goes through.
-    assert_eq!(be.hot_reset(d), Ok(()));
+    assert_eq!(be.hot_reset(d, None), Ok(()));
     // Opened the group/container way, the device cannot prove ownership without group fds.
     let mut other = m.process();
     let g = other
         .open_device(b("0000:03:00.0"), OpenPath::GroupContainer)
         .unwrap();
-    assert_eq!(other.hot_reset(g), Err(Errno::EINVAL));
+    assert_eq!(other.hot_reset(g, None), Err(Errno::EINVAL));
 }
 
 #[test]
@@ -97,4 +97,91 @@ fn a_group_is_used_through_its_file_or_through_bound_cdevs_never_both() {
     );
     drop(b2);
     a.open_device(sib, OpenPath::GroupContainer).unwrap();
+}
+
+#[test]
+fn a_named_group_fd_is_the_group_file_and_holds_it_open() {
+    let f = file::load_str(examples::QEMU_Q35, "q").unwrap();
+    let m = Machine::new(Arc::new(f)).unwrap();
+    let (ivs, nvme, sib) = (b("0000:03:00.0"), b("0000:05:00.0"), b("0000:05:00.1"));
+    let mut a = m.process();
+    let d = a.open_device(nvme, OpenPath::GroupContainer).unwrap();
+    // The process holds the group file: a second descriptor of it, as often as asked.
+    let g1 = a.group_fd(nvme).unwrap();
+    let g2 = a.group_fd(sib).unwrap();
+    assert_ne!(g1, g2);
+    // A group file is no dma-buf, has no read, seek or mmap.
+    assert_eq!(a.dmabuf_info(g1), Err(Errno::EINVAL));
+    assert_eq!(a.read_fd(g1, &mut [0; 8]), Err(Errno::EINVAL));
+    assert_eq!(a.dmabuf_seek(g1, 0, 0), Err(Errno::ESPIPE));
+    assert_eq!(a.dmabuf_mmap(g1, 0, 4096), Err(Errno::ENODEV));
+    // Another process cannot open it while it is held.
+    let mut b2 = m.process();
+    assert_eq!(b2.group_fd(sib), Err(Errno::EBUSY));
+    // The device closes; the named fds still hold the file: the group stays busy.
+    a.close_device(d).unwrap();
+    assert_eq!(
+        b2.open_device(sib, OpenPath::CdevIommufd),
+        Err(Errno::EBUSY)
+    );
+    assert_eq!(
+        a.open_device(nvme, OpenPath::GroupContainer),
+        Err(Errno::EBUSY),
+        "the group file is open (by the named fds), so the container cannot open it"
+    );
+    a.close_fd(g1).unwrap();
+    assert_eq!(b2.group_fd(nvme), Err(Errno::EBUSY));
+    a.close_fd(g2).unwrap();
+    // Free now: another process opens the group's char device itself.
+    let h = b2.group_fd(nvme).unwrap();
+    assert_eq!(a.group_fd(nvme), Err(Errno::EBUSY));
+    // And that one blocks binding a cdev of the group until its process ends.
+    assert_eq!(a.open_device(sib, OpenPath::CdevIommufd), Err(Errno::EBUSY));
+    let _ = h;
+    drop(b2);
+    let c = a.open_device(sib, OpenPath::CdevIommufd).unwrap();
+    // A bound cdev of the group: its group file cannot be opened.
+    assert_eq!(a.group_fd(nvme), Err(Errno::EBUSY));
+    // Other groups are free.
+    a.group_fd(ivs).unwrap();
+    a.close_device(c).unwrap();
+    a.group_fd(nvme).unwrap();
+}
+
+#[test]
+fn hot_reset_with_group_fds_follows_the_kernels_check_order() {
+    let f = file::load_str(examples::QEMU_Q35, "q").unwrap();
+    let m = Machine::new(Arc::new(f)).unwrap();
+    let (ivs, nvme, sib) = (b("0000:03:00.0"), b("0000:05:00.0"), b("0000:05:00.1"));
+    let mut a = m.process();
+    let d = a.open_device(nvme, OpenPath::GroupContainer).unwrap();
+    let g = a.group_fd(nvme).unwrap();
+    let ev = a.eventfd().unwrap();
+    let closed = a.eventfd().unwrap();
+    a.close_fd(closed).unwrap();
+    // A group-opened device must give group fds.
+    assert_eq!(a.hot_reset(d, None), Err(Errno::EINVAL));
+    assert_eq!(a.hot_reset(d, Some(&[])), Err(Errno::EINVAL));
+    // More fds than devices on the bus (2) is refused before any fd is looked at.
+    assert_eq!(
+        a.hot_reset(d, Some(&[closed, closed, closed])),
+        Err(Errno::EINVAL)
+    );
+    // Then the fds in order: a closed one is EBADF, a file that is no group EINVAL.
+    assert_eq!(a.hot_reset(d, Some(&[closed, ev])), Err(Errno::EBADF));
+    assert_eq!(a.hot_reset(d, Some(&[ev, closed])), Err(Errno::EINVAL));
+    assert_eq!(a.hot_reset(d, Some(&[g, closed])), Err(Errno::EBADF));
+    // A group that holds none of the bus's devices proves nothing.
+    let other = a.group_fd(ivs).unwrap();
+    assert_eq!(a.hot_reset(d, Some(&[other])), Err(Errno::EINVAL));
+    // The group of both functions: the reset goes through, with a foreign group beside it.
+    assert_eq!(a.hot_reset(d, Some(&[g])), Ok(()));
+    assert_eq!(a.hot_reset(d, Some(&[other, g])), Ok(()));
+    // A cdev-opened device must not give any.
+    a.close_device(d).unwrap();
+    a.close_fd(g).unwrap();
+    let c = a.open_device(sib, OpenPath::CdevIommufd).unwrap();
+    assert_eq!(a.hot_reset(c, Some(&[other])), Err(Errno::EINVAL));
+    assert_eq!(a.hot_reset(c, None), Ok(()));
+    let _ = nvme;
 }

@@ -613,6 +613,16 @@ impl DeviceFd {
         }
     }
 
+    /// What `vfio_device_fops_unl_ioctl` does before any ioctl but BIND_IOMMUFD: `EINVAL`
+    /// without access granted, then the runtime-PM get (which wakes a device asleep in
+    /// wakeup-armed low power). For the ioctls vfio core handles itself (the cdev's
+    /// ATTACH/DETACH_IOMMUFD_PT).
+    pub fn ioctl_prologue(&self) -> Result<(), Errno> {
+        self.granted()?;
+        self.ioctl_resume();
+        Ok(())
+    }
+
     /// The device's memory is enabled now (as `memory_lock` readers see it).
     pub fn memory_enabled(&self) -> bool {
         self.dev.read_mem(|m| self.dev.memory_enabled(m))
@@ -738,10 +748,21 @@ impl DeviceFd {
     /// contended). Each device is revoked before the reset; afterwards, in reverse order, a
     /// device that is open and has memory enabled is unrevoked.
     pub fn hot_reset(&self, owned: &[&VfioPci]) -> Result<(), Errno> {
+        self.hot_reset_in(owned, owned)
+    }
+
+    /// [`DeviceFd::hot_reset`] where `set` holds vfio-pci's devices (at least those below
+    /// the bridge): every one of them the reset reaches is runtime-resumed before ownership
+    /// is checked (`vfio_pci_dev_set_pm_runtime_get`), so a wakeup-armed device there wakes
+    /// even when the reset is then refused.
+    pub fn hot_reset_in(&self, set: &[&VfioPci], owned: &[&VfioPci]) -> Result<(), Errno> {
         self.granted()?;
         self.ioctl_resume();
         let d = &self.dev;
         let (bridge, affected) = d.reset_bus()?;
+        for v in set.iter().filter(|v| affected.contains(&v.dev.bdf)) {
+            DeviceFd::resume_dev(&v.dev);
+        }
         // `vfio_pci_dev_set_hot_reset`: per device in turn, ownership (EINVAL) then the
         // try-lock of its memory_lock (EBUSY) and the revoke; a failure unwinds those
         // before it.

@@ -59,7 +59,11 @@ impl DeviceFd {
     /// first; a device asleep in a wakeup-armed low power wakes for good: the eventfd is
     /// signalled and low power left. Without CONFIG_PM nothing happens.
     pub(super) fn ioctl_resume(&self) {
-        let d = &self.dev;
+        Self::resume_dev(&self.dev);
+    }
+
+    /// [`DeviceFd::ioctl_resume`] of any device (a hot reset resumes its whole set).
+    pub(super) fn resume_dev(d: &Arc<Dev>) {
         // Only a device asleep with a wakeup armed has anything to do (and only then is
         // `memory_lock` taken, as the runtime-resume callback takes it).
         if !d.wake_armed.load(Ordering::Acquire) {
