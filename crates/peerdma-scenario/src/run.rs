@@ -134,6 +134,9 @@ struct State {
     closed: std::collections::HashSet<String>,
     /// Memfds made so far.
     memfds: u32,
+    /// The runner's own descriptor of each memfd (by number), through which a DMA into it
+    /// is checked whatever the scenario does with its fd.
+    memfd_peek: HashMap<u32, i32>,
     /// 16-byte slots of memfds (by number) a DMA of the scenario wrote.
     memfd_used: HashSet<(u32, u64)>,
     exports: Vec<Export>,
@@ -598,6 +601,9 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
         Action::Memfd { size, name } => match be.memfd(*size) {
             Ok(n) => {
                 st.memfds += 1;
+                if let Ok(own) = be.dup_fd(n) {
+                    st.memfd_peek.insert(st.memfds, own);
+                }
                 st.keep_as(name, n, Src::Memfd(st.memfds));
                 Ok(("ok".into(), None))
             }
@@ -967,6 +973,7 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
                     be.dma(d, at, &p)
                         .map_err(|e| format!("error: the DMA engine failed: {}", errno_word(e)))?;
                     let mut got = vec![0u8; p.len()];
+                    let fd = st.memfd_peek.get(&id).copied().unwrap_or(fd);
                     return Ok(match be.memfd_peek(fd, offset, &mut got) {
                         Err(e) => (
                             format!("error: cannot read the memfd: {}", errno_word(e)),
