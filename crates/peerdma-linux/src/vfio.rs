@@ -683,7 +683,6 @@ impl UapiBackend for LinuxBackend {
             return Err(Errno::ENODEV);
         }
         let h = DevHandle(self.next);
-        self.dev_dirs.insert(h.0, sysfs.clone());
         let device = match path {
             OpenPath::GroupContainer => {
                 let c = if let Some(c) = &self.container {
@@ -700,6 +699,7 @@ impl UapiBackend for LinuxBackend {
                 let cdev = VfioDevice::open_cdev(&sysfs).map_err(|e| errno_of(&e))?;
                 self.next += 1;
                 self.unbound.insert(h.0, cdev);
+                self.dev_dirs.insert(h.0, sysfs);
                 if path == OpenPath::CdevIommufd {
                     if let Err(e) = self.bind_device(h) {
                         self.unbound.remove(&h.0);
@@ -711,10 +711,12 @@ impl UapiBackend for LinuxBackend {
         };
         self.next += 1;
         self.keep(h, device);
+        self.dev_dirs.insert(h.0, sysfs);
         Ok(h)
     }
 
     fn close_device(&mut self, dev: DevHandle) -> Result<(), Errno> {
+        self.dev_dirs.remove(&dev.0);
         if self.unbound.remove(&dev.0).is_some() {
             return Ok(());
         }

@@ -787,13 +787,14 @@ impl ScenarioBackend for Emulated<'_> {
             return Err(Errno::EINVAL);
         }
         let f = &self.m.fabric;
-        let groups: Vec<Bdf> = if fds.is_empty() {
+        // The groups that prove ownership, by number.
+        let groups: Vec<u64> = if fds.is_empty() {
             // Ownership is per IOMMU group: a group with one device open in this process's
             // iommufd is owned whole.
             self.devs
                 .values()
                 .filter(|d| !d.via_group && d.fd.is_bound())
-                .map(|d| iommu_group(f, d.bdf))
+                .map(|d| group_number(iommu_group(f, d.bdf)))
                 .collect()
         } else {
             if fds.len() > o.fd.hot_reset_scope()?.len() {
@@ -806,18 +807,13 @@ impl ScenarioBackend for Emulated<'_> {
                 file.put();
                 ids.push(id.ok_or(Errno::EINVAL)?);
             }
-            self.m
-                .vfio
-                .keys()
-                .map(|&b| iommu_group(f, b))
-                .filter(|g| ids.contains(&group_number(*g)))
-                .collect()
+            ids
         };
         let owned: Vec<&VfioPci> = self
             .m
             .vfio
             .values()
-            .filter(|v| groups.contains(&iommu_group(f, v.bdf())))
+            .filter(|v| groups.contains(&group_number(iommu_group(f, v.bdf()))))
             .collect();
         let set: Vec<&VfioPci> = self.m.vfio.values().collect();
         o.fd.hot_reset_in(&set, &owned)
