@@ -67,6 +67,8 @@ struct Proto {
     sriov: Option<(u16, u16, u16, u16)>, // vfs, offset, stride, vf device id
     /// Captured config bytes (see [`DeviceSpec::config`]).
     config: Vec<(u16, Vec<u8>)>,
+    /// Measured write masks (see [`DeviceSpec::wmask`]).
+    wmask: Vec<(u16, Vec<u8>)>,
     key: String,
 }
 
@@ -405,6 +407,7 @@ impl Fabric {
                 express: d.express,
                 sriov,
                 config: d.config.clone(),
+                wmask: d.wmask.clone(),
                 key,
             });
         }
@@ -645,6 +648,7 @@ impl Fabric {
                     express: true,
                     sriov: None,
                     config: Vec::new(),
+                    wmask: Vec::new(),
                     key: format!("{}.sriov.vf[{n}]", protos[pf].key),
                 });
                 protos[pf].vfs.push(id);
@@ -1469,6 +1473,11 @@ fn captured_config(mut c: ConfigSpace, p: &Proto) -> (ConfigSpace, Caps) {
     }
     if let Some(a) = caps.acs {
         c.set_wmask(a + regs::ACS_CTRL, 2, regs::ACS_ALL.into());
+    }
+    for (off, mask) in &p.wmask {
+        for (i, m) in mask.iter().enumerate() {
+            c.set_wmask(off + i as u16, 1, u32::from(*m));
+        }
     }
     (c, caps)
 }

@@ -196,6 +196,7 @@ struct RawDevice {
     bars: Vec<RawBar>,
     sriov: Option<RawSriov>,
     config: Option<Vec<(Num, String)>>,
+    wmask: Option<Vec<(Num, String)>>,
 }
 
 #[derive(Deserialize)]
@@ -383,6 +384,11 @@ fn convert(raw: &RawFile) -> Result<FabricSpec, FabricError> {
         spec.sriov = sriov;
         if let Some(cfg) = &d.config {
             captured_config(&mut spec, d, cfg, &k)?;
+        } else if d.wmask.is_some() {
+            return Err(FabricError::at(
+                format!("{k}.wmask"),
+                "needs `config`: write masks are measured with the captured bytes",
+            ));
         }
         devices.push(spec);
     }
@@ -426,31 +432,12 @@ fn captured_config(
             "comes from `config` when the device has one",
         ));
     }
+    let runs = hex_runs(cfg, &key)?;
     let mut image = crate::config::ConfigSpace::new();
-    let mut runs = Vec::new();
-    for (j, (off, hex)) in cfg.iter().enumerate() {
-        let at = format!("{key}[{j}]");
-        let off = num(off, &at, "the offset")?;
-        if off >= regs::CFG_SIZE as u64 {
-            return Err(FabricError::at(at, "the offset must be below 0x1000"));
-        }
-        let digits: String = hex.chars().filter(|c| !c.is_whitespace()).collect();
-        if digits.len() % 2 != 0 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(FabricError::at(at, "the bytes must be pairs of hex digits"));
-        }
-        let bytes: Vec<u8> = (0..digits.len() / 2)
-            .map(|i| u8::from_str_radix(&digits[2 * i..2 * i + 2], 16).unwrap_or(0))
-            .collect();
-        if off as usize + bytes.len() > regs::CFG_SIZE {
-            return Err(FabricError::at(
-                at,
-                "the bytes run past the 4 KiB config space",
-            ));
-        }
+    for (off, bytes) in &runs {
         for (i, b) in bytes.iter().enumerate() {
-            image.set8(off as u16 + i as u16, *b);
+            image.set8(off + i as u16, *b);
         }
-        runs.push((off as u16, bytes));
     }
     spec.vendor = image.read16(regs::VENDOR_ID);
     spec.device = image.read16(regs::DEVICE_ID);
@@ -475,7 +462,59 @@ fn captured_config(
         ));
     }
     spec.config = runs;
+    if let Some(w) = &d.wmask {
+        spec.wmask = hex_runs(w, &format!("{k}.wmask"))?;
+    }
     Ok(())
+}
+
+/// `[[offset, "hex"], …]` runs of bytes inside the 4 KiB config space. The hex is pairs of
+/// digits, spaces ignored; a word `XX*N` stands for the byte XX repeated N times.
+fn hex_runs(cfg: &[(Num, String)], key: &str) -> Result<Vec<(u16, Vec<u8>)>, FabricError> {
+    let mut runs = Vec::new();
+    for (j, (off, hex)) in cfg.iter().enumerate() {
+        let at = format!("{key}[{j}]");
+        let off = num(off, &at, "the offset")?;
+        if off >= regs::CFG_SIZE as u64 {
+            return Err(FabricError::at(at, "the offset must be below 0x1000"));
+        }
+        let bad = || {
+            FabricError::at(
+                at.clone(),
+                "the bytes must be pairs of hex digits (or XX*N)",
+            )
+        };
+        let mut bytes = Vec::new();
+        for word in hex.split_whitespace() {
+            let (digits, times) = match word.split_once('*') {
+                Some((d, n)) => (d, n.parse::<usize>().map_err(|_| bad())?),
+                None => (word, 1),
+            };
+            if digits.len() % 2 != 0 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(bad());
+            }
+            if times > regs::CFG_SIZE || (times != 1 && digits.len() != 2) {
+                return Err(bad());
+            }
+            let one: Vec<u8> = (0..digits.len() / 2)
+                .map(|i| u8::from_str_radix(&digits[2 * i..2 * i + 2], 16).unwrap_or(0))
+                .collect();
+            for _ in 0..times {
+                bytes.extend_from_slice(&one);
+            }
+            if bytes.len() > regs::CFG_SIZE {
+                break;
+            }
+        }
+        if off as usize + bytes.len() > regs::CFG_SIZE {
+            return Err(FabricError::at(
+                at,
+                "the bytes run past the 4 KiB config space",
+            ));
+        }
+        runs.push((off as u16, bytes));
+    }
+    Ok(runs)
 }
 
 /// Parses a fabric file's text into a spec. `file` names it in errors.

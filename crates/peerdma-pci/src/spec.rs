@@ -334,6 +334,10 @@ pub struct DeviceSpec {
     /// capability chain and register values; the capability flags above must then agree
     /// with it (the file loader derives them from it).
     pub config: Vec<(u16, Vec<u8>)>,
+    /// Writable-bit masks measured on the real function (offset, mask bytes), laid over
+    /// the masks the model would give its registers, last: a bit set here can be changed
+    /// by a config write, a clear bit keeps its value. Only with `config`.
+    pub wmask: Vec<(u16, Vec<u8>)>,
 }
 
 impl DeviceSpec {
@@ -357,6 +361,7 @@ impl DeviceSpec {
             bars: Vec::new(),
             sriov: None,
             config: Vec::new(),
+            wmask: Vec::new(),
         }
     }
 }

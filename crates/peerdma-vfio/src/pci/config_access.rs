@@ -5,6 +5,12 @@
 
 use super::{Dev, DeviceFd, Errno, MemGuard, Owner, PowerState, VConfig, regs, vcfg};
 
+/// `PCI_MSI_FLAGS_ENABLE`, `PCI_MSI_FLAGS_QSIZE`.
+const MSI_ENABLE: u16 = 0x0001;
+const MSI_QSIZE: u16 = 0x0070;
+/// `vdev->msi_qmax`: set only when MSI is enabled through SET_IRQS, so 0 here.
+const MSI_QMAX: u16 = 0;
+
 /// The per-open config copy (there while the device is open).
 fn vc<'a>(m: &'a mut MemGuard<'_>) -> Result<&'a mut VConfig, Errno> {
     m.vconfig.as_mut().ok_or(Errno::EINVAL)
@@ -116,10 +122,36 @@ impl Dev {
                     }
                 }
             }
-            // No write handler: the write is dropped and reported done.
-            Owner::Msix(_) => {}
-            Owner::Other => {
-                f.config_write(b, pos, n, val).map_err(|_| Errno::EIO)?;
+            Owner::Msi(cap) => {
+                // `vfio_msi_config_write`: the default write, then, if the chunk reaches
+                // the flags (by the kernel's test, which a write ending just before them
+                // passes too), the flags are fixed up in `vconfig` and written to the
+                // hardware: MSI Enable cleared (MSI is only ever enabled through
+                // VFIO_DEVICE_SET_IRQS, which this model does not offer, so the IRQ type is
+                // never MSI) and the queue size cut to `msi_qmax` (0 until then).
+                let v = vc(m)?;
+                v.default_write(f, b, pos, n, val)?;
+                let off = pos - cap;
+                if off <= 2 && usize::from(off) + n >= 2 {
+                    let mut flags = v.get(cap + 2, 2) as u16;
+                    flags &= !MSI_ENABLE;
+                    if (flags & MSI_QSIZE) >> 4 > MSI_QMAX {
+                        flags = (flags & !MSI_QSIZE) | (MSI_QMAX << 4);
+                    }
+                    v.set(cap + 2, 2, u32::from(flags));
+                    f.config_write(b, cap + 2, 2, u32::from(flags))
+                        .map_err(|_| Errno::EIO)?;
+                }
+            }
+            Owner::Cap(..) | Owner::Ecap(..) | Owner::Unassigned => {
+                match vcfg::Layout::access(owner) {
+                    vcfg::Access::Perms => vc(m)?.default_write(f, b, pos, n, val)?,
+                    vcfg::Access::Raw | vcfg::Access::DirectRaw => {
+                        f.config_write(b, pos, n, val).map_err(|_| Errno::EIO)?;
+                    }
+                    // No write handler: the write is dropped and reported done.
+                    vcfg::Access::Direct => {}
+                }
             }
         }
         Ok(())
@@ -197,9 +229,13 @@ impl DeviceFd {
         self.ioctl_resume();
         let d = &self.dev;
         let mut m = d.lock_mem();
-        let layout = m.vconfig.as_ref().ok_or(Errno::EINVAL)?.layout;
+        let chunks = vcfg::chunks(
+            &m.vconfig.as_ref().ok_or(Errno::EINVAL)?.layout,
+            offset,
+            data.len(),
+        )?;
         let mut at = 0;
-        for (pos, n) in vcfg::chunks(&layout, offset, data.len())? {
+        for (pos, n) in chunks {
             let val = data[at..at + n]
                 .iter()
                 .enumerate()
