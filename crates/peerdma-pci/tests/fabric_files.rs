@@ -661,3 +661,48 @@ fn errors_from_disk_name_the_path() {
     assert!(e.message.contains("cannot read"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn measured_write_masks_need_captured_bytes_and_well_formed_hex() {
+    refused(
+        &format!("{EP}wmask = [[0x40, \"ff\"]]\n"),
+        "device[1].wmask",
+        "wmask",
+        "needs `config`",
+    );
+    let cfg = "config = [[0x000, \"86800010 00000000 00000002\"]]\n";
+    for bad in ["\"fz\"", "\"ff*x\"", "\"ffff*2\"", "\"ff*5000\""] {
+        refused(
+            &format!("{EP}{cfg}wmask = [[0x40, {bad}]]\n"),
+            "device[1].wmask[0]",
+            "wmask",
+            "pairs of hex digits",
+        );
+    }
+    refused(
+        &format!("{EP}{cfg}wmask = [[0xf00, \"ff*512\"]]\n"),
+        "device[1].wmask[0]",
+        "wmask",
+        "run past",
+    );
+    // The masks decide what a write changes; bytes they do not cover keep the builder's.
+    let text = format!("{BASE}{EP}{cfg}wmask = [[0x40, \"ff*4 00\"], [0x0d, \"00\"]]\n");
+    let f = file::load_str(&text, "t.toml").unwrap();
+    let bdf = "0000:01:00.0".parse().unwrap();
+    f.config_write(bdf, 0x40, 4, 0x1234_5678).unwrap();
+    f.config_write(bdf, 0x44, 1, 0xff).unwrap();
+    f.config_write(bdf, 0x0d, 1, 0xff).unwrap();
+    f.config_write(bdf, 0x0c, 1, 0x10).unwrap();
+    assert_eq!(f.config_read(bdf, 0x40, 4).unwrap(), 0x1234_5678);
+    assert_eq!(f.config_read(bdf, 0x44, 1).unwrap(), 0);
+    assert_eq!(
+        f.config_read(bdf, 0x0d, 1).unwrap(),
+        0,
+        "latency timer made read-only"
+    );
+    assert_eq!(
+        f.config_read(bdf, 0x0c, 1).unwrap(),
+        0x10,
+        "cache line size still writable"
+    );
+}
