@@ -415,6 +415,32 @@ pub enum Action {
         /// Mapping name.
         map: String,
     },
+    /// `VFIO_DEVICE_GET_IRQ_INFO`.
+    IrqInfo {
+        /// Device name.
+        dev: String,
+        /// IRQ index (INTx 0, MSI 1, MSI-X 2, ERR 3, REQ 4).
+        index: u32,
+        /// `argsz` (default 16).
+        argsz: u32,
+    },
+    /// `VFIO_DEVICE_SET_IRQS`.
+    SetIrqs {
+        /// Device name.
+        dev: String,
+        /// `flags`: data type and action bits.
+        flags: u32,
+        /// IRQ index.
+        index: u32,
+        /// First vector.
+        start: u32,
+        /// Vectors (default: as many as the data has).
+        count: u32,
+        /// The data: one byte per vector for `bool`, one fd per vector for `eventfd`.
+        data: IrqData,
+        /// `argsz` (default 20 + the data).
+        argsz: Option<u32>,
+    },
     /// `VFIO_DEVICE_GET_PCI_HOT_RESET_INFO`.
     HotResetInfo {
         /// Device name.
@@ -502,6 +528,8 @@ impl Action {
             Action::CpuWrite { .. } => "cpu_write",
             Action::CpuUnmap { .. } => "cpu_unmap",
             Action::HotResetInfo { .. } => "hot_reset_info",
+            Action::IrqInfo { .. } => "irq_info",
+            Action::SetIrqs { .. } => "set_irqs",
             Action::Dup { .. } => "dup",
             Action::Memfd { .. } => "memfd",
             Action::Eventfd { .. } => "eventfd",
@@ -994,6 +1022,70 @@ fn feature_flags(f: &Fields, key: &str, v: &Value) -> Result<u32, FormatError> {
                 .and_then(|n| u32::try_from(n).ok())
                 .ok_or_else(|| f.err(key, format!("unknown feature flag {other}"))),
         }
+    };
+    match v {
+        Value::Array(a) => a.iter().try_fold(0, |acc, x| Ok(acc | one(x)?)),
+        other => one(other),
+    }
+}
+
+/// The data a `set_irqs` step passes after the header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IrqData {
+    /// None.
+    None,
+    /// One byte per vector.
+    Bools(Vec<u8>),
+    /// One fd per vector: a name of an earlier step's fd, or a number as it is (−1).
+    Fds(Vec<FdArg>),
+}
+
+/// An fd a step passes: by name, or a raw number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FdArg {
+    /// The fd an earlier step named.
+    Named(String),
+    /// This number.
+    Raw(i32),
+}
+
+/// `index` of an IRQ step: a word or a number.
+fn irq_index(f: &mut Fields) -> Result<u32, FormatError> {
+    match f.take("index") {
+        None => Err(f.err("index", "missing")),
+        Some(Value::String(s)) => match s.as_str() {
+            "intx" => Ok(0),
+            "msi" => Ok(1),
+            "msix" => Ok(2),
+            "err" => Ok(3),
+            "req" => Ok(4),
+            _ => Err(f.err("index", "intx, msi, msix, err, req or a number")),
+        },
+        Some(v) => num(&v)
+            .ok()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| f.err("index", "intx, msi, msix, err, req or a number")),
+    }
+}
+
+/// `flags` of a `set_irqs` step: words (`none`, `bool`, `eventfd`, `mask`, `unmask`,
+/// `trigger`) or numbers, ORed.
+fn irq_flags(f: &Fields, v: &Value) -> Result<u32, FormatError> {
+    let one = |v: &Value| -> Result<u32, FormatError> {
+        let w = match v {
+            Value::String(s) => match s.as_str() {
+                "none" => Some(1),
+                "bool" => Some(2),
+                "eventfd" => Some(4),
+                "mask" => Some(8),
+                "unmask" => Some(16),
+                "trigger" => Some(32),
+                _ => None,
+            },
+            _ => None,
+        };
+        w.or_else(|| num(v).ok().and_then(|n| u32::try_from(n).ok()))
+            .ok_or_else(|| f.err("flags", format!("unknown IRQ flag {v}")))
     };
     match v {
         Value::Array(a) => a.iter().try_fold(0, |acc, x| Ok(acc | one(x)?)),
@@ -1817,6 +1909,67 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
             },
             ok,
         ),
+        "irq_info" => (
+            Action::IrqInfo {
+                dev: f.string("dev")?,
+                index: irq_index(&mut f)?,
+                argsz: f.opt_u32("argsz")?.unwrap_or(16),
+            },
+            None,
+        ),
+        "set_irqs" => {
+            let dev = f.string("dev")?;
+            let index = irq_index(&mut f)?;
+            let fv = f.take("flags").ok_or_else(|| f.err("flags", "missing"))?;
+            let flags = irq_flags(&f, &fv)?;
+            let start = f.opt_u32("start")?.unwrap_or(0);
+            let data = match (f.take("bools"), f.take("fds")) {
+                (Some(_), Some(_)) => return Err(f.err("fds", "give bools or fds, not both")),
+                (Some(Value::Array(a)), None) => IrqData::Bools(
+                    a.iter()
+                        .map(|v| num(v).ok().and_then(|n| u8::try_from(n).ok()))
+                        .collect::<Option<Vec<u8>>>()
+                        .ok_or_else(|| f.err("bools", "a list of bytes"))?,
+                ),
+                (None, Some(Value::Array(a))) => IrqData::Fds(
+                    a.iter()
+                        .map(|v| match v {
+                            Value::String(n) => Some(FdArg::Named(n.clone())),
+                            Value::Integer(n) => i32::try_from(*n).ok().map(FdArg::Raw),
+                            _ => None,
+                        })
+                        .collect::<Option<Vec<FdArg>>>()
+                        .ok_or_else(|| f.err("fds", "a list of fd names or numbers"))?,
+                ),
+                (Some(_), None) => return Err(f.err("bools", "a list of bytes")),
+                (None, Some(_)) => return Err(f.err("fds", "a list of fd names or numbers")),
+                (None, None) => IrqData::None,
+            };
+            let given = match &data {
+                IrqData::None => 1,
+                IrqData::Bools(b) => b.len(),
+                IrqData::Fds(v) => v.len(),
+            };
+            let count = f
+                .opt_u32("count")?
+                .unwrap_or(u32::try_from(given).unwrap_or(u32::MAX));
+            if given > 4096 {
+                return Err(f.err("fds", "at most 4096 entries"));
+            }
+            let argsz = f.opt_u32("argsz")?;
+            (
+                Action::SetIrqs {
+                    dev,
+                    flags,
+                    index,
+                    start,
+                    count,
+                    data,
+                    argsz,
+                },
+                ok,
+            )
+        }
         "hot_reset_info" => (
             Action::HotResetInfo {
                 dev: f.string("dev")?,
@@ -1832,7 +1985,7 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
                      seek, mmap, config_read, config_write, memory, power, flr, af_flr, reset, hot_reset, \
                      low_power, ioas, attach, detach, ioas_destroy, map, unmap, iova_ranges, dma, \
                      region_info, region_read, region_write, cpu_map, cpu_read, cpu_write, cpu_unmap, \
-                     hot_reset_info, group, dup, memfd, eventfd, read)"
+                     hot_reset_info, irq_info, set_irqs, group, dup, memfd, eventfd, read)"
                 ),
             ));
         }

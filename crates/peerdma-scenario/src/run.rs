@@ -14,7 +14,7 @@ use peerdma_uapi::feature::{VFIO_DEVICE_FEATURE_SET, header_bytes};
 use peerdma_uapi::{DevHandle, IoasId};
 use serde::{Deserialize, Serialize};
 
-use crate::format::{Action, Cap, ConfigAt, Iova, Scenario, Step};
+use crate::format::{Action, Cap, ConfigAt, FdArg, Iova, IrqData, Scenario, Step};
 
 /// Bytes each DMA step writes: `peerdma!`, a sequence number, filler. Short on purpose: a
 /// revoked DMA faults once per 4 bytes in QEMU's IOMMU, and fault storms are what the real
@@ -240,6 +240,29 @@ fn read_outcome(b: &[u8], show: bool) -> String {
 /// `devices 0000:05:00.0=devid 0000:05:00.1=owned flags=dev_id,owned`: each device the
 /// reset reaches and how the kernel named it (`devid`, `owned`, `not_owned`, `group`; ids
 /// themselves differ between backends), then the flags (`none` for 0).
+/// The outcome of an `irq_info` step: `irq count=1 flags=eventfd,maskable,automasked`.
+fn irq_info_outcome(flags: u32, count: u32) -> String {
+    let names = [
+        (1, "eventfd"),
+        (2, "maskable"),
+        (4, "automasked"),
+        (8, "noresize"),
+    ];
+    let mut words: Vec<String> = names
+        .iter()
+        .filter(|(b, _)| flags & b != 0)
+        .map(|(_, n)| (*n).to_string())
+        .collect();
+    let rest = flags & !0xf;
+    if rest != 0 {
+        words.push(format!("{rest:#x}"));
+    }
+    if words.is_empty() {
+        words.push("none".into());
+    }
+    format!("irq count={count} flags={}", words.join(","))
+}
+
 fn hot_reset_outcome(i: &peerdma_uapi::backend::HotResetInfo) -> String {
     use peerdma_uapi::backend::{Dependent, HOT_RESET_FLAG_DEV_ID, HOT_RESET_FLAG_DEV_ID_OWNED};
     let mut words = vec!["devices".to_string()];
@@ -945,6 +968,59 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
                 },
                 None,
             ))
+        }
+        Action::IrqInfo { dev, index, argsz } => {
+            let (d, _) = st.dev(dev)?;
+            let mut b = [0u8; 16];
+            b[0..4].copy_from_slice(&argsz.to_le_bytes());
+            b[8..12].copy_from_slice(&index.to_le_bytes());
+            Ok((
+                be.irq_info(d, &mut b).map_or_else(errno_word, |()| {
+                    let word = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+                    irq_info_outcome(word(4), word(12))
+                }),
+                None,
+            ))
+        }
+        Action::SetIrqs {
+            dev,
+            flags,
+            index,
+            start,
+            count,
+            data,
+            argsz,
+        } => {
+            let (d, _) = st.dev(dev)?;
+            let bytes: Vec<u8> = match data {
+                IrqData::None => Vec::new(),
+                IrqData::Bools(b) => b.clone(),
+                IrqData::Fds(v) => {
+                    let mut out = Vec::new();
+                    for a in v {
+                        let fd = match a {
+                            FdArg::Named(n) => st.fd(n)?.0,
+                            FdArg::Raw(n) => *n,
+                        };
+                        out.extend_from_slice(&fd.to_le_bytes());
+                    }
+                    out
+                }
+            };
+            let argsz = argsz.unwrap_or(u32::try_from(20 + bytes.len()).unwrap_or(u32::MAX));
+            // Room for every byte the header asks the kernel to copy (zeros past the data).
+            let per = match flags & 7 {
+                2 => 1,
+                4 => 4,
+                _ => 0,
+            };
+            let want = 20 + (*count as usize).min(4096) * per;
+            let mut b = vec![0u8; want.max(20 + bytes.len())];
+            for (at, w) in [(0, argsz), (4, *flags), (8, *index), (12, *start), (16, *count)] {
+                b[at..at + 4].copy_from_slice(&w.to_le_bytes());
+            }
+            b[20..20 + bytes.len()].copy_from_slice(&bytes);
+            ok_or_errno(be.set_irqs(d, &b))
         }
         Action::HotResetInfo { dev, room } => {
             let (d, _) = st.dev(dev)?;

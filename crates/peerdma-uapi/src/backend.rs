@@ -243,6 +243,12 @@ pub trait UapiBackend {
     fn ioas_destroy(&mut self, ioas: IoasId) -> Result<(), Errno>;
     /// `IOMMU_IOAS_UNMAP`; returns the length unmapped.
     fn ioas_unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64, Errno>;
+    /// `VFIO_DEVICE_GET_IRQ_INFO` on `buf`, `struct vfio_irq_info` (argsz, flags, index,
+    /// count, 16 bytes): the kernel fills in flags and count.
+    fn irq_info(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<(), Errno>;
+    /// `VFIO_DEVICE_SET_IRQS` with `buf`: `struct vfio_irq_set` (argsz, flags, index, start,
+    /// count) and its data, as many bytes as the data the header asks for.
+    fn set_irqs(&mut self, dev: DevHandle, buf: &[u8]) -> Result<(), Errno>;
     /// `VFIO_DEVICE_GET_REGION_INFO` of region `index`.
     fn region_info(&mut self, dev: DevHandle, index: u32) -> Result<RegionInfo, Errno>;
     /// `pread` of the device fd at `offset` of region `index` (vfio-pci's fixed layout,

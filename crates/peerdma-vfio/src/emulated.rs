@@ -636,6 +636,15 @@ impl UapiBackend for Emulated<'_> {
         self.iommufd()?.unmap(ioas.0, iova, length)
     }
 
+    fn irq_info(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<(), Errno> {
+        self.dev(dev)?.fd.irq_info(buf)
+    }
+
+    fn set_irqs(&mut self, dev: DevHandle, buf: &[u8]) -> Result<(), Errno> {
+        let o = self.devs.get(&dev.0).ok_or(Errno::EBADF)?;
+        o.fd.set_irqs(&self.proc, buf)
+    }
+
     fn region_info(&mut self, dev: DevHandle, index: u32) -> Result<RegionInfo, Errno> {
         self.dev(dev)?.fd.region_info(index)
     }

@@ -3,13 +3,11 @@
 //! AF handlers that revoke, change power state or reset). The virtual config space they
 //! work on is [`crate::config`]. Locking: see [`super`].
 
-use super::{Dev, DeviceFd, Errno, MemGuard, Owner, PowerState, VConfig, regs, vcfg};
+use super::{Dev, DeviceFd, Errno, MemGuard, Ordering, Owner, PowerState, VConfig, irqs, regs, vcfg};
 
 /// `PCI_MSI_FLAGS_ENABLE`, `PCI_MSI_FLAGS_QSIZE`.
 const MSI_ENABLE: u16 = 0x0001;
 const MSI_QSIZE: u16 = 0x0070;
-/// `vdev->msi_qmax`: set only when MSI is enabled through SET_IRQS, so 0 here.
-const MSI_QMAX: u16 = 0;
 
 /// The per-open config copy (there while the device is open).
 fn vc<'a>(m: &'a mut MemGuard<'_>) -> Result<&'a mut VConfig, Errno> {
@@ -126,17 +124,19 @@ impl Dev {
                 // `vfio_msi_config_write`: the default write, then, if the chunk reaches
                 // the flags (by the kernel's test, which a write ending just before them
                 // passes too), the flags are fixed up in `vconfig` and written to the
-                // hardware: MSI Enable cleared (MSI is only ever enabled through
-                // VFIO_DEVICE_SET_IRQS, which this model does not offer, so the IRQ type is
-                // never MSI) and the queue size cut to `msi_qmax` (0 until then).
+                // hardware: MSI Enable cleared unless MSI is the active interrupt type (set
+                // up through VFIO_DEVICE_SET_IRQS) and the queue size cut to `msi_qmax`.
                 let v = vc(m)?;
                 v.default_write(f, b, pos, n, val)?;
                 let off = pos - cap;
                 if off <= 2 && usize::from(off) + n >= 2 {
+                    let qmax = self.msi_qmax.load(Ordering::Acquire);
                     let mut flags = v.get(cap + 2, 2) as u16;
-                    flags &= !MSI_ENABLE;
-                    if (flags & MSI_QSIZE) >> 4 > MSI_QMAX {
-                        flags = (flags & !MSI_QSIZE) | (MSI_QMAX << 4);
+                    if self.irq_type.load(Ordering::Acquire) != irqs::MSI {
+                        flags &= !MSI_ENABLE;
+                    }
+                    if (flags & MSI_QSIZE) >> 4 > qmax {
+                        flags = (flags & !MSI_QSIZE) | (qmax << 4);
                     }
                     v.set(cap + 2, 2, u32::from(flags));
                     f.config_write(b, cap + 2, 2, u32::from(flags))
@@ -153,6 +153,11 @@ impl Dev {
                     vcfg::Access::Direct => {}
                 }
             }
+        }
+        if pos == regs::COMMAND || pos == regs::COMMAND + 1 {
+            // INTx disable is emulated: the user's bit decides whether INTx signals.
+            let off = vc(m)?.command() & regs::COMMAND_INTX_DISABLE != 0;
+            self.virq_disabled.store(off, Ordering::Release);
         }
         Ok(())
     }

@@ -34,7 +34,7 @@
 //! as the kernel does: an importer that never unmaps hangs it (the soak's watchdog names such
 //! a thread and the mappings it waits for; the wait logs the same every 10 s).
 
-use peerdma_pci::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use peerdma_pci::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use peerdma_pci::sync::{Arc, Condvar, Mutex, RwLock, RwLockWriteGuard, Weak};
 use std::time::Duration;
 
@@ -57,6 +57,7 @@ use crate::watch::{BufWatch, Ledger, Piece, Violation, target_phys};
 
 mod config_access;
 mod dmabuf;
+mod irqs;
 mod power;
 mod rdwr;
 
@@ -198,6 +199,17 @@ struct Dev {
     pm: AtomicBool,
     /// A wakeup-armed low power is engaged (so an ioctl must look under `memory_lock`).
     wake_armed: AtomicBool,
+    /// `igate`: the interrupts the user set up (see [`irqs`]).
+    irqs: Mutex<irqs::Irqs>,
+    /// The active interrupt type (`vdev->irq_type`), read by the MSI config handler.
+    irq_type: AtomicU8,
+    /// `vdev->msi_qmax`: the MSI queue size of the last MSI enable (kept across opens).
+    msi_qmax: AtomicU16,
+    /// The user's COMMAND disables INTx (`vdev->virq_disabled`, kept across opens).
+    virq_disabled: AtomicBool,
+    /// MSI-X vectors can be added while enabled (`vdev->has_dyn_msix`): an MSI-X
+    /// capability on x86, whose interrupt domains allow it.
+    dyn_msix: bool,
     /// The BARs as the PCI core assigned them (`pdev->resource`), with the mmap probe's
     /// verdict.
     resources: [Option<rdwr::Resource>; 6],
@@ -460,6 +472,7 @@ impl VfioPci {
         let resources = rdwr::resources(&fabric, bdf, &*variant);
         let vf_token = f.caps().sriov.map(|_| Mutex::new([0u8; 16]));
         let msix = rdwr::msix_table(&fabric, bdf);
+        let dyn_msix = msix.is_some();
         let dev = Arc::new(Dev {
             resources,
             msix,
@@ -477,6 +490,11 @@ impl VfioPci {
             exported: AtomicU64::new(0),
             pm: AtomicBool::new(KernelConfig::default().pm),
             wake_armed: AtomicBool::new(false),
+            irqs: Mutex::new(irqs::Irqs::default()),
+            irq_type: AtomicU8::new(irqs::NONE),
+            msi_qmax: AtomicU16::new(0),
+            virq_disabled: AtomicBool::new(false),
+            dyn_msix,
         });
         dev.fabric.subscribe(Arc::new(Watch(Arc::downgrade(&dev))));
         Ok(VfioPci { dev })
@@ -812,6 +830,9 @@ impl DeviceFd {
         let Some(reg) = self.reg.take() else { return };
         let d = &self.dev;
         if self.granted.swap(false, Ordering::AcqRel) {
+            if d.read_mem(|m| m.open_count) == 1 {
+                self.irqs_release();
+            }
             let mut m = d.lock_mem();
             if m.open_count == 1 {
                 m.cleanup_bufs();

@@ -1,0 +1,481 @@
+//! A vfio-pci device's interrupts as the user sets them up (drivers/vfio/pci/vfio_pci_core.c
+//! `vfio_pci_ioctl_get_irq_info`, `vfio_pci_ioctl_set_irqs`, `vfio_pci_get_irq_count`;
+//! drivers/vfio/vfio_main.c `vfio_set_irqs_validate_and_prepare`; vfio_pci_intrs.c, the
+//! handlers). The model has no interrupt lines: nothing the emulated devices do raises one.
+//! What a user can observe is all kept: which eventfd each index and vector signals, the
+//! loopback a `DATA_NONE`/`DATA_BOOL` trigger performs (the kernel's way to test a setup),
+//! the state machine of the active interrupt type (none, INTx, MSI, MSI-X), and every errno in
+//! the kernel's order. Enabling MSI also sets `msi_qmax`, which the MSI capability's
+//! config-space handler uses ([`super::config_access`]).
+
+use std::collections::BTreeMap;
+
+use super::{Arc, DeviceFd, Errno, File, Ordering, Process, regs, sync, vcfg};
+
+/// `VFIO_PCI_INTX_IRQ_INDEX` … `VFIO_PCI_REQ_IRQ_INDEX`, and `VFIO_PCI_NUM_IRQS` (also the
+/// kernel's "no interrupt type active").
+pub(crate) const INTX: u8 = 0;
+pub(crate) const MSI: u8 = 1;
+pub(crate) const MSIX: u8 = 2;
+const ERR: u32 = 3;
+const REQ: u32 = 4;
+pub(crate) const NONE: u8 = 5;
+
+/// `VFIO_IRQ_SET_DATA_*`, `VFIO_IRQ_SET_ACTION_*`.
+const DATA_NONE: u32 = 1 << 0;
+const DATA_BOOL: u32 = 1 << 1;
+const DATA_EVENTFD: u32 = 1 << 2;
+const DATA_MASK: u32 = DATA_NONE | DATA_BOOL | DATA_EVENTFD;
+const ACTION_MASK_BIT: u32 = 1 << 3;
+const ACTION_UNMASK: u32 = 1 << 4;
+const ACTION_TRIGGER: u32 = 1 << 5;
+const ACTION_TYPE_MASK: u32 = ACTION_MASK_BIT | ACTION_UNMASK | ACTION_TRIGGER;
+
+/// `VFIO_IRQ_INFO_*`.
+const INFO_EVENTFD: u32 = 1 << 0;
+const INFO_MASKABLE: u32 = 1 << 1;
+const INFO_AUTOMASKED: u32 = 1 << 2;
+const INFO_NORESIZE: u32 = 1 << 3;
+
+/// `offsetofend(struct vfio_irq_set, count)` and `offsetofend(struct vfio_irq_info, count)`.
+const SET_MINSZ: usize = 20;
+const INFO_MINSZ: usize = 16;
+
+/// `PCI_CAP_ID_MSI`, `PCI_CAP_ID_MSIX`.
+const CAP_ID_MSI: u8 = 0x05;
+
+/// What `igate` guards.
+#[derive(Default)]
+pub(super) struct Irqs {
+    /// INTx's eventfd (`ctx[0].trigger`), while INTx is the active type.
+    intx_trigger: Option<Arc<File>>,
+    /// INTx masked (`ctx->masked`); not observable here, kept for the state machine.
+    intx_masked: bool,
+    /// The eventfd INTx unmasks on (`ctx->unmask`, a virqfd).
+    intx_unmask: Option<Arc<File>>,
+    /// MSI or MSI-X vectors allocated (`pci_alloc_irq_vectors`), and each one's eventfd.
+    nvec: u32,
+    vectors: BTreeMap<u32, Arc<File>>,
+    /// `vdev->err_trigger`, `vdev->req_trigger`.
+    err: Option<Arc<File>>,
+    req: Option<Arc<File>>,
+}
+
+impl Irqs {
+    /// Every eventfd let go (collected, to put once `igate` is dropped).
+    fn drain(&mut self, out: &mut Vec<Arc<File>>) {
+        out.extend(self.intx_trigger.take());
+        out.extend(self.intx_unmask.take());
+        out.extend(std::mem::take(&mut self.vectors).into_values());
+        self.nvec = 0;
+        self.intx_masked = false;
+    }
+}
+
+fn word(buf: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]])
+}
+
+impl DeviceFd {
+    /// `vfio_pci_get_irq_count`: INTx 1 when the user's interrupt pin is set, MSI and MSI-X
+    /// from the hardware's capability, ERR 1 on a PCIe function, REQ 1.
+    fn irq_count(&self, index: u32) -> u32 {
+        let d = &self.dev;
+        let (f, b) = (&*d.fabric, d.bdf);
+        match index {
+            0 => {
+                let pin = d.read_mem(|m| {
+                    m.vconfig
+                        .as_ref()
+                        .map_or(0, |v| v.get(regs::INTERRUPT_PIN, 1))
+                });
+                u32::from(pin != 0)
+            }
+            1 => vcfg::find_cap(f, b, CAP_ID_MSI)
+                .and_then(|p| f.config_read(b, p + 2, 2).ok())
+                .map_or(0, |flags| 1 << ((flags & 0x000e) >> 1)),
+            2 => vcfg::find_cap(f, b, vcfg::CAP_ID_MSIX)
+                .and_then(|p| f.config_read(b, p + 2, 2).ok())
+                .map_or(0, |flags| (flags & 0x07ff) + 1),
+            ERR => u32::from(f.function(b).is_ok_and(|x| x.caps().exp.is_some())),
+            REQ => 1,
+            _ => 0,
+        }
+    }
+
+    /// `VFIO_DEVICE_GET_IRQ_INFO` on the ioctl's buffer (`struct vfio_irq_info`: argsz,
+    /// flags, index, count): `EINVAL` for an argsz below 16, an index past REQ, or ERR on a
+    /// conventional PCI function; else flags and count filled in.
+    pub fn irq_info(&self, buf: &mut [u8]) -> Result<(), Errno> {
+        self.ioctl_prologue()?;
+        if buf.len() < INFO_MINSZ {
+            return Err(Errno::EFAULT);
+        }
+        let (argsz, index) = (word(buf, 0), word(buf, 8));
+        if (argsz as usize) < INFO_MINSZ || index >= u32::from(NONE) {
+            return Err(Errno::EINVAL);
+        }
+        if index == ERR && self.irq_count(ERR) == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let mut flags = INFO_EVENTFD;
+        if index == u32::from(INTX) {
+            flags |= INFO_MASKABLE | INFO_AUTOMASKED;
+        } else if index != u32::from(MSIX) || !self.dev.dyn_msix {
+            flags |= INFO_NORESIZE;
+        }
+        buf[4..8].copy_from_slice(&flags.to_le_bytes());
+        buf[12..16].copy_from_slice(&self.irq_count(index).to_le_bytes());
+        Ok(())
+    }
+
+    /// `VFIO_DEVICE_SET_IRQS` on the ioctl's buffer (`struct vfio_irq_set`: argsz, flags,
+    /// index, start, count, then the data), checked as `vfio_set_irqs_validate_and_prepare`
+    /// checks it, then handed to the index's handler under `igate`; `ENOTTY` when the index
+    /// has none for the action (MSI masking, any action but trigger on ERR and REQ).
+    pub fn set_irqs(&self, proc: &Process, buf: &[u8]) -> Result<(), Errno> {
+        self.ioctl_prologue()?;
+        if buf.len() < SET_MINSZ {
+            return Err(Errno::EFAULT);
+        }
+        let (argsz, flags, index, start, count) = (
+            word(buf, 0),
+            word(buf, 4),
+            word(buf, 8),
+            word(buf, 12),
+            word(buf, 16),
+        );
+        let max = self.irq_count(index);
+        if (argsz as usize) < SET_MINSZ
+            || index >= u32::from(NONE)
+            || count >= u32::MAX - start
+            || flags & !(DATA_MASK | ACTION_TYPE_MASK) != 0
+        {
+            return Err(Errno::EINVAL);
+        }
+        if start >= max || start + count > max {
+            return Err(Errno::EINVAL);
+        }
+        let size = match flags & DATA_MASK {
+            DATA_NONE => 0,
+            DATA_BOOL => 1,
+            DATA_EVENTFD => 4,
+            _ => return Err(Errno::EINVAL),
+        };
+        let need = u64::from(count) * size;
+        if size != 0 && u64::from(argsz) - (SET_MINSZ as u64) < need {
+            return Err(Errno::EINVAL);
+        }
+        let data = buf
+            .get(SET_MINSZ..SET_MINSZ + need as usize)
+            .ok_or(Errno::EFAULT)?;
+        let action = flags & ACTION_TYPE_MASK;
+        let d = &self.dev;
+        let mut puts = Vec::new();
+        let r = {
+            let mut irqs = sync::lock(&d.irqs);
+            match (index, action) {
+                (0, ACTION_MASK_BIT | ACTION_UNMASK) => {
+                    self.intx_mask(&mut irqs, proc, action, start, count, flags, data, &mut puts)
+                }
+                (0, ACTION_TRIGGER) => {
+                    self.intx_trigger(&mut irqs, proc, start, count, flags, data, &mut puts)
+                }
+                (1 | 2, ACTION_TRIGGER) => {
+                    self.msi_trigger(&mut irqs, proc, index as u8, start, count, flags, data, &mut puts)
+                }
+                (ERR | REQ, ACTION_TRIGGER) => {
+                    let slot = if index == ERR {
+                        &mut irqs.err
+                    } else {
+                        &mut irqs.req
+                    };
+                    ctx_trigger_single(slot, proc, count, flags, data, &mut puts)
+                }
+                _ => Err(Errno::ENOTTY),
+            }
+        };
+        for f in puts {
+            f.put();
+        }
+        r
+    }
+
+    /// `vfio_pci_set_intx_mask`, `vfio_pci_set_intx_unmask`.
+    #[allow(clippy::too_many_arguments)]
+    fn intx_mask(
+        &self,
+        irqs: &mut Irqs,
+        proc: &Process,
+        action: u32,
+        start: u32,
+        count: u32,
+        flags: u32,
+        data: &[u8],
+        puts: &mut Vec<Arc<File>>,
+    ) -> Result<(), Errno> {
+        if self.dev.irq_type.load(Ordering::Acquire) != INTX || start != 0 || count != 1 {
+            return Err(Errno::EINVAL);
+        }
+        let mask = action == ACTION_MASK_BIT;
+        if flags & DATA_NONE != 0 {
+            irqs.intx_masked = mask;
+        } else if flags & DATA_BOOL != 0 {
+            if data[0] != 0 {
+                irqs.intx_masked = mask;
+            }
+        } else if flags & DATA_EVENTFD != 0 {
+            if mask {
+                return Err(Errno::ENOTTY);
+            }
+            let fd = word(data, 0) as i32;
+            if fd >= 0 {
+                let e = eventfd_get(proc, fd)?;
+                puts.extend(irqs.intx_unmask.replace(e));
+            } else {
+                puts.extend(irqs.intx_unmask.take());
+            }
+        }
+        Ok(())
+    }
+
+    /// `vfio_pci_set_intx_trigger`.
+    #[allow(clippy::too_many_arguments)]
+    fn intx_trigger(
+        &self,
+        irqs: &mut Irqs,
+        proc: &Process,
+        start: u32,
+        count: u32,
+        flags: u32,
+        data: &[u8],
+        puts: &mut Vec<Arc<File>>,
+    ) -> Result<(), Errno> {
+        let d = &self.dev;
+        let ty = d.irq_type.load(Ordering::Acquire);
+        if ty == INTX && count == 0 && flags & DATA_NONE != 0 {
+            irqs.drain(puts);
+            d.irq_type.store(NONE, Ordering::Release);
+            return Ok(());
+        }
+        if !(ty == INTX || ty == NONE) || start != 0 || count != 1 {
+            return Err(Errno::EINVAL);
+        }
+        if flags & DATA_EVENTFD != 0 {
+            let fd = word(data, 0) as i32;
+            let trigger = if fd >= 0 {
+                Some(eventfd_get(proc, fd)?)
+            } else {
+                None
+            };
+            if ty != INTX {
+                // `vfio_intx_enable`: a function without an interrupt line is ENODEV; every
+                // modelled function with a pin has one.
+                irqs.intx_masked = d.virq_disabled.load(Ordering::Acquire);
+                d.irq_type.store(INTX, Ordering::Release);
+            }
+            puts.extend(std::mem::replace(&mut irqs.intx_trigger, trigger));
+            return Ok(());
+        }
+        if ty != INTX {
+            return Err(Errno::EINVAL);
+        }
+        let fire = flags & DATA_NONE != 0 || (flags & DATA_BOOL != 0 && data[0] != 0);
+        // `vfio_send_intx_eventfd`: nothing while the user's COMMAND disables INTx.
+        if fire && !d.virq_disabled.load(Ordering::Acquire) {
+            if let Some(t) = &irqs.intx_trigger {
+                t.eventfd_signal(1);
+            }
+        }
+        Ok(())
+    }
+
+    /// `vfio_pci_set_msi_trigger`, with `vfio_msi_enable`, `vfio_msi_set_block` and
+    /// `vfio_msi_disable`.
+    #[allow(clippy::too_many_arguments)]
+    fn msi_trigger(
+        &self,
+        irqs: &mut Irqs,
+        proc: &Process,
+        index: u8,
+        start: u32,
+        count: u32,
+        flags: u32,
+        data: &[u8],
+        puts: &mut Vec<Arc<File>>,
+    ) -> Result<(), Errno> {
+        let d = &self.dev;
+        let ty = d.irq_type.load(Ordering::Acquire);
+        if ty == index && count == 0 && flags & DATA_NONE != 0 {
+            irqs.drain(puts);
+            d.irq_type.store(NONE, Ordering::Release);
+            return Ok(());
+        }
+        if !(ty == index || ty == NONE) {
+            return Err(Errno::EINVAL);
+        }
+        if flags & DATA_EVENTFD != 0 {
+            let fds: Vec<i32> = (0..count as usize)
+                .map(|i| word(data, 4 * i) as i32)
+                .collect();
+            if ty == index {
+                return self.msi_set_block(irqs, proc, index, start, &fds, puts);
+            }
+            irqs.nvec = start + count;
+            d.irq_type.store(index, Ordering::Release);
+            if index == MSI {
+                // `fls(nvec * 2 - 1) - 1`: the queue size for nvec vectors.
+                let q = 31 - (irqs.nvec * 2 - 1).leading_zeros();
+                d.msi_qmax.store(q as u16, Ordering::Release);
+            }
+            let r = self.msi_set_block(irqs, proc, index, start, &fds, puts);
+            if r.is_err() {
+                irqs.drain(puts);
+                d.irq_type.store(NONE, Ordering::Release);
+            }
+            return r;
+        }
+        if ty != index {
+            return Err(Errno::EINVAL);
+        }
+        for v in start..start + count {
+            let Some(t) = irqs.vectors.get(&v) else {
+                continue;
+            };
+            let fire = flags & DATA_NONE != 0
+                || (flags & DATA_BOOL != 0 && data[(v - start) as usize] != 0);
+            if fire {
+                t.eventfd_signal(1);
+            }
+        }
+        Ok(())
+    }
+
+    /// `vfio_msi_set_block`: each vector's eventfd in turn (a negative fd leaves the vector
+    /// without one); a vector past those allocated is `EINVAL` (MSI-X with dynamic
+    /// allocation gets one more instead); on an error the vectors from `start` up to the
+    /// failing one are let go.
+    fn msi_set_block(
+        &self,
+        irqs: &mut Irqs,
+        proc: &Process,
+        index: u8,
+        start: u32,
+        fds: &[i32],
+        puts: &mut Vec<Arc<File>>,
+    ) -> Result<(), Errno> {
+        let mut r = Ok(());
+        let mut j = start;
+        for &fd in fds {
+            let had = irqs.vectors.remove(&j);
+            let existed = had.is_some();
+            puts.extend(had);
+            j += 1;
+            if fd < 0 {
+                continue;
+            }
+            let v = j - 1;
+            if !existed && v >= irqs.nvec {
+                if index == MSIX && self.dev.dyn_msix {
+                    irqs.nvec = v + 1;
+                } else {
+                    r = Err(Errno::EINVAL);
+                    break;
+                }
+            }
+            match eventfd_get(proc, fd) {
+                Ok(e) => {
+                    irqs.vectors.insert(v, e);
+                }
+                Err(e) => {
+                    r = Err(e);
+                    break;
+                }
+            }
+        }
+        if r.is_err() {
+            for v in start..j {
+                puts.extend(irqs.vectors.remove(&v));
+            }
+        }
+        r
+    }
+
+    /// The interrupts torn down at the last close (`vfio_pci_core_disable` disables the
+    /// active type; `vfio_pci_core_close_device` drops the ERR and REQ eventfds).
+    pub(super) fn irqs_release(&self) {
+        let d = &self.dev;
+        let mut puts = Vec::new();
+        {
+            let mut irqs = sync::lock(&d.irqs);
+            irqs.drain(&mut puts);
+            puts.extend(irqs.err.take());
+            puts.extend(irqs.req.take());
+        }
+        d.irq_type.store(NONE, Ordering::Release);
+        for f in puts {
+            f.put();
+        }
+    }
+}
+
+/// `eventfd_ctx_fdget`: `EBADF` for a closed fd, `EINVAL` for a file that is not an eventfd.
+fn eventfd_get(proc: &Process, fd: i32) -> Result<Arc<File>, Errno> {
+    let f = proc.fget(fd)?;
+    if !f.is_eventfd() {
+        f.put();
+        return Err(Errno::EINVAL);
+    }
+    Ok(f)
+}
+
+/// `vfio_pci_set_ctx_trigger_single` (ERR and REQ): `DATA_NONE` signals the eventfd
+/// (`EINVAL` without one) or, with count 0, drops it; `DATA_BOOL` signals on a nonzero byte;
+/// `DATA_EVENTFD` sets the eventfd, or drops it for fd −1 (other negative fds are `EINVAL`).
+fn ctx_trigger_single(
+    slot: &mut Option<Arc<File>>,
+    proc: &Process,
+    count: u32,
+    flags: u32,
+    data: &[u8],
+    puts: &mut Vec<Arc<File>>,
+) -> Result<(), Errno> {
+    if flags & DATA_NONE != 0 {
+        let Some(e) = slot.as_ref() else {
+            return Err(Errno::EINVAL);
+        };
+        if count != 0 {
+            e.eventfd_signal(1);
+        } else {
+            puts.extend(slot.take());
+        }
+        return Ok(());
+    }
+    if flags & DATA_BOOL != 0 {
+        if count == 0 {
+            return Err(Errno::EINVAL);
+        }
+        if data[0] != 0 {
+            if let Some(e) = slot.as_ref() {
+                e.eventfd_signal(1);
+            }
+        }
+        return Ok(());
+    }
+    if flags & DATA_EVENTFD != 0 {
+        if count == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let fd = word(data, 0) as i32;
+        if fd == -1 {
+            puts.extend(slot.take());
+            return Ok(());
+        }
+        if fd >= 0 {
+            let e = eventfd_get(proc, fd)?;
+            puts.extend(slot.replace(e));
+            return Ok(());
+        }
+    }
+    Err(Errno::EINVAL)
+}
