@@ -48,7 +48,11 @@ mod nr {
     #![allow(missing_docs)]
     use super::{VFIO_BASE, VFIO_TYPE};
     use vmm_sys_util::ioctl_io_nr;
-    ioctl_io_nr!(VFIO_DEVICE_GET_IRQ_INFO, u32::from(VFIO_TYPE), VFIO_BASE + 9);
+    ioctl_io_nr!(
+        VFIO_DEVICE_GET_IRQ_INFO,
+        u32::from(VFIO_TYPE),
+        VFIO_BASE + 9
+    );
     ioctl_io_nr!(VFIO_DEVICE_SET_IRQS, u32::from(VFIO_TYPE), VFIO_BASE + 10);
     ioctl_io_nr!(VFIO_DEVICE_RESET, u32::from(VFIO_TYPE), VFIO_BASE + 11);
     ioctl_io_nr!(

@@ -976,7 +976,8 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
             b[8..12].copy_from_slice(&index.to_le_bytes());
             Ok((
                 be.irq_info(d, &mut b).map_or_else(errno_word, |()| {
-                    let word = |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+                    let word =
+                        |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
                     irq_info_outcome(word(4), word(12))
                 }),
                 None,
@@ -1016,7 +1017,13 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
             };
             let want = 20 + (*count as usize).min(4096) * per;
             let mut b = vec![0u8; want.max(20 + bytes.len())];
-            for (at, w) in [(0, argsz), (4, *flags), (8, *index), (12, *start), (16, *count)] {
+            for (at, w) in [
+                (0, argsz),
+                (4, *flags),
+                (8, *index),
+                (12, *start),
+                (16, *count),
+            ] {
                 b[at..at + 4].copy_from_slice(&w.to_le_bytes());
             }
             b[20..20 + bytes.len()].copy_from_slice(&bytes);

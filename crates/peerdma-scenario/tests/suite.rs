@@ -207,6 +207,12 @@ impl UapiBackend for Tweaked<'_> {
     fn ioas_unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64, Errno> {
         self.inner.ioas_unmap(ioas, iova, length)
     }
+    fn irq_info(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<(), Errno> {
+        self.inner.irq_info(dev, buf)
+    }
+    fn set_irqs(&mut self, dev: DevHandle, buf: &[u8]) -> Result<(), Errno> {
+        self.inner.set_irqs(dev, buf)
+    }
     fn region_info(
         &mut self,
         dev: DevHandle,

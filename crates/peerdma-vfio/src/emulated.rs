@@ -193,6 +193,18 @@ pub struct Emulated<'m> {
     group_files: HashMap<Bdf, usize>,
 }
 
+impl Emulated<'_> {
+    /// How many references the open file behind `fd` has (the fd table's among them): how a
+    /// test sees that nothing the kernel held on to outlives its release. `EBADF` for a
+    /// closed fd.
+    pub fn fd_refs(&self, fd: i32) -> Result<usize, Errno> {
+        let f = self.proc.fget(fd)?;
+        let n = f.refs() - 1;
+        f.put();
+        Ok(n)
+    }
+}
+
 impl Drop for Emulated<'_> {
     /// A process exit: iommufd's mappings go first (they hold dma-buf references), then the
     /// file table, then the devices (each giving back its hold on its group).

@@ -3,7 +3,9 @@
 //! AF handlers that revoke, change power state or reset). The virtual config space they
 //! work on is [`crate::config`]. Locking: see [`super`].
 
-use super::{Dev, DeviceFd, Errno, MemGuard, Ordering, Owner, PowerState, VConfig, irqs, regs, vcfg};
+use super::{
+    Dev, DeviceFd, Errno, MemGuard, Ordering, Owner, PowerState, VConfig, irqs, regs, vcfg,
+};
 
 /// `PCI_MSI_FLAGS_ENABLE`, `PCI_MSI_FLAGS_QSIZE`.
 const MSI_ENABLE: u16 = 0x0001;

@@ -76,6 +76,11 @@ fn word(buf: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]])
 }
 
+/// A signed fd in the data.
+fn fd_at(buf: &[u8], at: usize) -> i32 {
+    i32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]])
+}
+
 impl DeviceFd {
     /// `vfio_pci_get_irq_count`: INTx 1 when the user's interrupt pin is set, MSI and MSI-X
     /// from the hardware's capability, ERR 1 on a PCIe function, REQ 1.
@@ -175,15 +180,22 @@ impl DeviceFd {
         let r = {
             let mut irqs = sync::lock(&d.irqs);
             match (index, action) {
-                (0, ACTION_MASK_BIT | ACTION_UNMASK) => {
-                    self.intx_mask(&mut irqs, proc, action, start, count, flags, data, &mut puts)
-                }
+                (0, ACTION_MASK_BIT | ACTION_UNMASK) => self.intx_mask(
+                    &mut irqs, proc, action, start, count, flags, data, &mut puts,
+                ),
                 (0, ACTION_TRIGGER) => {
                     self.intx_trigger(&mut irqs, proc, start, count, flags, data, &mut puts)
                 }
-                (1 | 2, ACTION_TRIGGER) => {
-                    self.msi_trigger(&mut irqs, proc, index as u8, start, count, flags, data, &mut puts)
-                }
+                (1 | 2, ACTION_TRIGGER) => self.msi_trigger(
+                    &mut irqs,
+                    proc,
+                    index as u8,
+                    start,
+                    count,
+                    flags,
+                    data,
+                    &mut puts,
+                ),
                 (ERR | REQ, ACTION_TRIGGER) => {
                     let slot = if index == ERR {
                         &mut irqs.err
@@ -228,7 +240,7 @@ impl DeviceFd {
             if mask {
                 return Err(Errno::ENOTTY);
             }
-            let fd = word(data, 0) as i32;
+            let fd = fd_at(data, 0);
             if fd >= 0 {
                 let e = eventfd_get(proc, fd)?;
                 puts.extend(irqs.intx_unmask.replace(e));
@@ -262,7 +274,7 @@ impl DeviceFd {
             return Err(Errno::EINVAL);
         }
         if flags & DATA_EVENTFD != 0 {
-            let fd = word(data, 0) as i32;
+            let fd = fd_at(data, 0);
             let trigger = if fd >= 0 {
                 Some(eventfd_get(proc, fd)?)
             } else {
@@ -316,7 +328,7 @@ impl DeviceFd {
         }
         if flags & DATA_EVENTFD != 0 {
             let fds: Vec<i32> = (0..count as usize)
-                .map(|i| word(data, 4 * i) as i32)
+                .map(|i| fd_at(data, 4 * i))
                 .collect();
             if ty == index {
                 return self.msi_set_block(irqs, proc, index, start, &fds, puts);
@@ -325,7 +337,7 @@ impl DeviceFd {
             d.irq_type.store(index, Ordering::Release);
             if index == MSI {
                 // `fls(nvec * 2 - 1) - 1`: the queue size for nvec vectors.
-                let q = 31 - (irqs.nvec * 2 - 1).leading_zeros();
+                let q = (irqs.nvec * 2 - 1).ilog2();
                 d.msi_qmax.store(q as u16, Ordering::Release);
             }
             let r = self.msi_set_block(irqs, proc, index, start, &fds, puts);
@@ -466,7 +478,7 @@ fn ctx_trigger_single(
         if count == 0 {
             return Err(Errno::EINVAL);
         }
-        let fd = word(data, 0) as i32;
+        let fd = fd_at(data, 0);
         if fd == -1 {
             puts.extend(slot.take());
             return Ok(());

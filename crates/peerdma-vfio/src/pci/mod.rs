@@ -34,7 +34,9 @@
 //! as the kernel does: an importer that never unmaps hangs it (the soak's watchdog names such
 //! a thread and the mappings it waits for; the wait logs the same every 10 s).
 
-use peerdma_pci::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use peerdma_pci::sync::atomic::{
+    AtomicBool, AtomicU8, AtomicU16, AtomicU64, AtomicUsize, Ordering,
+};
 use peerdma_pci::sync::{Arc, Condvar, Mutex, RwLock, RwLockWriteGuard, Weak};
 use std::time::Duration;
 
