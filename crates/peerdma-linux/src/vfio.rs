@@ -426,7 +426,14 @@ impl LinuxBackend {
             return Ok(v.clone());
         }
         let fd = self.iommufd()?;
-        let v = Arc::new(VfioIommufd::new(fd, None, None).map_err(|e| errno_of(&e))?);
+        // `VfioIommufd` wants an IOAS of its own, which nothing here uses (devices are
+        // attached by the scenario's own ioctls). Made in the process's iommufd it would be
+        // an object there and shift every id the kernel hands out after it (device ids in
+        // hot reset info, the ids a stale IOAS name reaches), so it lives in a second,
+        // private iommufd.
+        let scratch = Arc::new(IommuFd::new().map_err(|e| errno_of(&e))?);
+        let hidden = Arc::new(IommufdIoas::new(scratch).map_err(|e| errno_of(&e))?);
+        let v = Arc::new(VfioIommufd::new(fd, Some(hidden), None).map_err(|e| errno_of(&e))?);
         self.vfio_iommufd = Some(v.clone());
         Ok(v)
     }

@@ -268,10 +268,10 @@ fn hot_reset_outcome(i: &peerdma_uapi::backend::HotResetInfo) -> String {
     let mut words = vec!["devices".to_string()];
     for (b, d) in &i.devices {
         let w = match d {
-            Dependent::DevId(_) => "devid",
-            Dependent::Owned => "owned",
-            Dependent::NotOwned => "not_owned",
-            Dependent::Group(_) => "group",
+            Dependent::DevId(id) => format!("devid:{id}"),
+            Dependent::Owned => "owned".into(),
+            Dependent::NotOwned => "not_owned".into(),
+            Dependent::Group(_) => "group".into(),
         };
         words.push(format!("{b}={w}"));
     }

@@ -169,6 +169,8 @@ struct Open {
     closed: bool,
     /// CPU mappings of the fd.
     maps: usize,
+    /// The iommufd device object's id, while the cdev is bound.
+    devid: Option<u32>,
 }
 
 /// A CPU mapping of a BAR (`mmap` of a device fd).
@@ -273,6 +275,9 @@ impl Emulated<'_> {
         if bound && !o.via_group {
             if let Some(i) = &self.iommufd {
                 let _ = i.detach(o.bdf);
+                if let Some(id) = o.devid {
+                    i.unbind_device(id);
+                }
             }
         }
         o.fd.close();
@@ -338,6 +343,7 @@ impl UapiBackend for Emulated<'_> {
                 fd,
                 closed: false,
                 maps: 0,
+                devid: None,
             },
         );
         if path == OpenPath::CdevIommufd {
@@ -389,6 +395,11 @@ impl UapiBackend for Emulated<'_> {
         }
         o.fd.bind()?;
         u.cdevs += 1;
+        drop(g);
+        let id = self.iommufd()?.bind_device();
+        if let Some(o) = self.devs.get_mut(&dev.0) {
+            o.devid = Some(id);
+        }
         Ok(())
     }
 
@@ -751,16 +762,16 @@ impl UapiBackend for Emulated<'_> {
         }
         let bound: Vec<(u32, Bdf)> = self
             .devs
-            .iter()
-            .filter(|(_, d)| !d.via_group && d.fd.is_bound())
-            .map(|(h, d)| (*h, d.bdf))
+            .values()
+            .filter(|d| !d.via_group && d.fd.is_bound())
+            .map(|d| (d.devid.unwrap_or(0), d.bdf))
             .collect();
         let mut flags = HOT_RESET_FLAG_DEV_ID | HOT_RESET_FLAG_DEV_ID_OWNED;
         let mut devices = Vec::new();
         for b in scope {
             let id = if let Some((h, _)) = bound.iter().find(|(_, x)| *x == b) {
-                // Device ids are numbered from 1 in the order devices were bound.
-                Dependent::DevId(h + 1)
+                // The id the bind got from the iommufd's one table of objects.
+                Dependent::DevId(*h)
             } else if bound
                 .iter()
                 .any(|&(_, x)| iommu_group(f, x) == iommu_group(f, b))

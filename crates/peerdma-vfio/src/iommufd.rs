@@ -95,6 +95,10 @@ struct Ioas {
     devices: std::collections::BTreeSet<Bdf>,
     /// `iopt->reserved_itree`.
     reserved: Vec<Reserved>,
+    /// The id of the page table its attached devices share (the automatic HWPT
+    /// `iommufd_device_auto_get_domain` creates with the first device and destroys with the
+    /// last): there while a device is attached.
+    hwpt: Option<u32>,
 }
 
 impl Ioas {
@@ -253,7 +257,18 @@ impl Ioas {
 pub struct Iommufd {
     env: DmaEnv,
     ioas: Mutex<BTreeMap<u32, Ioas>>,
-    next: Mutex<u32>,
+    /// `ictx->objects`: every object's id, from one table (taken after `ioas`).
+    objects: Mutex<BTreeMap<u32, Obj>>,
+}
+
+/// What an iommufd object id names (main.c `iommufd_object_alloc`: one xarray per iommufd,
+/// ids from 1, the lowest free one each time, so a freed id is given out again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Obj {
+    Ioas,
+    Device,
+    /// An automatic HWPT, of this IOAS.
+    Hwpt(u32),
 }
 
 impl Drop for Iommufd {
@@ -276,7 +291,7 @@ impl Iommufd {
         Ok(Iommufd {
             env: env.clone(),
             ioas: Mutex::new(BTreeMap::new()),
-            next: Mutex::new(1),
+            objects: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -284,19 +299,61 @@ impl Iommufd {
     pub fn ioas_alloc(&self) -> Result<u32, Errno> {
         let iommu = self.env.dma.iommu().ok_or(Errno::ENODEV)?;
         let domain = iommu.new_domain();
-        let mut n = sync::lock(&self.next);
-        let id = *n;
-        *n += 1;
-        sync::lock(&self.ioas).insert(
+        let mut m = sync::lock(&self.ioas);
+        let id = self.new_id(Obj::Ioas);
+        m.insert(
             id,
             Ioas {
                 domain,
                 areas: BTreeMap::new(),
                 devices: std::collections::BTreeSet::new(),
                 reserved: Vec::new(),
+                hwpt: None,
             },
         );
         Ok(id)
+    }
+
+    /// The lowest free object id.
+    fn new_id(&self, what: Obj) -> u32 {
+        let mut o = sync::lock(&self.objects);
+        // `xa_limit_31b`: ids up to INT_MAX.
+        let id = (1..=0x7fff_ffff_u32)
+            .find(|i| !o.contains_key(i))
+            .unwrap_or(u32::MAX);
+        o.insert(id, what);
+        id
+    }
+
+    /// `VFIO_DEVICE_BIND_IOMMUFD` (`iommufd_device_bind`): the device object's id, which the
+    /// kernel hands back as `out_devid` and `VFIO_DEVICE_GET_PCI_HOT_RESET_INFO` shows.
+    pub fn bind_device(&self) -> u32 {
+        self.new_id(Obj::Device)
+    }
+
+    /// The device object goes at unbind (the last close of the cdev).
+    pub fn unbind_device(&self, devid: u32) {
+        let mut o = sync::lock(&self.objects);
+        if o.get(&devid) == Some(&Obj::Device) {
+            o.remove(&devid);
+        }
+    }
+
+    /// Each IOAS with attached devices has its HWPT, one without none: new ones first, so a
+    /// replace never hands the old table's id to the new one.
+    fn sync_hwpts(&self, m: &mut BTreeMap<u32, Ioas>) {
+        for (&id, io) in m.iter_mut() {
+            if !io.devices.is_empty() && io.hwpt.is_none() {
+                io.hwpt = Some(self.new_id(Obj::Hwpt(id)));
+            }
+        }
+        for io in m.values_mut() {
+            if io.devices.is_empty() {
+                if let Some(h) = io.hwpt.take() {
+                    sync::lock(&self.objects).remove(&h);
+                }
+            }
+        }
     }
 
     /// `VFIO_DEVICE_ATTACH_IOMMUFD_PT`: the device's DMA is translated by the IOAS from now on
@@ -313,8 +370,23 @@ impl Iommufd {
     /// `EADDRINUSE` and changes nothing. On success the device's regions and, with the
     /// domain, everything past the aperture become reserved: a map there is `EINVAL`. They
     /// go again when the device (or the domain's last device) leaves.
-    pub fn attach(&self, dev: Bdf, ioas: u32) -> Result<(), Errno> {
+    ///
+    /// The id may name the IOAS or its HWPT (the same page table); any other object is
+    /// `EINVAL`, no object `ENOENT` (`iommufd_device_change_pt`).
+    pub fn attach(&self, dev: Bdf, pt: u32) -> Result<(), Errno> {
         let mut m = sync::lock(&self.ioas);
+        let ioas = match sync::lock(&self.objects).get(&pt) {
+            None => return Err(Errno::ENOENT),
+            Some(Obj::Ioas) => pt,
+            Some(Obj::Hwpt(of)) => *of,
+            Some(Obj::Device) => return Err(Errno::EINVAL),
+        };
+        let r = self.attach_locked(&mut m, dev, ioas);
+        self.sync_hwpts(&mut m);
+        r
+    }
+
+    fn attach_locked(&self, m: &mut BTreeMap<u32, Ioas>, dev: Bdf, ioas: u32) -> Result<(), Errno> {
         let iommu = self.env.dma.iommu().ok_or(Errno::ENODEV)?;
         let group = self.group(dev);
         let io = m.get(&ioas).ok_or(Errno::ENOENT)?;
@@ -437,6 +509,7 @@ impl Iommufd {
         if !m.values_mut().any(|io| io.leave(dev)) {
             return Ok(());
         }
+        self.sync_hwpts(&mut m);
         // The group leaves the domain with its last attached device
         // (`iommufd_hw_pagetable_detach`); until then the device still translates through it.
         let group = self.group(dev);
@@ -458,10 +531,18 @@ impl Iommufd {
         // before destroying it): a map or attach racing this one finds no IOAS.
         let io = {
             let mut m = sync::lock(&self.ioas);
+            // A bound device and an attached HWPT have users besides the table
+            // (`iommufd_object_remove`): EBUSY.
+            match sync::lock(&self.objects).get(&ioas) {
+                None => return Err(Errno::ENOENT),
+                Some(Obj::Device | Obj::Hwpt(_)) => return Err(Errno::EBUSY),
+                Some(Obj::Ioas) => {}
+            }
             let io = m.get(&ioas).ok_or(Errno::ENOENT)?;
             if !io.devices.is_empty() {
                 return Err(Errno::EBUSY);
             }
+            sync::lock(&self.objects).remove(&ioas);
             m.remove(&ioas).ok_or(Errno::ENOENT)?
         };
         Self::teardown(&iommu, io.domain, io.areas.into_iter().collect());

@@ -327,9 +327,7 @@ impl DeviceFd {
             return Err(Errno::EINVAL);
         }
         if flags & DATA_EVENTFD != 0 {
-            let fds: Vec<i32> = (0..count as usize)
-                .map(|i| fd_at(data, 4 * i))
-                .collect();
+            let fds: Vec<i32> = (0..count as usize).map(|i| fd_at(data, 4 * i)).collect();
             if ty == index {
                 return self.msi_set_block(irqs, proc, index, start, &fds, puts);
             }
