@@ -988,6 +988,7 @@ mod tests {
                     owner: Owner::Domain,
                 })
                 .collect(),
+            hwpt: Some(1),
         }
     }
 
