@@ -30,7 +30,13 @@ pub struct Testbed {
 
 /// Builds the machine.
 pub fn testbed() -> Result<Testbed, String> {
-    let fabric = Arc::new(file::load_str(PLATFORM, "testbed.toml").map_err(|e| e.to_string())?);
+    testbed_from(PLATFORM)
+}
+
+/// Builds a variant of the machine from its fabric file's text (the same names must be in
+/// it: gpu0, nic0, nic1).
+pub fn testbed_from(text: &str) -> Result<Testbed, String> {
+    let fabric = Arc::new(file::load_str(text, "testbed.toml").map_err(|e| e.to_string())?);
     let dma = Arc::new(DmaSystem::new(fabric.clone(), true));
     let p2p = P2pDma::new(fabric.clone());
     let look = |n: &str| fabric.lookup(n).map_err(|e| e.to_string());

@@ -439,6 +439,101 @@ fn pm_ctrl(r: &Rig) -> u16 {
 }
 
 #[test]
+fn a_function_that_resets_itself_in_d3hot_gets_its_state_back_at_d0() {
+    // No_Soft_Reset clear: D3hot → D0 is an internal reset; vfio_pci_set_power_state saved
+    // the state on the way in and restores it after, so the BARs decode again and the
+    // buffer, unrevoked, is reached by DMA.
+    let text = peerdma_vfio::testbed::PLATFORM.replace(
+        "name = \"gpu0\"\n",
+        "name = \"gpu0\"\nno_soft_reset = false\n",
+    );
+    assert_ne!(text, peerdma_vfio::testbed::PLATFORM);
+    let t = peerdma_vfio::testbed::testbed_from(&text).unwrap();
+    let r = Rig {
+        fabric: t.fabric,
+        env: t.env,
+        gpu: t.gpu,
+        nic1: t.nic1,
+        nic0: t.nic0,
+        proc: Process::new(),
+    };
+    let pm = pm_ctrl(&r);
+    let (v, d, f) = exported(&r);
+    let bar2 = r.fabric.config_read(r.gpu, 0x18, 4).unwrap();
+    let imp = live_mapping(&r, &f, b"before-1");
+    let old = imp.first_addr().unwrap();
+    d.config_write(pm, &3u16.to_le_bytes()).unwrap();
+    assert_revoked(&r, &imp, old);
+    d.config_write(pm, &0u16.to_le_bytes()).unwrap();
+    assert_eq!(
+        r.fabric.config_read(r.gpu, 0x18, 4).unwrap(),
+        bar2,
+        "BAR 2 restored"
+    );
+    assert_ne!(
+        r.fabric.config_read(r.gpu, regs::COMMAND, 2).unwrap() & u32::from(regs::COMMAND_MEMORY),
+        0,
+        "memory decode restored"
+    );
+    imp.map(&f).unwrap();
+    r.fabric
+        .dma_write(r.nic1, imp.first_addr().unwrap(), b"after--2")
+        .unwrap();
+    assert_eq!(bar0(&r, 8), b"after--2");
+    assert_eq!(v.violation_count(), 0);
+}
+
+/// Every reset the fabric reports, in order.
+#[derive(Default)]
+struct Resets(Mutex<Vec<(Bdf, peerdma_pci::ResetCause)>>);
+
+impl peerdma_pci::FabricObserver for Resets {
+    fn event(&self, e: &peerdma_pci::FabricEvent) {
+        if let peerdma_pci::FabricEvent::Reset { bdf, cause } = e {
+            self.0.lock().unwrap().push((*bdf, *cause));
+        }
+    }
+}
+
+#[test]
+fn a_function_without_flr_resets_by_pm_before_any_bus_reset() {
+    // `pci_reset_fn_methods`: FLR, AF FLR, PM, then the bus. gpu0 without either FLR but
+    // with No_Soft_Reset clear resets by D3hot → D0, although it is alone on its bus, and
+    // comes back decoding with its buffer live.
+    let text = peerdma_vfio::testbed::PLATFORM.replace(
+        "name = \"gpu0\"\n",
+        "name = \"gpu0\"\nno_soft_reset = false\nflr = false\n",
+    );
+    let text = text.replacen("af_flr = true\n", "", 1);
+    let t = peerdma_vfio::testbed::testbed_from(&text).unwrap();
+    let resets = Arc::new(Resets::default());
+    t.fabric.subscribe(resets.clone());
+    let r = Rig {
+        fabric: t.fabric,
+        env: t.env,
+        gpu: t.gpu,
+        nic1: t.nic1,
+        nic0: t.nic0,
+        proc: Process::new(),
+    };
+    let (v, d, f) = exported(&r);
+    let imp = live_mapping(&r, &f, b"before-1");
+    let old = imp.first_addr().unwrap();
+    d.reset().unwrap();
+    assert_eq!(
+        resets.0.lock().unwrap().as_slice(),
+        &[(r.gpu, peerdma_pci::ResetCause::PowerOn)]
+    );
+    assert_revoked(&r, &imp, old);
+    imp.map(&f).unwrap();
+    r.fabric
+        .dma_write(r.nic1, imp.first_addr().unwrap(), b"after--2")
+        .unwrap();
+    assert_eq!(bar0(&r, 8), b"after--2");
+    assert_eq!(v.violation_count(), 0);
+}
+
+#[test]
 fn d3hot_revokes_and_d0_unrevokes() {
     let r = rig();
     let pm = pm_ctrl(&r);

@@ -80,10 +80,8 @@ impl Dev {
                         m.move_bufs(true);
                     }
                     if !m.engaged {
-                        let at = cap + regs::PM_CTRL;
-                        let hw = f.config_read(b, at, 2).map_err(|_| Errno::EIO)? as u16;
-                        let new = (hw & !regs::PM_CTRL_STATE_MASK) | state;
-                        let _ = f.config_write(b, at, 2, u32::from(new));
+                        // `vfio_pci_set_power_state`, its result ignored.
+                        self.set_power(PowerState::from_bits(state));
                     }
                     self.unrevoke_after_write(m);
                 }
@@ -171,7 +169,7 @@ impl Dev {
         m.move_bufs(true);
         let _ = self.fabric.reset_function(self.bdf);
         if m.engaged {
-            let _ = self.fabric.set_power_state(self.bdf, PowerState::D3Hot);
+            self.set_power(PowerState::D3Hot);
         }
         self.unrevoke_after_write(m);
     }

@@ -209,6 +209,8 @@ struct Dev {
     msi_qmax: AtomicU16,
     /// The user's COMMAND disables INTx (`vdev->virq_disabled`, kept across opens).
     virq_disabled: AtomicBool,
+    /// What the last entry into D3hot saved, for a function that loses its state there.
+    pm_save: Mutex<Option<peerdma_pci::fabric::SavedConfig>>,
     /// MSI-X vectors can be added while enabled (`vdev->has_dyn_msix`): an MSI-X
     /// capability on x86, whose interrupt domains allow it.
     dyn_msix: bool,
@@ -497,6 +499,7 @@ impl VfioPci {
             msi_qmax: AtomicU16::new(0),
             virq_disabled: AtomicBool::new(false),
             dyn_msix,
+            pm_save: Mutex::new(None),
         });
         dev.fabric.subscribe(Arc::new(Watch(Arc::downgrade(&dev))));
         Ok(VfioPci { dev })
@@ -605,7 +608,7 @@ impl DeviceFd {
         let d = &self.dev;
         let mut m = d.lock_mem();
         if m.open_count == 0 {
-            let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
+            d.set_power(PowerState::D0);
             let cmd = (d.command_hw() | regs::COMMAND_MEMORY) & !regs::COMMAND_MASTER;
             let _ = d
                 .fabric
@@ -730,26 +733,36 @@ impl DeviceFd {
         self.ioctl_resume();
         let d = &self.dev;
         let func = d.fabric.function(d.bdf).map_err(|_| Errno::ENODEV)?;
-        // Reset methods in the kernel's order: FLR, AF FLR, then a bus reset when the device
-        // is alone below its bridge (how a device without FLR behind a switch port resets).
-        let bus = if func.has_flr() || func.has_af_flr() {
-            None
+        // Reset methods in the kernel's order (`pci_reset_fn_methods`): FLR, AF FLR, the PM
+        // reset (a D3hot → D0 cycle, for a function with PM whose PMCSR has No_Soft_Reset
+        // clear: `pci_pm_reset`), then a bus reset when the device is alone below its
+        // bridge (how a device without FLR behind a switch port resets).
+        let pm_reset = func.caps().pm.is_some_and(|pm| {
+            d.fabric
+                .config_read(d.bdf, pm + regs::PM_CTRL, 2)
+                .is_ok_and(|v| v as u16 & regs::PM_CTRL_NO_SOFT_RESET == 0)
+        });
+        let method = if func.has_flr() || func.has_af_flr() {
+            Method::Flr
+        } else if pm_reset {
+            Method::Pm
         } else {
             match d.bus_scope() {
-                Some((bridge, affected)) if affected == [d.bdf] => Some((bridge, affected)),
+                Some((bridge, affected)) if affected == [d.bdf] => Method::Bus(bridge, affected),
                 _ => return Err(Errno::EINVAL),
             }
         };
         let mut m = d.lock_mem();
         m.move_bufs(true);
-        let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
-        let r = match &bus {
-            None => d
+        d.set_power(PowerState::D0);
+        let r = match &method {
+            Method::Flr => d
                 .fabric
                 .reset_function(d.bdf)
                 .map(|_| ())
                 .map_err(|_| Errno::EIO),
-            Some((bridge, affected)) => d.secondary_bus_reset(*bridge, affected),
+            Method::Pm => d.pm_reset(),
+            Method::Bus(bridge, affected) => d.secondary_bus_reset(*bridge, affected),
         };
         d.unrevoke_if_enabled(&mut m);
         // The ioctl ran with the device resumed; in engaged low power the runtime-PM put at
@@ -757,7 +770,7 @@ impl DeviceFd {
         // only sets D0 first), so the buffer just brought back reaches a device that does
         // not decode. Without CONFIG_PM nothing suspends it.
         if m.engaged && d.pm.load(Ordering::Acquire) {
-            let _ = d.fabric.set_power_state(d.bdf, PowerState::D3Hot);
+            d.set_power(PowerState::D3Hot);
         }
         r
     }
@@ -839,7 +852,7 @@ impl DeviceFd {
             if m.open_count == 1 {
                 m.cleanup_bufs();
                 d.disengage(&mut m);
-                let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
+                d.set_power(PowerState::D0);
                 // The state saved at the first open comes back (whatever the user wrote since:
                 // an I/O decode bit the user cleared is set again), bus mastering off. Unlike
                 // Linux, which leaves memory decode as saved (on), the model turns it off, so
@@ -860,6 +873,16 @@ impl Drop for DeviceFd {
     fn drop(&mut self) {
         self.close_inner();
     }
+}
+
+/// How `VFIO_DEVICE_RESET` resets a function.
+enum Method {
+    /// PCIe FLR or AF FLR (the fabric picks the first it has).
+    Flr,
+    /// D3hot and back to D0.
+    Pm,
+    /// A secondary bus reset of this bridge, which reaches these functions.
+    Bus(Bdf, Vec<Bdf>),
 }
 
 /// The IOMMU group of `bdf`, named by one of its functions, by the two rules of Linux's

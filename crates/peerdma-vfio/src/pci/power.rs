@@ -3,9 +3,48 @@
 //! `..._pm_exit` and the resume an ioctl triggers): low-power entry revokes, the exit
 //! unrevokes, and a wakeup-armed device wakes on any access. Locking: see [`super`].
 
-use super::{Arc, Dev, DeviceFd, Errno, File, MemGuard, Ordering, PowerState};
+use super::{Arc, Dev, DeviceFd, Errno, File, MemGuard, Ordering, PowerState, regs, sync};
 
 impl Dev {
+    /// `vfio_pci_set_power_state` (and the runtime-PM suspend and resume, which save and
+    /// restore the same way): a function whose PMCSR has No_Soft_Reset clear
+    /// (`needs_pm_restore`) resets itself on D3hot → D0, so its state is saved on the way
+    /// into D3hot and written back after D0 ([`peerdma_pci::Fabric::save_config`],
+    /// `restore_config`: BARs, COMMAND and the capabilities' control registers). A function
+    /// that keeps its state, or has no PM capability, only changes state.
+    pub(super) fn set_power(&self, state: PowerState) {
+        let (f, b) = (&*self.fabric, self.bdf);
+        let Ok(func) = f.function(b) else { return };
+        let Some(pm) = func.caps().pm else { return };
+        let pmcsr = f.config_read(b, pm + regs::PM_CTRL, 2).unwrap_or(0) as u16;
+        let needs = pmcsr & regs::PM_CTRL_NO_SOFT_RESET == 0;
+        let cur = f.power_state(b).unwrap_or(PowerState::D0);
+        let save = needs && cur < PowerState::D3Hot && state >= PowerState::D3Hot;
+        let restore = needs && cur >= PowerState::D3Hot && state == PowerState::D0;
+        if save {
+            *sync::lock(&self.pm_save) = f.save_config(b).ok();
+        }
+        if f.set_power_state(b, state).is_err() {
+            return;
+        }
+        if restore {
+            if let Some(saved) = sync::lock(&self.pm_save).take() {
+                let _ = f.restore_config(&saved);
+            }
+        }
+    }
+
+    /// `pci_pm_reset` inside `pci_reset_function`'s save and restore: D3hot, then D0, where
+    /// the function resets itself; its registers come back from the copy taken before.
+    pub(super) fn pm_reset(&self) -> Result<(), Errno> {
+        let (f, b) = (&*self.fabric, self.bdf);
+        let saved = f.save_config(b).map_err(|_| Errno::EIO)?;
+        f.set_power_state(b, PowerState::D3Hot)
+            .and_then(|()| f.set_power_state(b, PowerState::D0))
+            .and_then(|()| f.restore_config(&saved))
+            .map_err(|_| Errno::EIO)
+    }
+
     /// Low power is no longer engaged: the wake eventfd (if any) is let go with the lock.
     pub(super) fn disengage(&self, m: &mut MemGuard<'_>) {
         m.engaged = false;
@@ -33,7 +72,7 @@ impl DeviceFd {
         m.wake = wake;
         // Without CONFIG_PM the runtime-PM put does nothing: the device stays in D0.
         if d.pm.load(Ordering::Acquire) {
-            let _ = d.fabric.set_power_state(d.bdf, PowerState::D3Hot);
+            d.set_power(PowerState::D3Hot);
         }
         Ok(())
     }
@@ -43,7 +82,7 @@ impl DeviceFd {
     /// (divergence 7).
     pub(super) fn leave_low_power(d: &Dev, m: &mut MemGuard<'_>) {
         if m.engaged {
-            let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
+            d.set_power(PowerState::D0);
         }
         d.disengage(m);
         d.unrevoke_if_enabled(m);
@@ -91,11 +130,11 @@ impl DeviceFd {
             && d.read_mem(|m| m.engaged)
             && d.fabric.power_state(d.bdf) == Ok(PowerState::D3Hot);
         if suspended {
-            let _ = d.fabric.set_power_state(d.bdf, PowerState::D0);
+            d.set_power(PowerState::D0);
         }
         let r = f();
         if suspended && d.read_mem(|m| m.engaged) {
-            let _ = d.fabric.set_power_state(d.bdf, PowerState::D3Hot);
+            d.set_power(PowerState::D3Hot);
         }
         r
     }
