@@ -311,7 +311,7 @@ struct AnonPage {
     len: usize,
     iova: u64,
     /// The IOAS it is mapped in.
-    ioas: u32,
+    ioas: IoasId,
 }
 
 // SAFETY: the page is owned by the backend and only touched through `&mut self` methods.
@@ -334,14 +334,18 @@ struct Open {
 pub struct LinuxBackend {
     container: Option<Arc<VfioContainer>>,
     iommufd: Option<Arc<IommuFd>>,
+    /// The iommufds opened after the first (numbers 1, 2, …).
+    more_iommufds: Vec<Arc<IommuFd>>,
     vfio_iommufd: Option<Arc<VfioIommufd>>,
     devices: HashMap<u32, Open>,
     next: u32,
-    ioas: HashMap<u32, IommufdIoas>,
+    ioas: HashMap<IoasId, IommufdIoas>,
     files: HashMap<RawFd, File>,
     anon: Vec<AnonPage>,
     /// The IOAS each device was attached to.
     attached: HashMap<u32, IoasId>,
+    /// The iommufd each bound cdev is bound to.
+    bound_to: HashMap<u32, u32>,
     /// Device cdevs opened but not bound to the iommufd.
     unbound: HashMap<u32, File>,
     /// Eventfds given to wakeup-armed low-power entries.
@@ -382,6 +386,17 @@ impl LinuxBackend {
         let i = Arc::new(IommuFd::new().map_err(|e| errno_of(&e))?);
         self.iommufd = Some(i.clone());
         Ok(i)
+    }
+
+    /// Iommufd number `i` (see [`IoasId`]); `EBADF` for one never opened.
+    fn iommufd_at(&mut self, i: u32) -> Result<Arc<IommuFd>, Errno> {
+        if i == 0 {
+            return self.iommufd();
+        }
+        self.more_iommufds
+            .get(i as usize - 1)
+            .cloned()
+            .ok_or(Errno::EBADF)
     }
 
     fn dev(&self, d: DevHandle) -> Result<&Open, Errno> {
@@ -439,7 +454,7 @@ impl LinuxBackend {
     }
 
     /// `VFIO_DEVICE_BIND_IOMMUFD` on a device fd, with this backend's iommufd.
-    fn bind_raw(&mut self, fd: RawFd) -> Result<(), Errno> {
+    fn bind_raw(&mut self, fd: RawFd, ictx: u32) -> Result<(), Errno> {
         // The 7.2 layout up to `out_devid` (no token): argsz 16.
         #[repr(C)]
         struct Bind {
@@ -448,7 +463,7 @@ impl LinuxBackend {
             iommufd: i32,
             out_devid: u32,
         }
-        let iommufd = self.iommufd()?.as_raw_fd();
+        let iommufd = self.iommufd_at(ictx)?.as_raw_fd();
         let mut b = Bind {
             argsz: 16,
             flags: 0,
@@ -558,9 +573,9 @@ impl LinuxBackend {
             ptr: p.cast(),
             len,
             iova,
-            ioas: ioas.0,
+            ioas,
         };
-        let i = self.iommufd()?;
+        let i = self.iommufd_at(ioas.1)?;
         let map = iommu_ioas_map {
             size: u32::try_from(std::mem::size_of::<iommu_ioas_map>()).unwrap_or(u32::MAX),
             flags,
@@ -635,12 +650,12 @@ impl LinuxBackend {
         // The RAM page, in the IOAS the edu is attached to now (once per IOAS). A detached
         // edu uses whatever page there was: its DMA faults, as on any machine.
         let now = self.attached.get(&edu.0).copied();
-        let have = |io: u32| {
+        let have = |io: IoasId| {
             self.anon
                 .iter()
                 .any(|p| p.iova == EDU_RAM_IOVA && p.ioas == io)
         };
-        if let Some(ioas) = now.filter(|io| !have(io.0)) {
+        if let Some(ioas) = now.filter(|&io| !have(io)) {
             self.ioas_map_anon(
                 ioas,
                 4096,
@@ -736,9 +751,17 @@ impl UapiBackend for LinuxBackend {
         self.devices.remove(&dev.0).map(drop).ok_or(Errno::EBADF)
     }
 
-    fn bind_device(&mut self, dev: DevHandle) -> Result<(), Errno> {
+    fn iommufd_open(&mut self) -> Result<u32, Errno> {
+        self.iommufd()?;
+        let i = Arc::new(IommuFd::new().map_err(|e| errno_of(&e))?);
+        self.more_iommufds.push(i);
+        Ok(u32::try_from(self.more_iommufds.len()).unwrap_or(u32::MAX))
+    }
+
+    fn bind_device_to(&mut self, dev: DevHandle, ictx: u32) -> Result<(), Errno> {
         let fd = self.raw(dev)?;
-        self.bind_raw(fd)?;
+        self.bind_raw(fd, ictx)?;
+        self.bound_to.insert(dev.0, ictx);
         if let Some(cdev) = self.unbound.remove(&dev.0) {
             let vi = self.vfio_iommufd()?;
             let device =
@@ -987,12 +1010,12 @@ impl UapiBackend for LinuxBackend {
         Ok(())
     }
 
-    fn ioas_alloc(&mut self) -> Result<IoasId, Errno> {
-        let fd = self.iommufd()?;
+    fn ioas_alloc_in(&mut self, ictx: u32) -> Result<IoasId, Errno> {
+        let fd = self.iommufd_at(ictx)?;
         let ioas = IommufdIoas::new(fd).map_err(|e| errno_of(&e))?;
-        let id = ioas.id();
+        let id = IoasId(ioas.id(), ictx);
         self.ioas.insert(id, ioas);
-        Ok(IoasId(id))
+        Ok(id)
     }
 
     fn attach_ioas(&mut self, dev: DevHandle, ioas: IoasId) -> Result<(), Errno> {
@@ -1010,7 +1033,9 @@ impl UapiBackend for LinuxBackend {
             pt_id: ioas.0,
         };
         self.raw_ioctl(dev, VFIO_DEVICE_ATTACH_IOMMUFD_PT(), (&raw mut a).cast())?;
-        self.attached.insert(dev.0, ioas);
+        // The kernel found the id in the iommufd the device is bound to.
+        let ictx = self.bound_to.get(&dev.0).copied().unwrap_or(0);
+        self.attached.insert(dev.0, IoasId(ioas.0, ictx));
         Ok(())
     }
 
@@ -1023,7 +1048,7 @@ impl UapiBackend for LinuxBackend {
         iova: u64,
         flags: u32,
     ) -> Result<u64, Errno> {
-        let i = self.iommufd()?;
+        let i = self.iommufd_at(ioas.1)?;
         let mut map = iommu_ioas_map_file {
             size: u32::try_from(std::mem::size_of::<iommu_ioas_map_file>()).unwrap_or(u32::MAX),
             flags,
@@ -1051,20 +1076,20 @@ impl UapiBackend for LinuxBackend {
     }
 
     fn ioas_destroy(&mut self, ioas: IoasId) -> Result<(), Errno> {
-        let fd = self.iommufd()?;
+        let fd = self.iommufd_at(ioas.1)?;
         fd.destroy_iommu_object(ioas.0).map_err(|e| errno_of(&e))?;
         // Gone in the kernel: its handle must not destroy the id again when dropped (the
         // kernel may hand the same id to a later object).
-        if let Some(h) = self.ioas.remove(&ioas.0) {
+        if let Some(h) = self.ioas.remove(&ioas) {
             std::mem::forget(h);
         }
         // Its RAM pages went with it (and the id may come back for a new IOAS).
-        self.anon.retain(|p| p.ioas != ioas.0);
+        self.anon.retain(|p| p.ioas != ioas);
         Ok(())
     }
 
     fn ioas_iova_ranges(&mut self, ioas: IoasId, room: u32) -> Result<IovaRanges, Errno> {
-        let i = self.iommufd()?;
+        let i = self.iommufd_at(ioas.1)?;
         let mut out = vec![iommu_iova_range { start: 0, last: 0 }; room as usize];
         let mut cmd = iommu_ioas_iova_ranges {
             size: u32::try_from(std::mem::size_of::<iommu_ioas_iova_ranges>()).unwrap_or(u32::MAX),
@@ -1250,7 +1275,7 @@ impl UapiBackend for LinuxBackend {
     }
 
     fn ioas_unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64, Errno> {
-        let i = self.iommufd()?;
+        let i = self.iommufd_at(ioas.1)?;
         let mut u = iommu_ioas_unmap {
             size: u32::try_from(std::mem::size_of::<iommu_ioas_unmap>()).unwrap_or(u32::MAX),
             ioas_id: ioas.0,

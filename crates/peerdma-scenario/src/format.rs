@@ -58,6 +58,11 @@ impl Scenario {
                 s.action,
                 Action::IoasAlloc { .. }
                     | Action::Bind { .. }
+                    | Action::Iommufd { .. }
+                    | Action::Open {
+                        iommufd: Some(_),
+                        ..
+                    }
                     | Action::Open {
                         path: OpenPath::CdevUnbound,
                         ..
@@ -113,11 +118,20 @@ pub enum Action {
         name: String,
         /// Group/container or cdev/iommufd.
         path: OpenPath,
+        /// The iommufd a cdev binds to (default: the process's first).
+        iommufd: Option<String>,
     },
     /// `VFIO_DEVICE_BIND_IOMMUFD` of a device opened with `bind = false`.
     Bind {
         /// Device name.
         dev: String,
+        /// The iommufd (default: the process's first).
+        iommufd: Option<String>,
+    },
+    /// Opens one more `/dev/iommu`.
+    Iommufd {
+        /// Name for later steps.
+        name: String,
     },
     /// Close a device fd.
     Close {
@@ -292,6 +306,8 @@ pub enum Action {
     IoasAlloc {
         /// Name.
         name: String,
+        /// The iommufd (default: the process's first).
+        iommufd: Option<String>,
     },
     /// Attach a device to an IOAS.
     Attach {
@@ -496,6 +512,7 @@ impl Action {
             Action::Open { .. } => "open",
             Action::Close { .. } => "close",
             Action::Bind { .. } => "bind",
+            Action::Iommufd { .. } => "iommufd",
             Action::Feature { .. } => "feature",
             Action::Export { .. } => "export",
             Action::CloseFd { .. } => "close_fd",
@@ -1465,7 +1482,6 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
     // The actions that take one name and nothing else.
     let single: Option<(&str, OneName, Option<Expect>)> = match word.as_str() {
         "close" => Some(("dev", |dev| Action::Close { dev }, ok.clone())),
-        "bind" => Some(("dev", |dev| Action::Bind { dev }, ok.clone())),
         "af_flr" => Some(("dev", |dev| Action::AfFlr { dev }, ok.clone())),
         "reset" => Some(("dev", |dev| Action::Reset { dev }, ok.clone())),
         "close_fd" => Some(("fd", |fd| Action::CloseFd { fd }, ok.clone())),
@@ -1498,15 +1514,33 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
                     return Err(f.err("bind", "only a cdev opens unbound (path = \"cdev\")"));
                 }
             };
+            let iommufd = f.opt_string("iommufd")?;
+            if iommufd.is_some() && path != OpenPath::CdevIommufd {
+                return Err(f.err("iommufd", "only a cdev opened bound binds to an iommufd"));
+            }
             (
                 Action::Open {
                     role: f.string("dev")?,
                     name: f.string("as")?,
                     path,
+                    iommufd,
                 },
                 ok,
             )
         }
+        "bind" => (
+            Action::Bind {
+                dev: f.string("dev")?,
+                iommufd: f.opt_string("iommufd")?,
+            },
+            ok,
+        ),
+        "iommufd" => (
+            Action::Iommufd {
+                name: f.string("as")?,
+            },
+            ok,
+        ),
         "feature" => {
             let dev = f.string("dev")?;
             let fv = f.take("flags").ok_or_else(|| f.err("flags", "missing"))?;
@@ -1737,6 +1771,7 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
         "ioas" => (
             Action::IoasAlloc {
                 name: f.string("as")?,
+                iommufd: f.opt_string("iommufd")?,
             },
             ok,
         ),
@@ -1985,7 +2020,7 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
                      seek, mmap, config_read, config_write, memory, power, flr, af_flr, reset, hot_reset, \
                      low_power, ioas, attach, detach, ioas_destroy, map, unmap, iova_ranges, dma, \
                      region_info, region_read, region_write, cpu_map, cpu_read, cpu_write, cpu_unmap, \
-                     hot_reset_info, irq_info, set_irqs, group, dup, memfd, eventfd, read)"
+                     hot_reset_info, irq_info, set_irqs, group, iommufd, dup, memfd, eventfd, read)"
                 ),
             ));
         }

@@ -11,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use peerdma_pci::{Bdf, Errno, regs};
 use peerdma_uapi::backend::{CpuFault, Landed, MapHandle, ScenarioBackend};
 use peerdma_uapi::feature::{VFIO_DEVICE_FEATURE_SET, header_bytes};
-use peerdma_uapi::{DevHandle, IoasId};
+use peerdma_uapi::{DevHandle, IoasId, OpenPath};
 use serde::{Deserialize, Serialize};
 
 use crate::format::{Action, Cap, ConfigAt, FdArg, Iova, IrqData, Scenario, Step};
@@ -141,6 +141,8 @@ struct State {
     memfd_used: HashSet<(u32, u64)>,
     exports: Vec<Export>,
     ioas: HashMap<String, IoasId>,
+    /// iommufds opened by `iommufd` steps, by name.
+    iommufds: HashMap<String, u32>,
     windows: Vec<Window>,
     /// The IOVAs named maps got.
     iovas: HashMap<String, u64>,
@@ -348,6 +350,12 @@ impl State {
             .copied()
             .ok_or_else(|| format!("error: no CPU mapping named {name:?}"))
     }
+    fn iommufd(&self, name: &str) -> Result<u32, String> {
+        self.iommufds
+            .get(name)
+            .copied()
+            .ok_or_else(|| format!("error: no iommufd named {name:?}"))
+    }
     fn ioas(&self, name: &str) -> Result<IoasId, String> {
         self.ioas
             .get(name)
@@ -547,11 +555,26 @@ pub(crate) fn hex(b: &[u8]) -> String {
 
 fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunCtx) -> Played {
     match a {
-        Action::Open { role, name, path } => {
+        Action::Open {
+            role,
+            name,
+            path,
+            iommufd,
+        } => {
             let bdf = be
                 .role(role)
                 .map_err(|_| format!("error: no device plays {role:?} here"))?;
-            match be.open_device(bdf, *path) {
+            let ictx = iommufd.as_ref().map(|n| st.iommufd(n)).transpose()?;
+            // Bound to another iommufd: the cdev opened, then bound to it, as one step.
+            let opened = match ictx {
+                None => be.open_device(bdf, *path),
+                Some(i) => be.open_device(bdf, OpenPath::CdevUnbound).and_then(|h| {
+                    be.bind_device_to(h, i).map(|()| h).inspect_err(|_| {
+                        let _ = be.close_device(h);
+                    })
+                }),
+            };
+            match opened {
                 Ok(h) => {
                     st.devs.insert(name.clone(), (h, bdf));
                     Ok(("ok".into(), None))
@@ -559,10 +582,18 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
                 Err(e) => Ok((errno_word(e), None)),
             }
         }
-        Action::Bind { dev } => {
+        Action::Bind { dev, iommufd } => {
             let (d, _) = st.dev(dev)?;
-            ok_or_errno(be.bind_device(d))
+            let i = iommufd.as_ref().map_or(Ok(0), |n| st.iommufd(n))?;
+            ok_or_errno(be.bind_device_to(d, i))
         }
+        Action::Iommufd { name } => match be.iommufd_open() {
+            Ok(i) => {
+                st.iommufds.insert(name.clone(), i);
+                Ok(("ok".into(), None))
+            }
+            Err(e) => Ok((errno_word(e), None)),
+        },
         Action::Close { dev } => {
             let (d, _) = st.dev(dev)?;
             st.devs.remove(dev);
@@ -796,7 +827,11 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
             let mut b = header_bytes(8, VFIO_DEVICE_FEATURE_SET | id);
             ok_or_errno(be.device_feature(d, &mut b).map(drop))
         }
-        Action::IoasAlloc { name } => match be.ioas_alloc() {
+        Action::IoasAlloc { name, iommufd } => match iommufd
+            .as_ref()
+            .map_or(Ok(0), |n| st.iommufd(n))
+            .map(|i| be.ioas_alloc_in(i))?
+        {
             Ok(id) => {
                 st.ioas.insert(name.clone(), id);
                 Ok(("ok".into(), None))

@@ -146,6 +146,12 @@ impl UapiBackend for Tweaked<'_> {
     fn bind_device(&mut self, dev: DevHandle) -> Result<(), Errno> {
         self.inner.bind_device(dev)
     }
+    fn bind_device_to(&mut self, dev: DevHandle, i: u32) -> Result<(), Errno> {
+        self.inner.bind_device_to(dev, i)
+    }
+    fn iommufd_open(&mut self) -> Result<u32, Errno> {
+        self.inner.iommufd_open()
+    }
     fn device_feature(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<i32, Errno> {
         self.inner.device_feature(dev, buf)
     }
@@ -175,6 +181,9 @@ impl UapiBackend for Tweaked<'_> {
     }
     fn ioas_alloc(&mut self) -> Result<IoasId, Errno> {
         self.inner.ioas_alloc()
+    }
+    fn ioas_alloc_in(&mut self, i: u32) -> Result<IoasId, Errno> {
+        self.inner.ioas_alloc_in(i)
     }
     fn attach_ioas(&mut self, dev: DevHandle, ioas: IoasId) -> Result<(), Errno> {
         self.inner.attach_ioas(dev, ioas)
@@ -582,15 +591,21 @@ mod random {
                     } else {
                         OpenPath::GroupContainer
                     },
+                    iommufd: None,
                 }),
             (pick(vec!["provider", "pm_provider", "sibling"]), dev()).prop_map(|(r, name)| {
                 Action::Open {
                     role: r.into(),
                     name,
                     path: OpenPath::CdevUnbound,
+                    iommufd: None,
                 }
             }),
-            dev().prop_map(|dev| Action::Bind { dev }),
+            (dev(), any::<bool>()).prop_map(|(dev, other)| Action::Bind {
+                dev,
+                iommufd: other.then(|| "x".to_string()),
+            }),
+            Just(Action::Iommufd { name: "x".into() }),
             dev().prop_map(|dev| Action::Close { dev }),
             (
                 dev(),
@@ -732,7 +747,10 @@ mod random {
             }),
             Just(Action::CpuUnmap { map: "m".into() }),
             (dev(), 0u32..4).prop_map(|(dev, room)| Action::HotResetInfo { dev, room }),
-            ioas().prop_map(|name| Action::IoasAlloc { name }),
+            (ioas(), any::<bool>()).prop_map(|(name, other)| Action::IoasAlloc {
+                name,
+                iommufd: other.then(|| "x".to_string()),
+            }),
             (dev(), ioas()).prop_map(|(dev, ioas)| Action::Attach { dev, ioas }),
             (
                 ioas(),
@@ -804,7 +822,7 @@ mod random {
             for st in &mut steps {
                 match &mut st.action {
                     Action::Export { name: Some(n), .. } => *n = "a".into(),
-                    Action::IoasAlloc { name } => *name = named(name),
+                    Action::IoasAlloc { name, .. } => *name = named(name),
                     Action::Attach { ioas, .. } => *ioas = "x".into(),
                     Action::Map { ioas, fd, .. } => {
                         *ioas = "x".into();

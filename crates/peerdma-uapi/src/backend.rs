@@ -28,9 +28,11 @@ pub enum OpenPath {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 pub struct DevHandle(pub u32);
 
-/// An iommufd IOAS of a backend.
+/// An iommufd IOAS of a backend: the id the kernel gave it, and which of the process's
+/// iommufds holds it (0: the first, opened by the first step that needs one; others from
+/// [`UapiBackend::iommufd_open`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-pub struct IoasId(pub u32);
+pub struct IoasId(pub u32, pub u32);
 
 /// What `/proc/self/fdinfo/N` says about a dma-buf.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
@@ -185,8 +187,16 @@ pub trait UapiBackend {
     fn open_device(&mut self, bdf: Bdf, path: OpenPath) -> Result<DevHandle, Errno>;
     /// Closes it (the device fd).
     fn close_device(&mut self, dev: DevHandle) -> Result<(), Errno>;
-    /// `VFIO_DEVICE_BIND_IOMMUFD` of a device opened [`OpenPath::CdevUnbound`].
-    fn bind_device(&mut self, dev: DevHandle) -> Result<(), Errno>;
+    /// `VFIO_DEVICE_BIND_IOMMUFD` of a device opened [`OpenPath::CdevUnbound`], to the
+    /// process's first iommufd.
+    fn bind_device(&mut self, dev: DevHandle) -> Result<(), Errno> {
+        self.bind_device_to(dev, 0)
+    }
+    /// `VFIO_DEVICE_BIND_IOMMUFD` to iommufd number `iommufd` (see [`IoasId`]).
+    fn bind_device_to(&mut self, dev: DevHandle, iommufd: u32) -> Result<(), Errno>;
+    /// Opens one more `/dev/iommu` in this process; its number for [`IoasId`] and
+    /// [`UapiBackend::bind_device_to`].
+    fn iommufd_open(&mut self) -> Result<u32, Errno>;
     /// `ioctl(VFIO_DEVICE_FEATURE)` with exactly these bytes; returns the ioctl's non-negative
     /// result (0, or a new fd for DMA_BUF GET).
     fn device_feature(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<i32, Errno>;
@@ -220,8 +230,12 @@ pub trait UapiBackend {
     /// the group file this process holds open, else the group's char device opened now
     /// (`EBUSY` while another holds it or a cdev of the group is bound).
     fn group_fd(&mut self, bdf: Bdf) -> Result<i32, Errno>;
-    /// `IOMMU_IOAS_ALLOC`.
-    fn ioas_alloc(&mut self) -> Result<IoasId, Errno>;
+    /// `IOMMU_IOAS_ALLOC` in the process's first iommufd.
+    fn ioas_alloc(&mut self) -> Result<IoasId, Errno> {
+        self.ioas_alloc_in(0)
+    }
+    /// `IOMMU_IOAS_ALLOC` in iommufd number `iommufd`.
+    fn ioas_alloc_in(&mut self, iommufd: u32) -> Result<IoasId, Errno>;
     /// Attaches an open (cdev) device to an IOAS (`VFIO_DEVICE_ATTACH_IOMMUFD_PT`).
     fn attach_ioas(&mut self, dev: DevHandle, ioas: IoasId) -> Result<(), Errno>;
     /// `IOMMU_IOAS_MAP_FILE` of `[start, start + length)` of a dma-buf at `iova` (or, without

@@ -54,6 +54,9 @@ struct GroupUse {
     /// Group fds handed out by name (`group` steps), in any process: each holds the group
     /// file open until its last reference goes.
     named: usize,
+    /// The iommufd (its [`Iommufd::uid`]) the bound cdevs claimed the group's DMA for
+    /// (`iommu_device_claim_dma_owner`): while `cdevs` > 0 no other may bind one.
+    owner: u64,
 }
 
 impl GroupUse {
@@ -149,6 +152,7 @@ impl Machine {
         Emulated {
             m: self,
             iommufd: None,
+            more_iommufds: Vec::new(),
             devs: HashMap::new(),
             next: 0,
             maps: HashMap::new(),
@@ -171,6 +175,8 @@ struct Open {
     maps: usize,
     /// The iommufd device object's id, while the cdev is bound.
     devid: Option<u32>,
+    /// Which of the process's iommufds it is bound to.
+    ictx: u32,
 }
 
 /// A CPU mapping of a BAR (`mmap` of a device fd).
@@ -186,6 +192,8 @@ struct CpuMap {
 pub struct Emulated<'m> {
     m: &'m Machine,
     iommufd: Option<Iommufd>,
+    /// The iommufds opened after the first (numbers 1, 2, …).
+    more_iommufds: Vec<Iommufd>,
     proc: Process,
     devs: HashMap<u32, Open>,
     next: u32,
@@ -216,6 +224,7 @@ impl Drop for Emulated<'_> {
             let _ = self.cpu_unmap(peerdma_uapi::backend::MapHandle(m));
         }
         self.iommufd.take();
+        self.more_iommufds.clear();
         for fd in self.proc.fds() {
             let _ = self.proc.close(fd);
         }
@@ -251,6 +260,9 @@ impl Emulated<'_> {
             }
         } else if bound {
             u.cdevs = u.cdevs.saturating_sub(1);
+            if u.cdevs == 0 {
+                u.owner = 0;
+            }
         }
     }
 
@@ -273,7 +285,7 @@ impl Emulated<'_> {
         // The last close of a bound cdev unbinds it from iommufd, detaching it from its IOAS
         // first (`vfio_iommufd_physical_unbind`): nothing of the device stays in the IOAS.
         if bound && !o.via_group {
-            if let Some(i) = &self.iommufd {
+            if let Some(i) = self.opened_iommufd(o.ictx) {
                 let _ = i.detach(o.bdf);
                 if let Some(id) = o.devid {
                     i.unbind_device(id);
@@ -297,10 +309,24 @@ impl Emulated<'_> {
     }
 
     fn iommufd(&mut self) -> Result<&Iommufd, Errno> {
-        if self.iommufd.is_none() {
+        self.iommufd_at(0)
+    }
+
+    /// Iommufd number `i` of this process (the first opened on first use); `EBADF` for one
+    /// never opened.
+    fn iommufd_at(&mut self, i: u32) -> Result<&Iommufd, Errno> {
+        if i == 0 && self.iommufd.is_none() {
             self.iommufd = Some(Iommufd::open(&self.m.env)?);
         }
-        self.iommufd.as_ref().ok_or(Errno::ENODEV)
+        self.opened_iommufd(i).ok_or(Errno::EBADF)
+    }
+
+    /// Iommufd number `i`, if it is open.
+    fn opened_iommufd(&self, i: u32) -> Option<&Iommufd> {
+        match i {
+            0 => self.iommufd.as_ref(),
+            n => self.more_iommufds.get(n as usize - 1),
+        }
     }
 }
 
@@ -344,6 +370,7 @@ impl UapiBackend for Emulated<'_> {
                 closed: false,
                 maps: 0,
                 devid: None,
+                ictx: 0,
             },
         );
         if path == OpenPath::CdevIommufd {
@@ -376,7 +403,11 @@ impl UapiBackend for Emulated<'_> {
         Ok(())
     }
 
-    fn bind_device(&mut self, dev: DevHandle) -> Result<(), Errno> {
+    /// Binding claims the group's DMA for the iommufd (`iommufd_device_bind`): refused
+    /// (`EBUSY`) while another iommufd — of this process or another — has a device of the
+    /// group bound, or the group file is open.
+    fn bind_device_to(&mut self, dev: DevHandle, ictx: u32) -> Result<(), Errno> {
+        let uid = self.iommufd_at(ictx)?.uid();
         let o = self.dev(dev)?;
         // Only a cdev binds, once; a group-opened fd is bound already, as the kernel says.
         if o.fd.is_bound() {
@@ -393,14 +424,25 @@ impl UapiBackend for Emulated<'_> {
         if self.m.vfio(o.bdf).is_some_and(|v| v.open_count() > 0) {
             return Err(Errno::EINVAL);
         }
+        if u.cdevs > 0 && u.owner != uid {
+            return Err(Errno::EBUSY);
+        }
         o.fd.bind()?;
         u.cdevs += 1;
+        u.owner = uid;
         drop(g);
-        let id = self.iommufd()?.bind_device();
+        let id = self.iommufd_at(ictx)?.bind_device();
         if let Some(o) = self.devs.get_mut(&dev.0) {
             o.devid = Some(id);
+            o.ictx = ictx;
         }
         Ok(())
+    }
+
+    fn iommufd_open(&mut self) -> Result<u32, Errno> {
+        self.iommufd()?;
+        self.more_iommufds.push(Iommufd::open(&self.m.env)?);
+        Ok(u32::try_from(self.more_iommufds.len()).unwrap_or(u32::MAX))
     }
 
     fn device_feature(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<i32, Errno> {
@@ -617,13 +659,18 @@ impl UapiBackend for Emulated<'_> {
         r
     }
 
-    fn ioas_alloc(&mut self) -> Result<IoasId, Errno> {
-        self.iommufd()?.ioas_alloc().map(IoasId)
+    fn ioas_alloc_in(&mut self, ictx: u32) -> Result<IoasId, Errno> {
+        self.iommufd_at(ictx)?
+            .ioas_alloc()
+            .map(|id| IoasId(id, ictx))
     }
 
+    /// The id is looked up in the iommufd the device is bound to, whichever iommufd the
+    /// IOAS came from.
     fn attach_ioas(&mut self, dev: DevHandle, ioas: IoasId) -> Result<(), Errno> {
         let bdf = self.cdev_only_ioctl(dev)?;
-        self.iommufd()?.attach(bdf, ioas.0)
+        let ictx = self.dev(dev)?.ictx;
+        self.iommufd_at(ictx)?.attach(bdf, ioas.0)
     }
 
     fn ioas_map_file(
@@ -635,28 +682,29 @@ impl UapiBackend for Emulated<'_> {
         iova: u64,
         flags: u32,
     ) -> Result<u64, Errno> {
-        self.iommufd()?;
-        let i = self.iommufd.as_ref().ok_or(Errno::ENODEV)?;
+        self.iommufd_at(ioas.1)?;
+        let i = self.opened_iommufd(ioas.1).ok_or(Errno::EBADF)?;
         i.map_file_ioctl(&self.proc, ioas.0, fd, start, length, iova, flags)
     }
 
     fn detach_ioas(&mut self, dev: DevHandle) -> Result<(), Errno> {
         let bdf = self.cdev_only_ioctl(dev)?;
-        self.iommufd()?.detach(bdf)
+        let ictx = self.dev(dev)?.ictx;
+        self.iommufd_at(ictx)?.detach(bdf)
     }
 
     fn ioas_destroy(&mut self, ioas: IoasId) -> Result<(), Errno> {
-        self.iommufd()?.ioas_destroy(ioas.0)
+        self.iommufd_at(ioas.1)?.ioas_destroy(ioas.0)
     }
 
     fn ioas_iova_ranges(&mut self, ioas: IoasId, room: u32) -> Result<IovaRanges, Errno> {
-        self.iommufd()?
+        self.iommufd_at(ioas.1)?
             .iova_ranges(ioas.0, room, 0)
             .map_err(|(e, _)| e)
     }
 
     fn ioas_unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64, Errno> {
-        self.iommufd()?.unmap(ioas.0, iova, length)
+        self.iommufd_at(ioas.1)?.unmap(ioas.0, iova, length)
     }
 
     fn irq_info(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<(), Errno> {
@@ -760,10 +808,12 @@ impl UapiBackend for Emulated<'_> {
                 .collect();
             return Ok(HotResetInfo { flags: 0, devices });
         }
+        // Named by the iommufd the asking device is bound to.
+        let ictx = o.ictx;
         let bound: Vec<(u32, Bdf)> = self
             .devs
             .values()
-            .filter(|d| !d.via_group && d.fd.is_bound())
+            .filter(|d| !d.via_group && d.fd.is_bound() && d.ictx == ictx)
             .map(|d| (d.devid.unwrap_or(0), d.bdf))
             .collect();
         let mut flags = HOT_RESET_FLAG_DEV_ID | HOT_RESET_FLAG_DEV_ID_OWNED;
@@ -809,8 +859,8 @@ impl ScenarioBackend for Emulated<'_> {
     /// group-opened one → `EINVAL`; no bus to reset → `ENODEV`; more group fds than
     /// devices the reset reaches → `EINVAL`; then each fd in turn: not open → `EBADF`, not
     /// a group file → `EINVAL`. Every affected device must then be owned: in one of the
-    /// groups given, or (with none) in a group with a device bound in this process's
-    /// iommufd.
+    /// groups given, or (with none) in a group with a device bound to the iommufd the
+    /// asking device is bound to.
     fn hot_reset(&mut self, dev: DevHandle, groups: Option<&[i32]>) -> Result<(), Errno> {
         let o = self.dev(dev)?;
         o.fd.ioctl_prologue()?;
@@ -825,7 +875,7 @@ impl ScenarioBackend for Emulated<'_> {
             // iommufd is owned whole.
             self.devs
                 .values()
-                .filter(|d| !d.via_group && d.fd.is_bound())
+                .filter(|d| !d.via_group && d.fd.is_bound() && d.ictx == o.ictx)
                 .map(|d| group_number(iommu_group(f, d.bdf)))
                 .collect()
         } else {

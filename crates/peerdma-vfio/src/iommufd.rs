@@ -259,7 +259,12 @@ pub struct Iommufd {
     ioas: Mutex<BTreeMap<u32, Ioas>>,
     /// `ictx->objects`: every object's id, from one table (taken after `ioas`).
     objects: Mutex<BTreeMap<u32, Obj>>,
+    /// Which iommufd this is, machine-wide: the owner a bound device's IOMMU group records.
+    uid: u64,
 }
+
+/// Numbers every iommufd opened.
+static NEXT_UID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// What an iommufd object id names (main.c `iommufd_object_alloc`: one xarray per iommufd,
 /// ids from 1, the lowest free one each time, so a freed id is given out again).
@@ -292,7 +297,13 @@ impl Iommufd {
             env: env.clone(),
             ioas: Mutex::new(BTreeMap::new()),
             objects: Mutex::new(BTreeMap::new()),
+            uid: NEXT_UID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
+    }
+
+    /// This iommufd's machine-wide number (the DMA owner of the groups bound to it).
+    pub fn uid(&self) -> u64 {
+        self.uid
     }
 
     /// `IOMMU_IOAS_ALLOC`: a new, empty I/O address space.
