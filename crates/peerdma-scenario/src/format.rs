@@ -104,6 +104,9 @@ pub struct Step {
     /// Text the real kernel must print while the step runs (`dmesg = "…"`); such a
     /// message, even a warning, is then not held against the step.
     pub dmesg: Option<String>,
+    /// The process the step runs in (`process = "b"`): a second user of the machine, with
+    /// its own fds, group files, container and iommufds; none: the scenario's first.
+    pub process: Option<String>,
 }
 
 /// What a step does. Device, fd and IOAS fields are names given earlier with `as`, except
@@ -1465,8 +1468,13 @@ fn step(mut f: Fields) -> Result<Step, FormatError> {
     if dmesg.as_deref() == Some("") {
         return Err(f.err("dmesg", "say what text the kernel must print"));
     }
+    let process = f.opt_string("process")?;
+    if process.as_deref() == Some("") {
+        return Err(f.err("process", "name the process"));
+    }
     let mut s = step_fields(f)?;
     s.dmesg = dmesg;
+    s.process = process;
     Ok(s)
 }
 
@@ -1498,6 +1506,7 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
             action,
             expect,
             dmesg: None,
+            process: None,
         });
     }
     let (action, default) = match word.as_str() {
@@ -1766,6 +1775,7 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
                 action: Action::Read { fd, size, show },
                 expect,
                 dmesg: None,
+                process: None,
             });
         }
         "ioas" => (
@@ -1866,6 +1876,7 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
                 },
                 expect,
                 dmesg: None,
+                process: None,
             });
         }
         "region_write" => {
@@ -1913,6 +1924,7 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
                 },
                 expect,
                 dmesg: None,
+                process: None,
             });
         }
         "cpu_write" => {
@@ -2031,6 +2043,7 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
         action,
         expect,
         dmesg: None,
+        process: None,
     })
 }
 

@@ -151,18 +151,51 @@ struct State {
     cpu_maps: HashMap<String, (MapHandle, Bdf, u32, u64)>,
 }
 
-/// Plays `s` on `be`. Every step runs, whatever earlier ones produced.
+/// Plays `s` on `be`. Every step runs, whatever earlier ones produced. A step in another
+/// process (`process = "…"`) fails: `be` alone cannot make one ([`run_all`] can).
 pub fn run(s: &Scenario, be: &mut dyn ScenarioBackend, ctx: &mut RunCtx) -> Vec<StepResult> {
+    run_in(s, be, ctx, &mut || None)
+}
+
+/// A maker of the scenario's other processes.
+type Spawn<'a> = dyn FnMut() -> Option<Box<dyn ScenarioBackend + 'a>> + 'a;
+
+/// [`run`], with `spawn` making a backend for each other process the scenario names, on
+/// first use. They go (closing what they left open) when the scenario ends, before `be`.
+fn run_in<'a>(
+    s: &Scenario,
+    be: &mut dyn ScenarioBackend,
+    ctx: &mut RunCtx,
+    spawn: &mut Spawn<'a>,
+) -> Vec<StepResult> {
     let mut st = State::default();
+    let mut others: Vec<(String, Box<dyn ScenarioBackend + 'a>, State)> = Vec::new();
     let mut out = Vec::new();
     // What the kernel printed before the scenario belongs to no step.
     let _ = be.kernel_messages();
     for (i, step) in s.steps.iter().enumerate() {
-        let (outcome, check) = match play(&step.action, be, &mut st, ctx) {
-            Ok(o) => o,
-            Err(e) => (e, None),
+        let played = match &step.process {
+            None => play(&step.action, be, &mut st, ctx),
+            Some(p) => {
+                if !others.iter().any(|(n, ..)| n == p) {
+                    if let Some(mut b) = spawn() {
+                        let _ = b.kernel_messages();
+                        others.push((p.clone(), b, State::default()));
+                    }
+                }
+                match others.iter_mut().find(|(n, ..)| n == p) {
+                    Some((_, b, pst)) => play(&step.action, &mut **b, pst, ctx),
+                    None => Err("error: this backend cannot start another process".into()),
+                }
+            }
         };
+        let (outcome, check) = played.unwrap_or_else(|e| (e, None));
+        // The kernel's log is one: read it once, and let the other processes' readers skip
+        // what they would only repeat.
         let kernel = be.kernel_messages();
+        for (_, b, _) in &mut others {
+            let _ = b.kernel_messages();
+        }
         let pass = if outcome == "pending" {
             None
         } else {
@@ -182,11 +215,13 @@ pub fn run(s: &Scenario, be: &mut dyn ScenarioBackend, ctx: &mut RunCtx) -> Vec<
             kernel,
         });
     }
+    drop(others);
     out
 }
 
 /// Plays every scenario in order as one run (one [`RunCtx`]), each in a fresh process from
-/// `process` — dropped at the scenario's end, closing whatever it left open.
+/// `process` — dropped at the scenario's end, closing whatever it left open. A scenario's
+/// other processes come from `process` too.
 pub fn run_all<B: ScenarioBackend>(
     scenarios: &[Scenario],
     mut process: impl FnMut() -> B,
@@ -195,7 +230,8 @@ pub fn run_all<B: ScenarioBackend>(
     let mut out = Vec::new();
     for s in scenarios {
         let mut be = process();
-        out.extend(run(s, &mut be, &mut ctx));
+        let mut spawn = || Some(Box::new(process()) as Box<dyn ScenarioBackend>);
+        out.extend(run_in(s, &mut be, &mut ctx, &mut spawn));
     }
     out
 }

@@ -800,64 +800,65 @@ mod random {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(256))]
-        /// Any sequence of user actions, however wrong, gets outcomes and no panic; when the
-        /// process goes, every device is closed, every buffer released, every registration
-        /// reference given back, and no DMA ever landed in a revoked buffer.
-        #[test]
-        fn any_sequence_of_actions_leaves_nothing_behind(actions in proptest::collection::vec(action(), 1..40)) {
-            let m = machine();
-            let eps: Vec<Bdf> = m
-                .fabric()
-                .functions()
-                .filter(|f| f.kind() == peerdma_pci::DeviceKind::Endpoint)
-                .map(peerdma_pci::Function::bdf)
-                .collect();
-            let before: Vec<usize> = eps.iter().map(|&b| m.vfio(b).unwrap().registration().count()).collect();
-            // A working setup first (a provider's buffer mapped for the initiator), so the
-            // random tail has something to break.
-            let setup = load_path(&dir().join("import-whole-buffer.toml")).unwrap().steps;
-            let mut steps: Vec<Step> = setup.into_iter().take(6).collect();
-            let named = |n: &str| n.replace("buf", "a").replace('a', "x");
-            for st in &mut steps {
-                match &mut st.action {
-                    Action::Export { name: Some(n), .. } => *n = "a".into(),
-                    Action::IoasAlloc { name, .. } => *name = named(name),
-                    Action::Attach { ioas, .. } => *ioas = "x".into(),
-                    Action::Map { ioas, fd, .. } => {
-                        *ioas = "x".into();
-                        *fd = "a".into();
-                    }
-                    _ => {}
-                }
-            }
-            steps.extend(actions.into_iter().map(|action| Step {
-                action,
-                expect: Expect::Ok,
-                dmesg: None,
-            }));
-            let s = Scenario { name: "random".into(), about: "random".into(), steps, pm: None, group_path: true };
-            let r = run(&s, &mut m.process(), &mut RunCtx::default());
-            prop_assert_eq!(r.len(), s.steps.len());
-            prop_assert_eq!(&r[5].outcome, "ok", "the setup maps the buffer");
-            prop_assert!(r.iter().all(|r| !r.outcome.is_empty()));
-            for (i, &b) in eps.iter().enumerate() {
-                let v = m.vfio(b).unwrap();
-                prop_assert_eq!(v.open_count(), 0, "{} still open", b);
-                prop_assert_eq!(v.dmabuf_count(), 0, "{} has buffers", b);
-                prop_assert_eq!(v.registration().count(), before[i], "{}: {:?}", b, v.registration().holders());
-            }
-            prop_assert_eq!(m.violation_count(), 0);
-            // And every group is free again: its file opens, then its cdevs bind.
-            for &b in &eps {
-                let mut p = m.process();
-                let d = p.open_device(b, OpenPath::GroupContainer);
-                prop_assert!(d.is_ok(), "{}: group file: {:?}", b, d);
-                drop(p);
-                let mut p = m.process();
-                let d = p.open_device(b, OpenPath::CdevIommufd);
-                prop_assert!(d.is_ok(), "{}: cdev: {:?}", b, d);
-            }
-        }
-    }
+           #![proptest_config(ProptestConfig::with_cases(256))]
+           /// Any sequence of user actions, however wrong, gets outcomes and no panic; when the
+           /// process goes, every device is closed, every buffer released, every registration
+           /// reference given back, and no DMA ever landed in a revoked buffer.
+           #[test]
+           fn any_sequence_of_actions_leaves_nothing_behind(actions in proptest::collection::vec(action(), 1..40)) {
+               let m = machine();
+               let eps: Vec<Bdf> = m
+                   .fabric()
+                   .functions()
+                   .filter(|f| f.kind() == peerdma_pci::DeviceKind::Endpoint)
+                   .map(peerdma_pci::Function::bdf)
+                   .collect();
+               let before: Vec<usize> = eps.iter().map(|&b| m.vfio(b).unwrap().registration().count()).collect();
+               // A working setup first (a provider's buffer mapped for the initiator), so the
+               // random tail has something to break.
+               let setup = load_path(&dir().join("import-whole-buffer.toml")).unwrap().steps;
+               let mut steps: Vec<Step> = setup.into_iter().take(6).collect();
+               let named = |n: &str| n.replace("buf", "a").replace('a', "x");
+               for st in &mut steps {
+                   match &mut st.action {
+                       Action::Export { name: Some(n), .. } => *n = "a".into(),
+                       Action::IoasAlloc { name, .. } => *name = named(name),
+                       Action::Attach { ioas, .. } => *ioas = "x".into(),
+                       Action::Map { ioas, fd, .. } => {
+                           *ioas = "x".into();
+                           *fd = "a".into();
+                       }
+                       _ => {}
+                   }
+               }
+               steps.extend(actions.into_iter().map(|action| Step {
+                   action,
+                   expect: Expect::Ok,
+                   dmesg: None,
+    process: None,
+               }));
+               let s = Scenario { name: "random".into(), about: "random".into(), steps, pm: None, group_path: true };
+               let r = run(&s, &mut m.process(), &mut RunCtx::default());
+               prop_assert_eq!(r.len(), s.steps.len());
+               prop_assert_eq!(&r[5].outcome, "ok", "the setup maps the buffer");
+               prop_assert!(r.iter().all(|r| !r.outcome.is_empty()));
+               for (i, &b) in eps.iter().enumerate() {
+                   let v = m.vfio(b).unwrap();
+                   prop_assert_eq!(v.open_count(), 0, "{} still open", b);
+                   prop_assert_eq!(v.dmabuf_count(), 0, "{} has buffers", b);
+                   prop_assert_eq!(v.registration().count(), before[i], "{}: {:?}", b, v.registration().holders());
+               }
+               prop_assert_eq!(m.violation_count(), 0);
+               // And every group is free again: its file opens, then its cdevs bind.
+               for &b in &eps {
+                   let mut p = m.process();
+                   let d = p.open_device(b, OpenPath::GroupContainer);
+                   prop_assert!(d.is_ok(), "{}: group file: {:?}", b, d);
+                   drop(p);
+                   let mut p = m.process();
+                   let d = p.open_device(b, OpenPath::CdevIommufd);
+                   prop_assert!(d.is_ok(), "{}: cdev: {:?}", b, d);
+               }
+           }
+       }
 }
