@@ -669,7 +669,15 @@ pub fn ranges_outcome(ranges: &[(u64, u64)], alignment: u64) -> String {
 
 /// The words of `VFIO_REGION_INFO_FLAG_*` bits, as outcomes show them.
 pub fn region_flag_words(flags: u32) -> String {
-    let names = [(1, "read"), (2, "write"), (4, "mmap"), (8, "caps")];
+    flag_words(
+        flags,
+        &[(1, "read"), (2, "write"), (4, "mmap"), (8, "caps")],
+    )
+}
+
+/// Flag bits as words (`names` covers the low four bits), any other bits as a number,
+/// `none` for none.
+pub fn flag_words(flags: u32, names: &[(u32, &str)]) -> String {
     let mut w: Vec<String> = names
         .iter()
         .filter(|(b, _)| flags & b != 0)

@@ -286,19 +286,10 @@ fn irq_info_outcome(flags: u32, count: u32) -> String {
         (4, "automasked"),
         (8, "noresize"),
     ];
-    let mut words: Vec<String> = names
-        .iter()
-        .filter(|(b, _)| flags & b != 0)
-        .map(|(_, n)| (*n).to_string())
-        .collect();
-    let rest = flags & !0xf;
-    if rest != 0 {
-        words.push(format!("{rest:#x}"));
-    }
-    if words.is_empty() {
-        words.push("none".into());
-    }
-    format!("irq count={count} flags={}", words.join(","))
+    format!(
+        "irq count={count} flags={}",
+        crate::format::flag_words(flags, &names)
+    )
 }
 
 fn hot_reset_outcome(i: &peerdma_uapi::backend::HotResetInfo) -> String {

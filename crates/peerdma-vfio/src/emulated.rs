@@ -403,9 +403,9 @@ impl UapiBackend for Emulated<'_> {
         Ok(())
     }
 
-    /// Binding claims the group's DMA for the iommufd (`iommufd_device_bind`): refused
-    /// (`EBUSY`) while another iommufd — of this process or another — has a device of the
-    /// group bound, or the group file is open.
+    /// Binding claims the group's DMA for the iommufd (`iommufd_device_bind`,
+    /// `iommu_device_claim_dma_owner`): `EPERM` while another iommufd — of this process or
+    /// another — has a device of the group bound; `EBUSY` while the group file is open.
     fn bind_device_to(&mut self, dev: DevHandle, ictx: u32) -> Result<(), Errno> {
         let uid = self.iommufd_at(ictx)?.uid();
         let o = self.dev(dev)?;
@@ -424,8 +424,9 @@ impl UapiBackend for Emulated<'_> {
         if self.m.vfio(o.bdf).is_some_and(|v| v.open_count() > 0) {
             return Err(Errno::EINVAL);
         }
+        // `iommu_device_claim_dma_owner`: another owner is EPERM.
         if u.cdevs > 0 && u.owner != uid {
-            return Err(Errno::EBUSY);
+            return Err(Errno::EPERM);
         }
         o.fd.bind()?;
         u.cdevs += 1;

@@ -30,7 +30,12 @@ struct Rig {
 
 /// The shared test machine ([`peerdma_vfio::testbed`]): gpu0 with AF FLR as well as PCIe FLR.
 fn rig() -> Rig {
-    let t = peerdma_vfio::testbed::testbed().unwrap();
+    rig_from(peerdma_vfio::testbed::PLATFORM)
+}
+
+/// A variant of the test machine, from its fabric file's text.
+fn rig_from(text: &str) -> Rig {
+    let t = peerdma_vfio::testbed::testbed_from(text).unwrap();
     Rig {
         fabric: t.fabric,
         env: t.env,
@@ -448,15 +453,7 @@ fn a_function_that_resets_itself_in_d3hot_gets_its_state_back_at_d0() {
         "name = \"gpu0\"\nno_soft_reset = false\n",
     );
     assert_ne!(text, peerdma_vfio::testbed::PLATFORM);
-    let t = peerdma_vfio::testbed::testbed_from(&text).unwrap();
-    let r = Rig {
-        fabric: t.fabric,
-        env: t.env,
-        gpu: t.gpu,
-        nic1: t.nic1,
-        nic0: t.nic0,
-        proc: Process::new(),
-    };
+    let r = rig_from(&text);
     let pm = pm_ctrl(&r);
     let (v, d, f) = exported(&r);
     let bar2 = r.fabric.config_read(r.gpu, 0x18, 4).unwrap();
@@ -505,17 +502,9 @@ fn a_function_without_flr_resets_by_pm_before_any_bus_reset() {
         "name = \"gpu0\"\nno_soft_reset = false\nflr = false\n",
     );
     let text = text.replacen("af_flr = true\n", "", 1);
-    let t = peerdma_vfio::testbed::testbed_from(&text).unwrap();
+    let r = rig_from(&text);
     let resets = Arc::new(Resets::default());
-    t.fabric.subscribe(resets.clone());
-    let r = Rig {
-        fabric: t.fabric,
-        env: t.env,
-        gpu: t.gpu,
-        nic1: t.nic1,
-        nic0: t.nic0,
-        proc: Process::new(),
-    };
+    r.fabric.subscribe(resets.clone());
     let (v, d, f) = exported(&r);
     let imp = live_mapping(&r, &f, b"before-1");
     let old = imp.first_addr().unwrap();
