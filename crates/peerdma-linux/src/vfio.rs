@@ -357,6 +357,8 @@ pub struct LinuxBackend {
     kmsg: Option<File>,
     /// Each open device's sysfs directory.
     dev_dirs: HashMap<u32, PathBuf>,
+    /// The group file (`/dev/vfio/N`) of each device opened the group way.
+    group_devs: HashMap<u32, PathBuf>,
     /// Where sysfs is (for tests on captured trees; `/sys` normally).
     pub sysfs: PathBuf,
 }
@@ -739,12 +741,20 @@ impl UapiBackend for LinuxBackend {
         };
         self.next += 1;
         self.keep(h, device);
+        if let Some(n) = std::fs::read_link(sysfs.join("iommu_group"))
+            .ok()
+            .and_then(|g| g.file_name().and_then(|n| n.to_str()).map(str::to_string))
+        {
+            self.group_devs
+                .insert(h.0, PathBuf::from(format!("/dev/vfio/{n}")));
+        }
         self.dev_dirs.insert(h.0, sysfs);
         Ok(h)
     }
 
     fn close_device(&mut self, dev: DevHandle) -> Result<(), Errno> {
         self.dev_dirs.remove(&dev.0);
+        self.group_devs.remove(&dev.0);
         if self.unbound.remove(&dev.0).is_some() {
             return Ok(());
         }
@@ -913,12 +923,20 @@ impl UapiBackend for LinuxBackend {
             .ok_or(Errno::ENODEV)?
             .to_string();
         let dev = PathBuf::from(format!("/dev/vfio/{n}"));
+        // Only a group file this backend holds — its container's, for a device it opened
+        // the group way, or one an earlier `group` step handed out — is dup'd: another
+        // backend in this program stands for another process.
+        let ours = self.group_devs.values().any(|g| *g == dev)
+            || self.files.values().any(|f| {
+                std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
+                    .is_ok_and(|t| t == dev)
+            });
         let held = std::fs::read_dir("/proc/self/fd")
             .map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EIO)))?
             .filter_map(Result::ok)
             .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == dev))
             .find_map(|e| e.file_name().to_str()?.parse::<RawFd>().ok());
-        let f = if let Some(fd) = held {
+        let f = if let Some(fd) = held.filter(|_| ours) {
             // SAFETY: fcntl on a descriptor this process holds open (the container's group
             // file); the new descriptor is owned from here.
             let n = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
