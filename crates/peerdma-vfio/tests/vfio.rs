@@ -523,6 +523,22 @@ fn a_function_without_flr_resets_by_pm_before_any_bus_reset() {
 }
 
 #[test]
+fn any_command_write_puts_back_a_bar_the_hardware_lost() {
+    // `vfio_need_bar_restore`: a BAR that held an address at the first open and reads
+    // differently now is written back on the next COMMAND write, whatever it writes.
+    let r = rig();
+    let (_v, d, _f) = exported(&r);
+    let bar0 = r.fabric.config_read(r.gpu, 0x10, 4).unwrap();
+    assert_ne!(bar0 & !0xf, 0);
+    r.fabric.config_write(r.gpu, 0x10, 4, 0).unwrap();
+    cmd(&d, false);
+    assert_eq!(r.fabric.config_read(r.gpu, 0x10, 4).unwrap(), bar0);
+    r.fabric.config_write(r.gpu, 0x10, 4, 0).unwrap();
+    cmd(&d, true);
+    assert_eq!(r.fabric.config_read(r.gpu, 0x10, 4).unwrap(), bar0);
+}
+
+#[test]
 fn d3hot_revokes_and_d0_unrevokes() {
     let r = rig();
     let pm = pm_ctrl(&r);

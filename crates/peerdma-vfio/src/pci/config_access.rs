@@ -51,10 +51,17 @@ impl Dev {
                 if !new_mem {
                     m.move_bufs(true);
                 }
-                let virt_mem = vc(m)?.command() & regs::COMMAND_MEMORY != 0;
-                let phys_mem = self.command_hw() & regs::COMMAND_MEMORY != 0;
-                if new_mem && virt_mem && !phys_mem && !self.is_vf {
-                    // A backdoor reset lost the BARs: put them back before decoding.
+                let (virt, phys) = (vc(m)?.command(), self.command_hw());
+                let bit = |c: u16, b: u16| c & b != 0;
+                let (mem, io) = (regs::COMMAND_MEMORY, regs::COMMAND_IO);
+                // A backdoor reset lost the BARs (the user enables decode the copy says is
+                // on, the hardware says off), or a saved BAR no longer matches the hardware
+                // (`vfio_need_bar_restore`): put them back before decoding. A VF has none of
+                // its own (`vfio_bar_restore` returns at once).
+                let lost = (bit(new_cmd, mem) && bit(virt, mem) && !bit(phys, mem))
+                    || (bit(new_cmd, io) && bit(virt, io) && !bit(phys, io))
+                    || self.bars_moved(m);
+                if lost && !self.is_vf {
                     self.restore_bars(m);
                 }
                 vc(m)?.default_write(f, b, pos, n, val)?;
@@ -172,6 +179,20 @@ impl Dev {
             self.set_power(PowerState::D3Hot);
         }
         self.unrevoke_after_write(m);
+    }
+
+    /// `vfio_need_bar_restore`: a BAR register that held an address at the first open reads
+    /// something else now.
+    fn bars_moved(&self, m: &MemGuard<'_>) -> bool {
+        let Some(v) = m.vconfig.as_ref() else {
+            return false;
+        };
+        vcfg::BAR_REGS[..6]
+            .iter()
+            .zip(v.bars_at_open)
+            .any(|(&at, orig)| {
+                orig != 0 && self.fabric.config_read(self.bdf, at, 4).ok() != Some(orig)
+            })
     }
 
     /// `vfio_bar_restore`: the BAR registers written back as they were at the first open.
