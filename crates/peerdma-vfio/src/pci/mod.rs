@@ -181,6 +181,11 @@ struct Mem {
     /// COMMAND as the first open left it (`pci_save_state` in `vfio_pci_core_enable`), put
     /// back at the last close (`pci_restore_state` in `vfio_pci_core_disable`).
     saved_command: u16,
+    /// The rest of what `pci_save_state` keeps at the first open and `pci_restore_state`
+    /// writes back at the last close: the header past COMMAND/STATUS and the PCIe control
+    /// registers, as (offset, width, value). Bytes outside them (QEMU's spare config bytes)
+    /// are not part of the state and keep what was written.
+    saved_state: Vec<(u16, usize, u32)>,
 }
 
 struct Dev {
@@ -320,6 +325,28 @@ impl Dev {
         self.fabric
             .config_read(self.bdf, regs::COMMAND, 2)
             .map_or(0, |v| v as u16)
+    }
+
+    /// The registers `pci_save_state` keeps, read now: header dwords 2–15 (dwords 10–15
+    /// first, then the BARs, then 2–3, the order `pci_restore_config_space` writes them
+    /// back in) and PCIe DevCtl, LnkCtl and DevCtl2.
+    fn state_regs(&self) -> Vec<(u16, usize, u32)> {
+        let (f, b) = (&*self.fabric, self.bdf);
+        let mut at: Vec<(u16, usize)> = (10..16)
+            .chain(4..10)
+            .chain(2..4)
+            .map(|i| (4 * i, 4))
+            .collect();
+        if let Some(e) = f.function(b).ok().and_then(|x| x.caps().exp) {
+            at.extend([
+                (e + regs::EXP_DEVCTL, 2),
+                (e + regs::EXP_LNKCTL, 2),
+                (e + 0x28, 2),
+            ]);
+        }
+        at.into_iter()
+            .filter_map(|(o, n)| f.config_read(b, o, n).ok().map(|v| (o, n, v)))
+            .collect()
     }
 
     /// `__vfio_pci_memory_enabled`.
@@ -614,6 +641,7 @@ impl DeviceFd {
                 .fabric
                 .config_write(d.bdf, regs::COMMAND, 2, u32::from(cmd));
             m.saved_command = cmd;
+            m.saved_state = d.state_regs();
             m.vconfig = VConfig::init(&d.fabric, d.bdf).ok();
             m.engaged = false;
         }
@@ -857,6 +885,14 @@ impl DeviceFd {
                 // an I/O decode bit the user cleared is set again), bus mastering off. Unlike
                 // Linux, which leaves memory decode as saved (on), the model turns it off, so
                 // that nothing reaches a closed device's BARs without a mapping (divergence 8).
+                // `pci_restore_config_space`: only what differs, BARs after the rest of the
+                // header; then the PCIe control registers (restored first by the kernel; no
+                // order between them is visible).
+                for &(at, n, v) in &m.saved_state {
+                    if d.fabric.config_read(d.bdf, at, n).ok() != Some(v) {
+                        let _ = d.fabric.config_write(d.bdf, at, n, v);
+                    }
+                }
                 let cmd = m.saved_command & !(regs::COMMAND_MEMORY | regs::COMMAND_MASTER);
                 let _ = d
                     .fabric
