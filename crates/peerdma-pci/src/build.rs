@@ -69,6 +69,8 @@ struct Proto {
     config: Vec<(u16, Vec<u8>)>,
     /// Measured write masks (see [`DeviceSpec::wmask`]).
     wmask: Vec<(u16, Vec<u8>)>,
+    /// See [`DeviceSpec::model`].
+    model: Option<crate::model::DeviceModel>,
     key: String,
 }
 
@@ -408,6 +410,7 @@ impl Fabric {
                 sriov,
                 config: d.config.clone(),
                 wmask: d.wmask.clone(),
+                model: d.model,
                 key,
             });
         }
@@ -649,6 +652,7 @@ impl Fabric {
                     sriov: None,
                     config: Vec::new(),
                     wmask: Vec::new(),
+                    model: None,
                     key: format!("{}.sriov.vf[{n}]", protos[pf].key),
                 });
                 protos[pf].vfs.push(id);
@@ -749,7 +753,14 @@ impl Fabric {
                 no_soft_reset: p.no_soft_reset,
                 reset_image: image,
                 cfg: RwLock::new(live),
-                mem: std::array::from_fn(|_| Mutex::new(crate::memory::SparseMemory::new())),
+                mem: std::array::from_fn(|i| {
+                    let mut m = crate::memory::SparseMemory::new();
+                    if let Some(model) = p.model.filter(|x| x.owns(i as u8)) {
+                        model.power_on(&mut m);
+                    }
+                    Mutex::new(m)
+                }),
+                model: p.model,
             });
         }
 

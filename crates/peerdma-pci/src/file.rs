@@ -197,6 +197,7 @@ struct RawDevice {
     sriov: Option<RawSriov>,
     config: Option<Vec<(Num, String)>>,
     wmask: Option<Vec<(Num, String)>>,
+    model: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -389,6 +390,20 @@ fn convert(raw: &RawFile) -> Result<FabricSpec, FabricError> {
                 format!("{k}.wmask"),
                 "needs `config`: write masks are measured with the captured bytes",
             ));
+        }
+        if let Some(name) = &d.model {
+            if d.kind != "endpoint" {
+                return Err(FabricError::at(
+                    format!("{k}.model"),
+                    "only an endpoint has a device model",
+                ));
+            }
+            spec.model = Some(crate::model::DeviceModel::from_name(name).ok_or_else(|| {
+                FabricError::at(
+                    format!("{k}.model"),
+                    format!("unknown device model {name:?} (known: \"qemu-edu\")"),
+                )
+            })?);
         }
         devices.push(spec);
     }

@@ -193,6 +193,8 @@ pub struct Function {
     pub(crate) cfg: RwLock<ConfigSpace>,
     /// Backing memory per BAR index (empty for unimplemented BARs).
     pub(crate) mem: [Mutex<SparseMemory>; 6],
+    /// The register file behind a BAR that is not plain memory.
+    pub(crate) model: Option<crate::model::DeviceModel>,
 }
 
 impl std::fmt::Debug for Function {
@@ -229,6 +231,10 @@ impl Function {
     /// 24-bit class code.
     pub fn class(&self) -> u32 {
         self.class
+    }
+    /// The register file behind a BAR that is not plain memory, if any.
+    pub fn model(&self) -> Option<crate::model::DeviceModel> {
+        self.model
     }
     /// Whether it is an SR-IOV virtual function.
     pub fn is_vf(&self) -> bool {

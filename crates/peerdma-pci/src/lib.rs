@@ -52,6 +52,7 @@ pub mod function;
 pub mod generate;
 pub mod hostbridge;
 pub mod memory;
+pub mod model;
 pub mod regs;
 pub mod route;
 pub mod size;

@@ -503,7 +503,12 @@ impl Fabric {
             Target::Ram { addr } => sync::lock(&self.ram).write(addr.get(), data),
             Target::Bar { bdf, bar, offset } => {
                 if let Ok(id) = self.id(bdf) {
-                    sync::lock(&self.funcs[id].mem[usize::from(bar)]).write(offset, data);
+                    let f = &self.funcs[id];
+                    let mut m = sync::lock(&f.mem[usize::from(bar)]);
+                    match f.model.filter(|x| x.owns(bar)) {
+                        Some(model) => model.store(&mut m, offset, data),
+                        None => m.write(offset, data),
+                    }
                 }
             }
         }
@@ -514,7 +519,12 @@ impl Fabric {
             Target::Ram { addr } => sync::lock(&self.ram).read(addr.get(), buf),
             Target::Bar { bdf, bar, offset } => {
                 if let Ok(id) = self.id(bdf) {
-                    sync::lock(&self.funcs[id].mem[usize::from(bar)]).read(offset, buf);
+                    let f = &self.funcs[id];
+                    let m = sync::lock(&f.mem[usize::from(bar)]);
+                    match f.model.filter(|x| x.owns(bar)) {
+                        Some(model) => model.load(&m, offset, buf),
+                        None => m.read(offset, buf),
+                    }
                 }
             }
         }

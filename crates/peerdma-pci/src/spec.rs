@@ -338,6 +338,8 @@ pub struct DeviceSpec {
     /// the masks the model would give its registers, last: a bit set here can be changed
     /// by a config write, a clear bit keeps its value. Only with `config`.
     pub wmask: Vec<(u16, Vec<u8>)>,
+    /// The register file behind a BAR that is not plain memory ([`crate::model`]).
+    pub model: Option<crate::model::DeviceModel>,
 }
 
 impl DeviceSpec {
@@ -362,6 +364,7 @@ impl DeviceSpec {
             sriov: None,
             config: Vec::new(),
             wmask: Vec::new(),
+            model: None,
         }
     }
 }

@@ -930,6 +930,21 @@ impl ScenarioBackend for Emulated<'_> {
         }
         // A fault is what a revoked mapping must produce; the caller checks the bytes.
         let _ = self.m.fabric.dma_write(bdf, DmaAddr(iova), data);
+        // QEMU's edu is driven through its registers on the real side (the pattern into its
+        // buffer at 0x40000, then out to `iova`); they show the last transfer, done.
+        let f = &self.m.fabric;
+        if f.function(bdf)
+            .is_ok_and(|x| x.model() == Some(peerdma_pci::model::DeviceModel::QemuEdu))
+        {
+            for (at, v) in [
+                (0x80u64, 0x4_0000u64),
+                (0x88, iova),
+                (0x90, data.len() as u64),
+                (0x98, 2),
+            ] {
+                let _ = f.bar_poke(bdf, 0, at, &v.to_le_bytes());
+            }
+        }
         Ok(())
     }
 

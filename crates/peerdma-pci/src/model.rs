@@ -1,0 +1,124 @@
+//! Register files of emulated devices whose BAR is not plain memory: what a CPU load or store
+//! to the BAR does. A function without a model keeps plain memory in every BAR.
+//!
+//! `QemuEdu` is QEMU's `edu` teaching device as the QEMU harness runs it (hw/misc/edu.c in
+//! QEMU 10, read for this model): BAR 0 holds its registers. Accesses below 0x80 must be 4
+//! bytes, from 0x80 on 4 or 8; any other size, and any offset that is not a register, reads
+//! all ones and ignores writes. 0x00 identification (0x010000ed, read-only); 0x04 liveness (a
+//! write stores the complement); 0x08 factorial (a write of n reads back n!, 32-bit); 0x20
+//! status (only the raise-interrupt-on-factorial bit, 0x80, is writable); 0x24 interrupt status,
+//! raised by a write to 0x60 and lowered by a write to 0x64; 0x80, 0x88, 0x90 DMA source,
+//! destination, count (a 4-byte write clears the upper half); 0x98 DMA command, taken only with
+//! its run bit. Not modelled: the DMA transfer a command starts (the command reads back done,
+//! nothing moves) and the interrupt a raise sends.
+
+use crate::memory::SparseMemory;
+
+/// A device model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceModel {
+    /// QEMU's `edu` device.
+    QemuEdu,
+}
+
+impl DeviceModel {
+    /// By the name a fabric file gives it.
+    pub fn from_name(name: &str) -> Option<DeviceModel> {
+        match name {
+            "qemu-edu" => Some(DeviceModel::QemuEdu),
+            _ => None,
+        }
+    }
+
+    /// Whether BAR `bar` is the model's register file.
+    pub(crate) fn owns(self, bar: u8) -> bool {
+        match self {
+            DeviceModel::QemuEdu => bar == 0,
+        }
+    }
+
+    /// What the registers hold at power-on.
+    pub(crate) fn power_on(self, mem: &mut SparseMemory) {
+        match self {
+            DeviceModel::QemuEdu => mem.write(EDU_ID, &0x0100_00ed_u32.to_le_bytes()),
+        }
+    }
+
+    /// A CPU load of `buf.len()` bytes at `offset`.
+    pub(crate) fn load(self, mem: &SparseMemory, offset: u64, buf: &mut [u8]) {
+        match self {
+            DeviceModel::QemuEdu => {
+                if !edu_size_ok(offset, buf.len()) || !EDU_REGS.contains(&offset) {
+                    buf.fill(0xff);
+                } else {
+                    mem.read(offset, buf);
+                }
+            }
+        }
+    }
+
+    /// A CPU store of `data` at `offset`.
+    pub(crate) fn store(self, mem: &mut SparseMemory, offset: u64, data: &[u8]) {
+        match self {
+            DeviceModel::QemuEdu => {
+                if !edu_size_ok(offset, data.len()) {
+                    return;
+                }
+                let mut v = [0u8; 8];
+                v[..data.len()].copy_from_slice(data);
+                let val = u64::from_le_bytes(v);
+                let cmd = {
+                    let mut c = [0u8; 8];
+                    mem.read(EDU_DMA_CMD, &mut c);
+                    u64::from_le_bytes(c)
+                };
+                let put32 =
+                    |mem: &mut SparseMemory, at: u64, x: u32| mem.write(at, &x.to_le_bytes());
+                match offset {
+                    0x04 => put32(mem, 0x04, !(val as u32)),
+                    0x08 => {
+                        let n = val as u32;
+                        let f = (1..=n).fold(1u32, u32::wrapping_mul);
+                        put32(mem, 0x08, f);
+                    }
+                    0x20 => {
+                        let mut s = [0u8; 4];
+                        mem.read(0x20, &mut s);
+                        let st = u32::from_le_bytes(s);
+                        put32(mem, 0x20, (st & !0x80) | (val as u32 & 0x80));
+                    }
+                    0x60 | 0x64 => {
+                        let mut s = [0u8; 4];
+                        mem.read(0x24, &mut s);
+                        let st = u32::from_le_bytes(s);
+                        let new = if offset == 0x60 {
+                            st | val as u32
+                        } else {
+                            st & !(val as u32)
+                        };
+                        put32(mem, 0x24, new);
+                    }
+                    // The DMA registers stay as they are while a transfer runs (none does here).
+                    0x80 | 0x88 | 0x90 if cmd & 1 == 0 => mem.write(offset, &val.to_le_bytes()),
+                    EDU_DMA_CMD if val & 1 != 0 && cmd & 1 == 0 => {
+                        mem.write(EDU_DMA_CMD, &(val & !1).to_le_bytes());
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+const EDU_ID: u64 = 0x00;
+const EDU_DMA_CMD: u64 = 0x98;
+/// The offsets edu answers a read at.
+const EDU_REGS: [u64; 9] = [0x00, 0x04, 0x08, 0x20, 0x24, 0x80, 0x88, 0x90, 0x98];
+
+fn edu_size_ok(offset: u64, size: usize) -> bool {
+    if offset < 0x80 {
+        size == 4
+    } else {
+        size == 4 || size == 8
+    }
+}
