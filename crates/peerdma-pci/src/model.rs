@@ -2,9 +2,10 @@
 //! to the BAR does. A function without a model keeps plain memory in every BAR.
 //!
 //! `QemuEdu` is QEMU's `edu` teaching device as the QEMU harness runs it (hw/misc/edu.c in
-//! QEMU 10, read for this model): BAR 0 holds its registers. Accesses below 0x80 must be 4
-//! bytes, from 0x80 on 4 or 8; any other size, and any offset that is not a register, reads
-//! all ones and ignores writes. 0x00 identification (0x010000ed, read-only); 0x04 liveness (a
+//! QEMU 10, read for this model, and checked against the guest): BAR 0 holds its registers.
+//! QEMU's memory core refuses an access of fewer than 4 bytes (it reads 0, a write is
+//! dropped); edu itself wants 4 bytes below 0x80 and 4 or 8 from 0x80 on, and answers any
+//! other access, or one at an offset that is not a register, with all ones (writes ignored). 0x00 identification (0x010000ed, read-only); 0x04 liveness (a
 //! write stores the complement); 0x08 factorial (a write of n reads back n!, 32-bit); 0x20
 //! status (only the raise-interrupt-on-factorial bit, 0x80, is writable); 0x24 interrupt status,
 //! raised by a write to 0x60 and lowered by a write to 0x64; 0x80, 0x88, 0x90 DMA source,
@@ -48,7 +49,9 @@ impl DeviceModel {
     pub(crate) fn load(self, mem: &SparseMemory, offset: u64, buf: &mut [u8]) {
         match self {
             DeviceModel::QemuEdu => {
-                if !edu_size_ok(offset, buf.len()) || !EDU_REGS.contains(&offset) {
+                if buf.len() < 4 {
+                    buf.fill(0);
+                } else if !edu_size_ok(offset, buf.len()) || !EDU_REGS.contains(&offset) {
                     buf.fill(0xff);
                 } else {
                     mem.read(offset, buf);
@@ -120,5 +123,49 @@ fn edu_size_ok(offset: u64, size: usize) -> bool {
         size == 4
     } else {
         size == 4 || size == 8
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rd(mem: &SparseMemory, at: u64, n: usize) -> Vec<u8> {
+        let mut b = vec![0u8; n];
+        DeviceModel::QemuEdu.load(mem, at, &mut b);
+        b
+    }
+
+    #[test]
+    fn edu_registers_answer_as_the_guest_showed() {
+        let mut m = SparseMemory::new();
+        let edu = DeviceModel::QemuEdu;
+        edu.power_on(&mut m);
+        assert_eq!(rd(&m, 0, 4), 0x0100_00ed_u32.to_le_bytes());
+        edu.store(&mut m, 0, &[0; 4]);
+        assert_eq!(rd(&m, 0, 4), 0x0100_00ed_u32.to_le_bytes(), "read-only");
+        edu.store(&mut m, 4, &0x1122_3344_u32.to_le_bytes());
+        assert_eq!(rd(&m, 4, 4), 0xeedd_ccbb_u32.to_le_bytes());
+        assert_eq!(rd(&m, 4, 2), [0, 0], "narrower than 4 bytes: refused");
+        edu.store(&mut m, 4, &[0x55]);
+        assert_eq!(rd(&m, 4, 4), 0xeedd_ccbb_u32.to_le_bytes());
+        assert_eq!(rd(&m, 0, 8), [0xff; 8], "8 bytes below 0x80");
+        assert_eq!(rd(&m, 0x0c, 4), [0xff; 4], "no register");
+        edu.store(&mut m, 8, &5u32.to_le_bytes());
+        assert_eq!(rd(&m, 8, 4), 120u32.to_le_bytes());
+        edu.store(&mut m, 0x80, &u64::MAX.to_le_bytes());
+        edu.store(&mut m, 0x80, &0x1234u32.to_le_bytes());
+        assert_eq!(
+            rd(&m, 0x80, 8),
+            0x1234u64.to_le_bytes(),
+            "a 4-byte write clears the top"
+        );
+        edu.store(&mut m, 0x98, &2u64.to_le_bytes());
+        assert_eq!(rd(&m, 0x98, 8), [0; 8], "no run bit: ignored");
+        edu.store(&mut m, 0x98, &3u64.to_le_bytes());
+        assert_eq!(rd(&m, 0x98, 8), 2u64.to_le_bytes(), "reads back done");
+        edu.store(&mut m, 0x60, &0x11u32.to_le_bytes());
+        edu.store(&mut m, 0x64, &0x01u32.to_le_bytes());
+        assert_eq!(rd(&m, 0x24, 4), 0x10u32.to_le_bytes());
     }
 }
