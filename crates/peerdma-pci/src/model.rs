@@ -12,6 +12,14 @@
 //! destination, count (a 4-byte write clears the upper half); 0x98 DMA command, taken only with
 //! its run bit. Not modelled: the DMA transfer a command starts (the command reads back done,
 //! nothing moves) and the interrupt a raise sends.
+//!
+//! `QemuNvme` is the controller-register page of QEMU's `nvme` (hw/nvme/ctrl.c,
+//! `nvme_mmio_read`/`nvme_write_bar`) in BAR 0, below the MSI-X table: reads return the
+//! register bytes at any size (0 past the 4 KiB register page: the doorbells read 0); only
+//! INTMS/INTMC (which set and clear one mask both read), CC, AQA, ASQ and ACQ take writes, the
+//! rest (CAP, VS, CSTS, CMBLOC, CMBSZ, …) ignore them. Setting CC.EN without admin queues fails
+//! the start (CSTS.CFS); clearing it resets CSTS. Not modelled: queues, commands, doorbells,
+//! shutdown, NSSR, the CMB and PMR controls.
 
 use crate::memory::SparseMemory;
 
@@ -20,6 +28,8 @@ use crate::memory::SparseMemory;
 pub enum DeviceModel {
     /// QEMU's `edu` device.
     QemuEdu,
+    /// QEMU's `nvme` controller.
+    QemuNvme,
 }
 
 impl DeviceModel {
@@ -27,6 +37,7 @@ impl DeviceModel {
     pub fn from_name(name: &str) -> Option<DeviceModel> {
         match name {
             "qemu-edu" => Some(DeviceModel::QemuEdu),
+            "qemu-nvme" => Some(DeviceModel::QemuNvme),
             _ => None,
         }
     }
@@ -35,6 +46,7 @@ impl DeviceModel {
     pub(crate) fn owns(self, bar: u8) -> bool {
         match self {
             DeviceModel::QemuEdu => bar == 0,
+            DeviceModel::QemuNvme => bar == 0,
         }
     }
 
@@ -42,6 +54,10 @@ impl DeviceModel {
     pub(crate) fn power_on(self, mem: &mut SparseMemory) {
         match self {
             DeviceModel::QemuEdu => mem.write(EDU_ID, &0x0100_00ed_u32.to_le_bytes()),
+            DeviceModel::QemuNvme => {
+                mem.write(NVME_CAP, &0x0240_0820_0f01_07ff_u64.to_le_bytes());
+                mem.write(NVME_VS, &0x0001_0400_u32.to_le_bytes());
+            }
         }
     }
 
@@ -53,6 +69,19 @@ impl DeviceModel {
                     buf.fill(0);
                 } else if !edu_size_ok(offset, buf.len()) || !EDU_REGS.contains(&offset) {
                     buf.fill(0xff);
+                } else {
+                    mem.read(offset, buf);
+                }
+            }
+            DeviceModel::QemuNvme => {
+                if offset >= NVME_REGS_END {
+                    if offset < NVME_MSIX_TABLE {
+                        buf.fill(0);
+                    } else {
+                        mem.read(offset, buf);
+                    }
+                } else if offset + buf.len() as u64 > NVME_REGS_END {
+                    buf.fill(0);
                 } else {
                     mem.read(offset, buf);
                 }
@@ -109,9 +138,75 @@ impl DeviceModel {
                     _ => {}
                 }
             }
+            DeviceModel::QemuNvme => {
+                if offset >= NVME_MSIX_TABLE {
+                    mem.write(offset, data);
+                    return;
+                }
+                if offset >= NVME_REGS_END {
+                    return;
+                }
+                let mut v = [0u8; 8];
+                let n = data.len().min(8);
+                v[..n].copy_from_slice(&data[..n]);
+                let val = u64::from_le_bytes(v);
+                let get32 = |mem: &SparseMemory, at: u64| {
+                    let mut b = [0u8; 4];
+                    mem.read(at, &mut b);
+                    u32::from_le_bytes(b)
+                };
+                let put32 =
+                    |mem: &mut SparseMemory, at: u64, x: u32| mem.write(at, &x.to_le_bytes());
+                match offset {
+                    NVME_INTMS | NVME_INTMC => {
+                        let cur = get32(mem, NVME_INTMS);
+                        let new = if offset == NVME_INTMS {
+                            cur | val as u32
+                        } else {
+                            cur & !(val as u32)
+                        };
+                        put32(mem, NVME_INTMS, new);
+                        put32(mem, NVME_INTMC, new);
+                    }
+                    NVME_CC => {
+                        let old = get32(mem, NVME_CC);
+                        let new = val as u32;
+                        put32(mem, NVME_CC, new);
+                        if new & 1 != 0 && old & 1 == 0 {
+                            let mut q = [0u8; 8];
+                            mem.read(NVME_ASQ, &mut q);
+                            let asq = u64::from_le_bytes(q);
+                            mem.read(NVME_ACQ, &mut q);
+                            let acq = u64::from_le_bytes(q);
+                            let ok = asq != 0 && acq != 0 && get32(mem, NVME_AQA) != 0;
+                            put32(mem, NVME_CSTS, if ok { 1 } else { 2 });
+                        } else if new & 1 == 0 && old & 1 != 0 {
+                            put32(mem, NVME_CSTS, 0);
+                        }
+                    }
+                    NVME_AQA => put32(mem, NVME_AQA, val as u32),
+                    NVME_ASQ | NVME_ACQ => mem.write(offset, &data[..n]),
+                    o if o == NVME_ASQ + 4 || o == NVME_ACQ + 4 => put32(mem, o, val as u32),
+                    _ => {}
+                }
+            }
         }
     }
 }
+
+const NVME_CAP: u64 = 0x00;
+const NVME_VS: u64 = 0x08;
+const NVME_INTMS: u64 = 0x0c;
+const NVME_INTMC: u64 = 0x10;
+const NVME_CC: u64 = 0x14;
+const NVME_CSTS: u64 = 0x1c;
+const NVME_AQA: u64 = 0x24;
+const NVME_ASQ: u64 = 0x28;
+const NVME_ACQ: u64 = 0x30;
+/// The register page ends here; the doorbells follow.
+const NVME_REGS_END: u64 = 0x1000;
+/// From here on BAR 0 is the MSI-X table and PBA (plain to this model; vfio guards the table).
+const NVME_MSIX_TABLE: u64 = 0x2000;
 
 const EDU_ID: u64 = 0x00;
 const EDU_DMA_CMD: u64 = 0x98;
