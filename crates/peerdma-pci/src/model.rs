@@ -45,8 +45,7 @@ impl DeviceModel {
     /// Whether BAR `bar` is the model's register file.
     pub(crate) fn owns(self, bar: u8) -> bool {
         match self {
-            DeviceModel::QemuEdu => bar == 0,
-            DeviceModel::QemuNvme => bar == 0,
+            DeviceModel::QemuEdu | DeviceModel::QemuNvme => bar == 0,
         }
     }
 
@@ -262,5 +261,33 @@ mod tests {
         edu.store(&mut m, 0x60, &0x11u32.to_le_bytes());
         edu.store(&mut m, 0x64, &0x01u32.to_le_bytes());
         assert_eq!(rd(&m, 0x24, 4), 0x10u32.to_le_bytes());
+    }
+
+    #[test]
+    fn nvme_registers_take_only_their_writable_fields() {
+        let mut m = SparseMemory::new();
+        let nvme = DeviceModel::QemuNvme;
+        nvme.power_on(&mut m);
+        let rd = |m: &SparseMemory, at: u64, n: usize| {
+            let mut b = vec![0u8; n];
+            nvme.load(m, at, &mut b);
+            b
+        };
+        nvme.store(&mut m, 0, &[0; 8]);
+        assert_eq!(rd(&m, 0, 8), 0x0240_0820_0f01_07ff_u64.to_le_bytes());
+        nvme.store(&mut m, 0x0c, &5u32.to_le_bytes());
+        nvme.store(&mut m, 0x10, &1u32.to_le_bytes());
+        assert_eq!(rd(&m, 0x0c, 8), [4, 0, 0, 0, 4, 0, 0, 0]);
+        nvme.store(&mut m, 0x14, &1u32.to_le_bytes());
+        assert_eq!(
+            rd(&m, 0x1c, 4),
+            2u32.to_le_bytes(),
+            "no admin queues: the start fails"
+        );
+        nvme.store(&mut m, 0x14, &0u32.to_le_bytes());
+        assert_eq!(rd(&m, 0x1c, 4), [0; 4]);
+        nvme.store(&mut m, 0x1000, &[0xaa; 4]);
+        assert_eq!(rd(&m, 0x1000, 4), [0; 4], "the doorbells read 0");
+        assert_eq!(rd(&m, 0xffc, 8), [0; 8], "a read past the register page");
     }
 }
