@@ -17,9 +17,10 @@
 //! `nvme_mmio_read`/`nvme_write_bar`) in BAR 0, below the MSI-X table: reads return the
 //! register bytes at any size (0 past the 4 KiB register page: the doorbells read 0); only
 //! INTMS/INTMC (which set and clear one mask both read), CC, AQA, ASQ and ACQ take writes, the
-//! rest (CAP, VS, CSTS, CMBLOC, CMBSZ, …) ignore them. Setting CC.EN without admin queues fails
-//! the start (CSTS.CFS); clearing it resets CSTS. Not modelled: queues, commands, doorbells,
-//! shutdown, NSSR, the CMB and PMR controls.
+//! rest (CAP, VS, CSTS, CMBLOC, CMBSZ, …) ignore them. Setting CC.EN makes the controller
+//! ready (CSTS.RDY), clearing it resets CSTS. Not modelled: the checks with which QEMU can fail
+//! a start (queue alignment, page size, command set; the guest never showed one fail), queues,
+//! commands, doorbells, shutdown, NSSR, the CMB and PMR controls.
 
 use crate::memory::SparseMemory;
 
@@ -172,13 +173,7 @@ impl DeviceModel {
                         let new = val as u32;
                         put32(mem, NVME_CC, new);
                         if new & 1 != 0 && old & 1 == 0 {
-                            let mut q = [0u8; 8];
-                            mem.read(NVME_ASQ, &mut q);
-                            let asq = u64::from_le_bytes(q);
-                            mem.read(NVME_ACQ, &mut q);
-                            let acq = u64::from_le_bytes(q);
-                            let ok = asq != 0 && acq != 0 && get32(mem, NVME_AQA) != 0;
-                            put32(mem, NVME_CSTS, if ok { 1 } else { 2 });
+                            put32(mem, NVME_CSTS, 1);
                         } else if new & 1 == 0 && old & 1 != 0 {
                             put32(mem, NVME_CSTS, 0);
                         }
@@ -279,11 +274,7 @@ mod tests {
         nvme.store(&mut m, 0x10, &1u32.to_le_bytes());
         assert_eq!(rd(&m, 0x0c, 8), [4, 0, 0, 0, 4, 0, 0, 0]);
         nvme.store(&mut m, 0x14, &1u32.to_le_bytes());
-        assert_eq!(
-            rd(&m, 0x1c, 4),
-            2u32.to_le_bytes(),
-            "no admin queues: the start fails"
-        );
+        assert_eq!(rd(&m, 0x1c, 4), 1u32.to_le_bytes(), "ready");
         nvme.store(&mut m, 0x14, &0u32.to_le_bytes());
         assert_eq!(rd(&m, 0x1c, 4), [0; 4]);
         nvme.store(&mut m, 0x1000, &[0xaa; 4]);
