@@ -104,8 +104,6 @@ impl DeviceModel {
                     mem.read(EDU_DMA_CMD, &mut c);
                     u64::from_le_bytes(c)
                 };
-                let put32 =
-                    |mem: &mut SparseMemory, at: u64, x: u32| mem.write(at, &x.to_le_bytes());
                 match offset {
                     0x04 => put32(mem, 0x04, !(val as u32)),
                     0x08 => {
@@ -114,15 +112,11 @@ impl DeviceModel {
                         put32(mem, 0x08, f);
                     }
                     0x20 => {
-                        let mut s = [0u8; 4];
-                        mem.read(0x20, &mut s);
-                        let st = u32::from_le_bytes(s);
+                        let st = get32(mem, 0x20);
                         put32(mem, 0x20, (st & !0x80) | (val as u32 & 0x80));
                     }
                     0x60 | 0x64 => {
-                        let mut s = [0u8; 4];
-                        mem.read(0x24, &mut s);
-                        let st = u32::from_le_bytes(s);
+                        let st = get32(mem, 0x24);
                         let new = if offset == 0x60 {
                             st | val as u32
                         } else {
@@ -150,13 +144,6 @@ impl DeviceModel {
                 let n = data.len().min(8);
                 v[..n].copy_from_slice(&data[..n]);
                 let val = u64::from_le_bytes(v);
-                let get32 = |mem: &SparseMemory, at: u64| {
-                    let mut b = [0u8; 4];
-                    mem.read(at, &mut b);
-                    u32::from_le_bytes(b)
-                };
-                let put32 =
-                    |mem: &mut SparseMemory, at: u64, x: u32| mem.write(at, &x.to_le_bytes());
                 match offset {
                     NVME_INTMS | NVME_INTMC => {
                         let cur = get32(mem, NVME_INTMS);
@@ -201,6 +188,17 @@ const NVME_ACQ: u64 = 0x30;
 const NVME_REGS_END: u64 = 0x1000;
 /// From here on BAR 0 is the MSI-X table and PBA (plain to this model; vfio guards the table).
 const NVME_MSIX_TABLE: u64 = 0x2000;
+
+/// A little-endian 32-bit register.
+fn get32(mem: &SparseMemory, at: u64) -> u32 {
+    let mut b = [0u8; 4];
+    mem.read(at, &mut b);
+    u32::from_le_bytes(b)
+}
+
+fn put32(mem: &mut SparseMemory, at: u64, x: u32) {
+    mem.write(at, &x.to_le_bytes());
+}
 
 const EDU_ID: u64 = 0x00;
 const EDU_DMA_CMD: u64 = 0x98;
