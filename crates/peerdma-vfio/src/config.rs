@@ -85,18 +85,19 @@ const MAP_INVALID: u8 = 0xff;
 const MAP_BASIC: u8 = 0;
 
 /// Standard capability IDs the permissions name (`pci_regs.h`).
-mod cap {
-    pub const PM: u8 = 0x01;
+pub(crate) mod cap {
+    use peerdma_pci::regs;
+    pub const PM: u8 = regs::CAP_ID_PM;
     pub const AGP: u8 = 0x02;
     pub const VPD: u8 = 0x03;
     pub const MSI: u8 = 0x05;
     pub const PCIX: u8 = 0x07;
     pub const HT: u8 = 0x08;
     pub const VNDR: u8 = 0x09;
-    pub const EXP: u8 = 0x10;
+    pub const EXP: u8 = regs::CAP_ID_EXP;
     pub const MSIX: u8 = 0x11;
     pub const SATA: u8 = 0x12;
-    pub const AF: u8 = 0x13;
+    pub const AF: u8 = regs::CAP_ID_AF;
 }
 
 /// Extended capability IDs the permissions name.
@@ -123,9 +124,18 @@ mod ecap {
     pub const MAX: u16 = 0x31;
 }
 
-/// `PCI_MSI_FLAGS_64BIT`, `PCI_MSI_FLAGS_MASKBIT`.
-const MSI_64BIT: u16 = 0x0080;
-const MSI_MASKBIT: u16 = 0x0100;
+/// `PCI_MSI_FLAGS_*` and `PCI_MSIX_FLAGS_QSIZE`: the MSI and MSI-X control words.
+pub(crate) mod msi {
+    pub const ENABLE: u16 = 0x0001;
+    /// Multiple Message Capable.
+    pub const QMASK: u16 = 0x000e;
+    /// Multiple Message Enable.
+    pub const QSIZE: u16 = 0x0070;
+    pub const BIT64: u16 = 0x0080;
+    pub const MASKBIT: u16 = 0x0100;
+    /// MSI-X table size − 1.
+    pub const MSIX_QSIZE: u16 = 0x07ff;
+}
 
 /// `pci_cap_length[]`: a fixed length, 0 for a capability vfio hides, `None` when the
 /// length is read from the capability (`vfio_cap_len`).
@@ -173,15 +183,9 @@ fn ecap_length(id: u16) -> Option<u16> {
 /// `vfio_ecap_init`): which capability owns each byte, and the ones the handlers need.
 #[derive(Debug, Clone)]
 pub struct Layout {
-    pub(crate) pm: Option<u16>,
-    pub(crate) exp: Option<u16>,
-    pub(crate) af: Option<u16>,
-    /// The MSI capability and its flags at the first open, which fix its permissions
+    /// The MSI capability's flags at the first open, which fix its permissions
     /// (`vfio_msi_cap_len`, `init_pci_cap_msi_perm`).
-    pub(crate) msi: Option<(u16, u16)>,
-    /// The PCIe capability's length by its version and type (`vfio_cap_len`): 0x14 for v1
-    /// (0xc for a root-complex integrated endpoint), 0x34 for v2 (0x2c).
-    pub(crate) exp_len: u16,
+    msi_flags: Option<u16>,
     /// 4096 with a PCIe capability, else 256 (`pdev->cfg_size`).
     pub(crate) size: usize,
     /// `pci_config_map`: per byte, [`MAP_BASIC`], a capability ID (the low byte of an
@@ -209,11 +213,7 @@ impl Layout {
         };
         let rd = |off: u16, n: usize| fabric.config_read(bdf, off, n).map_err(|_| Errno::EIO);
         let mut l = Layout {
-            pm: None,
-            exp: None,
-            af: None,
-            msi: None,
-            exp_len: 0,
+            msi_flags: None,
             size,
             map: Box::new([MAP_INVALID; regs::CFG_SIZE]),
         };
@@ -249,12 +249,6 @@ impl Layout {
                         v[usize::from(pos) + 3] &= !0xf8;
                         v[usize::from(pos) + 5] &= !0x81;
                     }
-                }
-                match id {
-                    cap::PM => l.pm = Some(pos),
-                    cap::EXP => l.exp = Some(pos),
-                    cap::AF => l.af = Some(pos),
-                    _ => {}
                 }
                 prev = pos + 1;
                 pos = next;
@@ -293,11 +287,9 @@ impl Layout {
         Ok(match id {
             cap::MSI => {
                 let flags = rd(pos + 2, 2)? as u16;
-                if self.msi.is_none() {
-                    self.msi = Some((pos, flags));
-                }
-                10 + if flags & MSI_64BIT != 0 { 4 } else { 0 }
-                    + if flags & MSI_MASKBIT != 0 { 10 } else { 0 }
+                self.msi_flags.get_or_insert(flags);
+                10 + if flags & msi::BIT64 != 0 { 4 } else { 0 }
+                    + if flags & msi::MASKBIT != 0 { 10 } else { 0 }
             }
             cap::PCIX => {
                 if (rd(pos + 2, 2)? >> 12) & 3 != 0 {
@@ -310,16 +302,16 @@ impl Layout {
             cap::VNDR => rd(pos + 2, 1)? as u16,
             cap::EXP => {
                 probe_ext(extended)?;
+                // By version and type: 0x14 for v1 (0xc for a root-complex integrated
+                // endpoint), 0x34 for v2 (0x2c).
                 let flags = rd(pos + regs::EXP_FLAGS, 2)?;
                 let rciep = (flags >> 4) & 0xf == u32::from(regs::EXP_TYPE_RC_END);
-                let len = match (flags & u32::from(regs::EXP_FLAGS_VERS) == 1, rciep) {
+                match (flags & u32::from(regs::EXP_FLAGS_VERS) == 1, rciep) {
                     (true, true) => 0xc,
                     (true, false) => 0x14,
                     (false, true) => 0x2c,
                     (false, false) => 0x34,
-                };
-                self.exp_len = len;
-                len
+                }
             }
             cap::HT => {
                 if rd(pos + 3, 1)? & 0xe0 != 0 {
@@ -501,7 +493,7 @@ impl Layout {
                 4 => (regs::AF_CTRL_FLR, regs::AF_CTRL_FLR),
                 _ => (0, 0),
             },
-            Owner::Msi(c) => msi_perm(self.msi.map_or(0, |(_, f)| f), pos - c),
+            Owner::Msi(c) => msi_perm(self.msi_flags.unwrap_or(0), pos - c),
             Owner::Cap(cap::PCIX, c) => match pos - c {
                 1 => (0, 0xff),
                 // Command, and the ECC control/status dword.
@@ -545,8 +537,8 @@ pub(crate) enum Access {
 /// and the data virtual and writable; the mask and pending bits writable to the hardware.
 #[allow(clippy::match_same_arms)] // one arm per entry of the kernel's table
 fn msi_perm(flags: u16, off: u16) -> (u8, u8) {
-    let wide = flags & MSI_64BIT != 0;
-    let masked = flags & MSI_MASKBIT != 0;
+    let wide = flags & msi::BIT64 != 0;
+    let masked = flags & msi::MASKBIT != 0;
     let data = if wide { 0xc } else { 0x8 };
     match off {
         1 => (0, 0xff),
@@ -859,9 +851,6 @@ impl VConfig {
         self.bar_dirty = false;
     }
 }
-
-/// `PCI_CAP_ID_MSIX`.
-pub(crate) const CAP_ID_MSIX: u8 = 0x11;
 
 /// Capability `id` in the device's standard list (at most 48 entries, as `vfio_cap_init`).
 pub(crate) fn find_cap(fabric: &Fabric, bdf: Bdf, id: u8) -> Option<u16> {

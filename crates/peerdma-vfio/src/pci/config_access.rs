@@ -7,10 +7,6 @@ use super::{
     Dev, DeviceFd, Errno, MemGuard, Ordering, Owner, PowerState, VConfig, irqs, regs, vcfg,
 };
 
-/// `PCI_MSI_FLAGS_ENABLE`, `PCI_MSI_FLAGS_QSIZE`.
-const MSI_ENABLE: u16 = 0x0001;
-const MSI_QSIZE: u16 = 0x0070;
-
 /// The per-open config copy (there while the device is open).
 fn vc<'a>(m: &'a mut MemGuard<'_>) -> Result<&'a mut VConfig, Errno> {
     m.vconfig.as_mut().ok_or(Errno::EINVAL)
@@ -140,10 +136,11 @@ impl Dev {
                     let qmax = self.msi_qmax.load(Ordering::Acquire);
                     let mut flags = v.get(cap + 2, 2) as u16;
                     if self.irq_type.load(Ordering::Acquire) != irqs::MSI {
-                        flags &= !MSI_ENABLE;
+                        flags &= !vcfg::msi::ENABLE;
                     }
-                    if (flags & MSI_QSIZE) >> 4 > qmax {
-                        flags = (flags & !MSI_QSIZE) | (qmax << 4);
+                    let qsize = vcfg::msi::QSIZE;
+                    if (flags & qsize) >> 4 > qmax {
+                        flags = (flags & !qsize) | (qmax << 4);
                     }
                     v.set(cap + 2, 2, u32::from(flags));
                     f.config_write(b, cap + 2, 2, u32::from(flags))

@@ -41,9 +41,6 @@ const INFO_NORESIZE: u32 = 1 << 3;
 const SET_MINSZ: usize = 20;
 const INFO_MINSZ: usize = 16;
 
-/// `PCI_CAP_ID_MSI`, `PCI_CAP_ID_MSIX`.
-const CAP_ID_MSI: u8 = 0x05;
-
 /// What `igate` guards.
 #[derive(Default)]
 pub(super) struct Irqs {
@@ -72,6 +69,24 @@ impl Irqs {
     }
 }
 
+/// What a `VFIO_DEVICE_SET_IRQS` asks of its handler, past the index and action.
+#[derive(Clone, Copy)]
+struct Req<'a> {
+    proc: &'a Process,
+    start: u32,
+    count: u32,
+    flags: u32,
+    /// One byte (`DATA_BOOL`) or one fd (`DATA_EVENTFD`) per vector.
+    data: &'a [u8],
+}
+
+impl Req<'_> {
+    /// A `DATA_NONE` trigger with count 0 while `index` is the active type: disable it.
+    fn disables(&self, active: u8, index: u8) -> bool {
+        active == index && self.count == 0 && self.flags & DATA_NONE != 0
+    }
+}
+
 fn word(buf: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]])
 }
@@ -96,12 +111,12 @@ impl DeviceFd {
                 });
                 u32::from(pin != 0)
             }
-            1 => vcfg::find_cap(f, b, CAP_ID_MSI)
+            1 => vcfg::find_cap(f, b, vcfg::cap::MSI)
                 .and_then(|p| f.config_read(b, p + 2, 2).ok())
-                .map_or(0, |flags| 1 << ((flags & 0x000e) >> 1)),
-            2 => vcfg::find_cap(f, b, vcfg::CAP_ID_MSIX)
+                .map_or(0, |flags| 1 << ((flags & u32::from(vcfg::msi::QMASK)) >> 1)),
+            2 => vcfg::find_cap(f, b, vcfg::cap::MSIX)
                 .and_then(|p| f.config_read(b, p + 2, 2).ok())
-                .map_or(0, |flags| (flags & 0x07ff) + 1),
+                .map_or(0, |flags| (flags & u32::from(vcfg::msi::MSIX_QSIZE)) + 1),
             ERR => u32::from(f.function(b).is_ok_and(|x| x.caps().exp.is_some())),
             REQ => 1,
             _ => 0,
@@ -175,34 +190,32 @@ impl DeviceFd {
             .get(SET_MINSZ..SET_MINSZ + need as usize)
             .ok_or(Errno::EFAULT)?;
         let action = flags & ACTION_TYPE_MASK;
+        let req = Req {
+            proc,
+            start,
+            count,
+            flags,
+            data,
+        };
         let d = &self.dev;
         let mut puts = Vec::new();
         let r = {
             let mut irqs = sync::lock(&d.irqs);
             match (index, action) {
-                (0, ACTION_MASK_BIT | ACTION_UNMASK) => self.intx_mask(
-                    &mut irqs, proc, action, start, count, flags, data, &mut puts,
-                ),
-                (0, ACTION_TRIGGER) => {
-                    self.intx_trigger(&mut irqs, proc, start, count, flags, data, &mut puts)
+                (0, ACTION_MASK_BIT | ACTION_UNMASK) => {
+                    self.intx_mask(&mut irqs, action, &req, &mut puts)
                 }
-                (1 | 2, ACTION_TRIGGER) => self.msi_trigger(
-                    &mut irqs,
-                    proc,
-                    index as u8,
-                    start,
-                    count,
-                    flags,
-                    data,
-                    &mut puts,
-                ),
+                (0, ACTION_TRIGGER) => self.intx_trigger(&mut irqs, &req, &mut puts),
+                (1 | 2, ACTION_TRIGGER) => {
+                    self.msi_trigger(&mut irqs, index as u8, &req, &mut puts)
+                }
                 (ERR | REQ, ACTION_TRIGGER) => {
                     let slot = if index == ERR {
                         &mut irqs.err
                     } else {
                         &mut irqs.req
                     };
-                    ctx_trigger_single(slot, proc, count, flags, data, &mut puts)
+                    ctx_trigger_single(slot, &req, &mut puts)
                 }
                 _ => Err(Errno::ENOTTY),
             }
@@ -214,18 +227,20 @@ impl DeviceFd {
     }
 
     /// `vfio_pci_set_intx_mask`, `vfio_pci_set_intx_unmask`.
-    #[allow(clippy::too_many_arguments)]
     fn intx_mask(
         &self,
         irqs: &mut Irqs,
-        proc: &Process,
         action: u32,
-        start: u32,
-        count: u32,
-        flags: u32,
-        data: &[u8],
+        req: &Req<'_>,
         puts: &mut Vec<Arc<File>>,
     ) -> Result<(), Errno> {
+        let Req {
+            proc,
+            start,
+            count,
+            flags,
+            data,
+        } = *req;
         if self.dev.irq_type.load(Ordering::Acquire) != INTX || start != 0 || count != 1 {
             return Err(Errno::EINVAL);
         }
@@ -252,22 +267,23 @@ impl DeviceFd {
     }
 
     /// `vfio_pci_set_intx_trigger`.
-    #[allow(clippy::too_many_arguments)]
     fn intx_trigger(
         &self,
         irqs: &mut Irqs,
-        proc: &Process,
-        start: u32,
-        count: u32,
-        flags: u32,
-        data: &[u8],
+        req: &Req<'_>,
         puts: &mut Vec<Arc<File>>,
     ) -> Result<(), Errno> {
+        let Req {
+            proc,
+            start,
+            count,
+            flags,
+            data,
+        } = *req;
         let d = &self.dev;
         let ty = d.irq_type.load(Ordering::Acquire);
-        if ty == INTX && count == 0 && flags & DATA_NONE != 0 {
-            irqs.drain(puts);
-            d.irq_type.store(NONE, Ordering::Release);
+        if req.disables(ty, INTX) {
+            self.disable_irqs(irqs, puts);
             return Ok(());
         }
         if !(ty == INTX || ty == NONE) || start != 0 || count != 1 {
@@ -304,23 +320,24 @@ impl DeviceFd {
 
     /// `vfio_pci_set_msi_trigger`, with `vfio_msi_enable`, `vfio_msi_set_block` and
     /// `vfio_msi_disable`.
-    #[allow(clippy::too_many_arguments)]
     fn msi_trigger(
         &self,
         irqs: &mut Irqs,
-        proc: &Process,
         index: u8,
-        start: u32,
-        count: u32,
-        flags: u32,
-        data: &[u8],
+        req: &Req<'_>,
         puts: &mut Vec<Arc<File>>,
     ) -> Result<(), Errno> {
+        let Req {
+            proc,
+            start,
+            count,
+            flags,
+            data,
+        } = *req;
         let d = &self.dev;
         let ty = d.irq_type.load(Ordering::Acquire);
-        if ty == index && count == 0 && flags & DATA_NONE != 0 {
-            irqs.drain(puts);
-            d.irq_type.store(NONE, Ordering::Release);
+        if req.disables(ty, index) {
+            self.disable_irqs(irqs, puts);
             return Ok(());
         }
         if !(ty == index || ty == NONE) {
@@ -340,8 +357,7 @@ impl DeviceFd {
             }
             let r = self.msi_set_block(irqs, proc, index, start, &fds, puts);
             if r.is_err() {
-                irqs.drain(puts);
-                d.irq_type.store(NONE, Ordering::Release);
+                self.disable_irqs(irqs, puts);
             }
             return r;
         }
@@ -411,6 +427,12 @@ impl DeviceFd {
         r
     }
 
+    /// The active interrupt type disabled, its eventfds let go.
+    fn disable_irqs(&self, irqs: &mut Irqs, puts: &mut Vec<Arc<File>>) {
+        irqs.drain(puts);
+        self.dev.irq_type.store(NONE, Ordering::Release);
+    }
+
     /// The interrupts torn down at the last close (`vfio_pci_core_disable` disables the
     /// active type; `vfio_pci_core_close_device` drops the ERR and REQ eventfds).
     pub(super) fn irqs_release(&self) {
@@ -418,11 +440,10 @@ impl DeviceFd {
         let mut puts = Vec::new();
         {
             let mut irqs = sync::lock(&d.irqs);
-            irqs.drain(&mut puts);
+            self.disable_irqs(&mut irqs, &mut puts);
             puts.extend(irqs.err.take());
             puts.extend(irqs.req.take());
         }
-        d.irq_type.store(NONE, Ordering::Release);
         for f in puts {
             f.put();
         }
@@ -444,12 +465,16 @@ fn eventfd_get(proc: &Process, fd: i32) -> Result<Arc<File>, Errno> {
 /// `DATA_EVENTFD` sets the eventfd, or drops it for fd −1 (other negative fds are `EINVAL`).
 fn ctx_trigger_single(
     slot: &mut Option<Arc<File>>,
-    proc: &Process,
-    count: u32,
-    flags: u32,
-    data: &[u8],
+    req: &Req<'_>,
     puts: &mut Vec<Arc<File>>,
 ) -> Result<(), Errno> {
+    let Req {
+        proc,
+        count,
+        flags,
+        data,
+        ..
+    } = *req;
     if flags & DATA_NONE != 0 {
         let Some(e) = slot.as_ref() else {
             return Err(Errno::EINVAL);

@@ -121,7 +121,7 @@ pub(super) fn resources(
 /// The MSI-X table's place, read from the capability at open (`vfio_pci_core_enable`).
 pub(super) fn msix_table(fabric: &Fabric, bdf: Bdf) -> Option<MsixTable> {
     let rd = |off: u16, n: usize| fabric.config_read(bdf, off, n).ok();
-    let p = crate::config::find_cap(fabric, bdf, crate::config::CAP_ID_MSIX)?;
+    let p = crate::config::find_cap(fabric, bdf, crate::config::cap::MSIX)?;
     let flags = rd(p + 2, 2)?;
     let table = rd(p + 4, 4)?;
     Some(MsixTable {
