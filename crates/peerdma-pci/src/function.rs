@@ -232,6 +232,11 @@ impl Function {
     pub fn class(&self) -> u32 {
         self.class
     }
+    /// PMCSR's No_Soft_Reset: the function keeps its state through D3hot → D0 (without a PM
+    /// capability there is no such transition, and this is true).
+    pub fn no_soft_reset(&self) -> bool {
+        self.no_soft_reset || self.caps.pm.is_none()
+    }
     /// The register file behind a BAR that is not plain memory, if any.
     pub fn model(&self) -> Option<crate::model::DeviceModel> {
         self.model

@@ -99,6 +99,7 @@ pub const EXP_DEVCTL_BCR_FLR: u16 = 0x8000;
 pub const EXP_DEVSTA: u16 = 10;
 pub const EXP_LNKCAP: u16 = 12;
 pub const EXP_LNKCTL: u16 = 16;
+pub const EXP_DEVCTL2: u16 = 0x28;
 pub const EXP_LNKSTA: u16 = 18;
 pub const EXP_SIZEOF_V2: u8 = 0x3c;
 

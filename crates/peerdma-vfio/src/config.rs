@@ -484,7 +484,7 @@ impl Layout {
                 8 => (0xff, 0xe0),
                 9 => (0xfd, 0xf0),
                 // DevCtl2: all but ARI (bit 5).
-                0x28 => (0xdf, 0),
+                regs::EXP_DEVCTL2 => (0xdf, 0),
                 0x29 => (0xff, 0),
                 _ => (0, 0),
             },

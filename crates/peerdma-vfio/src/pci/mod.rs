@@ -341,7 +341,7 @@ impl Dev {
             at.extend([
                 (e + regs::EXP_DEVCTL, 2),
                 (e + regs::EXP_LNKCTL, 2),
-                (e + 0x28, 2),
+                (e + regs::EXP_DEVCTL2, 2),
             ]);
         }
         at.into_iter()
@@ -765,11 +765,7 @@ impl DeviceFd {
         // reset (a D3hot → D0 cycle, for a function with PM whose PMCSR has No_Soft_Reset
         // clear: `pci_pm_reset`), then a bus reset when the device is alone below its
         // bridge (how a device without FLR behind a switch port resets).
-        let pm_reset = func.caps().pm.is_some_and(|pm| {
-            d.fabric
-                .config_read(d.bdf, pm + regs::PM_CTRL, 2)
-                .is_ok_and(|v| v as u16 & regs::PM_CTRL_NO_SOFT_RESET == 0)
-        });
+        let pm_reset = !func.no_soft_reset();
         let method = if func.has_flr() || func.has_af_flr() {
             Method::Flr
         } else if pm_reset {

@@ -3,7 +3,7 @@
 //! `..._pm_exit` and the resume an ioctl triggers): low-power entry revokes, the exit
 //! unrevokes, and a wakeup-armed device wakes on any access. Locking: see [`super`].
 
-use super::{Arc, Dev, DeviceFd, Errno, File, MemGuard, Ordering, PowerState, regs, sync};
+use super::{Arc, Dev, DeviceFd, Errno, File, MemGuard, Ordering, PowerState, sync};
 
 impl Dev {
     /// `vfio_pci_set_power_state` (and the runtime-PM suspend and resume, which save and
@@ -15,9 +15,7 @@ impl Dev {
     pub(super) fn set_power(&self, state: PowerState) {
         let (f, b) = (&*self.fabric, self.bdf);
         let Ok(func) = f.function(b) else { return };
-        let Some(pm) = func.caps().pm else { return };
-        let pmcsr = f.config_read(b, pm + regs::PM_CTRL, 2).unwrap_or(0) as u16;
-        let needs = pmcsr & regs::PM_CTRL_NO_SOFT_RESET == 0;
+        let needs = !func.no_soft_reset();
         let cur = f.power_state(b).unwrap_or(PowerState::D0);
         let save = needs && cur < PowerState::D3Hot && state >= PowerState::D3Hot;
         let restore = needs && cur >= PowerState::D3Hot && state == PowerState::D0;
