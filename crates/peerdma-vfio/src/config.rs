@@ -40,8 +40,9 @@
 //!   function is reset.
 //! - *MSI* (`init_pci_cap_msi_perm`, `vfio_msi_config_write`): the low byte of the flags,
 //!   the address and the data are virtual and writable, per-vector mask and pending bits go
-//!   to the hardware; a write reaching the flags clears MSI Enable and cuts the queue size
-//!   (MSI is only enabled through SET_IRQS, not modelled).
+//!   to the hardware; a write reaching the flags clears MSI Enable unless MSI is the active
+//!   interrupt type (enabled through SET_IRQS, [`crate::pci`]'s `irqs`) and cuts the queue
+//!   size to the one the last MSI enable allowed.
 //! - *Which handler* (`vfio_config_do_rw` in `vfio_pci_config_rw_single`, `vfio_cap_init`,
 //!   `vfio_ecap_init`): a byte map built at the first open names the capability that owns
 //!   each byte. Capabilities vfio does not know the length of (Slot ID, EA, PASID, DPC, …)
