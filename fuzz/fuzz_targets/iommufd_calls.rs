@@ -10,10 +10,10 @@
 //! - `unmap` answers exactly what a model of the IOAS areas says in Linux 7.2's order (bytes
 //!   unmapped, `ENOENT`, `EINVAL`, `EOVERFLOW`) and removes the areas the model says — on an
 //!   `ENOENT` at a partial area, those before it; `attach` succeeds exactly for an IOAS that
-//!   exists, unless it has no device yet and an area not page aligned (`EADDRINUSE`); a
-//!   `map_file` that succeeds was aligned to the IOAS's alignment (a byte with no device, the
-//!   page size with one), inside its single-range buffer and free in its IOAS, and `EEXIST`
-//!   means the IOVA range was taken;
+//!   exists (named by its id or its HWPT's), unless it has no device yet and an area not page
+//!   aligned (`EADDRINUSE`); a `map_file` that succeeds was aligned to the IOAS's alignment (a
+//!   byte with no device, the page size with one), inside its single-range buffer and free in
+//!   its IOAS, and `EEXIST` means the IOVA range was taken;
 //! - while gpu0 does not decode memory, or after the device was closed, every area of its
 //!   buffers is dead; a buffer of an earlier open never maps again;
 //! - an IOMMU domain whose areas are all dead (or that has none) has no page-table entries;
@@ -37,7 +37,8 @@ use peerdma_uapi::feature::DmaBufRequest;
 use peerdma_vfio::DeviceFd;
 use peerdma_vfio::iommufd::Iommufd;
 
-/// IOASes made when the process starts (ids 1 to `PRE`), so that inputs see the same ids.
+/// IOASes made when the process starts (the same ids every input; their automatic HWPTs'
+/// ids lie among them, so the small ids the fuzzer favours name both kinds).
 const PRE: usize = 12;
 /// At most this many IOASes in a process: an IOAS's IOMMU domain is never freed.
 const MAX_IOAS: usize = 32;
@@ -194,8 +195,12 @@ impl State {
         } else {
             self.rig.nic
         };
-        let id = self.ioas_id(r);
-        let res = self.fd.ifd.attach(dev, id);
+        let named = self.ioas_id(r);
+        // An id may name an IOAS or its automatic HWPT (taken before the call: the attach may
+        // replace it); either attaches to the IOAS.
+        let hwpt = self.fd.ifd.hwpt_ioas(named);
+        let id = hwpt.unwrap_or(named);
+        let res = self.fd.ifd.attach(dev, named);
         // A device new to the IOAS brings its reserved region (the MSI window): no area may
         // meet it. The first device brings the domain: every area page aligned and inside
         // the 48-bit aperture.
@@ -217,7 +222,7 @@ impl State {
         } else {
             Ok(())
         };
-        assert_eq!(res, want, "attach to IOAS {id}");
+        assert_eq!(res, want, "attach to IOAS {id} (named as {named})");
         if res.is_ok() {
             self.attached.insert(dev, id);
             self.fd.devices.borrow_mut().insert(dev, id);

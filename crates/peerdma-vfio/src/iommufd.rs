@@ -342,6 +342,15 @@ impl Iommufd {
         self.new_id(Obj::Device)
     }
 
+    /// The IOAS whose automatic HWPT `id` names, if it names one (an attach may name either:
+    /// see [`Iommufd::attach`]).
+    pub fn hwpt_ioas(&self, id: u32) -> Option<u32> {
+        match sync::lock(&self.objects).get(&id) {
+            Some(Obj::Hwpt(of)) => Some(*of),
+            _ => None,
+        }
+    }
+
     /// The device object goes at unbind (the last close of the cdev).
     pub fn unbind_device(&self, devid: u32) {
         let mut o = sync::lock(&self.objects);
