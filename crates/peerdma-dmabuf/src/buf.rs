@@ -6,7 +6,7 @@
 //! reservation lock (the exporter's `attach`/`detach`/`release` may take it); pin, unpin, map,
 //! unmap and invalidation need it — they take a [`ResvGuard`] and check it is this buffer's.
 
-use peerdma_pci::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use peerdma_pci::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::any::Any;
 use std::collections::BTreeMap;
 
@@ -29,6 +29,8 @@ pub mod ops {
     pub const PIN: u32 = 8;
     /// `unpin`.
     pub const UNPIN: u32 = 16;
+    /// `mmap` (a CPU mapping of the buffer's file).
+    pub const MMAP: u32 = 32;
 }
 
 /// `lseek` whence values.
@@ -73,6 +75,11 @@ pub trait DmaBufOps: Send + Sync {
     fn unmap(&self, a: &Attachment, sgt: SgTable, dir: Direction, g: &ResvGuard<'_>);
     /// `release`, when the last file reference goes.
     fn release(&self, buf: &DmaBuf);
+    /// `mmap` of `len` bytes at `offset` (page aligned, inside the buffer), asked only of
+    /// an exporter that provides [`ops::MMAP`]; the mapping is shared and read-only.
+    fn mmap(&self, _buf: &DmaBuf, _offset: u64, _len: u64) -> Result<(), Errno> {
+        Ok(())
+    }
     /// The exporter itself, for importers that have a private interconnect with a known
     /// exporter (iommufd with vfio); `None` for exporters that offer none.
     fn interconnect(&self) -> Option<&dyn Any> {
@@ -191,6 +198,24 @@ impl std::fmt::Debug for DmaBuf {
     }
 }
 
+/// The seals of a memfd (include/uapi/linux/fcntl.h `F_SEAL_*`).
+pub mod seal {
+    /// No more seals may be added.
+    pub const SEAL: u32 = 0x1;
+    /// The file may not shrink.
+    pub const SHRINK: u32 = 0x2;
+    /// The file may not grow.
+    pub const GROW: u32 = 0x4;
+    /// No writes, no writable shared mappings.
+    pub const WRITE: u32 = 0x8;
+    /// No new writes or writable mappings; existing mappings keep writing.
+    pub const FUTURE_WRITE: u32 = 0x10;
+    /// The exec bits of the file mode are fixed.
+    pub const EXEC: u32 = 0x20;
+    /// Every seal (mm/memfd.c `F_ALL_SEALS`).
+    pub const ALL: u32 = SEAL | SHRINK | GROW | WRITE | FUTURE_WRITE | EXEC;
+}
+
 /// What a file is.
 #[derive(Debug)]
 pub enum FileKind {
@@ -210,6 +235,9 @@ pub enum FileKind {
         /// pinning a range for iommufd allocates its pages (`memfd_pin_folios`), and reads
         /// of holes allocate nothing. `SEEK_DATA` and `SEEK_HOLE` see this.
         resident: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+        /// Its seals ([`seal`] bits; `F_GET_SEALS`). A memfd made without
+        /// `MFD_ALLOW_SEALING` starts with [`seal::SEAL`], so it can never take another.
+        seals: AtomicU32,
     },
     /// Some other file (to test that dma-buf calls refuse it).
     Other(String),
@@ -292,16 +320,60 @@ impl File {
     pub fn eventfd() -> Arc<File> {
         File::new(FileKind::Eventfd(AtomicU64::new(0)), 0o2 | 0o4000)
     }
-    /// A new memfd of `size` bytes whose contents live in RAM at `base`, open read-write.
+    /// A new memfd of `size` bytes whose contents live in RAM at `base`, open read-write,
+    /// made without `MFD_ALLOW_SEALING` (sealed against seals).
     pub fn memfd(base: u64, size: u64) -> Arc<File> {
+        File::memfd_with_seals(base, size, seal::SEAL)
+    }
+    /// A new memfd as [`File::memfd`], starting with `seals` (0 for one made with
+    /// `MFD_ALLOW_SEALING`).
+    pub fn memfd_with_seals(base: u64, size: u64, seals: u32) -> Arc<File> {
         File::new(
             FileKind::Memfd {
                 base,
                 size,
                 resident: std::sync::Mutex::default(),
+                seals: AtomicU32::new(seals),
             },
             0o2,
         )
+    }
+    /// `F_GET_SEALS` (mm/memfd.c `memfd_get_seals`): a memfd's seals; any other file →
+    /// `EINVAL`.
+    pub fn seals(&self) -> Result<u32, Errno> {
+        match &self.kind {
+            FileKind::Memfd { seals, .. } => Ok(seals.load(Ordering::Acquire)),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+    /// `F_ADD_SEALS` (mm/memfd.c `memfd_add_seals`), in its order: a file not open for
+    /// writing → `EPERM`; a bit outside [`seal::ALL`] → `EINVAL`; not a memfd → `EINVAL`;
+    /// already sealed with [`seal::SEAL`] → `EPERM`; otherwise the seals are added.
+    /// [`seal::EXEC`] also adds the shrink, grow and both write seals: a memfd's mode has
+    /// its exec bits (`MFD_EXEC`, what `memfd_create` assumes with `vm.memfd_noexec` at 0).
+    /// Nothing here maps a memfd writable or pins its pages while it is sealed, so the
+    /// write seal's waits (`mapping_deny_writable`, `memfd_wait_for_pins`) never refuse.
+    pub fn add_seals(&self, add: u32) -> Result<(), Errno> {
+        // FMODE_WRITE: opened O_WRONLY or O_RDWR.
+        if !matches!(self.flags & 0o3, 0o1 | 0o2) {
+            return Err(Errno::EPERM);
+        }
+        if add & !seal::ALL != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let FileKind::Memfd { seals, .. } = &self.kind else {
+            return Err(Errno::EINVAL);
+        };
+        let mut add = add;
+        if add & seal::EXEC != 0 {
+            add |= seal::SHRINK | seal::GROW | seal::WRITE | seal::FUTURE_WRITE;
+        }
+        seals
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                (s & seal::SEAL == 0).then_some(s | add)
+            })
+            .map(|_| ())
+            .map_err(|_| Errno::EPERM)
     }
     /// What it is.
     pub fn kind(&self) -> &FileKind {
@@ -547,11 +619,18 @@ impl DmaBuf {
         }
     }
 
-    /// `mmap` of the buffer's file. The kernel refuses with `EINVAL` when the exporter has
-    /// no `mmap` operation; no exporter here maps buffers for the CPU (vfio's has none on
-    /// 7.2), so every request gets that answer.
-    pub fn mmap(&self, _offset: u64, _len: u64) -> Result<(), Errno> {
-        Err(Errno::EINVAL)
+    /// `mmap` of the buffer's file, after the syscall's own checks (dma-buf.c
+    /// `dma_buf_mmap_internal`): an exporter without an `mmap` operation (vfio's, on 7.2) →
+    /// `EINVAL`; pages past the buffer's last whole page → `EINVAL`; then the exporter's.
+    pub fn mmap(&self, offset: u64, len: u64) -> Result<(), Errno> {
+        if self.ops.provides() & ops::MMAP == 0 {
+            return Err(Errno::EINVAL);
+        }
+        let pages = len.div_ceil(PAGE);
+        if (offset / PAGE).saturating_add(pages) > self.size / PAGE {
+            return Err(Errno::EINVAL);
+        }
+        self.ops.mmap(self, offset, len)
     }
 
     /// The attachments now (newest first). Takes the reservation lock.

@@ -972,6 +972,64 @@ impl UapiBackend for LinuxBackend {
         Ok(n)
     }
 
+    fn memfd_sealed(&mut self, size: u64, seals: u32) -> Result<i32, Errno> {
+        // SAFETY: as in `memfd`.
+        let n = unsafe {
+            libc::memfd_create(
+                c"peerdma".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
+        if n < 0 {
+            return Err(last_errno());
+        }
+        // SAFETY: `n` is the new descriptor, owned by nothing else.
+        let f = unsafe { File::from_raw_fd(n) };
+        f.set_len(size)
+            .map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        let arg = libc::c_int::from_ne_bytes(seals.to_ne_bytes());
+        // SAFETY: F_ADD_SEALS takes an int and touches no memory; `n` is open (owned by `f`).
+        if unsafe { libc::fcntl(n, libc::F_ADD_SEALS, arg) } < 0 {
+            return Err(last_errno());
+        }
+        self.files.insert(n, f);
+        Ok(n)
+    }
+
+    fn udmabuf(&mut self, memfd: i32, flags: u32, offset: u64, size: u64) -> Result<i32, Errno> {
+        /// `struct udmabuf_create` (include/uapi/linux/udmabuf.h).
+        #[repr(C)]
+        struct Create {
+            memfd: u32,
+            flags: u32,
+            offset: u64,
+            size: u64,
+        }
+        /// `UDMABUF_CREATE`: `_IOW('u', 0x42, struct udmabuf_create)`.
+        const UDMABUF_CREATE: libc::c_ulong =
+            (1 << 30) | (24 << 16) | ((b'u' as libc::c_ulong) << 8) | 0x42;
+        let dev = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/udmabuf")
+            .map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        let arg = Create {
+            // The field is unsigned: a negative descriptor reaches the driver as it is.
+            memfd: u32::from_ne_bytes(memfd.to_ne_bytes()),
+            flags,
+            offset,
+            size,
+        };
+        // SAFETY: `arg` is a live `struct udmabuf_create` the kernel only reads; `dev` is open.
+        let n = unsafe { libc::ioctl(dev.as_raw_fd(), UDMABUF_CREATE, &arg) };
+        if n < 0 {
+            return Err(last_errno());
+        }
+        // SAFETY: `n` is the new dma-buf descriptor, owned by nothing else.
+        self.files.insert(n, unsafe { File::from_raw_fd(n) });
+        Ok(n)
+    }
+
     fn eventfd(&mut self) -> Result<i32, Errno> {
         // SAFETY: eventfd creates a new descriptor; no memory is involved.
         let n = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };

@@ -21,10 +21,14 @@ pub use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockW
 /// atomic keeps using `std`'s: loom's cannot be made in a constant.
 pub mod atomic {
     #[cfg(feature = "model")]
-    pub use loom::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, AtomicU64, AtomicUsize};
+    pub use loom::sync::atomic::{
+        AtomicBool, AtomicU8, AtomicU16, AtomicU32, AtomicU64, AtomicUsize,
+    };
     pub use std::sync::atomic::Ordering;
     #[cfg(not(feature = "model"))]
-    pub use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU16, AtomicU64, AtomicUsize};
+    pub use std::sync::atomic::{
+        AtomicBool, AtomicU8, AtomicU16, AtomicU32, AtomicU64, AtomicUsize,
+    };
 }
 
 /// Waits on `cv` until `done` says so (`Condvar::wait_while`, which loom lacks).

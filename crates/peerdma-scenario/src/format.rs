@@ -78,10 +78,17 @@ impl Scenario {
         })
     }
 
-    /// The scenario for a kernel without iommufd: every device opened the group/container
-    /// way; `None` if it needs iommufd.
+    /// Whether a step makes a udmabuf (`/dev/udmabuf`, which Debian's cloud kernel lacks).
+    pub fn needs_udmabuf(&self) -> bool {
+        self.steps
+            .iter()
+            .any(|s| matches!(s.action, Action::Udmabuf { .. }))
+    }
+
+    /// The scenario for a kernel without iommufd or udmabuf (Debian's cloud kernel): every
+    /// device opened the group/container way; `None` if it needs either.
     pub fn on_group_path(&self) -> Option<Scenario> {
-        if self.needs_iommufd() || !self.group_path {
+        if self.needs_iommufd() || self.needs_udmabuf() || !self.group_path {
             return None;
         }
         let mut s = self.clone();
@@ -288,7 +295,23 @@ pub enum Action {
     Memfd {
         /// Bytes.
         size: u64,
+        /// With `Some`, made with `MFD_ALLOW_SEALING` and then given these `F_SEAL_*` bits
+        /// (`F_ADD_SEALS`); with `None`, not sealable.
+        seals: Option<u32>,
         /// Name.
+        name: String,
+    },
+    /// `UDMABUF_CREATE`: a dma-buf of a memfd's pages.
+    Udmabuf {
+        /// The memfd (any fd, or a number).
+        memfd: FdArg,
+        /// `flags` (`UDMABUF_FLAGS_CLOEXEC` = 1).
+        flags: u32,
+        /// Offset into the memfd.
+        offset: u64,
+        /// Bytes.
+        size: u64,
+        /// Name of the new fd.
         name: String,
     },
     /// `eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)`.
@@ -552,6 +575,7 @@ impl Action {
             Action::SetIrqs { .. } => "set_irqs",
             Action::Dup { .. } => "dup",
             Action::Memfd { .. } => "memfd",
+            Action::Udmabuf { .. } => "udmabuf",
             Action::Eventfd { .. } => "eventfd",
             Action::Read { .. } => "read",
         }
@@ -1054,6 +1078,32 @@ fn feature_flags(f: &Fields, key: &str, v: &Value) -> Result<u32, FormatError> {
     match v {
         Value::Array(a) => a.iter().try_fold(0, |acc, x| Ok(acc | one(x)?)),
         other => one(other),
+    }
+}
+
+/// A memfd's `seals`: a list of words (`seal`, `shrink`, `grow`, `write`, `future_write`,
+/// `exec`) and numbers, OR-ed; an empty list makes it sealable with no seal.
+fn memfd_seals(f: &Fields, v: &Value) -> Result<u32, FormatError> {
+    let one = |v: &Value| -> Result<u32, FormatError> {
+        match v {
+            Value::String(w) => Ok(match w.as_str() {
+                "seal" => 0x1,
+                "shrink" => 0x2,
+                "grow" => 0x4,
+                "write" => 0x8,
+                "future_write" => 0x10,
+                "exec" => 0x20,
+                other => return Err(f.err("seals", format!("unknown seal {other}"))),
+            }),
+            other => num(other)
+                .ok()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| f.err("seals", format!("unknown seal {other}"))),
+        }
+    };
+    match v {
+        Value::Array(a) => a.iter().try_fold(0, |acc, x| Ok(acc | one(x)?)),
+        _ => Err(f.err("seals", "a list of seal words")),
     }
 }
 
@@ -1755,12 +1805,36 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
             if size > MEMFD_MAX {
                 return Err(f.err("size", "at most 64 MiB"));
             }
+            let seals = match f.take("seals") {
+                None => None,
+                Some(v) => Some(memfd_seals(&f, &v)?),
+            };
             (
                 Action::Memfd {
                     size,
+                    seals,
                     name: f.string("as")?,
                 },
                 ok,
+            )
+        }
+        "udmabuf" => {
+            let memfd = match f.take("memfd") {
+                Some(Value::String(n)) => FdArg::Named(n),
+                Some(Value::Integer(n)) => i32::try_from(n)
+                    .map(FdArg::Raw)
+                    .map_err(|_| f.err("memfd", "an fd name or a number"))?,
+                _ => return Err(f.err("memfd", "an fd name or a number")),
+            };
+            (
+                Action::Udmabuf {
+                    memfd,
+                    flags: f.opt_u32("flags")?.unwrap_or(1),
+                    offset: f.opt_num("offset")?.unwrap_or(0),
+                    size: f.num("size")?,
+                    name: f.string("as")?,
+                },
+                fd.clone(),
             )
         }
         "eventfd" => (
@@ -2040,7 +2114,7 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
                      seek, mmap, config_read, config_write, memory, power, flr, af_flr, reset, hot_reset, \
                      low_power, ioas, attach, detach, ioas_destroy, map, unmap, iova_ranges, dma, \
                      region_info, region_read, region_write, cpu_map, cpu_read, cpu_write, cpu_unmap, \
-                     hot_reset_info, irq_info, set_irqs, group, iommufd, dup, memfd, eventfd, read)"
+                     hot_reset_info, irq_info, set_irqs, group, iommufd, dup, memfd, udmabuf, eventfd, read)"
                 ),
             ));
         }

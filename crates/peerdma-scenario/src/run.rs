@@ -679,7 +679,29 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
                 Err(e) => Ok((errno_word(e), None)),
             }
         }
-        Action::Memfd { size, name } => match be.memfd(*size) {
+        Action::Udmabuf {
+            memfd,
+            flags,
+            offset,
+            size,
+            name,
+        } => {
+            let m = match memfd {
+                FdArg::Named(n) => st.fd(n)?.0,
+                FdArg::Raw(n) => *n,
+            };
+            match be.udmabuf(m, *flags, *offset, *size) {
+                Ok(new) => {
+                    st.keep_as(name, new, Src::Other);
+                    Ok((fd_outcome(be, new), None))
+                }
+                Err(e) => Ok((errno_word(e), None)),
+            }
+        }
+        Action::Memfd { size, seals, name } => match match seals {
+            None => be.memfd(*size),
+            Some(s) => be.memfd_sealed(*size, *s),
+        } {
             Ok(n) => {
                 st.memfds += 1;
                 if let Ok(own) = be.dup_fd(n) {

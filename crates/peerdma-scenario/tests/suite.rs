@@ -128,6 +128,12 @@ impl UapiBackend for Tweaked<'_> {
     fn memfd(&mut self, size: u64) -> Result<i32, Errno> {
         self.inner.memfd(size)
     }
+    fn memfd_sealed(&mut self, size: u64, seals: u32) -> Result<i32, Errno> {
+        self.inner.memfd_sealed(size, seals)
+    }
+    fn udmabuf(&mut self, memfd: i32, flags: u32, offset: u64, size: u64) -> Result<i32, Errno> {
+        self.inner.udmabuf(memfd, flags, offset, size)
+    }
     fn eventfd(&mut self) -> Result<i32, Errno> {
         self.inner.eventfd()
     }
@@ -522,7 +528,7 @@ fn the_group_path_subset_runs_without_iommufd() {
     assert!(group.len() >= 30, "{}", group.len());
     assert!(group.len() < all.len());
     for s in &group {
-        assert!(!s.needs_iommufd());
+        assert!(!s.needs_iommufd() && !s.needs_udmabuf());
         for st in &s.steps {
             if let peerdma_scenario::Action::Open { path, .. } = &st.action {
                 assert_eq!(*path, OpenPath::GroupContainer, "{}", s.name);
@@ -781,8 +787,26 @@ mod random {
                 iova: iova.into()
             }),
             (fd(), fd()).prop_map(|(fd, name)| Action::Dup { fd, name }),
-            (pick(vec![0u64, 0x1000, 0x10_0000]), fd())
-                .prop_map(|(size, name)| Action::Memfd { size, name }),
+            (
+                pick(vec![0u64, 0x1000, 0x10_0000]),
+                pick(vec![None, Some(0), Some(2), Some(0xa), Some(0x40)]),
+                fd()
+            )
+                .prop_map(|(size, seals, name)| Action::Memfd { size, seals, name }),
+            (
+                fd(),
+                pick(vec![0u32, 1, 0xff]),
+                pick(vec![0u64, 0x800, 0x1000]),
+                pick(vec![0u64, 0x1000, 0x2000, 65 << 20]),
+                fd()
+            )
+                .prop_map(|(m, flags, offset, size, name)| Action::Udmabuf {
+                    memfd: peerdma_scenario::format::FdArg::Named(m),
+                    flags,
+                    offset,
+                    size,
+                    name,
+                }),
             fd().prop_map(|name| Action::Eventfd { name }),
             (fd(), pick(vec![0usize, 4, 8, 16])).prop_map(|(fd, size)| Action::Read {
                 fd,

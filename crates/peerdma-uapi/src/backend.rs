@@ -220,6 +220,13 @@ pub trait UapiBackend {
     fn dup_fd(&mut self, fd: i32) -> Result<i32, Errno>;
     /// `memfd_create(MFD_CLOEXEC)`, then `ftruncate` to `size` bytes: a shmem file.
     fn memfd(&mut self, size: u64) -> Result<i32, Errno>;
+    /// `memfd_create(MFD_CLOEXEC | MFD_ALLOW_SEALING)`, `ftruncate` to `size` bytes, then
+    /// `fcntl(F_ADD_SEALS, seals)` (`F_SEAL_*` bits; the memfd is closed again if that
+    /// fails).
+    fn memfd_sealed(&mut self, size: u64, seals: u32) -> Result<i32, Errno>;
+    /// `UDMABUF_CREATE` on `/dev/udmabuf`: a dma-buf of `size` bytes at `offset` of the
+    /// memfd `memfd`, with `flags` (`UDMABUF_FLAGS_CLOEXEC` = 1); the new fd.
+    fn udmabuf(&mut self, memfd: i32, flags: u32, offset: u64, size: u64) -> Result<i32, Errno>;
     /// `eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)`.
     fn eventfd(&mut self) -> Result<i32, Errno>;
     /// `read(fd, buf)` at the file position; the bytes read.

@@ -213,6 +213,13 @@ impl Emulated<'_> {
         f.put();
         Ok(n)
     }
+
+    /// A reference to the open file behind `fd` (`EBADF` for a closed one), for a test that
+    /// plays a kernel importer of a buffer the process holds; give it back with
+    /// [`File::put`].
+    pub fn fget(&self, fd: i32) -> Result<Arc<File>, Errno> {
+        self.proc.fget(fd)
+    }
 }
 
 impl Drop for Emulated<'_> {
@@ -245,6 +252,41 @@ impl std::fmt::Debug for Emulated<'_> {
 }
 
 impl Emulated<'_> {
+    /// A memfd backed by RAM of the machine, so that a device can DMA into it through an
+    /// IOAS; `ENOMEM` past [`MEMFD_MAX`] or when the machine's memfd RAM is used up. With
+    /// `seals` it is made sealable and then given them (`F_ADD_SEALS`: on failure it is
+    /// closed and the errno returned).
+    fn memfd_of(&mut self, size: u64, seals: Option<u32>) -> Result<i32, Errno> {
+        if size > MEMFD_MAX {
+            return Err(Errno::ENOMEM);
+        }
+        let base = {
+            let mut r = sync::lock(&self.m.memfd_ram);
+            let pages = size.div_ceil(4096) * 4096;
+            if r.0 + pages > r.1 {
+                return Err(Errno::ENOMEM);
+            }
+            let b = r.0;
+            r.0 += pages;
+            b
+        };
+        let f = match seals {
+            None => File::memfd(base, size),
+            Some(add) => {
+                let f = File::memfd_with_seals(base, size, 0);
+                if let Err(e) = f.add_seals(add) {
+                    f.put();
+                    return Err(e);
+                }
+                f
+            }
+        };
+        self.proc.install(f, true).map_err(|(e, f)| {
+            f.put();
+            e
+        })
+    }
+
     /// Gives back what a device open took of `group` (the group file goes with the last
     /// group-opened device of the process, as the container lets it go; a cdev's block goes
     /// if it was bound).
@@ -599,28 +641,28 @@ impl UapiBackend for Emulated<'_> {
         self.proc.dup(fd)
     }
 
-    /// Backed by RAM of the machine, so that a device can DMA into it through an IOAS;
-    /// `ENOMEM` past [`MEMFD_MAX`] or when the machine's memfd RAM is used up.
+    /// See [`Emulated::memfd_of`].
     fn memfd(&mut self, size: u64) -> Result<i32, Errno> {
-        if size > MEMFD_MAX {
-            return Err(Errno::ENOMEM);
+        self.memfd_of(size, None)
+    }
+
+    fn memfd_sealed(&mut self, size: u64, seals: u32) -> Result<i32, Errno> {
+        self.memfd_of(size, Some(seals))
+    }
+
+    /// `UDMABUF_CREATE` (see [`crate::udmabuf`]): the memfd looked up without a reference
+    /// error of its own (a descriptor naming nothing is the driver's `EBADFD`).
+    fn udmabuf(&mut self, memfd: i32, flags: u32, offset: u64, size: u64) -> Result<i32, Errno> {
+        let file = self.proc.fget(memfd).ok();
+        let r = crate::udmabuf::create(&self.m.env.dma, file.as_deref(), flags, offset, size);
+        if let Some(f) = file {
+            f.put();
         }
-        let base = {
-            let mut r = sync::lock(&self.m.memfd_ram);
-            let pages = size.div_ceil(4096) * 4096;
-            if r.0 + pages > r.1 {
-                return Err(Errno::ENOMEM);
-            }
-            let b = r.0;
-            r.0 += pages;
-            b
-        };
-        self.proc
-            .install(File::memfd(base, size), true)
-            .map_err(|(e, f)| {
-                f.put();
-                e
-            })
+        let (f, cloexec) = r?;
+        self.proc.install(f, cloexec).map_err(|(e, f)| {
+            f.put();
+            e
+        })
     }
 
     fn eventfd(&mut self) -> Result<i32, Errno> {

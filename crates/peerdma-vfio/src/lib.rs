@@ -25,6 +25,7 @@ pub mod rdma;
 pub mod registration;
 pub mod soak;
 pub mod testbed;
+pub mod udmabuf;
 pub mod watch;
 
 pub use pci::{DeviceFd, KernelConfig, VfioPci};
