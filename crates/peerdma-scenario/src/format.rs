@@ -40,6 +40,10 @@ pub struct Scenario {
     /// Runs only on kernels whose `CONFIG_PM` is this (`pm = true|false` in the file); every
     /// kernel when absent.
     pub pm: Option<bool>,
+    /// Runs only on kernels whose `CONFIG_TRANSPARENT_HUGEPAGE` is this (`thp = true|false`
+    /// in the file: for kernel-chosen IOVAs, which it aligns differently); every kernel
+    /// when absent.
+    pub thp: Option<bool>,
     /// `group_path = false`: not run the group/container way on a kernel without iommufd
     /// (for behaviour only the cdev path has been held to the kernel).
     pub group_path: bool,
@@ -49,6 +53,12 @@ impl Scenario {
     /// Whether it runs on a kernel whose `CONFIG_PM` is `pm`.
     pub fn runs_with_pm(&self, pm: bool) -> bool {
         self.pm.is_none_or(|p| p == pm)
+    }
+
+    /// Whether it runs on a kernel whose `CONFIG_PM` is `pm` and whose
+    /// `CONFIG_TRANSPARENT_HUGEPAGE` is `thp`.
+    pub fn runs_on(&self, pm: bool, thp: bool) -> bool {
+        self.runs_with_pm(pm) && self.thp.is_none_or(|t| t == thp)
     }
 
     /// Whether a step uses iommufd (an IOAS, a mapping, a DMA through one).
@@ -888,6 +898,7 @@ pub fn load_str(text: &str, name: &str) -> Result<Scenario, FormatError> {
     let mut f = Fields::new(top, name.to_string());
     let about = f.string("about")?;
     let pm = f.opt_bool("pm")?;
+    let thp = f.opt_bool("thp")?;
     let group_path = f.opt_bool("group_path")?.unwrap_or(true);
     let steps_v = f.take("step").ok_or_else(|| f.err("step", "no [[step]]"))?;
     let bad_steps = f.err("step", "must be [[step]] tables");
@@ -917,6 +928,7 @@ pub fn load_str(text: &str, name: &str) -> Result<Scenario, FormatError> {
         about,
         steps,
         pm,
+        thp,
         group_path,
     })
 }

@@ -35,7 +35,7 @@ fn machine() -> Machine {
 
 fn machine_pm(pm: bool) -> Machine {
     let f = peerdma_pci::file::load_str(peerdma_pci::examples::QEMU_Q35, "qemu-q35.toml").unwrap();
-    Machine::with_config(Arc::new(f), peerdma_vfio::KernelConfig { pm }).unwrap()
+    Machine::with_config(Arc::new(f), peerdma_vfio::KernelConfig { pm, thp: false }).unwrap()
 }
 
 fn run_all(m: &Machine, scenarios: &[Scenario]) -> Vec<StepResult> {

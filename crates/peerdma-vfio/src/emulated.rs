@@ -39,6 +39,9 @@ pub struct Machine {
     /// The RAM memfds take their bytes from: the next free address and the end (the upper
     /// half of the first RAM range; pages are never given back within a machine's life).
     memfd_ram: peerdma_pci::sync::Mutex<(u64, u64)>,
+    /// The kernel has transparent huge pages ([`KernelConfig::thp`]): its iommufds align
+    /// the IOVAs they choose up to 2 MiB.
+    thp: bool,
 }
 
 /// The largest memfd the emulated machine backs (what a scenario may ask for).
@@ -123,6 +126,7 @@ impl Machine {
             vfio,
             groups: Arc::new(peerdma_pci::sync::Mutex::new(HashMap::new())),
             memfd_ram: peerdma_pci::sync::Mutex::new(((ram.0 + 4095) & !4095, ram.1)),
+            thp: config.thp,
         })
     }
 
@@ -358,7 +362,7 @@ impl Emulated<'_> {
     /// never opened.
     fn iommufd_at(&mut self, i: u32) -> Result<&Iommufd, Errno> {
         if i == 0 && self.iommufd.is_none() {
-            self.iommufd = Some(Iommufd::open(&self.m.env)?);
+            self.iommufd = Some(Iommufd::open_with(&self.m.env, self.m.thp)?);
         }
         self.opened_iommufd(i).ok_or(Errno::EBADF)
     }
@@ -484,7 +488,8 @@ impl UapiBackend for Emulated<'_> {
 
     fn iommufd_open(&mut self) -> Result<u32, Errno> {
         self.iommufd()?;
-        self.more_iommufds.push(Iommufd::open(&self.m.env)?);
+        self.more_iommufds
+            .push(Iommufd::open_with(&self.m.env, self.m.thp)?);
         Ok(u32::try_from(self.more_iommufds.len()).unwrap_or(u32::MAX))
     }
 

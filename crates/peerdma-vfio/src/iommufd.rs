@@ -99,6 +99,10 @@ struct Ioas {
     /// `iommufd_device_auto_get_domain` creates with the first device and destroys with the
     /// last): there while a device is attached.
     hwpt: Option<u32>,
+    /// The most alignment a kernel-chosen IOVA gets (`iopt_alloc_iova`'s `max_alignment`):
+    /// the huge page size (2 MiB) on a kernel with `CONFIG_TRANSPARENT_HUGEPAGE`, else the
+    /// page size.
+    max_align: u64,
 }
 
 impl Ioas {
@@ -176,10 +180,11 @@ impl Ioas {
         v
     }
 
-    /// `iopt_alloc_iova` on a kernel without transparent huge pages: the lowest IOVA from
-    /// the second page up, aligned to the length rounded up to a power of two (and to the
-    /// lowest set bit of `start`) but never more than the page size, with `start`'s offset
-    /// in its page, where `length` bytes meet no reserved range and no area.
+    /// `iopt_alloc_iova` (io_pagetable.c): the lowest IOVA from the second page up, aligned
+    /// to the length rounded up to a power of two (and to the lowest set bit of `start`)
+    /// but never more than [`Ioas::max_align`] (the page size without transparent huge
+    /// pages, 2 MiB with them), with `start`'s offset in its page, where `length` bytes
+    /// meet no reserved range and no area.
     fn alloc_iova(&self, start: u64, length: u64) -> Result<u64, Errno> {
         if length == 0 || length >= u64::MAX / 2 {
             return Err(Errno::EOVERFLOW);
@@ -189,7 +194,7 @@ impl Ioas {
         if start != 0 {
             align = align.min(1 << start.trailing_zeros());
         }
-        align = align.min(PAGE);
+        align = align.min(self.max_align);
         if align < self.alignment() {
             return Err(Errno::EINVAL);
         }
@@ -261,7 +266,12 @@ pub struct Iommufd {
     objects: Mutex<BTreeMap<u32, Obj>>,
     /// Which iommufd this is, machine-wide: the owner a bound device's IOMMU group records.
     uid: u64,
+    /// Each IOAS's [`Ioas::max_align`].
+    max_align: u64,
 }
+
+/// The huge page size on x86-64 (`HPAGE_SIZE`).
+const HPAGE: u64 = 2 << 20;
 
 /// Numbers every iommufd opened.
 static NEXT_UID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -290,14 +300,23 @@ impl std::fmt::Debug for Iommufd {
 }
 
 impl Iommufd {
-    /// iommufd on a machine with an IOMMU (`ENODEV` without one).
+    /// iommufd on a machine with an IOMMU (`ENODEV` without one), on a kernel without
+    /// transparent huge pages.
     pub fn open(env: &DmaEnv) -> Result<Iommufd, Errno> {
+        Iommufd::open_with(env, false)
+    }
+
+    /// [`Iommufd::open`] on a kernel whose `CONFIG_TRANSPARENT_HUGEPAGE` is `thp`: with it,
+    /// a kernel-chosen IOVA is aligned up to 2 MiB instead of 4 KiB (see
+    /// [`crate::KernelConfig::thp`]).
+    pub fn open_with(env: &DmaEnv, thp: bool) -> Result<Iommufd, Errno> {
         env.dma.iommu().ok_or(Errno::ENODEV)?;
         Ok(Iommufd {
             env: env.clone(),
             ioas: Mutex::new(BTreeMap::new()),
             objects: Mutex::new(BTreeMap::new()),
             uid: NEXT_UID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            max_align: if thp { HPAGE } else { PAGE },
         })
     }
 
@@ -320,6 +339,7 @@ impl Iommufd {
                 devices: std::collections::BTreeSet::new(),
                 reserved: Vec::new(),
                 hwpt: None,
+                max_align: self.max_align,
             },
         );
         Ok(id)
@@ -1009,6 +1029,7 @@ mod tests {
                 })
                 .collect(),
             hwpt: Some(1),
+            max_align: PAGE,
         }
     }
 
@@ -1038,6 +1059,33 @@ mod tests {
         let mut byte = ioas(&[]);
         byte.devices.clear();
         assert_eq!(byte.alloc_iova(0x10_0123, 0x1000), Ok(0x1123));
+    }
+
+    #[test]
+    fn with_huge_pages_a_kernel_chosen_iova_is_aligned_up_to_2_mib() {
+        let mut thp = ioas(&[]);
+        thp.max_align = HPAGE;
+        // The length rounded up to a power of two, at most 2 MiB; page 0 is never chosen.
+        assert_eq!(thp.alloc_iova(0, 0x1000), Ok(0x1000));
+        assert_eq!(thp.alloc_iova(0, 0x3000), Ok(0x4000));
+        assert_eq!(thp.alloc_iova(0, 0x10_0000), Ok(0x10_0000));
+        assert_eq!(thp.alloc_iova(0, 0x40_0000), Ok(0x20_0000));
+        // The start's lowest set bit lowers it.
+        assert_eq!(thp.alloc_iova(0x8000, 0x10_0000), Ok(0x8000));
+        // Without huge pages all of them go at the second page.
+        let flat = ioas(&[]);
+        for (start, len) in [
+            (0, 0x3000),
+            (0, 0x10_0000),
+            (0, 0x40_0000),
+            (0x8000, 0x10_0000),
+        ] {
+            assert_eq!(
+                flat.alloc_iova(start, len),
+                Ok(0x1000),
+                "{start:#x}+{len:#x}"
+            );
+        }
     }
 
     #[test]

@@ -50,7 +50,14 @@ bars = [ { index = 0, size = "1M" } ]
 
 fn machine(text: &str) -> Machine {
     let f = file::load_str(text, "caps.toml").unwrap();
-    Machine::with_config(Arc::new(f), KernelConfig { pm: false }).unwrap()
+    Machine::with_config(
+        Arc::new(f),
+        KernelConfig {
+            pm: false,
+            thp: false,
+        },
+    )
+    .unwrap()
 }
 
 fn open(be: &mut Emulated<'_>, role: &str) -> (DevHandle, Bdf) {
@@ -168,7 +175,14 @@ fn a_4_byte_access_where_two_owners_meet_is_cut_at_the_boundary() {
     // edu's MSI ends at 0x4e: a 4-byte write at 0x4c is 2 bytes of virtual MSI data and 2
     // raw bytes, which QEMU keeps.
     let f = file::load_str(examples::QEMU_Q35, "q").unwrap();
-    let m = Machine::with_config(Arc::new(f), KernelConfig { pm: false }).unwrap();
+    let m = Machine::with_config(
+        Arc::new(f),
+        KernelConfig {
+            pm: false,
+            thp: false,
+        },
+    )
+    .unwrap();
     let mut be = m.process();
     let (d, bdf) = open(&mut be, "initiator");
     wr(&mut be, d, 0x4c, 4, 0xaabb_ccdd);
@@ -186,7 +200,14 @@ fn an_sriov_pfs_extended_capabilities_drop_writes_and_a_vf_shows_the_pci_cores_i
         "sriov-nic.toml",
     )
     .unwrap();
-    let m = Machine::with_config(Arc::new(f), KernelConfig { pm: false }).unwrap();
+    let m = Machine::with_config(
+        Arc::new(f),
+        KernelConfig {
+            pm: false,
+            thp: false,
+        },
+    )
+    .unwrap();
     let mut be = m.process();
     let (pf, pf_bdf) = open(&mut be, "nic-pf0");
     let fab = m.fabric();

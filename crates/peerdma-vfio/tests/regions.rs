@@ -14,7 +14,7 @@ use peerdma_vfio::pci::KernelConfig;
 
 fn machine(pm: bool) -> Machine {
     let f = file::load_str(examples::QEMU_Q35, "q").unwrap();
-    Machine::with_config(Arc::new(f), KernelConfig { pm }).unwrap()
+    Machine::with_config(Arc::new(f), KernelConfig { pm, thp: false }).unwrap()
 }
 
 fn open(be: &mut Emulated<'_>, role: &str) -> (DevHandle, Bdf) {
@@ -321,7 +321,14 @@ fn an_io_bar_sized_with_all_ones_reads_its_size_mask_and_the_io_flag() {
         "bars = [ { index = 0, size = 8, type = \"io\", addr = 0xc000 },",
     );
     let f = file::load_str(&text, "q").unwrap();
-    let m = Machine::with_config(Arc::new(f), KernelConfig { pm: false }).unwrap();
+    let m = Machine::with_config(
+        Arc::new(f),
+        KernelConfig {
+            pm: false,
+            thp: false,
+        },
+    )
+    .unwrap();
     let mut be = m.process();
     let (p, _) = open(&mut be, "provider");
     be.config_write(p, 0x10, &u32::MAX.to_le_bytes()).unwrap();

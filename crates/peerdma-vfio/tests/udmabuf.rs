@@ -16,7 +16,14 @@ use peerdma_vfio::pci::KernelConfig;
 
 fn machine() -> Machine {
     let f = file::load_str(examples::QEMU_Q35, "q").unwrap();
-    Machine::with_config(Arc::new(f), KernelConfig { pm: false }).unwrap()
+    Machine::with_config(
+        Arc::new(f),
+        KernelConfig {
+            pm: false,
+            thp: false,
+        },
+    )
+    .unwrap()
 }
 
 #[test]

@@ -2009,7 +2009,15 @@ fn every_operation_with_every_disruption_at_every_point() {
 #[test]
 fn without_config_pm_nothing_wakes_a_device_in_low_power() {
     let r = rig();
-    let v = VfioPci::bind_with(&r.env, r.gpu, peerdma_vfio::KernelConfig { pm: false }).unwrap();
+    let v = VfioPci::bind_with(
+        &r.env,
+        r.gpu,
+        peerdma_vfio::KernelConfig {
+            pm: false,
+            thp: false,
+        },
+    )
+    .unwrap();
     let d = v.open().unwrap();
     let f = get(&r, export(&r, &d, &ok_req()).unwrap());
     let entry = wakeup_entry(&r);
@@ -2044,7 +2052,15 @@ fn without_config_pm_nothing_wakes_a_device_in_low_power() {
 #[test]
 fn with_config_pm_a_reset_in_low_power_leaves_the_device_suspended() {
     let r = rig();
-    let v = VfioPci::bind_with(&r.env, r.gpu, peerdma_vfio::KernelConfig { pm: true }).unwrap();
+    let v = VfioPci::bind_with(
+        &r.env,
+        r.gpu,
+        peerdma_vfio::KernelConfig {
+            pm: true,
+            thp: false,
+        },
+    )
+    .unwrap();
     let d = v.open().unwrap();
     let f = get(&r, export(&r, &d, &ok_req()).unwrap());
     assert_eq!(

@@ -21,6 +21,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use peerdma_pci::{Fabric, FabricError, examples, file};
+use peerdma_vfio::KernelConfig;
 
 /// PCI peer-to-peer DMA: P2P path analysis, dma-buf export of device memory and its
 /// revocation, on an emulated PCIe platform.
@@ -165,6 +166,11 @@ enum ScenarioCmd {
         /// machine's kernel is built. Default `off`, as the harness's custom kernel.
         #[arg(long, default_value = "off", value_parser = ["on", "off"])]
         pm: String,
+        /// The kernel's CONFIG_TRANSPARENT_HUGEPAGE (`on` or `off`): which scenarios run,
+        /// and how the emulated machine's iommufd aligns the IOVAs it chooses. Default
+        /// `off`, as the harness's custom kernel.
+        #[arg(long, default_value = "off", value_parser = ["on", "off"])]
+        thp: String,
         /// One JSON object per step.
         #[arg(long)]
         json: bool,
@@ -194,6 +200,9 @@ enum ScenarioCmd {
         /// same way and the same scenarios are compared. Default `off`.
         #[arg(long, default_value = "off", value_parser = ["on", "off"])]
         pm: String,
+        /// The real kernel's CONFIG_TRANSPARENT_HUGEPAGE (`on` or `off`), as `--pm`.
+        #[arg(long, default_value = "off", value_parser = ["on", "off"])]
+        thp: String,
         /// One JSON object per row.
         #[arg(long)]
         json: bool,
@@ -431,13 +440,17 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 fabric,
                 group_only,
                 pm,
+                thp,
                 json,
             } => scenario::run(
                 &files,
                 &backend,
                 fabric.as_ref(),
                 group_only,
-                pm == "on",
+                KernelConfig {
+                    pm: pm == "on",
+                    thp: thp == "on",
+                },
                 json,
             ),
             ScenarioCmd::Compare {
@@ -448,6 +461,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 fabric,
                 group_only,
                 pm,
+                thp,
                 json,
             } => scenario::compare(
                 &files,
@@ -456,7 +470,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 &divergences,
                 fabric.as_ref(),
                 group_only,
-                pm == "on",
+                KernelConfig {
+                    pm: pm == "on",
+                    thp: thp == "on",
+                },
                 json,
             ),
         },

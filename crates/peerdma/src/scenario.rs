@@ -16,9 +16,14 @@ fn bad(message: String) -> CliError {
     CliError { message, status: 2 }
 }
 
-/// Expands directories into their `*.toml` files (sorted) and loads every scenario; with
-/// `group_only`, keeps those that run without iommufd, opening devices the group way.
-pub fn load_all(paths: &[PathBuf], group_only: bool, pm: bool) -> Result<Vec<Scenario>, CliError> {
+/// Expands directories into their `*.toml` files (sorted) and loads every scenario that runs
+/// on a kernel built as `kernel` says; with `group_only`, keeps those that run without
+/// iommufd, opening devices the group way.
+pub fn load_all(
+    paths: &[PathBuf],
+    group_only: bool,
+    kernel: KernelConfig,
+) -> Result<Vec<Scenario>, CliError> {
     let mut files = Vec::new();
     for p in paths {
         if p.is_dir() {
@@ -45,19 +50,19 @@ pub fn load_all(paths: &[PathBuf], group_only: bool, pm: bool) -> Result<Vec<Sce
         }
         out.push(s);
     }
-    out.retain(|s| s.runs_with_pm(pm));
+    out.retain(|s| s.runs_on(kernel.pm, kernel.thp));
     if group_only {
         out = out.iter().filter_map(Scenario::on_group_path).collect();
     }
     Ok(out)
 }
 
-fn machine(fabric: Option<&PathBuf>, pm: bool) -> Result<Machine, CliError> {
+fn machine(fabric: Option<&PathBuf>, kernel: KernelConfig) -> Result<Machine, CliError> {
     let f = match fabric {
         Some(p) => peerdma_pci::file::load_path(p)?,
         None => peerdma_pci::file::load_str(peerdma_pci::examples::QEMU_Q35, "qemu-q35.toml")?,
     };
-    Machine::with_config(Arc::new(f), KernelConfig { pm }).map_err(|e| CliError {
+    Machine::with_config(Arc::new(f), kernel).map_err(|e| CliError {
         message: format!("building the emulated machine: {e}"),
         status: 1,
     })
@@ -68,9 +73,9 @@ fn machine(fabric: Option<&PathBuf>, pm: bool) -> Result<Machine, CliError> {
 pub fn run_emulated(
     scenarios: &[Scenario],
     fabric: Option<&PathBuf>,
-    pm: bool,
+    kernel: KernelConfig,
 ) -> Result<(Vec<StepResult>, usize), CliError> {
-    let m = machine(fabric, pm)?;
+    let m = machine(fabric, kernel)?;
     let out = run_all(scenarios, || m.process());
     Ok((out, m.violation_count()))
 }
@@ -81,12 +86,12 @@ pub fn run(
     backend: &str,
     fabric: Option<&PathBuf>,
     group_only: bool,
-    pm: bool,
+    kernel: KernelConfig,
     json: bool,
 ) -> Result<(), CliError> {
-    let scenarios = load_all(files, group_only, pm)?;
+    let scenarios = load_all(files, group_only, kernel)?;
     let (results, landings) = match backend {
-        "emulated" => run_emulated(&scenarios, fabric, pm)?,
+        "emulated" => run_emulated(&scenarios, fabric, kernel)?,
         "linux" => (
             run_all(&scenarios, peerdma_linux::vfio::LinuxBackend::new),
             0,
@@ -168,10 +173,10 @@ pub fn compare(
     divergences: &Path,
     fabric: Option<&PathBuf>,
     group_only: bool,
-    pm: bool,
+    kernel: KernelConfig,
     json: bool,
 ) -> Result<(), CliError> {
-    let scenarios = load_all(files, group_only, pm)?;
+    let scenarios = load_all(files, group_only, kernel)?;
     let real = read_real(real)?;
     let shm = match shm {
         Some(p) => Some(std::fs::read(p).map_err(|e| bad(format!("{}: {e}", p.display())))?),
@@ -180,7 +185,7 @@ pub fn compare(
     let doc = std::fs::read_to_string(divergences)
         .map_err(|e| bad(format!("{}: {e}", divergences.display())))?;
     let documented = documented_divergences(&doc);
-    let (emu, landings) = run_emulated(&scenarios, fabric, pm)?;
+    let (emu, landings) = run_emulated(&scenarios, fabric, kernel)?;
     let rows = agreement(&scenarios, &emu, &real, shm.as_deref(), &documented);
     if json {
         for r in &rows {

@@ -153,12 +153,19 @@ pub struct KernelConfig {
     /// calls do nothing: low-power entry only marks the device engaged (it stays in D0,
     /// buffers revoked) and nothing ever wakes it; only `LOW_POWER_EXIT` leaves.
     pub pm: bool,
+    /// `CONFIG_TRANSPARENT_HUGEPAGE`: iommufd aligns an IOVA it chooses to the window's
+    /// length rounded up to a power of two up to 2 MiB (a huge page) instead of 4 KiB
+    /// (io_pagetable.c `iopt_alloc_iova`), so the same maps land at other IOVAs.
+    pub thp: bool,
 }
 
 impl Default for KernelConfig {
-    /// A distribution kernel: `CONFIG_PM` on.
+    /// A distribution kernel: `CONFIG_PM` and transparent huge pages on.
     fn default() -> Self {
-        KernelConfig { pm: true }
+        KernelConfig {
+            pm: true,
+            thp: true,
+        }
     }
 }
 
