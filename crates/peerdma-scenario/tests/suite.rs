@@ -861,7 +861,7 @@ mod random {
                    dmesg: None,
     process: None,
                }));
-               let s = Scenario { name: "random".into(), about: "random".into(), steps, pm: None, group_path: true };
+               let s = Scenario { name: "random".into(), about: "random".into(), steps, pm: None, thp: None, group_path: true };
                let r = run(&s, &mut m.process(), &mut RunCtx::default());
                prop_assert_eq!(r.len(), s.steps.len());
                prop_assert_eq!(&r[5].outcome, "ok", "the setup maps the buffer");

@@ -646,7 +646,8 @@ impl UapiBackend for Emulated<'_> {
         self.proc.dup(fd)
     }
 
-    /// See [`Emulated::memfd_of`].
+    /// Backed by RAM of the machine, so that a device can DMA into it through an IOAS;
+    /// `ENOMEM` past [`MEMFD_MAX`] or when the machine's memfd RAM is used up.
     fn memfd(&mut self, size: u64) -> Result<i32, Errno> {
         self.memfd_of(size, None)
     }
