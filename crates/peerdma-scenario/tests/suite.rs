@@ -33,9 +33,11 @@ fn machine() -> Machine {
     machine_pm(false)
 }
 
+/// The harness's machine as one of its custom kernels is built: without CONFIG_PM and
+/// transparent huge pages, or with both (harness/kernel-pm.config).
 fn machine_pm(pm: bool) -> Machine {
     let f = peerdma_pci::file::load_str(peerdma_pci::examples::QEMU_Q35, "qemu-q35.toml").unwrap();
-    Machine::with_config(Arc::new(f), peerdma_vfio::KernelConfig { pm, thp: false }).unwrap()
+    Machine::with_config(Arc::new(f), peerdma_vfio::KernelConfig { pm, thp: pm }).unwrap()
 }
 
 fn run_all(m: &Machine, scenarios: &[Scenario]) -> Vec<StepResult> {
@@ -49,7 +51,7 @@ fn every_scenario_passes_on_the_emulated_machine() {
     // Those for a kernel with CONFIG_PM, on a machine built that way.
     let with_pm: Vec<Scenario> = every
         .iter()
-        .filter(|s| s.runs_with_pm(true))
+        .filter(|s| s.runs_on(true, true))
         .cloned()
         .collect();
     let mp = machine_pm(true);
@@ -60,7 +62,7 @@ fn every_scenario_passes_on_the_emulated_machine() {
     // And the rest of the checks on the reference kernel's (no CONFIG_PM).
     let scenarios: Vec<Scenario> = every
         .into_iter()
-        .filter(|s| s.runs_with_pm(false))
+        .filter(|s| s.runs_on(false, false))
         .collect();
     let m = machine();
     let results = run_all(&m, &scenarios);
@@ -539,7 +541,7 @@ fn the_group_path_subset_runs_without_iommufd() {
     for pm in [true, false] {
         let subset: Vec<Scenario> = group
             .iter()
-            .filter(|s| s.runs_with_pm(pm))
+            .filter(|s| s.runs_on(pm, pm))
             .cloned()
             .collect();
         let m = machine_pm(pm);
