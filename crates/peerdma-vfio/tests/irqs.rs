@@ -2,23 +2,17 @@
 //! device holds is given back when the user drops it, replaces it, or closes the device, and
 //! no hostile header reaches a handler or panics.
 
-use std::sync::Arc;
-
-use peerdma_pci::{Errno, examples, file};
+use peerdma_pci::Errno;
 use peerdma_uapi::backend::ScenarioBackend;
 use peerdma_uapi::{DevHandle, OpenPath, UapiBackend};
 use peerdma_vfio::emulated::{Emulated, Machine};
 use peerdma_vfio::pci::KernelConfig;
 
 fn machine() -> Machine {
-    let f = file::load_str(examples::QEMU_Q35, "q").unwrap();
-    Machine::with_config(
-        Arc::new(f),
-        KernelConfig {
-            pm: false,
-            thp: false,
-        },
-    )
+    peerdma_vfio::testbed::qemu_machine(KernelConfig {
+        pm: false,
+        thp: false,
+    })
     .unwrap()
 }
 

@@ -13,8 +13,7 @@ use peerdma_vfio::emulated::{Emulated, Machine};
 use peerdma_vfio::pci::KernelConfig;
 
 fn machine(pm: bool) -> Machine {
-    let f = file::load_str(examples::QEMU_Q35, "q").unwrap();
-    Machine::with_config(Arc::new(f), KernelConfig { pm, thp: false }).unwrap()
+    peerdma_vfio::testbed::qemu_machine(KernelConfig { pm, thp: false }).unwrap()
 }
 
 fn open(be: &mut Emulated<'_>, role: &str) -> (DevHandle, Bdf) {

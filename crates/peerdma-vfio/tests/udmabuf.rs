@@ -4,25 +4,19 @@
 //! The create checks and how VFIO and iommufd treat a udmabuf are held to the real kernel by
 //! the `udmabuf-*` scenarios.
 
-use std::sync::Arc;
-
 use peerdma_dma::Direction;
 use peerdma_dmabuf::buf::seal;
-use peerdma_pci::{Errno, examples, file};
+use peerdma_pci::Errno;
 use peerdma_uapi::UapiBackend;
 use peerdma_uapi::backend::ScenarioBackend;
 use peerdma_vfio::emulated::Machine;
 use peerdma_vfio::pci::KernelConfig;
 
 fn machine() -> Machine {
-    let f = file::load_str(examples::QEMU_Q35, "q").unwrap();
-    Machine::with_config(
-        Arc::new(f),
-        KernelConfig {
-            pm: false,
-            thp: false,
-        },
-    )
+    peerdma_vfio::testbed::qemu_machine(KernelConfig {
+        pm: false,
+        thp: false,
+    })
     .unwrap()
 }
 
