@@ -1061,7 +1061,7 @@ fn hex_bytes(s: &str) -> Option<Vec<u8>> {
 /// Feature flags: a number, or a list of words (`get`, `set`, `probe`, `dma_buf`,
 /// `low_power_entry`, `low_power_exit`, …) and numbers, OR-ed.
 fn feature_flags(f: &Fields, key: &str, v: &Value) -> Result<u32, FormatError> {
-    let word = |w: &str| -> Option<u32> {
+    flag_bits(f, key, v, "feature flag", |w| {
         Some(match w {
             "get" => VFIO_DEVICE_FEATURE_GET,
             "set" => VFIO_DEVICE_FEATURE_SET,
@@ -1077,15 +1077,25 @@ fn feature_flags(f: &Fields, key: &str, v: &Value) -> Result<u32, FormatError> {
             "dma_buf" => VFIO_DEVICE_FEATURE_DMA_BUF,
             _ => return None,
         })
-    };
+    })
+}
+
+/// Flag bits under `key`: a number, a word `word` knows, or a list of them, ORed; anything
+/// else is an unknown `what`.
+fn flag_bits(
+    f: &Fields,
+    key: &str,
+    v: &Value,
+    what: &str,
+    word: impl Fn(&str) -> Option<u32>,
+) -> Result<u32, FormatError> {
     let one = |v: &Value| -> Result<u32, FormatError> {
-        match v {
-            Value::String(s) if word(s).is_some() => Ok(word(s).unwrap_or(0)),
-            other => num(other)
-                .ok()
-                .and_then(|n| u32::try_from(n).ok())
-                .ok_or_else(|| f.err(key, format!("unknown feature flag {other}"))),
-        }
+        let w = match v {
+            Value::String(s) => word(s),
+            _ => None,
+        };
+        w.or_else(|| num(v).ok().and_then(|n| u32::try_from(n).ok()))
+            .ok_or_else(|| f.err(key, format!("unknown {what} {v}")))
     };
     match v {
         Value::Array(a) => a.iter().try_fold(0, |acc, x| Ok(acc | one(x)?)),
@@ -1096,27 +1106,20 @@ fn feature_flags(f: &Fields, key: &str, v: &Value) -> Result<u32, FormatError> {
 /// A memfd's `seals`: a list of words (`seal`, `shrink`, `grow`, `write`, `future_write`,
 /// `exec`) and numbers, OR-ed; an empty list makes it sealable with no seal.
 fn memfd_seals(f: &Fields, v: &Value) -> Result<u32, FormatError> {
-    let one = |v: &Value| -> Result<u32, FormatError> {
-        match v {
-            Value::String(w) => Ok(match w.as_str() {
-                "seal" => 0x1,
-                "shrink" => 0x2,
-                "grow" => 0x4,
-                "write" => 0x8,
-                "future_write" => 0x10,
-                "exec" => 0x20,
-                other => return Err(f.err("seals", format!("unknown seal {other}"))),
-            }),
-            other => num(other)
-                .ok()
-                .and_then(|n| u32::try_from(n).ok())
-                .ok_or_else(|| f.err("seals", format!("unknown seal {other}"))),
-        }
-    };
-    match v {
-        Value::Array(a) => a.iter().try_fold(0, |acc, x| Ok(acc | one(x)?)),
-        _ => Err(f.err("seals", "a list of seal words")),
+    if !matches!(v, Value::Array(_)) {
+        return Err(f.err("seals", "a list of seal words"));
     }
+    flag_bits(f, "seals", v, "seal", |w| {
+        Some(match w {
+            "seal" => 0x1,
+            "shrink" => 0x2,
+            "grow" => 0x4,
+            "write" => 0x8,
+            "future_write" => 0x10,
+            "exec" => 0x20,
+            _ => return None,
+        })
+    })
 }
 
 /// The data a `set_irqs` step passes after the header.
@@ -1137,6 +1140,15 @@ pub enum FdArg {
     Named(String),
     /// This number.
     Raw(i32),
+}
+
+/// An fd a step passes: a name, or a number that fits an `int`.
+fn fd_arg(v: &Value) -> Option<FdArg> {
+    match v {
+        Value::String(n) => Some(FdArg::Named(n.clone())),
+        Value::Integer(n) => i32::try_from(*n).ok().map(FdArg::Raw),
+        _ => None,
+    }
 }
 
 /// `index` of an IRQ step: a word or a number.
@@ -1161,26 +1173,17 @@ fn irq_index(f: &mut Fields) -> Result<u32, FormatError> {
 /// `flags` of a `set_irqs` step: words (`none`, `bool`, `eventfd`, `mask`, `unmask`,
 /// `trigger`) or numbers, ORed.
 fn irq_flags(f: &Fields, v: &Value) -> Result<u32, FormatError> {
-    let one = |v: &Value| -> Result<u32, FormatError> {
-        let w = match v {
-            Value::String(s) => match s.as_str() {
-                "none" => Some(1),
-                "bool" => Some(2),
-                "eventfd" => Some(4),
-                "mask" => Some(8),
-                "unmask" => Some(16),
-                "trigger" => Some(32),
-                _ => None,
-            },
-            _ => None,
-        };
-        w.or_else(|| num(v).ok().and_then(|n| u32::try_from(n).ok()))
-            .ok_or_else(|| f.err("flags", format!("unknown IRQ flag {v}")))
-    };
-    match v {
-        Value::Array(a) => a.iter().try_fold(0, |acc, x| Ok(acc | one(x)?)),
-        other => one(other),
-    }
+    flag_bits(f, "flags", v, "IRQ flag", |w| {
+        Some(match w {
+            "none" => 1,
+            "bool" => 2,
+            "eventfd" => 4,
+            "mask" => 8,
+            "unmask" => 16,
+            "trigger" => 32,
+            _ => return None,
+        })
+    })
 }
 
 /// Builds an action from its one name.
@@ -1831,13 +1834,11 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
             )
         }
         "udmabuf" => {
-            let memfd = match f.take("memfd") {
-                Some(Value::String(n)) => FdArg::Named(n),
-                Some(Value::Integer(n)) => i32::try_from(n)
-                    .map(FdArg::Raw)
-                    .map_err(|_| f.err("memfd", "an fd name or a number"))?,
-                _ => return Err(f.err("memfd", "an fd name or a number")),
-            };
+            let memfd = f
+                .take("memfd")
+                .as_ref()
+                .and_then(fd_arg)
+                .ok_or_else(|| f.err("memfd", "an fd name or a number"))?;
             (
                 Action::Udmabuf {
                     memfd,
@@ -2074,11 +2075,7 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
                 ),
                 (None, Some(Value::Array(a))) => IrqData::Fds(
                     a.iter()
-                        .map(|v| match v {
-                            Value::String(n) => Some(FdArg::Named(n.clone())),
-                            Value::Integer(n) => i32::try_from(*n).ok().map(FdArg::Raw),
-                            _ => None,
-                        })
+                        .map(fd_arg)
                         .collect::<Option<Vec<FdArg>>>()
                         .ok_or_else(|| f.err("fds", "a list of fd names or numbers"))?,
                 ),

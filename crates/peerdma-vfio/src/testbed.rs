@@ -63,7 +63,15 @@ pub fn testbed_from(text: &str) -> Result<Testbed, String> {
 /// The QEMU harness's machine (the `qemu-q35` example fabric) with vfio-pci bound to every
 /// endpoint, on a kernel built as `config` says: what the scenario suite runs against.
 pub fn qemu_machine(config: crate::KernelConfig) -> Result<crate::emulated::Machine, String> {
-    let f = file::load_str(peerdma_pci::examples::QEMU_Q35, "qemu-q35.toml")
-        .map_err(|e| e.to_string())?;
+    machine_from(peerdma_pci::examples::QEMU_Q35, config)
+}
+
+/// The machine a fabric file's `text` describes, with vfio-pci bound to every endpoint, on a
+/// kernel built as `config` says.
+pub fn machine_from(
+    text: &str,
+    config: crate::KernelConfig,
+) -> Result<crate::emulated::Machine, String> {
+    let f = file::load_str(text, "fabric.toml").map_err(|e| e.to_string())?;
     crate::emulated::Machine::with_config(Arc::new(f), config).map_err(|e| e.to_string())
 }

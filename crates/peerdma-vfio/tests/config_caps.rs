@@ -5,9 +5,7 @@
 //! SR-IOV PFs and VFs. Each test reads and writes through the device fd, as a user does, and
 //! checks the hardware's registers beside what the user sees.
 
-use std::sync::Arc;
-
-use peerdma_pci::{Bdf, Fabric, examples, file};
+use peerdma_pci::{Bdf, Fabric, examples};
 use peerdma_uapi::backend::ScenarioBackend;
 use peerdma_uapi::{DevHandle, OpenPath, UapiBackend};
 use peerdma_vfio::emulated::{Emulated, Machine};
@@ -49,15 +47,11 @@ bars = [ { index = 0, size = "1M" } ]
 "#;
 
 fn machine(text: &str) -> Machine {
-    let f = file::load_str(text, "caps.toml").unwrap();
-    Machine::with_config(
-        Arc::new(f),
-        KernelConfig {
-            pm: false,
-            thp: false,
-        },
-    )
-    .unwrap()
+    let no_pm = KernelConfig {
+        pm: false,
+        thp: false,
+    };
+    peerdma_vfio::testbed::machine_from(text, no_pm).unwrap()
 }
 
 fn open(be: &mut Emulated<'_>, role: &str) -> (DevHandle, Bdf) {
@@ -174,15 +168,7 @@ fn writes_follow_each_capabilitys_handler() {
 fn a_4_byte_access_where_two_owners_meet_is_cut_at_the_boundary() {
     // edu's MSI ends at 0x4e: a 4-byte write at 0x4c is 2 bytes of virtual MSI data and 2
     // raw bytes, which QEMU keeps.
-    let f = file::load_str(examples::QEMU_Q35, "q").unwrap();
-    let m = Machine::with_config(
-        Arc::new(f),
-        KernelConfig {
-            pm: false,
-            thp: false,
-        },
-    )
-    .unwrap();
+    let m = machine(examples::QEMU_Q35);
     let mut be = m.process();
     let (d, bdf) = open(&mut be, "initiator");
     wr(&mut be, d, 0x4c, 4, 0xaabb_ccdd);
@@ -192,22 +178,12 @@ fn a_4_byte_access_where_two_owners_meet_is_cut_at_the_boundary() {
 
 #[test]
 fn an_sriov_pfs_extended_capabilities_drop_writes_and_a_vf_shows_the_pci_cores_ids() {
-    let f = file::load_str(
+    let m = machine(
         &std::fs::read_to_string(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/sriov-nic.toml"),
         )
         .unwrap(),
-        "sriov-nic.toml",
-    )
-    .unwrap();
-    let m = Machine::with_config(
-        Arc::new(f),
-        KernelConfig {
-            pm: false,
-            thp: false,
-        },
-    )
-    .unwrap();
+    );
     let mut be = m.process();
     let (pf, pf_bdf) = open(&mut be, "nic-pf0");
     let fab = m.fabric();

@@ -319,15 +319,11 @@ fn an_io_bar_sized_with_all_ones_reads_its_size_mask_and_the_io_flag() {
         "bars = [ { index = 0, size = 256, addr = 0xfe20_0000 },",
         "bars = [ { index = 0, size = 8, type = \"io\", addr = 0xc000 },",
     );
-    let f = file::load_str(&text, "q").unwrap();
-    let m = Machine::with_config(
-        Arc::new(f),
-        KernelConfig {
-            pm: false,
-            thp: false,
-        },
-    )
-    .unwrap();
+    let no_pm = KernelConfig {
+        pm: false,
+        thp: false,
+    };
+    let m = peerdma_vfio::testbed::machine_from(&text, no_pm).unwrap();
     let mut be = m.process();
     let (p, _) = open(&mut be, "provider");
     be.config_write(p, 0x10, &u32::MAX.to_le_bytes()).unwrap();
