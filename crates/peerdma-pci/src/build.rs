@@ -751,6 +751,7 @@ impl Fabric {
                 vf_bars: p.vf_bars,
                 caps,
                 no_soft_reset: p.no_soft_reset,
+                storage: image.storage_ranges(),
                 reset_image: image,
                 cfg: RwLock::new(live),
                 mem: std::array::from_fn(|i| {

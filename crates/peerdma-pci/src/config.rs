@@ -288,6 +288,110 @@ impl ConfigSpace {
         out
     }
 
+    /// The bytes past the header that no capability covers, as `[start, end)` ranges: a
+    /// device's own storage (QEMU's devices have such bytes, writable, after their
+    /// capabilities). A reset leaves them alone: what it puts back is the header and the
+    /// capabilities. A capability's extent is its defined length (for MSI, VNDR and the
+    /// vendor-specific extended capability read from its own registers), and for one this
+    /// model does not know, everything up to the next capability.
+    pub fn storage_ranges(&self) -> Vec<(u16, u16)> {
+        let mut covered: Vec<(u16, u16)> = Vec::new();
+        let extents = |list: Vec<CapEntry>, end: u16, ext: bool| {
+            let mut starts: Vec<u16> = list.iter().map(|c| c.offset).collect();
+            starts.sort_unstable();
+            list.iter()
+                .map(|c| {
+                    let next = starts
+                        .iter()
+                        .copied()
+                        .find(|&o| o > c.offset)
+                        .unwrap_or(end);
+                    let len = if ext {
+                        self.ext_cap_len(c.id, c.offset)
+                    } else {
+                        self.cap_len(c.id as u8, c.offset)
+                    };
+                    let stop = len.map_or(next, |l| c.offset.saturating_add(l)).min(end);
+                    (c.offset, stop.max(c.offset + 1))
+                })
+                .collect::<Vec<_>>()
+        };
+        covered.extend(extents(self.caps(), regs::STD_SIZE as u16, false));
+        // The first extended header is the list's head even when it is empty.
+        covered.push((0x100, 0x104));
+        covered.extend(extents(self.ext_caps(), regs::CFG_SIZE as u16, true));
+        covered.sort_unstable();
+        let mut out = Vec::new();
+        let mut at: u16 = 0x40;
+        for (s, e) in covered {
+            if s > at {
+                out.push((at, s));
+            }
+            at = at.max(e);
+        }
+        if usize::from(at) < regs::CFG_SIZE {
+            out.push((at, regs::CFG_SIZE as u16));
+        }
+        out
+    }
+
+    /// The length of a standard capability (`pci_cap_length` and the variable ones in
+    /// drivers/vfio/pci/vfio_pci_config.c `vfio_cap_len`), `None` for one not known here.
+    fn cap_len(&self, id: u8, at: u16) -> Option<u16> {
+        Some(match id {
+            0x01 | 0x03 | 0x07 | 0x0d | 0x12 => 8,
+            0x04 | 0x06 => 4,
+            0x05 => {
+                let flags = self.read16(at + 2);
+                let mut len = 10;
+                if flags & 0x80 != 0 {
+                    len += 4;
+                }
+                if flags & 0x100 != 0 {
+                    len += 10;
+                }
+                len
+            }
+            0x09 => u16::from(self.read8(at + 2)).max(3),
+            0x10 => {
+                if self.read16(at + 2) & 0xf >= 2 {
+                    0x3c
+                } else {
+                    0x14
+                }
+            }
+            0x11 => 12,
+            0x13 => 6,
+            _ => return None,
+        })
+    }
+
+    /// The length of an extended capability (`pci_ext_cap_length` and vfio's `vfio_ext_cap_len`
+    /// for the variable ones it knows), `None` for one not known here.
+    fn ext_cap_len(&self, id: u16, at: u16) -> Option<u16> {
+        Some(match id {
+            0x0001 => 0x48,
+            0x0003 | 0x001f => 0x0c,
+            0x0004 | 0x0013 => 0x10,
+            0x000e | 0x000f | 0x0018 | 0x001b => 8,
+            0x000d => {
+                let cap = self.read16(at + 4);
+                if cap & 0x20 == 0 {
+                    8
+                } else {
+                    let bits = match (cap >> 8) & 0xff {
+                        0 => 256,
+                        n => n,
+                    };
+                    8 + bits.div_ceil(32) * 4
+                }
+            }
+            0x0010 => 0x40,
+            0x000b => ((self.read32(at + 4) >> 20) as u16).max(8),
+            _ => return None,
+        })
+    }
+
     /// Offset of the first standard capability with this ID.
     pub fn find_cap(&self, id: u8) -> Option<u16> {
         self.caps()

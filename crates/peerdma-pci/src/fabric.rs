@@ -396,6 +396,7 @@ impl Fabric {
             events.push(FabricEvent::PowerState { bdf, from, to });
         }
         if let Some(cause) = fx.reset {
+            f.reset_registers();
             events.push(FabricEvent::Reset { bdf, cause });
             for &vf in &f.vfs {
                 self.reset_one(vf, ResetCause::PfReset { pf: bdf }, &mut events);
@@ -414,7 +415,11 @@ impl Fabric {
 
     fn reset_one(&self, id: FnId, cause: ResetCause, events: &mut Vec<FabricEvent>) {
         let f = &self.funcs[id];
-        *sync::write(&f.cfg) = f.reset_image.clone();
+        {
+            let mut cfg = sync::write(&f.cfg);
+            f.reset_config(&mut cfg);
+        }
+        f.reset_registers();
         events.push(FabricEvent::Reset { bdf: f.bdf, cause });
     }
 
@@ -429,6 +434,19 @@ impl Fabric {
     /// Resets a function as `pci_reset_function` does: save its registers, FLR (PCIe, else
     /// AF), restore them. `Ok(false)` when the function has no FLR (nothing happens).
     pub fn reset_function(&self, bdf: Bdf) -> Result<bool, PciError> {
+        if self.function(bdf)?.has_flr() || self.function(bdf)?.has_af_flr() {
+            let saved = self.save_config(bdf)?;
+            self.flr(bdf)?;
+            self.restore_config(&saved)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// An FLR (PCIe, else AF) and nothing else: the registers are left as the reset made
+    /// them (`pcie_flr` / `pci_af_flr` without the caller's save and restore). `Ok(false)`
+    /// when the function has no FLR.
+    pub fn flr(&self, bdf: Bdf) -> Result<bool, PciError> {
         let f = self.function(bdf)?;
         let trigger = if let (true, Some(exp)) = (f.has_flr(), f.caps.exp) {
             (
@@ -441,7 +459,6 @@ impl Fabric {
         } else {
             return Ok(false);
         };
-        let saved = self.save_config(bdf)?;
         let current = self.config_read(bdf, trigger.0 & !1, 2)?;
         let value = if trigger.1 == 2 {
             current | trigger.2
@@ -449,7 +466,6 @@ impl Fabric {
             trigger.2
         };
         self.config_write(bdf, trigger.0, trigger.1, value)?;
-        self.restore_config(&saved)?;
         Ok(true)
     }
 

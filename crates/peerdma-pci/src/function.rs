@@ -189,6 +189,8 @@ pub struct Function {
     pub(crate) no_soft_reset: bool,
     /// Power-on register values (what a reset restores).
     pub(crate) reset_image: ConfigSpace,
+    /// The bytes a reset leaves alone ([`ConfigSpace::storage_ranges`] of the image).
+    pub(crate) storage: Vec<(u16, u16)>,
     /// The live registers.
     pub(crate) cfg: RwLock<ConfigSpace>,
     /// Backing memory per BAR index (empty for unimplemented BARs).
@@ -352,9 +354,33 @@ impl Function {
             }
         }
         if fx.reset.is_some() {
-            *cfg = self.reset_image.clone();
+            self.reset_config(cfg);
         }
         fx
+    }
+
+    /// What a reset does to the device behind the config space: a device model's register
+    /// file goes back to its reset values ([`crate::model::DeviceModel`]); plain BAR memory
+    /// keeps its bytes.
+    pub(crate) fn reset_registers(&self) {
+        let Some(model) = self.model else { return };
+        for (i, mem) in self.mem.iter().enumerate() {
+            if model.owns(i as u8) {
+                model.reset(&mut crate::sync::lock(mem));
+            }
+        }
+    }
+
+    /// Puts the registers back to their power-on values: the header and every capability;
+    /// the device's own storage past them keeps what it holds.
+    pub(crate) fn reset_config(&self, cfg: &mut ConfigSpace) {
+        let mut fresh = self.reset_image.clone();
+        for &(start, end) in &self.storage {
+            for off in start..end {
+                fresh.set8(off, cfg.read8(off));
+            }
+        }
+        *cfg = fresh;
     }
 }
 

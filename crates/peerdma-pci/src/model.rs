@@ -18,9 +18,11 @@
 //! register bytes at any size (0 past the 4 KiB register page: the doorbells read 0); only
 //! INTMS/INTMC (which set and clear one mask both read), CC, AQA, ASQ and ACQ take writes, the
 //! rest (CAP, VS, CSTS, CMBLOC, CMBSZ, …) ignore them. Setting CC.EN makes the controller
-//! ready (CSTS.RDY), clearing it resets CSTS. Not modelled: the checks with which QEMU can fail
-//! a start (queue alignment, page size, command set; the guest never showed one fail), queues,
-//! commands, doorbells, shutdown, NSSR, the CMB and PMR controls.
+//! ready (CSTS.RDY) unless `nvme_start_ctrl` refuses the admin queue addresses, command set or
+//! page size (CSTS.CFS); clearing it resets the controller (`nvme_ctrl_reset`: CC, CSTS and the
+//! interrupt mask go to 0), and so does a reset of the function (FLR, a bus reset:
+//! [`DeviceModel::reset`]). A shutdown request (CC.SHN) completes at once. Not modelled: queues,
+//! commands, doorbells, NSSR, the CMB and PMR controls.
 
 use crate::memory::SparseMemory;
 
@@ -58,6 +60,16 @@ impl DeviceModel {
                 mem.write(NVME_CAP, &0x0240_0820_0f01_07ff_u64.to_le_bytes());
                 mem.write(NVME_VS, &0x0001_0400_u32.to_le_bytes());
             }
+        }
+    }
+
+    /// What a reset of the function (FLR, a bus reset, …) does to the registers. edu has no
+    /// reset handler in QEMU: everything stays. NVMe runs `nvme_ctrl_reset`: CSTS, the
+    /// interrupt mask (INTMS/INTMC) and CC go to 0; AQA, ASQ and ACQ keep what was written.
+    pub(crate) fn reset(self, mem: &mut SparseMemory) {
+        match self {
+            DeviceModel::QemuEdu => {}
+            DeviceModel::QemuNvme => nvme_reset(mem),
         }
     }
 
@@ -155,15 +167,28 @@ impl DeviceModel {
                         put32(mem, NVME_INTMS, new);
                         put32(mem, NVME_INTMC, new);
                     }
+                    // `nvme_write_bar`'s CC case: the value is stored; a shutdown request
+                    // completes at once (CSTS.SHST = 2) and clearing it clears SHST; setting
+                    // EN starts the controller (CSTS.RDY, or CSTS.CFS when `nvme_start_ctrl`
+                    // refuses); clearing EN resets it (`nvme_ctrl_reset`: CC reads 0 after).
                     NVME_CC => {
                         let old = get32(mem, NVME_CC);
                         let new = val as u32;
                         put32(mem, NVME_CC, new);
-                        if new & 1 != 0 && old & 1 == 0 {
-                            put32(mem, NVME_CSTS, 1);
-                        } else if new & 1 == 0 && old & 1 != 0 {
-                            put32(mem, NVME_CSTS, 0);
+                        let mut csts = get32(mem, NVME_CSTS);
+                        let shn = |cc: u32| (cc >> 14) & 3;
+                        if shn(new) != 0 && shn(old) == 0 {
+                            csts = (csts & !NVME_CSTS_SHST) | (2 << 2);
+                        } else if shn(new) == 0 && shn(old) != 0 {
+                            csts &= !NVME_CSTS_SHST;
                         }
+                        if new & 1 != 0 && old & 1 == 0 {
+                            csts = if nvme_start_ok(mem, new) { 1 } else { 2 };
+                        } else if new & 1 == 0 && old & 1 != 0 {
+                            nvme_reset(mem);
+                            return;
+                        }
+                        put32(mem, NVME_CSTS, csts);
                     }
                     NVME_AQA => put32(mem, NVME_AQA, val as u32),
                     NVME_ASQ | NVME_ACQ => mem.write(offset, &data[..n]),
@@ -188,6 +213,37 @@ const NVME_ACQ: u64 = 0x30;
 const NVME_REGS_END: u64 = 0x1000;
 /// From here on BAR 0 is the MSI-X table and PBA (plain to this model; vfio guards the table).
 const NVME_MSIX_TABLE: u64 = 0x2000;
+
+/// CSTS.SHST, the shutdown status field.
+const NVME_CSTS_SHST: u32 = 3 << 2;
+
+/// `nvme_ctrl_reset` on the registers.
+fn nvme_reset(mem: &mut SparseMemory) {
+    for reg in [NVME_CSTS, NVME_INTMS, NVME_INTMC, NVME_CC] {
+        put32(mem, reg, 0);
+    }
+}
+
+/// The checks of QEMU 10.0's `nvme_start_ctrl` that registers decide, in its order: the admin
+/// queues aligned to the page size CC.MPS selects, a command set CAP.CSS offers, a page size
+/// inside CAP.MPSMIN..=MPSMAX. (10.0 does not yet refuse zero admin queue sizes: the guest
+/// showed a controller with AQA = 0 become ready.)
+fn nvme_start_ok(mem: &SparseMemory, cc: u32) -> bool {
+    let get64 = |at: u64| {
+        let mut b = [0u8; 8];
+        mem.read(at, &mut b);
+        u64::from_le_bytes(b)
+    };
+    let cap = get64(NVME_CAP);
+    let mps = u64::from((cc >> 7) & 0xf);
+    let page = 1u64 << (mps + 12);
+    let css = (cc >> 4) & 7;
+    get64(NVME_ASQ) & (page - 1) == 0
+        && get64(NVME_ACQ) & (page - 1) == 0
+        && (cap >> 37) & 0xff & (1 << css) != 0
+        && mps >= (cap >> 48) & 0xf
+        && mps <= (cap >> 52) & 0xf
+}
 
 /// A little-endian 32-bit register.
 fn get32(mem: &SparseMemory, at: u64) -> u32 {

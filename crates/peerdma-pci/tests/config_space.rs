@@ -433,3 +433,59 @@ fn a_bulk_config_read_gives_what_byte_reads_give() {
     );
     assert!(f.config_read_into(gpu, 0xfff, &mut past[..1]).is_ok());
 }
+
+#[test]
+fn a_reset_puts_back_header_and_capabilities_keeps_device_storage_and_resets_the_nvme_controller() {
+    // QEMU's NVMe: MSI-X 0x40..0x4c, PM 0x60..0x68, PCIe 0x80..0xbc; the bytes between and
+    // after them are the device's own storage, which QEMU's reset leaves alone.
+    let f = example("qemu-q35.toml");
+    let n = dev(&f, "pm_provider");
+    let storage = [0x4c, 0x5c, 0x68, 0x7c, 0xbc, 0xfc, 0x104, 0xffc];
+    for (i, &at) in storage.iter().enumerate() {
+        f.config_write(n, at, 4, 0x1234_5600 + i as u32).unwrap();
+    }
+    f.config_write(n, regs::CACHE_LINE_SIZE, 1, 0x10).unwrap();
+    f.config_write(n, 0x88, 2, 0x000f).unwrap();
+    let regs_at = |at: u64, data: &[u8]| {
+        f.cpu_write(peerdma_pci::PhysAddr(0xfdf0_0000 + at), data)
+            .unwrap();
+    };
+    regs_at(0x24, &0x001f_001f_u32.to_le_bytes());
+    regs_at(0x28, &0x10000_u64.to_le_bytes());
+    regs_at(0x14, &0x0046_0001_u32.to_le_bytes());
+    let reg = |at: u64| {
+        let mut b = [0u8; 4];
+        f.bar_peek(n, 0, at, &mut b).unwrap();
+        u32::from_le_bytes(b)
+    };
+    assert_eq!(reg(0x1c), 1, "the controller is ready");
+    assert!(f.flr(n).unwrap());
+    for (i, &at) in storage.iter().enumerate() {
+        assert_eq!(
+            f.config_read(n, at, 4).unwrap(),
+            0x1234_5600 + i as u32,
+            "storage at {at:#x} kept"
+        );
+    }
+    assert_eq!(f.config_read(n, regs::CACHE_LINE_SIZE, 1).unwrap(), 0);
+    assert_eq!(f.config_read(n, 0x88, 2).unwrap(), 0, "DevCtl reset");
+    assert_eq!(
+        (reg(0x1c), reg(0x14), reg(0x24), reg(0x28)),
+        (0, 0, 0x001f_001f, 0x10000),
+        "CSTS and CC reset, the admin queue registers kept"
+    );
+    // A bus reset does the same to the controller.
+    f.config_write(n, regs::COMMAND, 2, u32::from(regs::COMMAND_MEMORY))
+        .unwrap();
+    f.config_write(n, 0x10, 4, 0xfdf0_0000).unwrap();
+    regs_at(0x14, &0x0046_0001_u32.to_le_bytes());
+    assert_eq!(reg(0x1c), 1);
+    let port = f.upstream_bridge(n).unwrap().unwrap();
+    let bctl = f.config_read(port, regs::BRIDGE_CONTROL, 2).unwrap();
+    let sbr = u32::from(regs::BRIDGE_CTL_BUS_RESET);
+    f.config_write(port, regs::BRIDGE_CONTROL, 2, bctl | sbr)
+        .unwrap();
+    f.config_write(port, regs::BRIDGE_CONTROL, 2, bctl).unwrap();
+    assert_eq!((reg(0x1c), reg(0x14), reg(0x28)), (0, 0, 0x10000));
+    assert_eq!(f.config_read(n, 0x104, 4).unwrap(), 0x1234_5606);
+}

@@ -512,6 +512,12 @@ fn a_function_without_flr_resets_by_pm_before_any_bus_reset() {
     let resets = Arc::new(Resets::default());
     r.fabric.subscribe(resets.clone());
     let (v, d, f) = exported(&r);
+    // The first open resets it the same way (`pci_try_reset_function` in
+    // `vfio_pci_core_enable`).
+    assert_eq!(
+        std::mem::take(&mut *resets.0.lock().unwrap()),
+        [(r.gpu, peerdma_pci::ResetCause::PowerOn)]
+    );
     let imp = live_mapping(&r, &f, b"before-1");
     let old = imp.first_addr().unwrap();
     d.reset().unwrap();

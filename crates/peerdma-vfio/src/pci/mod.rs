@@ -223,6 +223,9 @@ struct Dev {
     virq_disabled: AtomicBool,
     /// What the last entry into D3hot saved, for a function that loses its state there.
     pm_save: Mutex<Option<peerdma_pci::fabric::SavedConfig>>,
+    /// The reset at the first open worked (`vdev->reset_works`): `VFIO_DEVICE_RESET` is
+    /// refused without it, and the last close resets only with it.
+    reset_works: AtomicBool,
     /// MSI-X vectors can be added while enabled (`vdev->has_dyn_msix`): an MSI-X
     /// capability on x86, whose interrupt domains allow it.
     dyn_msix: bool,
@@ -328,6 +331,62 @@ impl Drop for MemGuard<'_> {
 }
 
 impl Dev {
+    /// The function reset Linux would use (`pci_reset_fn_methods`, in its order, as
+    /// `pci_init_reset_methods` probes them): FLR, AF FLR, the PM reset (a D3hot → D0 cycle,
+    /// for a function with PM whose PMCSR has No_Soft_Reset clear: `pci_pm_reset`), then a
+    /// bus reset when the device is alone below its bridge (`pci_parent_bus_reset`: how a
+    /// device without FLR behind a port resets). `None`: the function cannot be reset.
+    fn reset_method(&self) -> Option<Method> {
+        let func = self.fabric.function(self.bdf).ok()?;
+        if func.has_flr() || func.has_af_flr() {
+            Some(Method::Flr)
+        } else if !func.no_soft_reset() {
+            Some(Method::Pm)
+        } else {
+            match self.bus_scope() {
+                Some((bridge, affected)) if affected == [self.bdf] => {
+                    Some(Method::Bus(bridge, affected))
+                }
+                _ => None,
+            }
+        }
+    }
+
+    /// `pci_try_reset_function` (at the first open and for `VFIO_DEVICE_RESET`): the
+    /// function's registers are saved, it is reset, they are written back.
+    fn reset_saving_state(&self, method: &Method) -> Result<(), Errno> {
+        match method {
+            Method::Flr => self
+                .fabric
+                .reset_function(self.bdf)
+                .map(|_| ())
+                .map_err(|_| Errno::EIO),
+            Method::Pm => self.pm_reset(),
+            Method::Bus(bridge, affected) => self.secondary_bus_reset(*bridge, affected),
+        }
+    }
+
+    /// `__pci_reset_function_locked` (at the last close): the reset alone, nothing saved
+    /// or written back; the caller restores what it kept.
+    fn reset_bare(&self, method: &Method) -> Result<(), Errno> {
+        let (f, b) = (&*self.fabric, self.bdf);
+        match method {
+            Method::Flr => f.flr(b).map(|_| ()).map_err(|_| Errno::EIO),
+            Method::Pm => f
+                .set_power_state(b, PowerState::D3Hot)
+                .and_then(|()| f.set_power_state(b, PowerState::D0))
+                .map_err(|_| Errno::EIO),
+            Method::Bus(bridge, _) => {
+                let bctl = f.config_read(*bridge, regs::BRIDGE_CONTROL, 2).unwrap_or(0);
+                let on = bctl | u32::from(regs::BRIDGE_CTL_BUS_RESET);
+                let off = bctl & !u32::from(regs::BRIDGE_CTL_BUS_RESET);
+                f.config_write(*bridge, regs::BRIDGE_CONTROL, 2, on)
+                    .and_then(|()| f.config_write(*bridge, regs::BRIDGE_CONTROL, 2, off))
+                    .map_err(|_| Errno::EIO)
+            }
+        }
+    }
+
     fn command_hw(&self) -> u16 {
         self.fabric
             .config_read(self.bdf, regs::COMMAND, 2)
@@ -534,6 +593,7 @@ impl VfioPci {
             virq_disabled: AtomicBool::new(false),
             dyn_msix,
             pm_save: Mutex::new(None),
+            reset_works: AtomicBool::new(false),
         });
         dev.fabric.subscribe(Arc::new(Watch(Arc::downgrade(&dev))));
         Ok(VfioPci { dev })
@@ -643,12 +703,38 @@ impl DeviceFd {
         let mut m = d.lock_mem();
         if m.open_count == 0 {
             d.set_power(PowerState::D0);
-            let cmd = (d.command_hw() | regs::COMMAND_MEMORY) & !regs::COMMAND_MASTER;
+            // Bus mastering off, then `pci_enable_device`: decode turned on for the kinds
+            // of BAR the function has (`pci_enable_resources`: I/O for an I/O BAR, Memory
+            // Space for a memory BAR), the rest of COMMAND as found.
+            let mut cmd = d.command_hw() & !regs::COMMAND_MASTER;
+            for r in d.resources.iter().flatten() {
+                cmd |= if r.mem {
+                    regs::COMMAND_MEMORY
+                } else {
+                    regs::COMMAND_IO
+                };
+            }
             let _ = d
                 .fabric
                 .config_write(d.bdf, regs::COMMAND, 2, u32::from(cmd));
+            // `pci_try_reset_function`: whether it worked decides `VFIO_DEVICE_RESET` and
+            // the reset at the last close.
+            let works = d
+                .reset_method()
+                .is_some_and(|r| d.reset_saving_state(&r).is_ok());
+            d.reset_works.store(works, Ordering::Release);
             m.saved_command = cmd;
             m.saved_state = d.state_regs();
+            // After the state is saved: a function that can mask INTx (every one modelled
+            // here) has INTx-disable cleared in hardware (`vfio_pci_core_enable`).
+            if cmd & regs::COMMAND_INTX_DISABLE != 0 {
+                let _ = d.fabric.config_write(
+                    d.bdf,
+                    regs::COMMAND,
+                    2,
+                    u32::from(cmd & !regs::COMMAND_INTX_DISABLE),
+                );
+            }
             m.vconfig = VConfig::init(&d.fabric, d.bdf).ok();
             m.engaged = false;
         }
@@ -767,34 +853,15 @@ impl DeviceFd {
         self.granted()?;
         self.ioctl_resume();
         let d = &self.dev;
-        let func = d.fabric.function(d.bdf).map_err(|_| Errno::ENODEV)?;
-        // Reset methods in the kernel's order (`pci_reset_fn_methods`): FLR, AF FLR, the PM
-        // reset (a D3hot → D0 cycle, for a function with PM whose PMCSR has No_Soft_Reset
-        // clear: `pci_pm_reset`), then a bus reset when the device is alone below its
-        // bridge (how a device without FLR behind a switch port resets).
-        let pm_reset = !func.no_soft_reset();
-        let method = if func.has_flr() || func.has_af_flr() {
-            Method::Flr
-        } else if pm_reset {
-            Method::Pm
-        } else {
-            match d.bus_scope() {
-                Some((bridge, affected)) if affected == [d.bdf] => Method::Bus(bridge, affected),
-                _ => return Err(Errno::EINVAL),
-            }
-        };
+        // `vfio_pci_ioctl_reset`: refused when the reset at the first open did not work.
+        if !d.reset_works.load(Ordering::Acquire) {
+            return Err(Errno::EINVAL);
+        }
+        let method = d.reset_method().ok_or(Errno::EINVAL)?;
         let mut m = d.lock_mem();
         m.move_bufs(true);
         d.set_power(PowerState::D0);
-        let r = match &method {
-            Method::Flr => d
-                .fabric
-                .reset_function(d.bdf)
-                .map(|_| ())
-                .map_err(|_| Errno::EIO),
-            Method::Pm => d.pm_reset(),
-            Method::Bus(bridge, affected) => d.secondary_bus_reset(*bridge, affected),
-        };
+        let r = d.reset_saving_state(&method);
         d.unrevoke_if_enabled(&mut m);
         // The ioctl ran with the device resumed; in engaged low power the runtime-PM put at
         // its end suspends it again (D3hot, without revoking: `vfio_pci_core_runtime_suspend`
@@ -884,6 +951,20 @@ impl DeviceFd {
                 m.cleanup_bufs();
                 d.disengage(&mut m);
                 d.set_power(PowerState::D0);
+                // `vfio_pci_core_disable`: COMMAND is INTx-disable alone, and a device whose
+                // reset worked at the first open is reset (the device's own registers too:
+                // an NVMe controller comes back disabled), without saving anything first.
+                let _ = d.fabric.config_write(
+                    d.bdf,
+                    regs::COMMAND,
+                    2,
+                    u32::from(regs::COMMAND_INTX_DISABLE),
+                );
+                if d.reset_works.load(Ordering::Acquire) {
+                    if let Some(r) = d.reset_method() {
+                        let _ = d.reset_bare(&r);
+                    }
+                }
                 // The state saved at the first open comes back (whatever the user wrote since:
                 // an I/O decode bit the user cleared is set again), bus mastering off. Unlike
                 // Linux, which leaves memory decode as saved (on), the model turns it off, so
