@@ -217,3 +217,49 @@ fn an_sriov_pfs_extended_capabilities_drop_writes_and_a_vf_shows_the_pci_cores_i
     wr(&mut be, v1, u64::from(acs) + 6, 2, 0);
     assert_eq!(hw(fab, vf1, acs + 6, 2), before);
 }
+
+#[test]
+fn max_read_request_size_reaches_the_hardware_at_least_the_payload_size() {
+    // `vfio_exp_config_write`: DevCtl's MRRS is virtual, and a change of it is programmed
+    // into the device as `pcie_set_readrq(max(size, MPS))`; MPS itself stays virtual.
+    let m = machine(CAPS);
+    let mut be = m.process();
+    let (d, bdf) = open(&mut be, "dev");
+    let f = m.fabric();
+    let devctl: u16 = 0x78;
+    let field = |v: u32| (v >> 12) & 7;
+    wr(&mut be, d, devctl.into(), 2, 5 << 12);
+    assert_eq!(field(rd(&mut be, d, devctl.into(), 2)), 5);
+    assert_eq!(
+        field(hw(f, bdf, devctl, 2)),
+        5,
+        "4096 bytes reach the device"
+    );
+    // A payload size of 512 in the device is the floor: 128 becomes 512.
+    f.config_write(bdf, devctl, 2, (5 << 12) | (2 << 5))
+        .unwrap();
+    wr(&mut be, d, devctl.into(), 2, 0);
+    assert_eq!(
+        field(rd(&mut be, d, devctl.into(), 2)),
+        0,
+        "the user reads what it wrote"
+    );
+    assert_eq!(field(hw(f, bdf, devctl, 2)), 2);
+    assert_eq!((hw(f, bdf, devctl, 2) >> 5) & 7, 2, "MPS untouched");
+    // The user's MPS does not reach the device, and an unchanged MRRS writes nothing.
+    f.config_write(bdf, devctl, 2, 3 << 12).unwrap();
+    wr(&mut be, d, devctl.into(), 2, 1 << 5);
+    assert_eq!(
+        field(hw(f, bdf, devctl, 2)),
+        3,
+        "MRRS unchanged: not written"
+    );
+    assert_eq!((hw(f, bdf, devctl, 2) >> 5) & 7, 0);
+    // The reserved encodings (8192 and 16384 bytes) leave the device as it was.
+    wr(&mut be, d, devctl.into(), 2, 7 << 12);
+    assert_eq!(field(rd(&mut be, d, devctl.into(), 2)), 7);
+    assert_eq!(field(hw(f, bdf, devctl, 2)), 3);
+    // A one-byte write of DevCtl's high byte changes MRRS too.
+    wr(&mut be, d, u64::from(devctl) + 1, 1, 0x10);
+    assert_eq!(field(hw(f, bdf, devctl, 2)), 1);
+}

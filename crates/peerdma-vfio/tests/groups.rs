@@ -185,3 +185,40 @@ fn hot_reset_with_group_fds_follows_the_kernels_check_order() {
     assert_eq!(a.hot_reset(c, None), Ok(()));
     let _ = nvme;
 }
+
+#[test]
+fn a_hot_reset_that_reaches_a_bridge_is_refused_and_its_info_lists_the_bridges() {
+    // `vfio_pci_dev_set_resettable`: every device on and below the bus must be vfio-pci's.
+    // A second function beside the switch's upstream port, below the root port: resetting
+    // its bus reaches the switch's ports, which the PCIe port driver holds, so the reset is
+    // EINVAL even with every endpoint below open in this process; GET_PCI_HOT_RESET_INFO
+    // lists the ports too (`pci_walk_bus`).
+    let text = format!(
+        "{}\n[[device]]\nbdf = \"0000:01:00.1\"\nkind = \"endpoint\"\nparent = \"0000:00:01.0\"\nname = \"beside\"\nbars = [ {{ index = 0, size = \"4K\" }} ]\n",
+        examples::QEMU_Q35
+    );
+    let f = file::load_str(&text, "q").unwrap();
+    let m = Machine::new(Arc::new(f)).unwrap();
+    let mut be = m.process();
+    let beside = be.role("beside").unwrap();
+    let d = be.open_device(beside, OpenPath::CdevIommufd).unwrap();
+    let mut opened = Vec::new();
+    for ep in ["provider", "initiator", "pm_provider", "sibling"] {
+        let bdf = be.role(ep).unwrap();
+        opened.push(be.open_device(bdf, OpenPath::CdevIommufd).unwrap());
+    }
+    let info = be.hot_reset_info(d, 32).unwrap();
+    let listed: Vec<Bdf> = info.devices.iter().map(|x| x.0).collect();
+    for port in [
+        "0000:01:00.0",
+        "0000:02:00.0",
+        "0000:02:01.0",
+        "0000:02:02.0",
+    ] {
+        assert!(listed.contains(&b(port)), "{port} listed: {listed:?}");
+    }
+    assert_eq!(listed.len(), 9, "four ports and five endpoints: {listed:?}");
+    assert_eq!(be.hot_reset(d, None), Err(Errno::EINVAL));
+    // Below one of the switch's downstream ports there is no bridge: that reset goes through.
+    assert_eq!(be.hot_reset(opened[2], None), Ok(()));
+}

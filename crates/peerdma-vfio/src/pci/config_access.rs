@@ -12,7 +12,33 @@ fn vc<'a>(m: &'a mut MemGuard<'_>) -> Result<&'a mut VConfig, Errno> {
     m.vconfig.as_mut().ok_or(Errno::EINVAL)
 }
 
+/// DevCtl's Max_Read_Request_Size field.
+const EXP_DEVCTL_READRQ: u16 = 0x7000;
+/// DevCtl's Max_Payload_Size field.
+const EXP_DEVCTL_PAYLOAD: u16 = 0x00e0;
+
 impl Dev {
+    /// `pcie_set_readrq(max(rq, pcie_get_mps))` as `vfio_exp_config_write` calls it: the
+    /// hardware's DevCtl gets the larger of the requested read size and the payload size
+    /// the device runs with; a size past 4096 (the reserved encodings 6 and 7) changes
+    /// nothing (`EINVAL`, which the caller ignores). The default bus configuration clamps
+    /// nothing further.
+    fn set_readrq(&self, cap: u16, rq: u32) {
+        let (f, b) = (&*self.fabric, self.bdf);
+        let Ok(hw) = f.config_read(b, cap + regs::EXP_DEVCTL, 2) else {
+            return;
+        };
+        let mps = 128u32 << ((hw as u16 & EXP_DEVCTL_PAYLOAD) >> 5);
+        let rq = rq.max(mps);
+        if rq > 4096 {
+            return;
+        }
+        let field = (rq.trailing_zeros() - 7) << 12;
+        let new = (hw & !u32::from(EXP_DEVCTL_READRQ)) | field;
+        if new != hw {
+            let _ = f.config_write(b, cap + regs::EXP_DEVCTL, 2, new);
+        }
+    }
     pub(super) fn unrevoke_if_enabled(&self, m: &mut MemGuard<'_>) {
         if self.memory_enabled(m) {
             m.move_bufs(false);
@@ -94,8 +120,10 @@ impl Dev {
                 // (virtualised) FLR bit is cleared, and the function reset if its capability
                 // register advertises FLR (for AF, FLR and TP).
                 let v = vc(m)?;
+                let is_exp = matches!(owner, Owner::Exp(_));
+                let readrq = v.get(cap + regs::EXP_DEVCTL, 2) as u16 & EXP_DEVCTL_READRQ;
                 v.default_write(f, b, pos, n, val)?;
-                let (ctl, width, bit, cap_at, cap_width, need) = if matches!(owner, Owner::Exp(_)) {
+                let (ctl, width, bit, cap_at, cap_width, need) = if is_exp {
                     (
                         regs::EXP_DEVCTL,
                         2,
@@ -121,6 +149,13 @@ impl Dev {
                     if has & need == need {
                         self.config_flr(m);
                     }
+                }
+                // The Max_Read_Request_Size the user wrote (virtual) reaches the hardware,
+                // at least the device's MPS (`pcie_set_readrq(max(rq, pcie_get_mps))`).
+                let v = vc(m)?;
+                let now = v.get(cap + regs::EXP_DEVCTL, 2) as u16 & EXP_DEVCTL_READRQ;
+                if is_exp && now != readrq {
+                    self.set_readrq(cap, 128 << (now >> 12));
                 }
             }
             Owner::Msi(cap) => {

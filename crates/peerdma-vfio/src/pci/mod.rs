@@ -441,8 +441,8 @@ impl Dev {
         }
     }
 
-    /// The bridge above the device and every endpoint function below that bridge (what a
-    /// secondary bus reset of it resets).
+    /// The bridge above the device and every function below that bridge, bridges included
+    /// (what a secondary bus reset of it resets, and what `pci_walk_bus` visits).
     fn bus_scope(&self) -> Option<(Bdf, Vec<Bdf>)> {
         let f = &self.fabric;
         let bridge = f.upstream_bridge(self.bdf).ok().flatten()?;
@@ -455,7 +455,6 @@ impl Dev {
         };
         let affected = f
             .functions()
-            .filter(|x| matches!(x.kind(), DeviceKind::Endpoint | DeviceKind::Vf))
             .map(peerdma_pci::Function::bdf)
             .filter(|&b| below(b))
             .collect();
@@ -891,6 +890,14 @@ impl DeviceFd {
         self.ioctl_resume();
         let d = &self.dev;
         let (bridge, affected) = d.reset_bus()?;
+        // `vfio_pci_dev_set_resettable`: every device the reset reaches must be vfio-pci's
+        // (a bridge below the bus, bound to the PCIe port driver, never is).
+        if affected
+            .iter()
+            .any(|b| !set.iter().any(|v| v.dev.bdf == *b))
+        {
+            return Err(Errno::EINVAL);
+        }
         for v in set.iter().filter(|v| affected.contains(&v.dev.bdf)) {
             DeviceFd::resume_dev(&v.dev);
         }
@@ -923,10 +930,10 @@ impl DeviceFd {
         res
     }
 
-    /// The functions a hot reset of the device's bus reaches, in bus order
-    /// (`vfio_pci_ioctl_get_pci_hot_reset_info`'s walk; the model's slots never reset, and
-    /// only endpoints are counted): `ENODEV` when the device sits on a root bus, where no
-    /// bridge can reset it.
+    /// The functions a hot reset of the device's bus reaches, in bus order, bridges below it
+    /// included (`vfio_pci_ioctl_get_pci_hot_reset_info`'s `pci_walk_bus`; the model's slots
+    /// never reset): `ENODEV` when the device sits on a root bus, where no bridge can reset
+    /// it.
     pub fn hot_reset_scope(&self) -> Result<Vec<Bdf>, Errno> {
         self.granted()?;
         self.ioctl_resume();
