@@ -132,6 +132,21 @@ pub enum FabricEvent {
         /// A write (else a read).
         write: bool,
     },
+    /// A device's INTx line changed as the interrupt controller sees it: its interrupt
+    /// asserted (PCI Status' Interrupt bit) and not disabled by COMMAND's INTx-disable.
+    Intx {
+        /// The function.
+        bdf: Bdf,
+        /// The line is now asserted.
+        asserted: bool,
+    },
+    /// A device sent an MSI (enabled in its MSI capability, bus mastering on).
+    Msi {
+        /// The function.
+        bdf: Bdf,
+        /// The vector.
+        vector: u16,
+    },
 }
 
 /// Receives [`FabricEvent`]s. Called after the event took effect, with no fabric lock held,
@@ -182,6 +197,105 @@ pub struct Fabric {
     pub(crate) observed: crate::sync::atomic::AtomicBool,
     pub(crate) faults: Mutex<FaultLog>,
     pub(crate) transactions: AtomicU64,
+}
+
+/// The INTx line as the interrupt controller sees it: Status' Interrupt bit, unless
+/// COMMAND's INTx-disable is set.
+fn intx_line(cfg: &crate::config::ConfigSpace) -> bool {
+    cfg.read16(regs::STATUS) & STATUS_INTERRUPT != 0
+        && cfg.read16(regs::COMMAND) & regs::COMMAND_INTX_DISABLE == 0
+}
+
+/// Sets the device's INTx level (`pci_set_irq`, which Status' Interrupt bit shows).
+fn set_intx_level(cfg: &mut crate::config::ConfigSpace, high: bool) {
+    let st = cfg.read16(regs::STATUS);
+    let st = if high {
+        st | STATUS_INTERRUPT
+    } else {
+        st & !STATUS_INTERRUPT
+    };
+    cfg.set16(regs::STATUS, st);
+}
+
+/// MSI Enable in the function's MSI capability.
+fn msi_enabled(cfg: &crate::config::ConfigSpace) -> bool {
+    cfg.find_cap(CAP_ID_MSI)
+        .is_some_and(|at| cfg.read16(at + 2) & 1 != 0)
+}
+
+/// PCI Status' Interrupt bit.
+const STATUS_INTERRUPT: u16 = 0x0008;
+/// The MSI capability's ID.
+const CAP_ID_MSI: u8 = 0x05;
+
+impl Fabric {
+    /// What a device model does after a store to its registers: an edu DMA transfer (the
+    /// device's own DMA, routed like any other), an interrupt.
+    pub(crate) fn run_model_effects(&self, work: Vec<(FnId, crate::model::Effect)>) {
+        use crate::model::{DeviceModel, Effect};
+        for (id, effect) in work {
+            let f = &self.funcs[id];
+            match effect {
+                Effect::EduDma => {
+                    let mem = &f.mem[0];
+                    let t = DeviceModel::edu_transfer(&sync::lock(mem));
+                    if let Some(t) = t {
+                        let mut buf = vec![0u8; t.len];
+                        if t.to_bus {
+                            sync::lock(mem).read(t.buf_offset, &mut buf);
+                            // A fault leaves nothing behind; edu does not report it.
+                            let _ = self.dma_write(f.bdf, crate::DmaAddr(t.bus), &buf);
+                        } else if self
+                            .dma_read(f.bdf, crate::DmaAddr(t.bus), &mut buf)
+                            .is_ok()
+                        {
+                            sync::lock(mem).write(t.buf_offset, &buf);
+                        }
+                    }
+                    if DeviceModel::edu_dma_done(&mut sync::lock(mem)) {
+                        self.device_interrupt(f, true);
+                    }
+                }
+                Effect::Interrupt { raised } => self.device_interrupt(f, raised),
+            }
+        }
+    }
+
+    /// `edu_raise_irq` / `edu_lower_irq`: on a raise with the status not 0, an MSI when MSI
+    /// is enabled (sent only with bus mastering on), else the INTx level up; on a lower
+    /// that leaves the status 0 and MSI disabled, the level down.
+    fn device_interrupt(&self, f: &Function, raised: bool) {
+        let Some(model) = f.model else { return };
+        let pending = model.irq_pending(&sync::lock(&f.mem[0]));
+        let mut events = Vec::new();
+        {
+            let mut cfg = sync::write(&f.cfg);
+            let msi = msi_enabled(&cfg);
+            let before = intx_line(&cfg);
+            if raised && pending {
+                if msi {
+                    if cfg.read16(regs::COMMAND) & regs::COMMAND_MASTER != 0 {
+                        events.push(FabricEvent::Msi {
+                            bdf: f.bdf,
+                            vector: 0,
+                        });
+                    }
+                } else {
+                    set_intx_level(&mut cfg, true);
+                }
+            } else if !raised && !pending && !msi {
+                set_intx_level(&mut cfg, false);
+            }
+            let after = intx_line(&cfg);
+            if after != before {
+                events.push(FabricEvent::Intx {
+                    bdf: f.bdf,
+                    asserted: after,
+                });
+            }
+        }
+        self.notify(&events);
+    }
 }
 
 impl std::fmt::Debug for Fabric {
@@ -382,9 +496,17 @@ impl Fabric {
         if !self.present(f) {
             return Err(PciError::NotPresent(bdf));
         }
-        let fx = {
+        let (fx, line) = {
             let mut cfg = sync::write(&f.cfg);
-            f.apply_write(&mut cfg, offset, size, value)
+            let before = intx_line(&cfg);
+            let msi_before = msi_enabled(&cfg);
+            let fx = f.apply_write(&mut cfg, offset, size, value);
+            // Enabling MSI takes the INTx line down (QEMU's `msi_write_config`).
+            if msi_enabled(&cfg) && !msi_before {
+                set_intx_level(&mut cfg, false);
+            }
+            let after = intx_line(&cfg);
+            (fx, (before != after).then_some(after))
         };
         let mut events = vec![FabricEvent::ConfigWrite {
             bdf,
@@ -392,6 +514,9 @@ impl Fabric {
             size,
             value,
         }];
+        if let Some(asserted) = line {
+            events.push(FabricEvent::Intx { bdf, asserted });
+        }
         if let Some((from, to)) = fx.power {
             events.push(FabricEvent::PowerState { bdf, from, to });
         }

@@ -10,8 +10,13 @@
 //! status (only the raise-interrupt-on-factorial bit, 0x80, is writable); 0x24 interrupt status,
 //! raised by a write to 0x60 and lowered by a write to 0x64; 0x80, 0x88, 0x90 DMA source,
 //! destination, count (a 4-byte write clears the upper half); 0x98 DMA command, taken only with
-//! its run bit. Not modelled: the DMA transfer a command starts (the command reads back done,
-//! nothing moves) and the interrupt a raise sends.
+//! its run bit: the transfer between edu's 4 KiB buffer (device addresses 0x40000–0x40fff) and
+//! a bus address runs through the fabric as the device's own DMA (through the IOMMU, faulting
+//! where nothing is mapped), and the command reads back done (QEMU runs it 100 ms later; the
+//! model at once), raising interrupt 0x100 when the command asks (bit 2). The interrupt status
+//! drives the device's interrupt: an MSI on every raise while MSI is enabled in its
+//! capability, else the INTx line (PCI Status' Interrupt bit) while any status bit is set.
+//! The factorial is computed at once (QEMU's thread shows "computing" meanwhile).
 //!
 //! `QemuNvme` is the controller-register page of QEMU's `nvme` (hw/nvme/ctrl.c,
 //! `nvme_mmio_read`/`nvme_write_bar`) in BAR 0, below the MSI-X table: reads return the
@@ -101,12 +106,13 @@ impl DeviceModel {
         }
     }
 
-    /// A CPU store of `data` at `offset`.
-    pub(crate) fn store(self, mem: &mut SparseMemory, offset: u64, data: &[u8]) {
+    /// A CPU store of `data` at `offset`; what the device must then do outside its
+    /// registers (a DMA, an interrupt line change) comes back for the fabric to carry out.
+    pub(crate) fn store(self, mem: &mut SparseMemory, offset: u64, data: &[u8]) -> Option<Effect> {
         match self {
             DeviceModel::QemuEdu => {
                 if !edu_size_ok(offset, data.len()) {
-                    return;
+                    return None;
                 }
                 let mut v = [0u8; 8];
                 v[..data.len()].copy_from_slice(data);
@@ -135,22 +141,27 @@ impl DeviceModel {
                             st & !(val as u32)
                         };
                         put32(mem, 0x24, new);
+                        return Some(Effect::Interrupt {
+                            raised: offset == 0x60,
+                        });
                     }
-                    // The DMA registers stay as they are while a transfer runs (none does here).
+                    // The DMA registers stay as they are while a transfer runs.
                     0x80 | 0x88 | 0x90 if cmd & 1 == 0 => mem.write(offset, &val.to_le_bytes()),
                     EDU_DMA_CMD if val & 1 != 0 && cmd & 1 == 0 => {
-                        mem.write(EDU_DMA_CMD, &(val & !1).to_le_bytes());
+                        mem.write(EDU_DMA_CMD, &val.to_le_bytes());
+                        return Some(Effect::EduDma);
                     }
                     _ => {}
                 }
+                None
             }
             DeviceModel::QemuNvme => {
                 if offset >= NVME_MSIX_TABLE {
                     mem.write(offset, data);
-                    return;
+                    return None;
                 }
                 if offset >= NVME_REGS_END {
-                    return;
+                    return None;
                 }
                 let mut v = [0u8; 8];
                 let n = data.len().min(8);
@@ -186,7 +197,7 @@ impl DeviceModel {
                             csts = if nvme_start_ok(mem, new) { 1 } else { 2 };
                         } else if new & 1 == 0 && old & 1 != 0 {
                             nvme_reset(mem);
-                            return;
+                            return None;
                         }
                         put32(mem, NVME_CSTS, csts);
                     }
@@ -195,10 +206,92 @@ impl DeviceModel {
                     o if o == NVME_ASQ + 4 || o == NVME_ACQ + 4 => put32(mem, o, val as u32),
                     _ => {}
                 }
+                None
             }
         }
     }
+
+    /// The transfer a started edu DMA command asks for (`edu_dma_timer`), read from its
+    /// registers: the bus address (clamped to edu's 28-bit DMA mask, `edu_clamp_addr`), the
+    /// offset in its 4 KiB buffer, the length, and the direction. `None` when the buffer
+    /// range falls outside the buffer (QEMU logs it and goes on to copy outside its buffer,
+    /// which the model does not: the command completes having moved nothing).
+    pub(crate) fn edu_transfer(mem: &SparseMemory) -> Option<EduTransfer> {
+        let get64 = |at: u64| {
+            let mut b = [0u8; 8];
+            mem.read(at, &mut b);
+            u64::from_le_bytes(b)
+        };
+        let (src, dst, cnt, cmd) = (get64(0x80), get64(0x88), get64(0x90), get64(EDU_DMA_CMD));
+        let to_bus = cmd & 2 != 0;
+        let (bus, local) = if to_bus { (dst, src) } else { (src, dst) };
+        let end = local.checked_add(cnt)?;
+        if local < EDU_DMA_START || end > EDU_DMA_START + EDU_DMA_SIZE {
+            return None;
+        }
+        Some(EduTransfer {
+            bus: bus & EDU_DMA_MASK,
+            buf_offset: EDU_DMA_START + (local - EDU_DMA_START),
+            len: cnt as usize,
+            to_bus,
+        })
+    }
+
+    /// Ends an edu DMA command: the run bit cleared, and with the command's interrupt bit
+    /// the DMA interrupt (0x100) raised. Returns whether it was.
+    pub(crate) fn edu_dma_done(mem: &mut SparseMemory) -> bool {
+        let mut c = [0u8; 8];
+        mem.read(EDU_DMA_CMD, &mut c);
+        let cmd = u64::from_le_bytes(c) & !1;
+        mem.write(EDU_DMA_CMD, &cmd.to_le_bytes());
+        if cmd & 4 != 0 {
+            let st = get32(mem, 0x24);
+            put32(mem, 0x24, st | EDU_DMA_IRQ);
+            return true;
+        }
+        false
+    }
+
+    /// Whether the device's interrupt condition holds (edu: its interrupt status is not 0).
+    pub(crate) fn irq_pending(self, mem: &SparseMemory) -> bool {
+        match self {
+            DeviceModel::QemuEdu => get32(mem, 0x24) != 0,
+            DeviceModel::QemuNvme => false,
+        }
+    }
 }
+
+/// What a store to a model's registers leaves the fabric to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Effect {
+    /// edu's DMA command was started: run the transfer ([`DeviceModel::edu_transfer`]).
+    EduDma,
+    /// The interrupt status changed (raised by a write to 0x60, lowered by 0x64).
+    Interrupt {
+        /// Raised (an MSI is sent on every raise while MSI is enabled).
+        raised: bool,
+    },
+}
+
+/// One edu DMA transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct EduTransfer {
+    /// The bus address (an IOVA behind an IOMMU).
+    pub bus: u64,
+    /// Where in the model's memory the buffer range starts.
+    pub buf_offset: u64,
+    pub len: usize,
+    /// From the buffer to the bus address (a DMA write), else from it (a read).
+    pub to_bus: bool,
+}
+
+/// edu's DMA buffer: 4 KiB at device address 0x40000, not reachable through the BAR.
+const EDU_DMA_START: u64 = 0x4_0000;
+const EDU_DMA_SIZE: u64 = 4096;
+/// edu's default `dma_mask`: 28 bits.
+const EDU_DMA_MASK: u64 = (1 << 28) - 1;
+/// The interrupt status bit a finished DMA raises.
+const EDU_DMA_IRQ: u32 = 0x100;
 
 const NVME_CAP: u64 = 0x00;
 const NVME_VS: u64 = 0x08;
@@ -305,11 +398,27 @@ mod tests {
         );
         edu.store(&mut m, 0x98, &2u64.to_le_bytes());
         assert_eq!(rd(&m, 0x98, 8), [0; 8], "no run bit: ignored");
-        edu.store(&mut m, 0x98, &3u64.to_le_bytes());
-        assert_eq!(rd(&m, 0x98, 8), 2u64.to_le_bytes(), "reads back done");
-        edu.store(&mut m, 0x60, &0x11u32.to_le_bytes());
+        assert_eq!(
+            edu.store(&mut m, 0x98, &3u64.to_le_bytes()),
+            Some(Effect::EduDma),
+            "the transfer is the fabric's to run"
+        );
+        assert_eq!(rd(&m, 0x98, 8), 3u64.to_le_bytes(), "running until it has");
+        edu.store(&mut m, 0x80, &0x99u32.to_le_bytes());
+        assert_eq!(
+            rd(&m, 0x80, 8),
+            0x1234u64.to_le_bytes(),
+            "kept while running"
+        );
+        assert!(!DeviceModel::edu_dma_done(&mut m), "no interrupt asked for");
+        assert_eq!(rd(&m, 0x98, 8), 2u64.to_le_bytes(), "done");
+        assert_eq!(
+            edu.store(&mut m, 0x60, &0x11u32.to_le_bytes()),
+            Some(Effect::Interrupt { raised: true })
+        );
         edu.store(&mut m, 0x64, &0x01u32.to_le_bytes());
         assert_eq!(rd(&m, 0x24, 4), 0x10u32.to_le_bytes());
+        assert!(edu.irq_pending(&m));
     }
 
     #[test]

@@ -419,15 +419,18 @@ impl Fabric {
         data: &[u8],
     ) -> Result<Transfer, DmaFault> {
         let started = self.dma_start_tick();
+        let mut work = Vec::new();
         let t = self.transfer(
             Initiator::Device(requester),
             addr.get(),
             data.len() as u64,
             Access::Write,
             |fab, t, at, n| {
-                fab.store(t, &data[at..at + n]);
+                work.extend(fab.store(t, &data[at..at + n]));
             },
-        )?;
+        );
+        self.run_model_effects(work);
+        let t = t?;
         self.notify_dma(requester, &t, true, started);
         Ok(t)
     }
@@ -473,15 +476,18 @@ impl Fabric {
 
     /// A CPU store to a physical address (RAM or MMIO through a host bridge window).
     pub fn cpu_write(&self, addr: PhysAddr, data: &[u8]) -> Result<Transfer, DmaFault> {
-        self.transfer(
+        let mut work = Vec::new();
+        let t = self.transfer(
             Initiator::Cpu,
             addr.get(),
             data.len() as u64,
             Access::Write,
             |fab, t, at, n| {
-                fab.store(t, &data[at..at + n]);
+                work.extend(fab.store(t, &data[at..at + n]));
             },
-        )
+        );
+        self.run_model_effects(work);
+        t
     }
 
     /// A CPU load from a physical address.
@@ -498,7 +504,9 @@ impl Fabric {
         )
     }
 
-    fn store(&self, target: Target, data: &[u8]) {
+    /// Stores the bytes; a device model's register write may leave work for afterwards
+    /// ([`Fabric::run_model_effects`], once no lock of the transfer is held).
+    fn store(&self, target: Target, data: &[u8]) -> Option<(FnId, crate::model::Effect)> {
         match target {
             Target::Ram { addr } => sync::lock(&self.ram).write(addr.get(), data),
             Target::Bar { bdf, bar, offset } => {
@@ -506,12 +514,13 @@ impl Fabric {
                     let f = &self.funcs[id];
                     let mut m = sync::lock(&f.mem[usize::from(bar)]);
                     match f.model.filter(|x| x.owns(bar)) {
-                        Some(model) => model.store(&mut m, offset, data),
+                        Some(model) => return model.store(&mut m, offset, data).map(|e| (id, e)),
                         None => m.write(offset, data),
                     }
                 }
             }
         }
+        None
     }
 
     fn load(&self, target: Target, buf: &mut [u8]) {

@@ -489,3 +489,147 @@ fn a_reset_puts_back_header_and_capabilities_keeps_device_storage_and_resets_the
     assert_eq!((reg(0x1c), reg(0x14), reg(0x28)), (0, 0, 0x10000));
     assert_eq!(f.config_read(n, 0x104, 4).unwrap(), 0x1234_5606);
 }
+
+/// Every interrupt event the fabric reports.
+#[derive(Default)]
+struct Irqs(Mutex<Vec<FabricEvent>>);
+
+impl FabricObserver for Irqs {
+    fn event(&self, e: &FabricEvent) {
+        if matches!(e, FabricEvent::Intx { .. } | FabricEvent::Msi { .. }) {
+            self.0.lock().unwrap().push(e.clone());
+        }
+    }
+}
+
+#[test]
+fn edus_dma_engine_moves_bytes_as_its_own_dma_and_raises_its_interrupt() {
+    // QEMU's edu: RAM → its buffer (device address 0x40000), then the buffer → RAM again,
+    // each a DMA of the edu's routed through the fabric. A command with bit 2 raises
+    // interrupt 0x100: without MSI the INTx line (Status' Interrupt bit); with MSI enabled an
+    // MSI, sent only while bus mastering is on.
+    let f = example("qemu-q35.toml");
+    let edu = dev(&f, "initiator");
+    let irqs = Arc::new(Irqs::default());
+    f.subscribe(irqs.clone());
+    let reg = |at: u64, v: u64| {
+        f.cpu_write(peerdma_pci::PhysAddr(0xfe00_0000 + at), &v.to_le_bytes())
+            .unwrap();
+    };
+    let reg32 = |at: u64, v: u32| {
+        f.cpu_write(peerdma_pci::PhysAddr(0xfe00_0000 + at), &v.to_le_bytes())
+            .unwrap();
+    };
+    let read = |at: u64| {
+        let mut b = [0u8; 8];
+        f.cpu_read(peerdma_pci::PhysAddr(0xfe00_0000 + at), &mut b)
+            .unwrap();
+        u64::from_le_bytes(b)
+    };
+    let pattern = *b"edu moved these!";
+    f.ram_poke(peerdma_pci::PhysAddr(0x10_0000), &pattern)
+        .unwrap();
+    // edu's 28-bit DMA mask keeps its addresses below 0x10000000 (`edu_clamp_addr`):
+    // without an IOMMU it reaches RAM only, and an address above the mask wraps.
+    let out = 0x20_0000u64;
+    let peek = |at: u64| {
+        let mut b = [0u8; 16];
+        f.ram_peek(peerdma_pci::PhysAddr(at), &mut b).unwrap();
+        b
+    };
+    let run = |src: u64, dst: u64, len: u64, cmd: u64| {
+        reg(0x80, src);
+        reg(0x88, dst);
+        reg(0x90, len);
+        reg(0x98, cmd);
+    };
+    // Bus mastering off: the read from RAM faults, the buffer stays empty.
+    f.config_write(edu, regs::COMMAND, 2, u32::from(regs::COMMAND_MEMORY))
+        .unwrap();
+    run(0x10_0000, 0x4_0000, 16, 1);
+    f.config_write(
+        edu,
+        regs::COMMAND,
+        2,
+        u32::from(regs::COMMAND_MEMORY | regs::COMMAND_MASTER),
+    )
+    .unwrap();
+    run(0x4_0000, out, 16, 3);
+    assert_eq!(
+        peek(out),
+        [0; 16],
+        "nothing was read while mastering was off"
+    );
+    run(0x10_0000, 0x4_0000, 16, 1);
+    let mut probe = [0u8; 16];
+    f.dma_read(edu, DmaAddr(0x10_0000), &mut probe).unwrap();
+    assert_eq!(probe, pattern, "RAM as edu reads it");
+    f.bar_peek(edu, 0, 0x4_0000, &mut probe).unwrap();
+    assert_eq!(probe, pattern, "edu's buffer");
+    run(0x4_0000, 0x1000_0000 | out, 16, 3 | 4);
+    assert_eq!(
+        peek(out),
+        pattern,
+        "landed, at the address clamped to 28 bits"
+    );
+    assert_eq!(read(0x98), 6, "done: run bit clear, the rest kept");
+    let mut st = [0u8; 4];
+    f.cpu_read(peerdma_pci::PhysAddr(0xfe00_0024), &mut st)
+        .unwrap();
+    assert_eq!(u32::from_le_bytes(st), 0x100, "the DMA interrupt");
+    assert_ne!(f.config_read(edu, regs::STATUS, 2).unwrap() & 0x8, 0);
+    assert_eq!(
+        std::mem::take(&mut *irqs.0.lock().unwrap()),
+        [FabricEvent::Intx {
+            bdf: edu,
+            asserted: true
+        }]
+    );
+    // A buffer range outside the 4 KiB buffer moves nothing, and still completes.
+    run(0x4_0f00, out + 0x1000, 0x200, 3);
+    assert_eq!(peek(out + 0x1000), [0; 16]);
+    assert_eq!(read(0x98), 2);
+    // INTx-disable masks the line without changing Status; lowering clears both.
+    f.config_write(
+        edu,
+        regs::COMMAND,
+        2,
+        u32::from(regs::COMMAND_MEMORY | regs::COMMAND_MASTER | regs::COMMAND_INTX_DISABLE),
+    )
+    .unwrap();
+    reg32(0x64, 0x100);
+    assert_eq!(f.config_read(edu, regs::STATUS, 2).unwrap() & 0x8, 0);
+    assert_eq!(
+        std::mem::take(&mut *irqs.0.lock().unwrap()),
+        [FabricEvent::Intx {
+            bdf: edu,
+            asserted: false
+        }],
+        "the line went down with INTx-disable"
+    );
+    // MSI enabled (edu's capability at 0x40): every raise sends one, with mastering on.
+    f.config_write(edu, 0x42, 2, 1).unwrap();
+    reg32(0x60, 1);
+    reg32(0x60, 1);
+    f.config_write(edu, regs::COMMAND, 2, u32::from(regs::COMMAND_MEMORY))
+        .unwrap();
+    reg32(0x60, 1);
+    assert_eq!(
+        std::mem::take(&mut *irqs.0.lock().unwrap()),
+        [
+            FabricEvent::Msi {
+                bdf: edu,
+                vector: 0
+            },
+            FabricEvent::Msi {
+                bdf: edu,
+                vector: 0
+            }
+        ]
+    );
+    assert_eq!(
+        f.config_read(edu, regs::STATUS, 2).unwrap() & 0x8,
+        0,
+        "no INTx"
+    );
+}

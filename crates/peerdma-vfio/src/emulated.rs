@@ -163,6 +163,8 @@ impl Machine {
             next_map: 0,
             proc: Process::new(),
             group_files: HashMap::new(),
+            attached: HashMap::new(),
+            edu_ram: Vec::new(),
         }
     }
 }
@@ -205,7 +207,19 @@ pub struct Emulated<'m> {
     next_map: u32,
     /// Group files this process holds open, with how many devices use each.
     group_files: HashMap<Bdf, usize>,
+    /// The IOAS each device handle was last attached to (detach forgets it), as the real
+    /// backend keeps it for its `dma` step.
+    attached: HashMap<u32, IoasId>,
+    /// The RAM pages the `dma` step mapped at [`EDU_RAM_IOVA`], one per IOAS (until the IOAS
+    /// is destroyed; unmapping the area does not forget it, on either backend).
+    edu_ram: Vec<(IoasId, Arc<File>, u64)>,
 }
+
+/// Where the `dma` step maps the page of RAM that edu copies the pattern from (the real
+/// backend's `EDU_RAM_IOVA`).
+pub const EDU_RAM_IOVA: u64 = 0x80_0000;
+/// edu's DMA buffer, as a device address.
+const EDU_BUF: u64 = 0x4_0000;
 
 impl Emulated<'_> {
     /// How many references the open file behind `fd` has (the fd table's among them): how a
@@ -224,6 +238,35 @@ impl Emulated<'_> {
     pub fn fget(&self, fd: i32) -> Result<Arc<File>, Errno> {
         self.proc.fget(fd)
     }
+
+    /// One run of edu's DMA engine through its registers in BAR 0 (source, destination,
+    /// count, then the command: run, and bit 1 for "to memory"), as the real backend drives
+    /// it; a command that still reads running afterwards is `ETIMEDOUT` (the real backend
+    /// gives up after two seconds). Short register writes and reads are `EIO`.
+    fn edu_run(
+        &mut self,
+        dev: DevHandle,
+        src: u64,
+        dst: u64,
+        len: usize,
+        to_memory: bool,
+    ) -> Result<(), Errno> {
+        let cmd: u64 = if to_memory { 3 } else { 1 };
+        for (at, v) in [(0x80u64, src), (0x88, dst), (0x90, len as u64), (0x98, cmd)] {
+            let n = self.region_write(dev, 0, at, &v.to_le_bytes())?;
+            if n < 8 {
+                return Err(Errno::EIO);
+            }
+        }
+        let mut c = [0u8; 8];
+        if self.region_read(dev, 0, 0x98, &mut c)? < 8 {
+            return Err(Errno::EIO);
+        }
+        if u64::from_le_bytes(c) & 1 != 0 {
+            return Err(Errno::ETIMEDOUT);
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Emulated<'_> {
@@ -236,6 +279,9 @@ impl Drop for Emulated<'_> {
         }
         self.iommufd.take();
         self.more_iommufds.clear();
+        for (_, f, _) in self.edu_ram.drain(..) {
+            f.put();
+        }
         for fd in self.proc.fds() {
             let _ = self.proc.close(fd);
         }
@@ -719,7 +765,9 @@ impl UapiBackend for Emulated<'_> {
     fn attach_ioas(&mut self, dev: DevHandle, ioas: IoasId) -> Result<(), Errno> {
         let bdf = self.cdev_only_ioctl(dev)?;
         let ictx = self.dev(dev)?.ictx;
-        self.iommufd_at(ictx)?.attach(bdf, ioas.0)
+        self.iommufd_at(ictx)?.attach(bdf, ioas.0)?;
+        self.attached.insert(dev.0, IoasId(ioas.0, ictx));
+        Ok(())
     }
 
     fn ioas_map_file(
@@ -739,11 +787,22 @@ impl UapiBackend for Emulated<'_> {
     fn detach_ioas(&mut self, dev: DevHandle) -> Result<(), Errno> {
         let bdf = self.cdev_only_ioctl(dev)?;
         let ictx = self.dev(dev)?.ictx;
-        self.iommufd_at(ictx)?.detach(bdf)
+        self.iommufd_at(ictx)?.detach(bdf)?;
+        self.attached.remove(&dev.0);
+        Ok(())
     }
 
     fn ioas_destroy(&mut self, ioas: IoasId) -> Result<(), Errno> {
-        self.iommufd_at(ioas.1)?.ioas_destroy(ioas.0)
+        self.iommufd_at(ioas.1)?.ioas_destroy(ioas.0)?;
+        // Its RAM page went with it (and the id may come back for a new IOAS).
+        let (gone, kept) = std::mem::take(&mut self.edu_ram)
+            .into_iter()
+            .partition(|p| p.0 == ioas);
+        self.edu_ram = kept;
+        for (_, f, _) in gone {
+            f.put();
+        }
+        Ok(())
     }
 
     fn ioas_iova_ranges(&mut self, ioas: IoasId, room: u32) -> Result<IovaRanges, Errno> {
@@ -966,34 +1025,65 @@ impl ScenarioBackend for Emulated<'_> {
         self.device_feature(dev, &mut b).map(drop)
     }
 
-    /// Switches bus mastering on (as a driver of the engine would, and as the real backend
-    /// does for edu), then writes.
+    /// The real backend's way, step by step, for QEMU's edu: a page of RAM mapped at
+    /// [`EDU_RAM_IOVA`] of the IOAS the device is attached to (once per IOAS), memory decode
+    /// and bus mastering switched on, the pattern written into the page (every such page),
+    /// then edu's own DMA engine driven through its registers: the page into its buffer,
+    /// the buffer out to `iova`. Each transfer is the device's DMA through the IOMMU, so a
+    /// dead mapping faults and nothing lands. Any other initiator (fabrics without edu)
+    /// writes the pattern directly as its DMA, after the same COMMAND bits.
     fn dma(&mut self, dev: DevHandle, iova: u64, data: &[u8]) -> Result<(), Errno> {
+        let bdf = self.dev(dev)?.bdf;
+        let edu = self
+            .m
+            .fabric
+            .function(bdf)
+            .is_ok_and(|x| x.model() == Some(peerdma_pci::model::DeviceModel::QemuEdu));
+        if edu && data.len() > 4096 {
+            return Err(Errno::EINVAL);
+        }
+        if edu {
+            if let Some(io) = self
+                .attached
+                .get(&dev.0)
+                .copied()
+                .filter(|io| !self.edu_ram.iter().any(|p| p.0 == *io))
+            {
+                let base = {
+                    let mut r = sync::lock(&self.m.memfd_ram);
+                    if r.0 + 4096 > r.1 {
+                        return Err(Errno::ENOMEM);
+                    }
+                    r.0 += 4096;
+                    r.0 - 4096
+                };
+                let page = File::memfd(base, 4096);
+                if let Err(e) = self
+                    .iommufd_at(io.1)?
+                    .map_file(io.0, &page, 0, 4096, EDU_RAM_IOVA)
+                {
+                    page.put();
+                    return Err(e);
+                }
+                self.edu_ram.push((io, page, base));
+            }
+        }
         let o = self.dev(dev)?;
-        let bdf = o.bdf;
         let cmd = o.fd.config_read(regs::COMMAND, 2)? as u16;
         let want = cmd | regs::COMMAND_MEMORY | regs::COMMAND_MASTER;
         if want != cmd {
             o.fd.config_write(regs::COMMAND, &want.to_le_bytes())?;
         }
-        // A fault is what a revoked mapping must produce; the caller checks the bytes.
-        let _ = self.m.fabric.dma_write(bdf, DmaAddr(iova), data);
-        // QEMU's edu is driven through its registers on the real side (the pattern into its
-        // buffer at 0x40000, then out to `iova`); they show the last transfer, done.
-        let f = &self.m.fabric;
-        if f.function(bdf)
-            .is_ok_and(|x| x.model() == Some(peerdma_pci::model::DeviceModel::QemuEdu))
-        {
-            for (at, v) in [
-                (0x80u64, 0x4_0000u64),
-                (0x88, iova),
-                (0x90, data.len() as u64),
-                (0x98, 2),
-            ] {
-                let _ = f.bar_poke(bdf, 0, at, &v.to_le_bytes());
-            }
+        if !edu {
+            // A fault is what a revoked mapping must produce; the caller checks the bytes.
+            let _ = self.m.fabric.dma_write(bdf, DmaAddr(iova), data);
+            return Ok(());
         }
-        Ok(())
+        for (_, _, base) in &self.edu_ram {
+            let _ = self.m.fabric.ram_poke(peerdma_pci::PhysAddr(*base), data);
+        }
+        self.edu_run(dev, EDU_RAM_IOVA, EDU_BUF, data.len(), false)?;
+        self.edu_run(dev, EDU_BUF, iova, data.len(), true)
     }
 
     fn landed(&mut self, bdf: Bdf, region: u32, offset: u64, data: &[u8]) -> Result<Landed, Errno> {

@@ -350,6 +350,7 @@ impl DeviceFd {
             }
             irqs.nvec = start + count;
             d.irq_type.store(index, Ordering::Release);
+            self.msi_hardware(index, true);
             if index == MSI {
                 // `fls(nvec * 2 - 1) - 1`: the queue size for nvec vectors.
                 let q = (irqs.nvec * 2 - 1).ilog2();
@@ -430,7 +431,37 @@ impl DeviceFd {
     /// The active interrupt type disabled, its eventfds let go.
     fn disable_irqs(&self, irqs: &mut Irqs, puts: &mut Vec<Arc<File>>) {
         irqs.drain(puts);
-        self.dev.irq_type.store(NONE, Ordering::Release);
+        let was = self.dev.irq_type.swap(NONE, Ordering::AcqRel);
+        if was == MSI || was == MSIX {
+            self.msi_hardware(was, false);
+        }
+    }
+
+    /// What `pci_alloc_irq_vectors` and `pci_free_irq_vectors` do to the device: MSI
+    /// Enable (or MSI-X Enable) set or cleared in its capability, and INTx disabled in
+    /// COMMAND while message interrupts are on (`pci_intx_for_msi`), so that the device
+    /// signals by message and not by its pin.
+    fn msi_hardware(&self, index: u8, on: bool) {
+        let (f, b) = (&*self.dev.fabric, self.dev.bdf);
+        let (id, bit) = if index == MSI {
+            (vcfg::cap::MSI, 0x0001u32)
+        } else {
+            (vcfg::cap::MSIX, 0x8000)
+        };
+        let Some(cap) = vcfg::find_cap(f, b, id) else {
+            return;
+        };
+        if let Ok(flags) = f.config_read(b, cap + 2, 2) {
+            let new = if on { flags | bit } else { flags & !bit };
+            let _ = f.config_write(b, cap + 2, 2, new);
+        }
+        if let Ok(cmd) = f.config_read(b, regs::COMMAND, 2) {
+            let dis = u32::from(regs::COMMAND_INTX_DISABLE);
+            let new = if on { cmd | dis } else { cmd & !dis };
+            if new != cmd {
+                let _ = f.config_write(b, regs::COMMAND, 2, new);
+            }
+        }
     }
 
     /// The interrupts torn down at the last close (`vfio_pci_core_disable` disables the
