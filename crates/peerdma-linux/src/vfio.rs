@@ -1047,7 +1047,27 @@ impl UapiBackend for LinuxBackend {
         }
         // SAFETY: `buf` is valid for `buf.len()` bytes of writes; `fd` is ours.
         let r = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        usize::try_from(r).map_err(|_| last_errno())
+        match usize::try_from(r).map_err(|_| last_errno()) {
+            // A device's interrupt reaches its eventfd from another CPU's interrupt handler,
+            // a moment after the access that raised it: an empty nonblocking file is given
+            // 100 ms to become readable before EAGAIN stands (the emulated machine delivers
+            // at once).
+            Err(Errno::EAGAIN) => {
+                let mut p = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one pollfd, valid for the call.
+                if unsafe { libc::poll(&raw mut p, 1, 100) } <= 0 {
+                    return Err(Errno::EAGAIN);
+                }
+                // SAFETY: as above.
+                let r = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+                usize::try_from(r).map_err(|_| last_errno())
+            }
+            other => other,
+        }
     }
 
     fn memfd_peek(&mut self, fd: i32, offset: u64, buf: &mut [u8]) -> Result<usize, Errno> {

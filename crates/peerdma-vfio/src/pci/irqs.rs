@@ -220,6 +220,8 @@ impl DeviceFd {
                 _ => Err(Errno::ENOTTY),
             }
         };
+        // Interrupts the device raised while `igate` was held (a line the set-up unmasked).
+        d.deliver_irqs();
         for f in puts {
             f.put();
         }
@@ -245,11 +247,26 @@ impl DeviceFd {
             return Err(Errno::EINVAL);
         }
         let mask = action == ACTION_MASK_BIT;
-        if flags & DATA_NONE != 0 {
-            irqs.intx_masked = mask;
-        } else if flags & DATA_BOOL != 0 {
-            if data[0] != 0 {
-                irqs.intx_masked = mask;
+        let fire = flags & DATA_NONE != 0 || (flags & DATA_BOOL != 0 && data[0] != 0);
+        if fire && mask {
+            // `vfio_pci_intx_mask`: the device's INTx-disable set (`pci_intx(pdev, 0)`).
+            if !irqs.intx_masked {
+                self.dev.set_hw_intx_disable(true);
+                irqs.intx_masked = true;
+            }
+        } else if fire {
+            // `vfio_pci_intx_unmask_handler`: with an interrupt still pending the device
+            // stays masked and the eventfd is signalled again (`pci_check_and_unmask_intx`
+            // refuses), else INTx-disable is cleared.
+            if irqs.intx_masked && !self.dev.virq_disabled.load(Ordering::Acquire) {
+                if self.dev.hw_intx_pending() {
+                    if let Some(t) = &irqs.intx_trigger {
+                        t.eventfd_signal(1);
+                    }
+                } else {
+                    self.dev.set_hw_intx_disable(false);
+                    irqs.intx_masked = false;
+                }
             }
         } else if flags & DATA_EVENTFD != 0 {
             if mask {
@@ -301,6 +318,9 @@ impl DeviceFd {
                 // modelled function with a pin has one.
                 irqs.intx_masked = d.virq_disabled.load(Ordering::Acquire);
                 d.irq_type.store(INTX, Ordering::Release);
+                // `pci_intx(pdev, !masked)`: the device may signal by its pin now (a line
+                // already asserted fires at once: the handler runs after `igate` goes).
+                d.set_hw_intx_disable(irqs.intx_masked);
             }
             puts.extend(std::mem::replace(&mut irqs.intx_trigger, trigger));
             return Ok(());
@@ -544,4 +564,84 @@ fn ctx_trigger_single(
         }
     }
     Err(Errno::EINVAL)
+}
+
+/// An interrupt the device raised, waiting for `igate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum DeviceIrq {
+    /// An MSI or MSI-X message for this vector.
+    Msi(u16),
+    /// The INTx line rose.
+    IntxAsserted,
+}
+
+impl super::Dev {
+    /// An interrupt from the device (a fabric event): queued, then delivered unless `igate`
+    /// is held, in which case its holder delivers it when done (`set_irqs`).
+    pub(super) fn device_irq(&self, irq: DeviceIrq) {
+        sync::lock(&self.irq_queue).push(irq);
+        self.deliver_irqs();
+    }
+
+    /// The host's handlers for what the device raised: `vfio_msihandler` signals the
+    /// vector's eventfd; `vfio_intx_handler` (INTx active and not masked, the interrupt
+    /// pending in the device) sets INTx-disable in the device, marks it masked, and signals
+    /// the INTx eventfd unless the user's COMMAND disables INTx.
+    pub(super) fn deliver_irqs(&self) {
+        loop {
+            let Ok(mut irqs) = self.irqs.try_lock() else {
+                return;
+            };
+            let queued = std::mem::take(&mut *sync::lock(&self.irq_queue));
+            if queued.is_empty() {
+                return;
+            }
+            let ty = self.irq_type.load(Ordering::Acquire);
+            let mut mask_device = false;
+            for irq in queued {
+                match irq {
+                    DeviceIrq::Msi(v) if ty == MSI || ty == MSIX => {
+                        if let Some(t) = irqs.vectors.get(&u32::from(v)) {
+                            t.eventfd_signal(1);
+                        }
+                    }
+                    DeviceIrq::IntxAsserted
+                        if ty == INTX && !irqs.intx_masked && self.hw_intx_pending() =>
+                    {
+                        irqs.intx_masked = true;
+                        mask_device = true;
+                        if !self.virq_disabled.load(Ordering::Acquire) {
+                            if let Some(t) = &irqs.intx_trigger {
+                                t.eventfd_signal(1);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            drop(irqs);
+            if mask_device {
+                self.set_hw_intx_disable(true);
+            }
+        }
+    }
+
+    /// PCI Status' Interrupt bit in the device: its INTx is pending.
+    pub(super) fn hw_intx_pending(&self) -> bool {
+        self.fabric
+            .config_read(self.bdf, regs::STATUS, 2)
+            .is_ok_and(|st| st & 0x8 != 0)
+    }
+
+    /// COMMAND's INTx-disable in the device (`pci_intx`).
+    pub(super) fn set_hw_intx_disable(&self, on: bool) {
+        let (f, b) = (&*self.fabric, self.bdf);
+        if let Ok(cmd) = f.config_read(b, regs::COMMAND, 2) {
+            let dis = u32::from(regs::COMMAND_INTX_DISABLE);
+            let new = if on { cmd | dis } else { cmd & !dis };
+            if new != cmd {
+                let _ = f.config_write(b, regs::COMMAND, 2, new);
+            }
+        }
+    }
 }

@@ -215,6 +215,8 @@ struct Dev {
     wake_armed: AtomicBool,
     /// `igate`: the interrupts the user set up (see [`irqs`]).
     irqs: Mutex<irqs::Irqs>,
+    /// Interrupts the device raised, until `igate` is free to deliver them.
+    irq_queue: Mutex<Vec<irqs::DeviceIrq>>,
     /// The active interrupt type (`vdev->irq_type`), read by the MSI config handler.
     irq_type: AtomicU8,
     /// `vdev->msi_qmax`: the MSI queue size of the last MSI enable (kept across opens).
@@ -244,6 +246,24 @@ struct Watch(Weak<Dev>);
 
 impl FabricObserver for Watch {
     fn event(&self, ev: &FabricEvent) {
+        match *ev {
+            FabricEvent::Msi { bdf, vector } => {
+                if let Some(d) = self.0.upgrade().filter(|d| d.bdf == bdf) {
+                    d.device_irq(irqs::DeviceIrq::Msi(vector));
+                }
+                return;
+            }
+            FabricEvent::Intx {
+                bdf,
+                asserted: true,
+            } => {
+                if let Some(d) = self.0.upgrade().filter(|d| d.bdf == bdf) {
+                    d.device_irq(irqs::DeviceIrq::IntxAsserted);
+                }
+                return;
+            }
+            _ => {}
+        }
         let FabricEvent::DmaLanded {
             requester,
             addr,
@@ -587,6 +607,7 @@ impl VfioPci {
             pm: AtomicBool::new(KernelConfig::default().pm),
             wake_armed: AtomicBool::new(false),
             irqs: Mutex::new(irqs::Irqs::default()),
+            irq_queue: Mutex::new(Vec::new()),
             irq_type: AtomicU8::new(irqs::NONE),
             msi_qmax: AtomicU16::new(0),
             virq_disabled: AtomicBool::new(false),
