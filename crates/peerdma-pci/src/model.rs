@@ -124,10 +124,16 @@ impl DeviceModel {
                 };
                 match offset {
                     0x04 => put32(mem, 0x04, !(val as u32)),
+                    // The factorial, computed at once; with status bit 0x80 set the
+                    // factorial interrupt (0x1) is raised when it is done (`edu_fact_thread`).
                     0x08 => {
                         let n = val as u32;
                         let f = (1..=n).fold(1u32, u32::wrapping_mul);
                         put32(mem, 0x08, f);
+                        if get32(mem, 0x20) & 0x80 != 0 {
+                            put32(mem, 0x24, get32(mem, 0x24) | 1);
+                            return Some(Effect::Interrupt { raised: true });
+                        }
                     }
                     0x20 => {
                         let st = get32(mem, 0x20);

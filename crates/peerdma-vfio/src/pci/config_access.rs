@@ -196,7 +196,9 @@ impl Dev {
         if pos == regs::COMMAND || pos == regs::COMMAND + 1 {
             // INTx disable is emulated: the user's bit decides whether INTx signals.
             let off = vc(m)?.command() & regs::COMMAND_INTX_DISABLE != 0;
-            self.virq_disabled.store(off, Ordering::Release);
+            if self.virq_disabled.swap(off, Ordering::AcqRel) != off {
+                self.virq_changed(off);
+            }
         }
         Ok(())
     }

@@ -626,6 +626,34 @@ impl super::Dev {
         }
     }
 
+    /// The user's COMMAND INTx-disable changed (`vfio_basic_config_write`): set, it masks
+    /// INTx (`vfio_pci_intx_mask`); cleared, it unmasks (`vfio_pci_intx_unmask`, which
+    /// signals again when the interrupt is still pending). Without INTx active the device's
+    /// INTx-disable just follows the user's bit.
+    pub(super) fn virq_changed(&self, disabled: bool) {
+        {
+            let mut irqs = sync::lock(&self.irqs);
+            if self.irq_type.load(Ordering::Acquire) != INTX {
+                self.set_hw_intx_disable(disabled);
+            } else if disabled {
+                if !irqs.intx_masked {
+                    self.set_hw_intx_disable(true);
+                    irqs.intx_masked = true;
+                }
+            } else if irqs.intx_masked {
+                if self.hw_intx_pending() {
+                    if let Some(t) = &irqs.intx_trigger {
+                        t.eventfd_signal(1);
+                    }
+                } else {
+                    self.set_hw_intx_disable(false);
+                    irqs.intx_masked = false;
+                }
+            }
+        }
+        self.deliver_irqs();
+    }
+
     /// PCI Status' Interrupt bit in the device: its INTx is pending.
     pub(super) fn hw_intx_pending(&self) -> bool {
         self.fabric
