@@ -39,8 +39,9 @@ use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ptr};
 use nr::{
     IOMMU_IOAS_IOVA_RANGES, IOMMU_IOAS_MAP_FILE, VFIO_DEVICE_ATTACH_IOMMUFD_PT,
     VFIO_DEVICE_BIND_IOMMUFD, VFIO_DEVICE_DETACH_IOMMUFD_PT, VFIO_DEVICE_FEATURE,
-    VFIO_DEVICE_GET_IRQ_INFO, VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, VFIO_DEVICE_GET_REGION_INFO,
-    VFIO_DEVICE_PCI_HOT_RESET, VFIO_DEVICE_RESET, VFIO_DEVICE_SET_IRQS,
+    VFIO_DEVICE_GET_INFO, VFIO_DEVICE_GET_IRQ_INFO, VFIO_DEVICE_GET_PCI_HOT_RESET_INFO,
+    VFIO_DEVICE_GET_REGION_INFO, VFIO_DEVICE_PCI_HOT_RESET, VFIO_DEVICE_RESET,
+    VFIO_DEVICE_SET_IRQS,
 };
 
 /// The ioctl numbers the crates keep private.
@@ -48,6 +49,7 @@ mod nr {
     #![allow(missing_docs)]
     use super::{VFIO_BASE, VFIO_TYPE};
     use vmm_sys_util::ioctl_io_nr;
+    ioctl_io_nr!(VFIO_DEVICE_GET_INFO, u32::from(VFIO_TYPE), VFIO_BASE + 7);
     ioctl_io_nr!(
         VFIO_DEVICE_GET_IRQ_INFO,
         u32::from(VFIO_TYPE),
@@ -1310,6 +1312,16 @@ impl UapiBackend for LinuxBackend {
         // SAFETY: `check_cpu_access` kept `offset + buf.len()` inside the mapping.
         let p = unsafe { m.ptr.add(offset as usize) };
         access_in_child(p, buf, write)
+    }
+
+    fn device_info(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<(), Errno> {
+        // vfio-ioctls reads the device info once at open; the raw struct passes any argsz.
+        let mut b = [0u8; 24];
+        let n = buf.len().min(24);
+        b[..n].copy_from_slice(&buf[..n]);
+        self.raw_ioctl(dev, VFIO_DEVICE_GET_INFO(), b.as_mut_ptr())?;
+        buf[..n].copy_from_slice(&b[..n]);
+        Ok(())
     }
 
     fn irq_info(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<(), Errno> {

@@ -467,6 +467,13 @@ pub enum Action {
         /// Mapping name.
         map: String,
     },
+    /// `VFIO_DEVICE_GET_INFO`.
+    DeviceInfo {
+        /// Device name.
+        dev: String,
+        /// `argsz` (default 24).
+        argsz: u32,
+    },
     /// `VFIO_DEVICE_GET_IRQ_INFO`.
     IrqInfo {
         /// Device name.
@@ -581,6 +588,7 @@ impl Action {
             Action::CpuWrite { .. } => "cpu_write",
             Action::CpuUnmap { .. } => "cpu_unmap",
             Action::HotResetInfo { .. } => "hot_reset_info",
+            Action::DeviceInfo { .. } => "device_info",
             Action::IrqInfo { .. } => "irq_info",
             Action::SetIrqs { .. } => "set_irqs",
             Action::Dup { .. } => "dup",
@@ -2051,6 +2059,13 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
             },
             ok,
         ),
+        "device_info" => (
+            Action::DeviceInfo {
+                dev: f.string("dev")?,
+                argsz: f.opt_u32("argsz")?.unwrap_or(24),
+            },
+            None,
+        ),
         "irq_info" => (
             Action::IrqInfo {
                 dev: f.string("dev")?,
@@ -2122,7 +2137,7 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
                     "unknown action {other:?} (open, bind, close, feature, export, close_fd, fdinfo, \
                      seek, mmap, config_read, config_write, memory, power, flr, af_flr, reset, hot_reset, \
                      low_power, ioas, attach, detach, ioas_destroy, map, unmap, iova_ranges, dma, \
-                     region_info, region_read, region_write, cpu_map, cpu_read, cpu_write, cpu_unmap, \
+                     region_info, device_info, region_read, region_write, cpu_map, cpu_read, cpu_write, cpu_unmap, \
                      hot_reset_info, irq_info, set_irqs, group, iommufd, dup, memfd, udmabuf, eventfd, read)"
                 ),
             ));

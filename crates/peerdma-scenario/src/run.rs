@@ -279,6 +279,14 @@ fn read_outcome(b: &[u8], show: bool) -> String {
 /// reset reaches and how the kernel named it (`devid`, `owned`, `not_owned`, `group`; ids
 /// themselves differ between backends), then the flags (`none` for 0).
 /// The outcome of an `irq_info` step: `irq count=1 flags=eventfd,maskable,automasked`.
+fn device_info_outcome(flags: u32, regions: u32, irqs: u32) -> String {
+    let names = [(1, "reset"), (2, "pci"), (0x80, "caps")];
+    format!(
+        "info flags={} regions={regions} irqs={irqs}",
+        crate::format::flag_words(flags, &names)
+    )
+}
+
 fn irq_info_outcome(flags: u32, count: u32) -> String {
     let names = [
         (1, "eventfd"),
@@ -1050,6 +1058,19 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
                     Ok(()) => "ok".into(),
                     Err(f) => fault_word(f),
                 },
+                None,
+            ))
+        }
+        Action::DeviceInfo { dev, argsz } => {
+            let (d, _) = st.dev(dev)?;
+            let mut b = [0u8; 24];
+            b[0..4].copy_from_slice(&argsz.to_le_bytes());
+            Ok((
+                be.device_info(d, &mut b).map_or_else(errno_word, |()| {
+                    let word =
+                        |at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+                    device_info_outcome(word(4), word(8), word(12))
+                }),
                 None,
             ))
         }

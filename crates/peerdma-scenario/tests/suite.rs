@@ -224,6 +224,9 @@ impl UapiBackend for Tweaked<'_> {
     fn ioas_unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64, Errno> {
         self.inner.ioas_unmap(ioas, iova, length)
     }
+    fn device_info(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<(), Errno> {
+        self.inner.device_info(dev, buf)
+    }
     fn irq_info(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<(), Errno> {
         self.inner.irq_info(dev, buf)
     }

@@ -264,6 +264,10 @@ pub trait UapiBackend {
     fn ioas_destroy(&mut self, ioas: IoasId) -> Result<(), Errno>;
     /// `IOMMU_IOAS_UNMAP`; returns the length unmapped.
     fn ioas_unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64, Errno>;
+    /// `VFIO_DEVICE_GET_INFO` on `buf`, `struct vfio_device_info` (argsz, flags,
+    /// num_regions, num_irqs, cap_offset, pad: 24 bytes): the kernel fills in the fields
+    /// its argsz covers.
+    fn device_info(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<(), Errno>;
     /// `VFIO_DEVICE_GET_IRQ_INFO` on `buf`, `struct vfio_irq_info` (argsz, flags, index,
     /// count, 16 bytes): the kernel fills in flags and count.
     fn irq_info(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<(), Errno>;

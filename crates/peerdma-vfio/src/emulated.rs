@@ -815,6 +815,10 @@ impl UapiBackend for Emulated<'_> {
         self.iommufd_at(ioas.1)?.unmap(ioas.0, iova, length)
     }
 
+    fn device_info(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<(), Errno> {
+        self.dev(dev)?.fd.device_info(buf)
+    }
+
     fn irq_info(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<(), Errno> {
         self.dev(dev)?.fd.irq_info(buf)
     }

@@ -396,14 +396,7 @@ impl Dev {
                 .set_power_state(b, PowerState::D3Hot)
                 .and_then(|()| f.set_power_state(b, PowerState::D0))
                 .map_err(|_| Errno::EIO),
-            Method::Bus(bridge, _) => {
-                let bctl = f.config_read(*bridge, regs::BRIDGE_CONTROL, 2).unwrap_or(0);
-                let on = bctl | u32::from(regs::BRIDGE_CTL_BUS_RESET);
-                let off = bctl & !u32::from(regs::BRIDGE_CTL_BUS_RESET);
-                f.config_write(*bridge, regs::BRIDGE_CONTROL, 2, on)
-                    .and_then(|()| f.config_write(*bridge, regs::BRIDGE_CONTROL, 2, off))
-                    .map_err(|_| Errno::EIO)
-            }
+            Method::Bus(bridge, _) => self.pulse_bus_reset(*bridge),
         }
     }
 
@@ -497,17 +490,23 @@ impl Dev {
             .iter()
             .filter_map(|&b| f.save_config(b).ok())
             .collect();
-        let bctl = f.config_read(bridge, regs::BRIDGE_CONTROL, 2).unwrap_or(0);
-        let on = bctl | u32::from(regs::BRIDGE_CTL_BUS_RESET);
-        let off = bctl & !u32::from(regs::BRIDGE_CTL_BUS_RESET);
-        let res = f
-            .config_write(bridge, regs::BRIDGE_CONTROL, 2, on)
-            .and_then(|()| f.config_write(bridge, regs::BRIDGE_CONTROL, 2, off))
-            .map_err(|_| Errno::EIO);
+        let res = self.pulse_bus_reset(bridge);
         for s in &saved {
             let _ = f.restore_config(s);
         }
         res
+    }
+
+    /// Secondary Bus Reset set and cleared in `bridge`'s Bridge Control: everything below
+    /// it resets, nothing is saved or restored.
+    fn pulse_bus_reset(&self, bridge: Bdf) -> Result<(), Errno> {
+        let f = &self.fabric;
+        let bctl = f.config_read(bridge, regs::BRIDGE_CONTROL, 2).unwrap_or(0);
+        let on = bctl | u32::from(regs::BRIDGE_CTL_BUS_RESET);
+        let off = bctl & !u32::from(regs::BRIDGE_CTL_BUS_RESET);
+        f.config_write(bridge, regs::BRIDGE_CONTROL, 2, on)
+            .and_then(|()| f.config_write(bridge, regs::BRIDGE_CONTROL, 2, off))
+            .map_err(|_| Errno::EIO)
     }
 
     fn try_lock_mem(&self) -> Option<MemGuard<'_>> {
