@@ -1,12 +1,14 @@
 //! A vfio-pci device's interrupts as the user sets them up (drivers/vfio/pci/vfio_pci_core.c
 //! `vfio_pci_ioctl_get_irq_info`, `vfio_pci_ioctl_set_irqs`, `vfio_pci_get_irq_count`;
 //! drivers/vfio/vfio_main.c `vfio_set_irqs_validate_and_prepare`; vfio_pci_intrs.c, the
-//! handlers). The model has no interrupt lines: nothing the emulated devices do raises one.
-//! What a user can observe is all kept: which eventfd each index and vector signals, the
-//! loopback a `DATA_NONE`/`DATA_BOOL` trigger performs (the kernel's way to test a setup),
-//! the state machine of the active interrupt type (none, INTx, MSI, MSI-X), and every errno in
-//! the kernel's order. Enabling MSI also sets `msi_qmax`, which the MSI capability's
-//! config-space handler uses ([`super::config_access`]).
+//! handlers, `vfio_pci_ioctl_get_info`). What a user can observe is all kept: which eventfd
+//! each index and vector signals, the loopback a `DATA_NONE`/`DATA_BOOL` trigger performs (the
+//! kernel's way to test a setup), the state machine of the active interrupt type (none, INTx,
+//! MSI, MSI-X), and every errno in the kernel's order. Enabling MSI also sets `msi_qmax`, which
+//! the MSI capability's config-space handler uses ([`super::config_access`]), and sets the
+//! enable bit and INTx-disable in the device. Interrupts the device raises (a device model's
+//! `Msi`/`Intx` fabric events) are handled as `vfio_msihandler` and `vfio_intx_handler` do
+//! ([`DeviceIrq`], delivered once `igate` is free).
 
 use std::collections::BTreeMap;
 
