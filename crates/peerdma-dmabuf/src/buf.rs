@@ -287,7 +287,31 @@ pub struct File {
     flags: u32,
     /// The file position (`f_pos`), which `read` and `lseek` move on a memfd.
     pos: AtomicU64,
+    /// Who waits on an eventfd (the kernel's wait queue entries with a wake callback, as a
+    /// virqfd installs): each is called when the eventfd is signalled or written, after the
+    /// count was taken (`eventfd_ctx_do_read`).
+    waiters: Waiters,
+    next_waiter: AtomicU64,
+    /// Its waiters are being called: a signal of the same eventfd meanwhile (from inside one of them:
+    /// a device that interrupts into the eventfd that drives it) is dropped, as the kernel
+    /// drops an eventfd signal made from inside an eventfd wakeup (`eventfd_signal_mask`'s
+    /// `in_eventfd` check), instead of recursing without end.
+    waking: AtomicBool,
 }
+
+/// An eventfd's wake callbacks, by id.
+#[derive(Default)]
+struct Waiters(std::sync::Mutex<Vec<(u64, Waiter)>>);
+
+impl std::fmt::Debug for Waiters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map_or(0, |w| w.len());
+        write!(f, "{n} waiter(s)")
+    }
+}
+
+/// A wake callback on an eventfd ([`File::eventfd_add_waiter`]).
+pub type Waiter = Arc<dyn Fn() + Send + Sync>;
 
 /// The largest file offset (`MAX_LFS_FILESIZE` on 64-bit: `LLONG_MAX`).
 const MAX_LFS_FILESIZE: u64 = i64::MAX as u64;
@@ -299,6 +323,9 @@ impl File {
             refs: AtomicUsize::new(1),
             flags,
             pos: AtomicU64::new(0),
+            waiters: Waiters::default(),
+            next_waiter: AtomicU64::new(0),
+            waking: AtomicBool::new(false),
         })
     }
     /// An ordinary (non-dma-buf) file with one reference.
@@ -398,13 +425,106 @@ impl File {
     pub fn is_eventfd(&self) -> bool {
         matches!(self.kind, FileKind::Eventfd(_))
     }
-    /// `eventfd_signal`: adds `n` to an eventfd's counter (nothing on other files).
+    /// `eventfd_signal`: adds `n` to an eventfd's counter (nothing on other files), then
+    /// wakes its waiters.
     pub fn eventfd_signal(&self, n: u64) {
+        if self.waking.load(Ordering::Acquire) {
+            return;
+        }
         if let FileKind::Eventfd(c) = &self.kind {
             let _ = c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
                 Some(v.saturating_add(n).min(u64::MAX - 1))
             });
+            self.wake();
         }
+    }
+
+    /// `write(2)` of this file (`vfs_write`'s checks, then the file's write method): an
+    /// eventfd (`eventfd_write`) takes an 8-byte count (`EINVAL` for fewer bytes or for
+    /// 2^64 − 1; `EAGAIN` when the counter would pass 2^64 − 2: every eventfd here is
+    /// nonblocking), adds it and wakes its waiters; a file without a write method (a
+    /// dma-buf, a VFIO group file) is `EINVAL`; one not open for writing `EBADF`. A memfd's
+    /// write (shmem, which grows the file) is not modelled: `EINVAL`, and the scenario
+    /// language does not offer it.
+    pub fn write(&self, data: &[u8]) -> Result<usize, Errno> {
+        // O_ACCMODE: O_RDONLY (0) has no write.
+        if matches!(self.flags & 0o3, 0) {
+            return Err(Errno::EBADF);
+        }
+        let FileKind::Eventfd(c) = &self.kind else {
+            return Err(Errno::EINVAL);
+        };
+        let Some(bytes) = data.get(..8) else {
+            return Err(Errno::EINVAL);
+        };
+        let mut w = [0u8; 8];
+        w.copy_from_slice(bytes);
+        let add = u64::from_le_bytes(w);
+        if add == u64::MAX {
+            return Err(Errno::EINVAL);
+        }
+        c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            (u64::MAX - v > add).then_some(v + add)
+        })
+        .map_err(|_| Errno::EAGAIN)?;
+        self.wake();
+        Ok(8)
+    }
+
+    /// Registers a wake callback on an eventfd (`vfio_virqfd_enable`'s wait queue entry);
+    /// `None` for any other file. The caller checks [`File::eventfd_pending`] for a count
+    /// already there.
+    pub fn eventfd_add_waiter(&self, w: Waiter) -> Option<u64> {
+        if !self.is_eventfd() {
+            return None;
+        }
+        let id = self.next_waiter.fetch_add(1, Ordering::AcqRel);
+        self.waiters
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((id, w));
+        Some(id)
+    }
+
+    /// Takes a wake callback off (`vfio_virqfd_disable`).
+    pub fn eventfd_remove_waiter(&self, id: u64) {
+        self.waiters
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|(i, _)| *i != id);
+    }
+
+    /// An eventfd's counter is not 0 (`EPOLLIN`).
+    pub fn eventfd_pending(&self) -> bool {
+        matches!(&self.kind, FileKind::Eventfd(c) if c.load(Ordering::Acquire) != 0)
+    }
+
+    /// With waiters, the count is consumed (`virqfd_wakeup`'s `eventfd_ctx_do_read`) and
+    /// each is called, with no lock held.
+    fn wake(&self) {
+        let ws: Vec<Waiter> = self
+            .waiters
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(_, w)| w.clone())
+            .collect();
+        if ws.is_empty() {
+            return;
+        }
+        if let FileKind::Eventfd(c) = &self.kind {
+            c.store(0, Ordering::Release);
+        }
+        if self.waking.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for w in ws {
+            w();
+        }
+        self.waking.store(false, Ordering::Release);
     }
 
     /// The part of `read(2)` that is the file's: `vfs_read`'s checks (a file not open for

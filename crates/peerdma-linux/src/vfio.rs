@@ -40,8 +40,8 @@ use nr::{
     IOMMU_IOAS_IOVA_RANGES, IOMMU_IOAS_MAP_FILE, VFIO_DEVICE_ATTACH_IOMMUFD_PT,
     VFIO_DEVICE_BIND_IOMMUFD, VFIO_DEVICE_DETACH_IOMMUFD_PT, VFIO_DEVICE_FEATURE,
     VFIO_DEVICE_GET_INFO, VFIO_DEVICE_GET_IRQ_INFO, VFIO_DEVICE_GET_PCI_HOT_RESET_INFO,
-    VFIO_DEVICE_GET_REGION_INFO, VFIO_DEVICE_PCI_HOT_RESET, VFIO_DEVICE_RESET,
-    VFIO_DEVICE_SET_IRQS,
+    VFIO_DEVICE_GET_REGION_INFO, VFIO_DEVICE_IOEVENTFD, VFIO_DEVICE_PCI_HOT_RESET,
+    VFIO_DEVICE_RESET, VFIO_DEVICE_SET_IRQS,
 };
 
 /// The ioctl numbers the crates keep private.
@@ -50,6 +50,7 @@ mod nr {
     use super::{VFIO_BASE, VFIO_TYPE};
     use vmm_sys_util::ioctl_io_nr;
     ioctl_io_nr!(VFIO_DEVICE_GET_INFO, u32::from(VFIO_TYPE), VFIO_BASE + 7);
+    ioctl_io_nr!(VFIO_DEVICE_IOEVENTFD, u32::from(VFIO_TYPE), VFIO_BASE + 16);
     ioctl_io_nr!(
         VFIO_DEVICE_GET_IRQ_INFO,
         u32::from(VFIO_TYPE),
@@ -1312,6 +1313,23 @@ impl UapiBackend for LinuxBackend {
         // SAFETY: `check_cpu_access` kept `offset + buf.len()` inside the mapping.
         let p = unsafe { m.ptr.add(offset as usize) };
         access_in_child(p, buf, write)
+    }
+
+    fn ioeventfd(&mut self, dev: DevHandle, buf: &[u8]) -> Result<(), Errno> {
+        // vfio-ioctls has no ioeventfd call; the raw struct.
+        let mut b = [0u8; 32];
+        let n = buf.len().min(32);
+        b[..n].copy_from_slice(&buf[..n]);
+        self.raw_ioctl(dev, VFIO_DEVICE_IOEVENTFD(), b.as_mut_ptr())
+    }
+
+    fn write_fd(&mut self, fd: i32, data: &[u8]) -> Result<usize, Errno> {
+        if !self.files.contains_key(&fd) {
+            return Err(Errno::EBADF);
+        }
+        // SAFETY: `data` is valid for `data.len()` bytes of reads; `fd` is ours.
+        let r = unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) };
+        usize::try_from(r).map_err(|_| last_errno())
     }
 
     fn device_info(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<(), Errno> {

@@ -467,6 +467,30 @@ pub enum Action {
         /// Mapping name.
         map: String,
     },
+    /// `VFIO_DEVICE_IOEVENTFD`.
+    Ioeventfd {
+        /// Device name.
+        dev: String,
+        /// Region index (a BAR for anything but `EINVAL`).
+        region: u32,
+        /// Offset in the region.
+        offset: u64,
+        /// `flags` (the size bit of 1, 2, 4 or 8 bytes, or a raw word).
+        flags: u32,
+        /// The value written when the eventfd is signalled.
+        data: u64,
+        /// The eventfd (−1 takes a registration off).
+        fd: FdArg,
+        /// `argsz` (default 32).
+        argsz: u32,
+    },
+    /// `write(2)` to an fd.
+    Write {
+        /// Fd name.
+        fd: String,
+        /// The bytes.
+        data: Vec<u8>,
+    },
     /// `VFIO_DEVICE_GET_INFO`.
     DeviceInfo {
         /// Device name.
@@ -589,6 +613,8 @@ impl Action {
             Action::CpuUnmap { .. } => "cpu_unmap",
             Action::HotResetInfo { .. } => "hot_reset_info",
             Action::DeviceInfo { .. } => "device_info",
+            Action::Ioeventfd { .. } => "ioeventfd",
+            Action::Write { .. } => "write",
             Action::IrqInfo { .. } => "irq_info",
             Action::SetIrqs { .. } => "set_irqs",
             Action::Dup { .. } => "dup",
@@ -959,6 +985,9 @@ impl Fields {
     }
     fn take(&mut self, key: &str) -> Option<Value> {
         self.t.remove(key)
+    }
+    fn has(&self, key: &str) -> bool {
+        self.t.contains_key(key)
     }
     fn opt_string(&mut self, key: &str) -> Result<Option<String>, FormatError> {
         match self.take(key) {
@@ -2059,6 +2088,52 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
             },
             ok,
         ),
+        "ioeventfd" => {
+            let dev = f.string("dev")?;
+            let region = if f.has("region") {
+                region_index(&mut f)?
+            } else {
+                0
+            };
+            let offset = f.opt_num("offset")?.unwrap_or(0);
+            let flags = match (f.opt_num("size")?, f.opt_u32("flags")?) {
+                (Some(_), Some(_)) => return Err(f.err("flags", "give size or flags, not both")),
+                (Some(n @ (1 | 2 | 4 | 8)), None) => n as u32,
+                (Some(_), None) => return Err(f.err("size", "1, 2, 4 or 8")),
+                (None, Some(fl)) => fl,
+                (None, None) => 4,
+            };
+            let data = f.opt_num("data")?.unwrap_or(0);
+            let fd = match f.take("fd") {
+                None => FdArg::Raw(-1),
+                Some(v) => fd_arg(&v).ok_or_else(|| f.err("fd", "an fd name or a number"))?,
+            };
+            let argsz = f.opt_u32("argsz")?.unwrap_or(32);
+            (
+                Action::Ioeventfd {
+                    dev,
+                    region,
+                    offset,
+                    flags,
+                    data,
+                    fd,
+                    argsz,
+                },
+                ok,
+            )
+        }
+        "write" => {
+            let fd = f.string("fd")?;
+            let data = match f.opt_num("value")? {
+                Some(v) if !f.has("data") => v.to_le_bytes().to_vec(),
+                Some(_) => return Err(f.err("value", "give data or value, not both")),
+                None => {
+                    let h = f.string("data")?;
+                    hex_bytes(&h).ok_or_else(|| f.err("data", "not hex bytes"))?
+                }
+            };
+            (Action::Write { fd, data }, ok)
+        }
         "device_info" => (
             Action::DeviceInfo {
                 dev: f.string("dev")?,
@@ -2137,7 +2212,7 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
                     "unknown action {other:?} (open, bind, close, feature, export, close_fd, fdinfo, \
                      seek, mmap, config_read, config_write, memory, power, flr, af_flr, reset, hot_reset, \
                      low_power, ioas, attach, detach, ioas_destroy, map, unmap, iova_ranges, dma, \
-                     region_info, device_info, region_read, region_write, cpu_map, cpu_read, cpu_write, cpu_unmap, \
+                     region_info, device_info, ioeventfd, write, region_read, region_write, cpu_map, cpu_read, cpu_write, cpu_unmap, \
                      hot_reset_info, irq_info, set_irqs, group, iommufd, dup, memfd, udmabuf, eventfd, read)"
                 ),
             ));

@@ -1061,6 +1061,52 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
                 None,
             ))
         }
+        Action::Ioeventfd {
+            dev,
+            region,
+            offset,
+            flags,
+            data,
+            fd,
+            argsz,
+        } => {
+            let (d, bdf) = st.dev(dev)?;
+            let fd = match fd {
+                FdArg::Named(n) => st.fd(n)?.0,
+                FdArg::Raw(n) => *n,
+            };
+            if *region < 6 && (1..=8).contains(flags) {
+                ctx.claim_for_cpu(bdf, *region, *offset, u64::from(*flags))?;
+            }
+            let mut b = [0u8; 32];
+            b[0..4].copy_from_slice(&argsz.to_le_bytes());
+            b[4..8].copy_from_slice(&flags.to_le_bytes());
+            let off = (u64::from(*region) << peerdma_uapi::backend::REGION_OFFSET_SHIFT) | *offset;
+            b[8..16].copy_from_slice(&off.to_le_bytes());
+            b[16..24].copy_from_slice(&data.to_le_bytes());
+            b[24..28].copy_from_slice(&fd.to_le_bytes());
+            Ok((
+                be.ioeventfd(d, &b)
+                    .map_or_else(errno_word, |()| "ok".into()),
+                None,
+            ))
+        }
+        Action::Write { fd, data } => {
+            let (n, src) = st.fd(fd)?;
+            if matches!(src, Src::Memfd(_)) {
+                return Err(format!(
+                    "error: write to the memfd {fd:?} is not part of the language (a memfd grows on write; the emulated one cannot)"
+                ));
+            }
+            Ok((
+                match be.write_fd(n, data) {
+                    Ok(k) if k == data.len() => "ok".into(),
+                    Ok(k) => format!("wrote {k}"),
+                    Err(e) => errno_word(e),
+                },
+                None,
+            ))
+        }
         Action::DeviceInfo { dev, argsz } => {
             let (d, _) = st.dev(dev)?;
             let mut b = [0u8; 24];

@@ -224,6 +224,12 @@ impl UapiBackend for Tweaked<'_> {
     fn ioas_unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64, Errno> {
         self.inner.ioas_unmap(ioas, iova, length)
     }
+    fn ioeventfd(&mut self, dev: DevHandle, buf: &[u8]) -> Result<(), Errno> {
+        self.inner.ioeventfd(dev, buf)
+    }
+    fn write_fd(&mut self, fd: i32, data: &[u8]) -> Result<usize, Errno> {
+        self.inner.write_fd(fd, data)
+    }
     fn device_info(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<(), Errno> {
         self.inner.device_info(dev, buf)
     }

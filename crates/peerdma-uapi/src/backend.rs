@@ -264,6 +264,11 @@ pub trait UapiBackend {
     fn ioas_destroy(&mut self, ioas: IoasId) -> Result<(), Errno>;
     /// `IOMMU_IOAS_UNMAP`; returns the length unmapped.
     fn ioas_unmap(&mut self, ioas: IoasId, iova: u64, length: u64) -> Result<u64, Errno>;
+    /// `VFIO_DEVICE_IOEVENTFD` with `buf`: `struct vfio_device_ioeventfd` (argsz, flags,
+    /// offset, data, fd: 32 bytes).
+    fn ioeventfd(&mut self, dev: DevHandle, buf: &[u8]) -> Result<(), Errno>;
+    /// `write(2)` of `data` to `fd`; the bytes written.
+    fn write_fd(&mut self, fd: i32, data: &[u8]) -> Result<usize, Errno>;
     /// `VFIO_DEVICE_GET_INFO` on `buf`, `struct vfio_device_info` (argsz, flags,
     /// num_regions, num_irqs, cap_offset, pad: 24 bytes): the kernel fills in the fields
     /// its argsz covers.

@@ -815,6 +815,17 @@ impl UapiBackend for Emulated<'_> {
         self.iommufd_at(ioas.1)?.unmap(ioas.0, iova, length)
     }
 
+    fn ioeventfd(&mut self, dev: DevHandle, buf: &[u8]) -> Result<(), Errno> {
+        self.dev(dev)?.fd.ioeventfd(&self.proc, buf)
+    }
+
+    fn write_fd(&mut self, fd: i32, data: &[u8]) -> Result<usize, Errno> {
+        let f = self.proc.fget(fd)?;
+        let r = f.write(data);
+        f.put();
+        r
+    }
+
     fn device_info(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<(), Errno> {
         self.dev(dev)?.fd.device_info(buf)
     }

@@ -217,6 +217,8 @@ struct Dev {
     irqs: Mutex<irqs::Irqs>,
     /// Interrupts the device raised, until `igate` is free to deliver them.
     irq_queue: Mutex<Vec<irqs::DeviceIrq>>,
+    /// `vdev->ioeventfds_list` (under `ioeventfds_lock`), emptied at the last close.
+    ioeventfds: Mutex<Vec<rdwr::IoEventFd>>,
     /// The active interrupt type (`vdev->irq_type`), read by the MSI config handler.
     irq_type: AtomicU8,
     /// `vdev->msi_qmax`: the MSI queue size of the last MSI enable (kept across opens).
@@ -607,6 +609,7 @@ impl VfioPci {
             wake_armed: AtomicBool::new(false),
             irqs: Mutex::new(irqs::Irqs::default()),
             irq_queue: Mutex::new(Vec::new()),
+            ioeventfds: Mutex::new(Vec::new()),
             irq_type: AtomicU8::new(irqs::NONE),
             msi_qmax: AtomicU16::new(0),
             virq_disabled: AtomicBool::new(false),
@@ -972,6 +975,11 @@ impl DeviceFd {
         if self.granted.swap(false, Ordering::AcqRel) {
             if d.read_mem(|m| m.open_count) == 1 {
                 self.irqs_release();
+                // `vfio_pci_core_disable`: every ioeventfd goes.
+                let gone = std::mem::take(&mut *sync::lock(&d.ioeventfds));
+                for e in gone {
+                    e.release();
+                }
             }
             let mut m = d.lock_mem();
             if m.open_count == 1 {

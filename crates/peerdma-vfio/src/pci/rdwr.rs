@@ -33,7 +33,7 @@
 use peerdma_pci::{Bdf, Errno, Fabric, PhysAddr};
 use peerdma_uapi::backend::{CpuFault, REGION_OFFSET_SHIFT, RegionInfo, region, region_flags};
 
-use super::{Dev, DeviceFd, PAGE};
+use super::{Arc, Dev, DeviceFd, File, Level, MEMORY_LOCK, PAGE, Process, order, sync};
 
 /// `VFIO_PCI_NUM_REGIONS`: BARs 0-5, ROM, config, VGA (vfio-pci adds no device regions
 /// for the functions modelled here).
@@ -342,5 +342,166 @@ impl DeviceFd {
             d.cpu_io(&r, off, buf, write);
             Ok(())
         })
+    }
+}
+
+/// `VFIO_PCI_IOEVENTFD_MAX`.
+const IOEVENTFD_MAX: usize = 1000;
+/// `offsetofend(struct vfio_device_ioeventfd, fd)`.
+const IOEVENTFD_MINSZ: usize = 28;
+
+/// One ioeventfd (`struct vfio_pci_ioeventfd`): when its eventfd is signalled, `data` is
+/// written, `count` bytes, at `pos` of BAR `bar`.
+pub(super) struct IoEventFd {
+    bar: u8,
+    pos: u64,
+    data: u64,
+    count: usize,
+    file: Arc<File>,
+    waiter: u64,
+}
+
+impl IoEventFd {
+    /// `vfio_virqfd_disable`: the wake callback taken off, the eventfd let go.
+    pub(super) fn release(self) {
+        self.file.eventfd_remove_waiter(self.waiter);
+        self.file.put();
+    }
+}
+
+impl Dev {
+    /// `vfio_pci_ioeventfd_handler`: for a memory BAR, `memory_lock` is only tried (held:
+    /// `vfio_pci_ioeventfd_thread` does it later, here a thread that waits for the lock), and
+    /// the write happens only while memory is enabled; an I/O BAR is written as it is.
+    fn ioeventfd_fire(self: &Arc<Self>, r: Resource, pos: u64, data: u64, count: usize) {
+        let mut bytes = data.to_le_bytes();
+        let piece = &mut bytes[..count];
+        if !r.mem {
+            self.cpu_io(&r, pos, piece, true);
+            return;
+        }
+        let held = {
+            let _order = order::acquire(Level::Memory, MEMORY_LOCK, false);
+            match self.mem.try_read() {
+                Ok(m) => {
+                    if self.memory_enabled(&m) {
+                        self.cpu_io(&r, pos, piece, true);
+                    }
+                    false
+                }
+                Err(sync::TryLockError::Poisoned(p)) => {
+                    if self.memory_enabled(&p.into_inner()) {
+                        self.cpu_io(&r, pos, piece, true);
+                    }
+                    false
+                }
+                Err(sync::TryLockError::WouldBlock) => true,
+            }
+        };
+        if held {
+            let d = Arc::clone(self);
+            std::thread::spawn(move || {
+                let mut bytes = data.to_le_bytes();
+                let _ = d.io_piece(&r, pos, &mut bytes[..count], true);
+            });
+        }
+    }
+}
+
+impl DeviceFd {
+    /// `VFIO_DEVICE_IOEVENTFD` on the ioctl's buffer (`struct vfio_device_ioeventfd`: argsz,
+    /// flags, offset, data, fd), in the kernel's order: `vfio_pci_ioctl_ioeventfd` (argsz
+    /// below 28, flags other than one size bit of 1/2/4/8, or fd below −1 → `EINVAL`), then
+    /// `vfio_pci_ioeventfd`: a region past BAR 5, a range past the BAR, one that meets the
+    /// MSI-X table, or 8 bytes → `EINVAL`; the same BAR, offset, data and size already
+    /// registered: fd −1 takes it off, any other fd is `EEXIST`; otherwise fd −1 is `ENODEV`,
+    /// a thousand registered `ENOSPC`, and the fd must be an eventfd (`EBADF`, `EINVAL`).
+    /// An eventfd already signalled fires once at registration (`vfio_virqfd_enable`).
+    pub fn ioeventfd(&self, proc: &Process, buf: &[u8]) -> Result<(), Errno> {
+        self.granted()?;
+        self.ioctl_resume();
+        let word = |at: usize| {
+            buf.get(at..at + 4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .ok_or(Errno::EFAULT)
+        };
+        let dword = |at: usize| -> Result<u64, Errno> {
+            Ok(u64::from(word(at)?) | (u64::from(word(at + 4)?) << 32))
+        };
+        let (argsz, flags, offset, data) = (word(0)?, word(4)?, dword(8)?, dword(16)?);
+        let fd = i32::from_le_bytes(word(24)?.to_le_bytes());
+        if (argsz as usize) < IOEVENTFD_MINSZ || flags & !0xf != 0 {
+            return Err(Errno::EINVAL);
+        }
+        let count = flags & 0xf;
+        if count.count_ones() != 1 || fd < -1 {
+            return Err(Errno::EINVAL);
+        }
+        let count = count as usize;
+        let d = &self.dev;
+        let bar = offset >> REGION_OFFSET_SHIFT;
+        let pos = offset & ((1 << REGION_OFFSET_SHIFT) - 1);
+        if bar > 5 {
+            return Err(Errno::EINVAL);
+        }
+        let r = d.resources[bar as usize];
+        let len = r.map_or(0, |r| r.len);
+        if pos + count as u64 > len {
+            return Err(Errno::EINVAL);
+        }
+        if let Some(t) = d.msix.filter(|t| u64::from(t.bar) == bar) {
+            if !(pos + count as u64 <= t.offset || pos >= t.offset + t.size) {
+                return Err(Errno::EINVAL);
+            }
+        }
+        if count == 8 {
+            return Err(Errno::EINVAL);
+        }
+        let Some(r) = r else {
+            return Err(Errno::EINVAL);
+        };
+        let bar = bar as u8;
+        let mut list = sync::lock(&d.ioeventfds);
+        if let Some(i) = list
+            .iter()
+            .position(|e| e.pos == pos && e.bar == bar && e.data == data && e.count == count)
+        {
+            if fd != -1 {
+                return Err(Errno::EEXIST);
+            }
+            list.remove(i).release();
+            return Ok(());
+        }
+        if fd < 0 {
+            return Err(Errno::ENODEV);
+        }
+        if list.len() >= IOEVENTFD_MAX {
+            return Err(Errno::ENOSPC);
+        }
+        let file = proc.fget(fd)?;
+        let weak = Arc::downgrade(d);
+        let fire = move || {
+            if let Some(d) = weak.upgrade() {
+                d.ioeventfd_fire(r, pos, data, count);
+            }
+        };
+        let Some(waiter) = file.eventfd_add_waiter(Arc::new(fire)) else {
+            file.put();
+            return Err(Errno::EINVAL);
+        };
+        let pending = file.eventfd_pending();
+        list.push(IoEventFd {
+            bar,
+            pos,
+            data,
+            count,
+            file,
+            waiter,
+        });
+        drop(list);
+        if pending {
+            d.ioeventfd_fire(r, pos, data, count);
+        }
+        Ok(())
     }
 }
