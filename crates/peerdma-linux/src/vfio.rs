@@ -23,7 +23,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use iommufd_bindings::iommufd::{
-    iommu_ioas_iova_ranges, iommu_ioas_map, iommu_ioas_map_file, iommu_ioas_unmap, iommu_iova_range,
+    iommu_ioas_allow_iovas, iommu_ioas_iova_ranges, iommu_ioas_map, iommu_ioas_map_file,
+    iommu_ioas_unmap, iommu_iova_range,
 };
 use iommufd_ioctls::{IommuFd, IommufdIoas};
 use peerdma_pci::{Bdf, Errno, regs};
@@ -37,11 +38,11 @@ use vfio_ioctls::{VfioContainer, VfioDevice, VfioIommufd, VfioOps};
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ptr};
 
 use nr::{
-    IOMMU_IOAS_IOVA_RANGES, IOMMU_IOAS_MAP_FILE, VFIO_DEVICE_ATTACH_IOMMUFD_PT,
-    VFIO_DEVICE_BIND_IOMMUFD, VFIO_DEVICE_DETACH_IOMMUFD_PT, VFIO_DEVICE_FEATURE,
-    VFIO_DEVICE_GET_INFO, VFIO_DEVICE_GET_IRQ_INFO, VFIO_DEVICE_GET_PCI_HOT_RESET_INFO,
-    VFIO_DEVICE_GET_REGION_INFO, VFIO_DEVICE_IOEVENTFD, VFIO_DEVICE_PCI_HOT_RESET,
-    VFIO_DEVICE_RESET, VFIO_DEVICE_SET_IRQS,
+    IOMMU_IOAS_ALLOW_IOVAS, IOMMU_IOAS_IOVA_RANGES, IOMMU_IOAS_MAP_FILE,
+    VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_DEVICE_BIND_IOMMUFD, VFIO_DEVICE_DETACH_IOMMUFD_PT,
+    VFIO_DEVICE_FEATURE, VFIO_DEVICE_GET_INFO, VFIO_DEVICE_GET_IRQ_INFO,
+    VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, VFIO_DEVICE_GET_REGION_INFO, VFIO_DEVICE_IOEVENTFD,
+    VFIO_DEVICE_PCI_HOT_RESET, VFIO_DEVICE_RESET, VFIO_DEVICE_SET_IRQS,
 };
 
 /// The ioctl numbers the crates keep private.
@@ -90,8 +91,14 @@ mod nr {
         VFIO_BASE + 18
     );
     use iommufd_bindings::iommufd::{
-        IOMMUFD_CMD_IOAS_IOVA_RANGES, IOMMUFD_CMD_IOAS_MAP_FILE, IOMMUFD_TYPE,
+        IOMMUFD_CMD_IOAS_ALLOW_IOVAS, IOMMUFD_CMD_IOAS_IOVA_RANGES, IOMMUFD_CMD_IOAS_MAP_FILE,
+        IOMMUFD_TYPE,
     };
+    ioctl_io_nr!(
+        IOMMU_IOAS_ALLOW_IOVAS,
+        u32::from(IOMMUFD_TYPE),
+        IOMMUFD_CMD_IOAS_ALLOW_IOVAS
+    );
     ioctl_io_nr!(
         IOMMU_IOAS_IOVA_RANGES,
         u32::from(IOMMUFD_TYPE),
@@ -1184,6 +1191,33 @@ impl UapiBackend for LinuxBackend {
         }
         // Its RAM pages went with it (and the id may come back for a new IOAS).
         self.anon.retain(|p| p.ioas != ioas);
+        Ok(())
+    }
+
+    fn ioas_allow_iovas(
+        &mut self,
+        ioas: IoasId,
+        ranges: &[(u64, u64)],
+        reserved: u32,
+    ) -> Result<(), Errno> {
+        let i = self.iommufd_at(ioas.1)?;
+        let list: Vec<iommu_iova_range> = ranges
+            .iter()
+            .map(|&(start, last)| iommu_iova_range { start, last })
+            .collect();
+        let mut cmd = iommu_ioas_allow_iovas {
+            size: u32::try_from(std::mem::size_of::<iommu_ioas_allow_iovas>()).unwrap_or(u32::MAX),
+            ioas_id: ioas.0,
+            num_iovas: u32::try_from(list.len()).map_err(|_| Errno::EINVAL)?,
+            __reserved: reserved,
+            allowed_iovas: list.as_ptr() as u64,
+        };
+        // SAFETY: the kernel reads `size` bytes of `cmd` and `num_iovas` ranges at
+        // `allowed_iovas`, which points at that many; both live across the call.
+        let ret = unsafe { ioctl_with_mut_ptr(&*i, IOMMU_IOAS_ALLOW_IOVAS(), &raw mut cmd) };
+        if ret < 0 {
+            return Err(last_errno());
+        }
         Ok(())
     }
 

@@ -81,6 +81,7 @@ impl Scenario {
                     | Action::Map { .. }
                     | Action::Unmap { .. }
                     | Action::IovaRanges { .. }
+                    | Action::AllowIovas { .. }
                     | Action::Detach { .. }
                     | Action::IoasDestroy { .. }
                     | Action::Dma { .. }
@@ -389,6 +390,15 @@ pub enum Action {
         /// IOAS name.
         ioas: String,
     },
+    /// `IOMMU_IOAS_ALLOW_IOVAS`.
+    AllowIovas {
+        /// IOAS name.
+        ioas: String,
+        /// `[start, last]` pairs, inclusive, in the order given.
+        ranges: Vec<(u64, u64)>,
+        /// The `__reserved` word.
+        reserved: u32,
+    },
     /// `IOMMU_IOAS_IOVA_RANGES` with room for `room` ranges.
     IovaRanges {
         /// IOAS name.
@@ -613,6 +623,7 @@ impl Action {
             Action::CpuUnmap { .. } => "cpu_unmap",
             Action::HotResetInfo { .. } => "hot_reset_info",
             Action::DeviceInfo { .. } => "device_info",
+            Action::AllowIovas { .. } => "allow_iovas",
             Action::Ioeventfd { .. } => "ioeventfd",
             Action::Write { .. } => "write",
             Action::IrqInfo { .. } => "irq_info",
@@ -1963,6 +1974,38 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
                 ok,
             )
         }
+        "allow_iovas" => {
+            let ioas = f.string("ioas")?;
+            let bad = || "a list of [start, last] pairs";
+            let ranges = match f.take("ranges") {
+                None => Vec::new(),
+                Some(Value::Array(a)) => {
+                    let mut out = Vec::new();
+                    for p in &a {
+                        let Value::Array(pair) = p else {
+                            return Err(f.err("ranges", bad()));
+                        };
+                        if pair.len() != 2 {
+                            return Err(f.err("ranges", bad()));
+                        }
+                        let s = num(&pair[0]).map_err(|w| f.err("ranges", w))?;
+                        let l = num(&pair[1]).map_err(|w| f.err("ranges", w))?;
+                        out.push((s, l));
+                    }
+                    out
+                }
+                Some(_) => return Err(f.err("ranges", bad())),
+            };
+            let reserved = f.opt_u32("reserved")?.unwrap_or(0);
+            (
+                Action::AllowIovas {
+                    ioas,
+                    ranges,
+                    reserved,
+                },
+                ok,
+            )
+        }
         "iova_ranges" => {
             let ioas = f.string("ioas")?;
             let room = f.opt_u32("room")?.unwrap_or(8);
@@ -2212,7 +2255,7 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
                     "unknown action {other:?} (open, bind, close, feature, export, close_fd, fdinfo, \
                      seek, mmap, config_read, config_write, memory, power, flr, af_flr, reset, hot_reset, \
                      low_power, ioas, attach, detach, ioas_destroy, map, unmap, iova_ranges, dma, \
-                     region_info, device_info, ioeventfd, write, region_read, region_write, cpu_map, cpu_read, cpu_write, cpu_unmap, \
+                     region_info, device_info, ioeventfd, write, allow_iovas, region_read, region_write, cpu_map, cpu_read, cpu_write, cpu_unmap, \
                      hot_reset_info, irq_info, set_irqs, group, iommufd, dup, memfd, udmabuf, eventfd, read)"
                 ),
             ));

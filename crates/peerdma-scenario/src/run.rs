@@ -955,6 +955,18 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
             let i = st.ioas(ioas)?;
             ok_or_errno(be.ioas_destroy(i))
         }
+        Action::AllowIovas {
+            ioas,
+            ranges,
+            reserved,
+        } => {
+            let i = st.ioas(ioas)?;
+            Ok((
+                be.ioas_allow_iovas(i, ranges, *reserved)
+                    .map_or_else(errno_word, |()| "ok".into()),
+                None,
+            ))
+        }
         Action::IovaRanges { ioas, room } => {
             let i = st.ioas(ioas)?;
             Ok((

@@ -233,6 +233,14 @@ impl UapiBackend for Tweaked<'_> {
     fn device_info(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<(), Errno> {
         self.inner.device_info(dev, buf)
     }
+    fn ioas_allow_iovas(
+        &mut self,
+        ioas: IoasId,
+        ranges: &[(u64, u64)],
+        reserved: u32,
+    ) -> Result<(), Errno> {
+        self.inner.ioas_allow_iovas(ioas, ranges, reserved)
+    }
     fn irq_info(&mut self, dev: DevHandle, buf: &mut [u8]) -> Result<(), Errno> {
         self.inner.irq_info(dev, buf)
     }

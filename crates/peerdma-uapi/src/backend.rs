@@ -256,6 +256,13 @@ pub trait UapiBackend {
         iova: u64,
         flags: u32,
     ) -> Result<u64, Errno>;
+    /// `IOMMU_IOAS_ALLOW_IOVAS` with these inclusive ranges and `__reserved` word.
+    fn ioas_allow_iovas(
+        &mut self,
+        ioas: IoasId,
+        ranges: &[(u64, u64)],
+        reserved: u32,
+    ) -> Result<(), Errno>;
     /// `IOMMU_IOAS_IOVA_RANGES` with room for `room` ranges.
     fn ioas_iova_ranges(&mut self, ioas: IoasId, room: u32) -> Result<IovaRanges, Errno>;
     /// `VFIO_DEVICE_DETACH_IOMMUFD_PT`.

@@ -805,6 +805,16 @@ impl UapiBackend for Emulated<'_> {
         Ok(())
     }
 
+    fn ioas_allow_iovas(
+        &mut self,
+        ioas: IoasId,
+        ranges: &[(u64, u64)],
+        reserved: u32,
+    ) -> Result<(), Errno> {
+        self.iommufd_at(ioas.1)?
+            .allow_iovas(ioas.0, ranges, reserved)
+    }
+
     fn ioas_iova_ranges(&mut self, ioas: IoasId, room: u32) -> Result<IovaRanges, Errno> {
         self.iommufd_at(ioas.1)?
             .iova_ranges(ioas.0, room, 0)

@@ -103,6 +103,17 @@ struct Ioas {
     /// the huge page size (2 MiB) on a kernel with `CONFIG_TRANSPARENT_HUGEPAGE`, else the
     /// page size.
     max_align: u64,
+    /// `iopt->allowed_itree`: the ranges `IOMMU_IOAS_ALLOW_IOVAS` set, inclusive, sorted;
+    /// empty allows everything.
+    allowed: Vec<(u64, u64)>,
+}
+
+/// `__alloc_iova_check_range`: the start of `[h0, h1]` rounded up to `align`, with
+/// `page_offset` kept, if `length` bytes fit from there to `h1`.
+fn fits(h0: u64, h1: u64, align: u64, page_offset: u64, length: u64) -> Option<u64> {
+    let up = h0.checked_add(align - 1)?;
+    let at = (up & !(align - 1)) | page_offset;
+    (at < h1 && h1 - at >= length - 1).then_some(at)
 }
 
 impl Ioas {
@@ -165,6 +176,33 @@ impl Ioas {
             .is_some_and(|(&a, area)| a + (area.len - 1) >= start)
     }
 
+    /// Whether an allowed range meets `[start, last]` (`iopt_allowed_iter_first`).
+    fn allowed_meets(&self, start: u64, last: u64) -> bool {
+        self.allowed.iter().any(|&(a, b)| a <= last && b >= start)
+    }
+
+    /// The spans `iopt_alloc_iova` searches (`interval_tree_for_each_span` over the allowed
+    /// ranges from the second page to the last but one): each run of allowed IOVAs, ranges
+    /// that touch joined; with none set, that whole span.
+    fn allowed_spans(&self) -> Vec<(u64, u64)> {
+        let (lo, hi) = (PAGE, u64::MAX - PAGE);
+        if self.allowed.is_empty() {
+            return vec![(lo, hi)];
+        }
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for &(a, b) in &self.allowed {
+            let (a, b) = (a.max(lo), b.min(hi));
+            if a > b {
+                continue;
+            }
+            match out.last_mut() {
+                Some(l) if l.1.checked_add(1) == Some(a) => l.1 = b,
+                _ => out.push((a, b)),
+            }
+        }
+        out
+    }
+
     /// Whether a reserved range meets `[start, last]` (`iopt_reserved_iter_first`).
     fn reserved_meets(&self, start: u64, last: u64) -> bool {
         self.reserved
@@ -198,9 +236,29 @@ impl Ioas {
         if align < self.alignment() {
             return Err(Errno::EINVAL);
         }
-        // The allowed span: [PAGE, u64::MAX - PAGE] (no IOMMU_IOAS_ALLOW_IOVAS).
-        let (lo, hi) = (PAGE, u64::MAX - PAGE);
-        // Holes between used ranges, clipped to the allowed span.
+        // Each allowed span that could hold it at all (`__alloc_iova_check_used`), then the
+        // holes between used ranges inside it, first fit.
+        for (lo, hi) in self.allowed_spans() {
+            if fits(lo, hi, align, page_offset, length).is_none() {
+                continue;
+            }
+            if let Some(at) = self.first_hole(lo, hi, align, page_offset, length) {
+                return Ok(at);
+            }
+        }
+        Err(Errno::ENOSPC)
+    }
+
+    /// The lowest IOVA in a hole between used ranges inside `[lo, hi]` that
+    /// `__alloc_iova_check_hole` accepts.
+    fn first_hole(
+        &self,
+        lo: u64,
+        hi: u64,
+        align: u64,
+        page_offset: u64,
+        length: u64,
+    ) -> Option<u64> {
         let mut holes = Vec::new();
         let mut next = lo;
         for (a, b) in self.used() {
@@ -219,21 +277,10 @@ impl Ioas {
         if next <= hi {
             holes.push((next, hi));
         }
-        for (h0, h1) in holes {
-            if h0 > hi {
-                break;
-            }
-            // __alloc_iova_check_range: round up, keep the page offset, fit below `h1`.
-            let Some(up) = h0.checked_add(align - 1) else {
-                continue;
-            };
-            let at = (up & !(align - 1)) | page_offset;
-            if at >= h1 || h1 - at < length - 1 {
-                continue;
-            }
-            return Ok(at);
-        }
-        Err(Errno::ENOSPC)
+        holes
+            .into_iter()
+            .take_while(|&(h0, _)| h0 <= hi)
+            .find_map(|(h0, h1)| fits(h0, h1, align, page_offset, length))
     }
 
     /// `iommufd_ioas_iova_ranges`: the holes between reserved ranges (areas do not count).
@@ -340,6 +387,7 @@ impl Iommufd {
                 reserved: Vec::new(),
                 hwpt: None,
                 max_align: self.max_align,
+                allowed: Vec::new(),
             },
         );
         Ok(id)
@@ -458,13 +506,15 @@ impl Iommufd {
         if resv
             .iter()
             .flat_map(|(_, r)| r)
-            .any(|r| io.area_meets(r.start, r.last))
+            .any(|r| io.area_meets(r.start, r.last) || io.allowed_meets(r.start, r.last))
         {
             return Err(Errno::EADDRINUSE);
         }
         let first = io.devices.is_empty();
         if first
-            && (io.areas.values().any(|a| a.unaligned) || io.area_meets(APERTURE_END + 1, u64::MAX))
+            && (io.areas.values().any(|a| a.unaligned)
+                || io.area_meets(APERTURE_END + 1, u64::MAX)
+                || io.allowed_meets(APERTURE_END + 1, u64::MAX))
         {
             return Err(Errno::EADDRINUSE);
         }
@@ -586,6 +636,40 @@ impl Iommufd {
             m.remove(&ioas).ok_or(Errno::ENOENT)?
         };
         Self::teardown(&iommu, io.domain, io.areas.into_iter().collect());
+        Ok(())
+    }
+
+    /// `IOMMU_IOAS_ALLOW_IOVAS` (ioas.c `iommufd_ioas_allow_iovas`, `iommufd_ioas_load_iovas`;
+    /// io_pagetable.c `iopt_set_allow_iova`), in the kernel's order: a nonzero reserved word
+    /// → `EOPNOTSUPP`; no such IOAS → `ENOENT`; each range in turn: start not below last, or
+    /// meeting an earlier one of the list → `EINVAL`; then an allowed range that meets a
+    /// reserved one (a device's MSI window, the domain's aperture) → `EADDRINUSE`, the old list
+    /// kept. Otherwise the list replaces the old one (an empty list allows everything again).
+    /// From then on a kernel-chosen IOVA lies in an allowed range, and attaching a device whose
+    /// reserved regions meet one is `EADDRINUSE`; fixed IOVAs are not limited.
+    pub fn allow_iovas(
+        &self,
+        ioas: u32,
+        ranges: &[(u64, u64)],
+        reserved_word: u32,
+    ) -> Result<(), Errno> {
+        if reserved_word != 0 {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        let mut m = sync::lock(&self.ioas);
+        let io = m.get_mut(&ioas).ok_or(Errno::ENOENT)?;
+        let mut list: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+        for &(a, b) in ranges {
+            if a >= b || list.iter().any(|&(x, y)| x <= b && y >= a) {
+                return Err(Errno::EINVAL);
+            }
+            list.push((a, b));
+        }
+        list.sort_unstable();
+        if list.iter().any(|&(a, b)| io.reserved_meets(a, b)) {
+            return Err(Errno::EADDRINUSE);
+        }
+        io.allowed = list;
         Ok(())
     }
 
@@ -1030,6 +1114,7 @@ mod tests {
                 .collect(),
             hwpt: Some(1),
             max_align: PAGE,
+            allowed: Vec::new(),
         }
     }
 
