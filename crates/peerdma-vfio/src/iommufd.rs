@@ -1122,6 +1122,32 @@ mod tests {
     const TOP: (u64, u64) = (APERTURE_END + 1, u64::MAX);
 
     #[test]
+    fn a_kernel_chosen_iova_comes_from_the_allowed_spans() {
+        let mut io = ioas(&[MSI, TOP]);
+        // Two touching ranges are one span: a 16 KiB window fits across their seam.
+        io.allowed = vec![(0x10_0000, 0x10_1fff), (0x10_2000, 0x10_3fff)];
+        assert_eq!(io.allowed_spans(), [(0x10_0000, 0x10_3fff)]);
+        assert_eq!(io.alloc_iova(0, 0x4000), Ok(0x10_0000));
+        assert_eq!(
+            io.alloc_iova(0, 0x5000),
+            Err(Errno::ENOSPC),
+            "past the span"
+        );
+        // A range reaching below the second page or past the last but one is clipped.
+        io.allowed = vec![(0, 0x1fff), (u64::MAX - 0x1fff, u64::MAX)];
+        assert_eq!(
+            io.allowed_spans(),
+            [(0x1000, 0x1fff), (u64::MAX - 0x1fff, u64::MAX - 0x1000)]
+        );
+        assert_eq!(io.alloc_iova(0, 0x1000), Ok(0x1000));
+        // An allowed span a reserved range covers gives nothing: the next one is used.
+        io.allowed = vec![MSI, (0x20_0000, 0x20_ffff)];
+        assert_eq!(io.alloc_iova(0, 0x1000), Ok(0x20_0000));
+        assert!(io.allowed_meets(MSI.0, MSI.0));
+        assert!(!io.allowed_meets(0x21_0000, MSI.0 - 1));
+    }
+
+    #[test]
     fn a_kernel_chosen_iova_skips_reserved_ranges() {
         // Everything below the MSI window used but its last page.
         let io = ioas(&[(0x1000, MSI.0 - 0x1001), MSI, TOP]);
