@@ -292,11 +292,30 @@ pub struct File {
     /// count was taken (`eventfd_ctx_do_read`).
     waiters: Waiters,
     next_waiter: AtomicU64,
-    /// Its waiters are being called: a signal of the same eventfd meanwhile (from inside one of them:
-    /// a device that interrupts into the eventfd that drives it) is dropped, as the kernel
-    /// drops an eventfd signal made from inside an eventfd wakeup (`eventfd_signal_mask`'s
-    /// `in_eventfd` check), instead of recursing without end.
-    waking: AtomicBool,
+}
+
+std::thread_local! {
+    /// The eventfds whose waiters this thread is calling: a signal of one of them from
+    /// inside its own wakeup (a device that interrupts into the eventfd that drives it) is
+    /// dropped, as the kernel drops an eventfd signal made inside an eventfd wakeup
+    /// (`eventfd_signal_mask`'s `current->in_eventfd`), instead of recursing without end.
+    /// Per thread, as the kernel's flag is per task: other threads signal as usual.
+    static WAKING: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Takes an eventfd off this thread's [`WAKING`] list when its wakeup ends (a panicking
+/// waiter included).
+struct Waking(usize);
+
+impl Drop for Waking {
+    fn drop(&mut self) {
+        WAKING.with(|w| {
+            let mut w = w.borrow_mut();
+            if let Some(i) = w.iter().rposition(|&x| x == self.0) {
+                w.remove(i);
+            }
+        });
+    }
 }
 
 /// An eventfd's wake callbacks, by id.
@@ -325,7 +344,6 @@ impl File {
             pos: AtomicU64::new(0),
             waiters: Waiters::default(),
             next_waiter: AtomicU64::new(0),
-            waking: AtomicBool::new(false),
         })
     }
     /// An ordinary (non-dma-buf) file with one reference.
@@ -428,7 +446,8 @@ impl File {
     /// `eventfd_signal`: adds `n` to an eventfd's counter (nothing on other files), then
     /// wakes its waiters.
     pub fn eventfd_signal(&self, n: u64) {
-        if self.waking.load(Ordering::Acquire) {
+        let me = std::ptr::from_ref(self) as usize;
+        if WAKING.with(|w| w.borrow().contains(&me)) {
             return;
         }
         if let FileKind::Eventfd(c) = &self.kind {
@@ -518,13 +537,12 @@ impl File {
         if let FileKind::Eventfd(c) = &self.kind {
             c.store(0, Ordering::Release);
         }
-        if self.waking.swap(true, Ordering::AcqRel) {
-            return;
-        }
+        let me = std::ptr::from_ref(self) as usize;
+        WAKING.with(|w| w.borrow_mut().push(me));
+        let _done = Waking(me);
         for w in ws {
             w();
         }
-        self.waking.store(false, Ordering::Release);
     }
 
     /// The part of `read(2)` that is the file's: `vfs_read`'s checks (a file not open for

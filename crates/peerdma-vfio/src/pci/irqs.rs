@@ -357,6 +357,11 @@ impl DeviceFd {
                 // `pci_intx(pdev, !masked)`: the device may signal by its pin now (a line
                 // already asserted fires at once: the handler runs after `igate` goes).
                 d.set_hw_intx_disable(irqs.intx_masked);
+                // `request_irq` on a line already asserted: the handler runs at once (the
+                // line did not change, so no event came).
+                if !irqs.intx_masked && d.hw_intx_pending() {
+                    sync::lock(&d.irq_queue).push(DeviceIrq::IntxAsserted);
+                }
             }
             puts.extend(std::mem::replace(&mut irqs.intx_trigger, trigger));
             return Ok(());
@@ -487,6 +492,8 @@ impl DeviceFd {
     /// The active interrupt type disabled, its eventfds let go.
     fn disable_irqs(&self, irqs: &mut Irqs, puts: &mut Vec<Arc<File>>) {
         irqs.drain(puts);
+        // Interrupts not yet delivered belong to the setup that goes.
+        sync::lock(&self.dev.irq_queue).clear();
         let was = self.dev.irq_type.swap(NONE, Ordering::AcqRel);
         if was == MSI || was == MSIX {
             self.msi_hardware(was, false);
@@ -618,16 +625,19 @@ impl super::Dev {
     /// pending in the device) sets INTx-disable in the device, marks it masked, and signals
     /// the INTx eventfd unless the user's COMMAND disables INTx.
     pub(super) fn deliver_irqs(&self) {
-        loop {
-            let Ok(mut irqs) = self.irqs.try_lock() else {
-                return;
+        // A device that interrupts into the eventfd driving it (an ioeventfd on its own
+        // raise register) would go round for ever: it is served this many rounds per call,
+        // the rest waiting in the queue for the next delivery, as an interrupt storm waits
+        // for the CPU.
+        const ROUNDS: usize = 16;
+        for _ in 0..ROUNDS {
+            let mut irqs = match self.irqs.try_lock() {
+                Ok(g) => g,
+                Err(sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(sync::TryLockError::WouldBlock) => return,
             };
             let queued = std::mem::take(&mut *sync::lock(&self.irq_queue));
-            if queued.is_empty() {
-                return;
-            }
             let ty = self.irq_type.load(Ordering::Acquire);
-            let mut mask_device = false;
             for irq in queued {
                 match irq {
                     DeviceIrq::Msi(v) if ty == MSI || ty == MSIX => {
@@ -638,8 +648,10 @@ impl super::Dev {
                     DeviceIrq::IntxAsserted
                         if ty == INTX && !irqs.intx_masked && self.hw_intx_pending() =>
                     {
+                        // Masked in the device under `igate`, so that an unmask cannot
+                        // come between (re-entered observers only try `igate`).
                         irqs.intx_masked = true;
-                        mask_device = true;
+                        self.set_hw_intx_disable(true);
                         if !self.virq_disabled.load(Ordering::Acquire) {
                             if let Some(t) = &irqs.intx_trigger {
                                 t.eventfd_signal(1);
@@ -650,8 +662,10 @@ impl super::Dev {
                 }
             }
             drop(irqs);
-            if mask_device {
-                self.set_hw_intx_disable(true);
+            // Whatever was queued while `igate` was held (by this delivery or by another
+            // thread that could not take it) is delivered now.
+            if sync::lock(&self.irq_queue).is_empty() {
+                return;
             }
         }
     }

@@ -973,16 +973,15 @@ impl DeviceFd {
         let Some(reg) = self.reg.take() else { return };
         let d = &self.dev;
         if self.granted.swap(false, Ordering::AcqRel) {
-            if d.read_mem(|m| m.open_count) == 1 {
+            let mut m = d.lock_mem();
+            if m.open_count == 1 {
+                // Decided under `memory_lock`, so two closes at once cannot both miss it:
+                // the interrupts and every ioeventfd go (`vfio_pci_core_disable`).
                 self.irqs_release();
-                // `vfio_pci_core_disable`: every ioeventfd goes.
                 let gone = std::mem::take(&mut *sync::lock(&d.ioeventfds));
                 for e in gone {
                     e.release();
                 }
-            }
-            let mut m = d.lock_mem();
-            if m.open_count == 1 {
                 m.cleanup_bufs();
                 d.disengage(&mut m);
                 d.set_power(PowerState::D0);
