@@ -26,7 +26,7 @@
 //! ready (CSTS.RDY) unless `nvme_start_ctrl` refuses the admin queue addresses, command set or
 //! page size (CSTS.CFS); clearing it resets the controller (`nvme_ctrl_reset`: CC, CSTS and the
 //! interrupt mask go to 0), and so does a reset of the function (FLR, a bus reset:
-//! [`DeviceModel::reset`]). A shutdown request (CC.SHN) completes at once. Not modelled: queues,
+//! `DeviceModel::reset`). A shutdown request (CC.SHN) completes at once. Not modelled: queues,
 //! commands, doorbells, NSSR, the CMB and PMR controls.
 
 use crate::memory::SparseMemory;
