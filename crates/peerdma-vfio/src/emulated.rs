@@ -130,6 +130,25 @@ impl Machine {
         })
     }
 
+    /// vfio's device set of `bdf` (`vfio_pci_core_register_device`): the function alone on
+    /// a root bus or as a VF, else every vfio-pci function on its bus (the model's slots
+    /// have no slot reset, so the set is never a slot's).
+    pub fn dev_set(&self, bdf: Bdf) -> Vec<&VfioPci> {
+        let f = &self.fabric;
+        let alone = |b: Bdf| {
+            f.function(b).map_or(true, peerdma_pci::Function::is_vf)
+                || f.upstream_bridge(b).ok().flatten().is_none()
+        };
+        if alone(bdf) {
+            return self.vfio.get(&bdf).into_iter().collect();
+        }
+        let bus = f.upstream_bridge(bdf).ok().flatten();
+        self.vfio
+            .values()
+            .filter(|v| !alone(v.bdf()) && f.upstream_bridge(v.bdf()).ok().flatten() == bus)
+            .collect()
+    }
+
     /// The fabric.
     pub fn fabric(&self) -> &Arc<Fabric> {
         &self.fabric
@@ -384,8 +403,12 @@ impl Emulated<'_> {
                 }
             }
         }
+        let bdf = o.bdf;
         o.fd.close();
         self.release_group(group, o.via_group, bound);
+        // `vfio_pci_core_disable` ends with the device set's try-reset.
+        let set = self.m.dev_set(bdf);
+        VfioPci::dev_set_try_reset(&set);
     }
 
     /// The prologue of `VFIO_DEVICE_ATTACH_IOMMUFD_PT` / `_DETACH_`

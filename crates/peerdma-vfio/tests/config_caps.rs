@@ -263,3 +263,29 @@ fn max_read_request_size_reaches_the_hardware_at_least_the_payload_size() {
     wr(&mut be, d, u64::from(devctl) + 1, 1, 0x10);
     assert_eq!(field(hw(f, bdf, devctl, 2)), 1);
 }
+
+#[test]
+fn a_pf_with_sriov_enabled_stays_in_d0_whatever_pmcsr_is_written() {
+    // `vfio_pci_set_power_state`: a PF whose VFs vfio-pci enabled (`sriov_active`) refuses
+    // every state above D0 with EBUSY, which the PMCSR write handler ignores: the write
+    // succeeds and the function stays in D0. (The model's VFs have no PM capability.)
+    let m = machine(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/sriov-nic.toml"),
+        )
+        .unwrap(),
+    );
+    let mut be = m.process();
+    let (pf, pf_bdf) = open(&mut be, "nic-pf0");
+    let fab = m.fabric();
+    let pm = fab.function(pf_bdf).unwrap().caps().pm.unwrap();
+    for state in [3u32, 2, 1] {
+        wr(&mut be, pf, u64::from(pm) + 4, 2, state);
+        assert_eq!(
+            fab.power_state(pf_bdf).unwrap(),
+            peerdma_pci::PowerState::D0,
+            "D{state} refused"
+        );
+        assert_eq!(rd(&mut be, pf, u64::from(pm) + 4, 2) & 3, 0);
+    }
+}

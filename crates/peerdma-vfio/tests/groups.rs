@@ -222,3 +222,86 @@ fn a_hot_reset_that_reaches_a_bridge_is_refused_and_its_info_lists_the_bridges()
     // Below one of the switch's downstream ports there is no bridge: that reset goes through.
     assert_eq!(be.hot_reset(opened[2], None), Ok(()));
 }
+
+/// Every secondary bus reset the fabric reports, as (function, bridge), in order.
+#[derive(Default)]
+struct BusResets(std::sync::Mutex<Vec<(Bdf, Bdf)>>);
+
+impl peerdma_pci::FabricObserver for BusResets {
+    fn event(&self, e: &peerdma_pci::FabricEvent) {
+        if let peerdma_pci::FabricEvent::Reset {
+            bdf,
+            cause: peerdma_pci::ResetCause::SecondaryBus { bridge },
+        } = e
+        {
+            self.0.lock().unwrap().push((*bdf, *bridge));
+        }
+    }
+}
+
+impl BusResets {
+    fn take(&self) -> Vec<(Bdf, Bdf)> {
+        let mut v = std::mem::take(&mut *self.0.lock().unwrap());
+        v.sort();
+        v
+    }
+}
+
+#[test]
+fn a_function_that_cannot_reset_itself_is_reset_with_its_bus_once_the_whole_set_is_closed() {
+    // `vfio_pci_core_disable` → `vfio_pci_dev_set_try_reset`: the edu beside the NVMe
+    // controller has no FLR, no PM and a sibling on its bus, so its last close cannot reset
+    // it (`needs_reset` stays set). The bus below 02:02.0 is reset for it at the first
+    // close that leaves none of the set open — both functions, with their state saved and
+    // written back.
+    let f = file::load_str(examples::QEMU_Q35, "q").unwrap();
+    let m = Machine::new(Arc::new(f)).unwrap();
+    let resets = Arc::new(BusResets::default());
+    m.fabric().subscribe(resets.clone());
+    let (nvme, sib, port) = (b("0000:05:00.0"), b("0000:05:00.1"), b("0000:02:02.0"));
+    assert_eq!(
+        m.dev_set(sib).iter().map(|v| v.bdf()).collect::<Vec<_>>(),
+        [nvme, sib]
+    );
+    let mut be = m.process();
+    // Closed while the NVMe controller is open: nothing, and the debt stays.
+    let n = be.open_device(nvme, OpenPath::CdevIommufd).unwrap();
+    let s = be.open_device(sib, OpenPath::CdevIommufd).unwrap();
+    let bar0 = m.fabric().config_read(sib, 0x10, 4).unwrap();
+    be.close_device(s).unwrap();
+    assert_eq!(resets.take(), []);
+    assert!(m.vfio(sib).unwrap().needs_reset());
+    // The NVMe controller resets itself at its close (FLR), then the set is closed and one
+    // of it needs a reset: the bus goes.
+    be.close_device(n).unwrap();
+    assert_eq!(resets.take(), [(nvme, port), (sib, port)]);
+    assert!(!m.vfio(sib).unwrap().needs_reset());
+    assert!(!m.vfio(nvme).unwrap().needs_reset());
+    assert_eq!(
+        m.fabric().config_read(sib, 0x10, 4).unwrap(),
+        bar0,
+        "the state was written back"
+    );
+    // Alone, the edu's close resets the bus at once.
+    let s = be.open_device(sib, OpenPath::CdevIommufd).unwrap();
+    be.close_device(s).unwrap();
+    assert_eq!(resets.take(), [(nvme, port), (sib, port)]);
+    // The NVMe controller alone resets itself: nobody owes anything, no bus reset.
+    let n = be.open_device(nvme, OpenPath::CdevIommufd).unwrap();
+    be.close_device(n).unwrap();
+    assert_eq!(resets.take(), []);
+}
+
+#[test]
+fn a_bus_with_a_function_outside_vfio_is_never_reset_for_the_set() {
+    // `vfio_pci_dev_set_resettable`: every function the bus reset reaches must be in the
+    // set. The ivshmem's port has the ivshmem alone: it resets itself by the bus (its own
+    // reset method), and a VF or a root-bus device is a set of its own.
+    let f = file::load_str(examples::SRIOV_NIC, "s").unwrap();
+    let m = Machine::new(Arc::new(f)).unwrap();
+    let vf = m.fabric().lookup("vf0").unwrap();
+    assert_eq!(
+        m.dev_set(vf).iter().map(|v| v.bdf()).collect::<Vec<_>>(),
+        [vf]
+    );
+}

@@ -108,8 +108,9 @@ impl Dev {
                     if state >= 3 {
                         m.move_bufs(true);
                     }
-                    if !m.engaged {
-                        // `vfio_pci_set_power_state`, its result ignored.
+                    // `vfio_pci_set_power_state`, its result ignored: a PF with SR-IOV
+                    // enabled refuses any state but D0 (`EBUSY`), and stays as it is.
+                    if !m.engaged && (state == 0 || !self.sriov_active) {
                         self.set_power(PowerState::from_bits(state));
                     }
                     self.unrevoke_after_write(m);

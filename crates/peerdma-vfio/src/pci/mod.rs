@@ -230,6 +230,14 @@ struct Dev {
     /// The reset at the first open worked (`vdev->reset_works`): `VFIO_DEVICE_RESET` is
     /// refused without it, and the last close resets only with it.
     reset_works: AtomicBool,
+    /// The last close could not reset the function (`vdev->needs_reset`): a bus reset of
+    /// its device set is owed once none of the set is open ([`VfioPci::dev_set_try_reset`]).
+    needs_reset: AtomicBool,
+    /// SR-IOV is enabled on this PF (`vdev->sriov_active`): the model's VFs exist from the
+    /// start, as if user space had enabled them through vfio-pci's `sriov_configure`
+    /// (Linux refuses to bind vfio-pci to a PF whose VFs were enabled otherwise). Its power
+    /// state cannot leave D0 through vfio (`vfio_pci_set_power_state`: `EBUSY`).
+    sriov_active: bool,
     /// MSI-X vectors can be added while enabled (`vdev->has_dyn_msix`): an MSI-X
     /// capability on x86, whose interrupt domains allow it.
     dyn_msix: bool,
@@ -588,6 +596,11 @@ impl VfioPci {
         };
         let resources = rdwr::resources(&fabric, bdf, &*variant);
         let vf_token = f.caps().sriov.map(|_| Mutex::new([0u8; 16]));
+        let sriov_active = f.caps().sriov.is_some_and(|s| {
+            fabric
+                .config_read(bdf, s + regs::SRIOV_CTRL, 2)
+                .is_ok_and(|c| c & u32::from(regs::SRIOV_CTRL_VFE) != 0)
+        });
         let msix = rdwr::msix_table(&fabric, bdf);
         let dyn_msix = msix.is_some();
         let dev = Arc::new(Dev {
@@ -616,6 +629,8 @@ impl VfioPci {
             dyn_msix,
             pm_save: Mutex::new(None),
             reset_works: AtomicBool::new(false),
+            needs_reset: AtomicBool::new(false),
+            sriov_active,
         });
         dev.fabric.subscribe(Arc::new(Watch(Arc::downgrade(&dev))));
         Ok(VfioPci { dev })
@@ -678,6 +693,45 @@ impl VfioPci {
     pub fn dmabuf_count(&self) -> usize {
         self.dev.read_mem(|m| m.bufs.len())
     }
+    /// The last close could not reset the function and no bus reset has made up for it
+    /// since (`vdev->needs_reset`).
+    pub fn needs_reset(&self) -> bool {
+        self.dev.needs_reset.load(Ordering::Acquire)
+    }
+
+    /// `vfio_pci_dev_set_try_reset`, run after a last close by whoever holds vfio-pci's
+    /// devices (as vfio's device set does; here the emulated machine): `set` is the closed
+    /// device's set — every vfio-pci function on its bus, or the function alone on a root
+    /// bus or as a VF. When none of the set is open, one of them still needs a reset, and
+    /// every function the bus reset reaches is in the set
+    /// (`vfio_pci_dev_set_resettable`), the bridge above resets its bus with the state of
+    /// each function saved and written back (`pci_reset_bus`), and on success nobody needs
+    /// a reset any more. Whether it reset.
+    pub fn dev_set_try_reset(set: &[&VfioPci]) -> bool {
+        let Some(first) = set.first() else {
+            return false;
+        };
+        if set.iter().any(|v| v.open_count() > 0) || !set.iter().any(|v| v.needs_reset()) {
+            return false;
+        }
+        let Ok((bridge, affected)) = first.dev.reset_bus() else {
+            return false;
+        };
+        if affected
+            .iter()
+            .any(|b| !set.iter().any(|v| v.dev.bdf == *b))
+        {
+            return false;
+        }
+        let done = first.dev.secondary_bus_reset(bridge, &affected).is_ok();
+        if done {
+            for v in set {
+                v.dev.needs_reset.store(false, Ordering::Release);
+            }
+        }
+        done
+    }
+
     /// The open count.
     pub fn open_count(&self) -> u32 {
         self.dev.read_mem(|m| m.open_count)
@@ -994,11 +1048,16 @@ impl DeviceFd {
                     2,
                     u32::from(regs::COMMAND_INTX_DISABLE),
                 );
+                // `needs_reset` is set, and cleared again by a function reset that works; what
+                // stays set is owed by a bus reset of the device set
+                // (`vfio_pci_dev_set_try_reset`, [`VfioPci::dev_set_try_reset`]).
+                let mut reset = false;
                 if d.reset_works.load(Ordering::Acquire) {
                     if let Some(r) = d.reset_method() {
-                        let _ = d.reset_bare(&r);
+                        reset = d.reset_bare(&r).is_ok();
                     }
                 }
+                d.needs_reset.store(!reset, Ordering::Release);
                 // The state saved at the first open comes back (whatever the user wrote since:
                 // an I/O decode bit the user cleared is set again), bus mastering off. Unlike
                 // Linux, which leaves memory decode as saved (on), the model turns it off, so
