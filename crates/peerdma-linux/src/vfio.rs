@@ -14,7 +14,8 @@
 //!   a `SIGBUS` (the kernel refusing the page fault) is an answer rather than the end;
 //! - `IOMMU_IOAS_MAP_FILE` with the argument writable (`IommuFd::map_iommu_ioas_file` takes
 //!   it by shared reference, but without FIXED_IOVA the kernel writes the IOVA it chose
-//!   back into it) and `IOMMU_IOAS_IOVA_RANGES` (not offered).
+//!   back into it), `IOMMU_IOAS_MAP` likewise for user memory (`map_iommu_ioas` takes it by
+//!   shared reference too), and `IOMMU_IOAS_IOVA_RANGES` (not offered).
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -38,7 +39,7 @@ use vfio_ioctls::{VfioContainer, VfioDevice, VfioIommufd, VfioOps};
 use vmm_sys_util::ioctl::{ioctl, ioctl_with_mut_ptr};
 
 use nr::{
-    IOMMU_IOAS_ALLOW_IOVAS, IOMMU_IOAS_IOVA_RANGES, IOMMU_IOAS_MAP_FILE,
+    IOMMU_IOAS_ALLOW_IOVAS, IOMMU_IOAS_IOVA_RANGES, IOMMU_IOAS_MAP, IOMMU_IOAS_MAP_FILE,
     VFIO_DEVICE_ATTACH_IOMMUFD_PT, VFIO_DEVICE_BIND_IOMMUFD, VFIO_DEVICE_DETACH_IOMMUFD_PT,
     VFIO_DEVICE_FEATURE, VFIO_DEVICE_GET_INFO, VFIO_DEVICE_GET_IRQ_INFO,
     VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, VFIO_DEVICE_GET_REGION_INFO, VFIO_DEVICE_IOEVENTFD,
@@ -91,8 +92,8 @@ mod nr {
         VFIO_BASE + 18
     );
     use iommufd_bindings::iommufd::{
-        IOMMUFD_CMD_IOAS_ALLOW_IOVAS, IOMMUFD_CMD_IOAS_IOVA_RANGES, IOMMUFD_CMD_IOAS_MAP_FILE,
-        IOMMUFD_TYPE,
+        IOMMUFD_CMD_IOAS_ALLOW_IOVAS, IOMMUFD_CMD_IOAS_IOVA_RANGES, IOMMUFD_CMD_IOAS_MAP,
+        IOMMUFD_CMD_IOAS_MAP_FILE, IOMMUFD_TYPE,
     };
     ioctl_io_nr!(
         IOMMU_IOAS_ALLOW_IOVAS,
@@ -103,6 +104,11 @@ mod nr {
         IOMMU_IOAS_IOVA_RANGES,
         u32::from(IOMMUFD_TYPE),
         IOMMUFD_CMD_IOAS_IOVA_RANGES
+    );
+    ioctl_io_nr!(
+        IOMMU_IOAS_MAP,
+        u32::from(IOMMUFD_TYPE),
+        IOMMUFD_CMD_IOAS_MAP
     );
     ioctl_io_nr!(
         IOMMU_IOAS_MAP_FILE,
@@ -334,6 +340,25 @@ impl Drop for AnonPage {
     }
 }
 
+/// Address space reserved for an `ioas_map_user` step: a memfd mapped at its start, the
+/// rest (the guard) mapped with no access.
+struct UserMapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the reservation is owned by the backend; only the kernel (pinning it for iommufd)
+// and `Drop` touch it.
+unsafe impl Send for UserMapping {}
+
+impl Drop for UserMapping {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly the reservation `ioas_map_user` made; pages the
+        // IOMMU still maps stay pinned by iommufd, not by this mapping.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
 struct Open {
     device: VfioDevice,
     config_offset: u64,
@@ -352,6 +377,8 @@ pub struct LinuxBackend {
     ioas: HashMap<IoasId, IommufdIoas>,
     files: HashMap<RawFd, File>,
     anon: Vec<AnonPage>,
+    /// The user memory `ioas_map_user` steps mapped.
+    user_maps: Vec<UserMapping>,
     /// The IOAS each device was attached to.
     attached: HashMap<u32, IoasId>,
     /// The iommufd each bound cdev is bound to.
@@ -1167,6 +1194,94 @@ impl UapiBackend for LinuxBackend {
         // SAFETY: the ioctl reads and writes `size` bytes of `map`, which is that long and
         // lives across the call; no memory is kept.
         let ret = unsafe { ioctl_with_mut_ptr(&*i, IOMMU_IOAS_MAP_FILE(), &raw mut map) };
+        if ret < 0 {
+            return Err(last_errno());
+        }
+        Ok(map.iova)
+    }
+
+    fn ioas_map_user(
+        &mut self,
+        ioas: IoasId,
+        memory: peerdma_uapi::backend::UserMemory,
+        offset: u64,
+        length: u64,
+        iova: u64,
+        flags: u32,
+        reserved: u32,
+    ) -> Result<u64, Errno> {
+        const HUGE: usize = 2 << 20;
+        let size = match memory.memfd {
+            Some(fd) => {
+                let f = self.files.get(&fd).ok_or(Errno::EBADF)?;
+                let len = f
+                    .metadata()
+                    .map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EIO)))?
+                    .len();
+                usize::try_from(len).map_err(|_| Errno::ENOMEM)?
+            }
+            None => 0,
+        };
+        let guard = usize::try_from(peerdma_uapi::backend::USER_GUARD).unwrap_or(usize::MAX);
+        let span = size.div_ceil(HUGE) * HUGE + guard;
+        // SAFETY: a fresh reservation with no access; nothing refers to it yet. One huge
+        // page more than the span, so that a 2 MiB aligned start fits inside it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                span + HUGE,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(last_errno());
+        }
+        self.user_maps.push(UserMapping {
+            ptr: p.cast(),
+            len: span + HUGE,
+        });
+        let start = (p as usize).div_ceil(HUGE) * HUGE;
+        if let Some(fd) = memory.memfd {
+            let prot = if memory.read_only {
+                libc::PROT_READ
+            } else {
+                libc::PROT_READ | libc::PROT_WRITE
+            };
+            // SAFETY: `[start, start + size)` lies inside the reservation just made (start is
+            // at most one huge page in), which this backend owns; MAP_FIXED replaces part of
+            // it with the memfd.
+            let q = unsafe {
+                libc::mmap(
+                    start as *mut libc::c_void,
+                    size,
+                    prot,
+                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    fd,
+                    0,
+                )
+            };
+            if q == libc::MAP_FAILED {
+                return Err(last_errno());
+            }
+        }
+        let user_va = (start as u64).checked_add(offset).ok_or(Errno::EINVAL)?;
+        let i = self.iommufd_at(ioas.1)?;
+        let mut map = iommu_ioas_map {
+            size: u32::try_from(std::mem::size_of::<iommu_ioas_map>()).unwrap_or(u32::MAX),
+            flags,
+            ioas_id: ioas.0,
+            __reserved: reserved,
+            user_va,
+            length,
+            iova,
+        };
+        // SAFETY: the ioctl reads and writes `size` bytes of `map`, which is that long and
+        // lives across the call; the memory it pins is the reservation above, kept until the
+        // backend goes.
+        let ret = unsafe { ioctl_with_mut_ptr(&*i, IOMMU_IOAS_MAP(), &raw mut map) };
         if ret < 0 {
             return Err(last_errno());
         }

@@ -79,6 +79,7 @@ impl Scenario {
                     }
                     | Action::Attach { .. }
                     | Action::Map { .. }
+                    | Action::MapUser { .. }
                     | Action::Unmap { .. }
                     | Action::IovaRanges { .. }
                     | Action::AllowIovas { .. }
@@ -371,6 +372,29 @@ pub enum Action {
         /// The name later steps give the IOVA the map got.
         name: Option<String>,
     },
+    /// `IOMMU_IOAS_MAP` of user memory: a memfd mapped into the process (or nothing
+    /// mapped at all), `length` bytes from `offset` into that mapping.
+    MapUser {
+        /// IOAS name.
+        ioas: String,
+        /// The memfd mapped (its fd name); none: the address has nothing mapped.
+        memfd: Option<String>,
+        /// The memfd is mapped read-only.
+        read_only: bool,
+        /// Where the map starts, from the start of the mapping (past the memfd's end is the
+        /// unmapped guard).
+        offset: u64,
+        /// Length.
+        length: u64,
+        /// IOVA (ignored by the kernel without FIXED_IOVA).
+        iova: Iova,
+        /// `IOMMU_IOAS_MAP_*` flags, as for [`Action::Map`].
+        flags: u32,
+        /// The `__reserved` word.
+        reserved: u32,
+        /// The name later steps give the IOVA the map got.
+        name: Option<String>,
+    },
     /// `IOMMU_IOAS_UNMAP`.
     Unmap {
         /// IOAS name.
@@ -609,6 +633,7 @@ impl Action {
             Action::IoasAlloc { .. } => "ioas",
             Action::Attach { .. } => "attach",
             Action::Map { .. } => "map",
+            Action::MapUser { .. } => "map_user",
             Action::Unmap { .. } => "unmap",
             Action::IovaRanges { .. } => "iova_ranges",
             Action::Detach { .. } => "detach",
@@ -1957,6 +1982,45 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
                     length,
                     iova,
                     flags,
+                    name,
+                },
+                default,
+            )
+        }
+        "map_user" => {
+            let ioas = f.string("ioas")?;
+            let memfd = f.opt_string("memfd")?;
+            let read_only = f.opt_bool("read_only")?.unwrap_or(false);
+            let offset = f.opt_num("offset")?.unwrap_or(0);
+            let length = f.num("length")?;
+            let flags = f.opt_u32("flags")?.unwrap_or(7);
+            let reserved = f.opt_u32("reserved")?.unwrap_or(0);
+            let fixed = flags & peerdma_uapi::backend::MAP_FIXED_IOVA != 0;
+            let iova = match f.opt_iova()? {
+                Some(v) => v,
+                None if !fixed => Iova::At(0),
+                None => return Err(f.err("iova", "missing (a fixed-IOVA map needs one)")),
+            };
+            // Past the guard the kernel could find other memory of the process.
+            let guard = peerdma_uapi::backend::USER_GUARD;
+            if offset.saturating_add(length) > guard && length < 1 << 47 {
+                return Err(f.err(
+                    "offset",
+                    "offset + length reaches past the 64 MiB the mapping reserves",
+                ));
+            }
+            let name = f.opt_string("as")?;
+            let default = if fixed { ok } else { Some(Expect::Iova(None)) };
+            (
+                Action::MapUser {
+                    ioas,
+                    memfd,
+                    read_only,
+                    offset,
+                    length,
+                    iova,
+                    flags,
+                    reserved,
                     name,
                 },
                 default,

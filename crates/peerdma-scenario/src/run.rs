@@ -935,6 +935,53 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
                 None,
             ))
         }
+        Action::MapUser {
+            ioas,
+            memfd,
+            read_only,
+            offset,
+            length,
+            iova,
+            flags,
+            reserved,
+            name,
+        } => {
+            let space = st.ioas(ioas)?;
+            let fd = match memfd {
+                Some(m) => match st.fd(m)? {
+                    (n, src @ Src::Memfd(_)) => Some((n, src)),
+                    _ => return Err(format!("error: fd {m:?} is not a memfd")),
+                },
+                None => None,
+            };
+            let asked = st.iova(iova)?;
+            let memory = peerdma_uapi::backend::UserMemory {
+                memfd: fd.map(|(n, _)| n),
+                read_only: *read_only,
+            };
+            let r = be.ioas_map_user(space, memory, *offset, *length, asked, *flags, *reserved);
+            if let (Ok(at), Some((n, src))) = (r, fd) {
+                st.windows.push(Window {
+                    iova: at,
+                    length: *length,
+                    start: *offset,
+                    fd: n,
+                    src,
+                });
+            }
+            if let (Ok(at), Some(name)) = (r, name) {
+                st.iovas.insert(name.clone(), at);
+            }
+            let fixed = *flags & peerdma_uapi::backend::MAP_FIXED_IOVA != 0;
+            Ok((
+                match r {
+                    Ok(_) if fixed => "ok".into(),
+                    Ok(at) => format!("iova {at:#x}"),
+                    Err(e) => errno_word(e),
+                },
+                None,
+            ))
+        }
         Action::Unmap { ioas, iova, length } => {
             let i = st.ioas(ioas)?;
             let at = st.iova(iova)?;

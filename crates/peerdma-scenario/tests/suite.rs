@@ -208,6 +208,19 @@ impl UapiBackend for Tweaked<'_> {
         self.inner
             .ioas_map_file(ioas, fd, start, length, iova, flags)
     }
+    fn ioas_map_user(
+        &mut self,
+        ioas: IoasId,
+        memory: peerdma_uapi::backend::UserMemory,
+        offset: u64,
+        length: u64,
+        iova: u64,
+        flags: u32,
+        reserved: u32,
+    ) -> Result<u64, Errno> {
+        self.inner
+            .ioas_map_user(ioas, memory, offset, length, iova, flags, reserved)
+    }
     fn detach_ioas(&mut self, dev: DevHandle) -> Result<(), Errno> {
         self.inner.detach_ioas(dev)
     }

@@ -68,6 +68,20 @@ impl DmabufInfo {
     }
 }
 
+/// The user memory behind an [`UapiBackend::ioas_map_user`] step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserMemory {
+    /// The memfd mapped there, or none: nothing is mapped at all.
+    pub memfd: Option<i32>,
+    /// Mapped `PROT_READ` only (else `PROT_READ | PROT_WRITE`).
+    pub read_only: bool,
+}
+
+/// Bytes reserved after the memory of an [`UapiBackend::ioas_map_user`], where nothing is
+/// mapped (a pin reaching into them fails with `EFAULT`); a map reaching past them could
+/// find other memory of the process, so the scenario runner refuses one.
+pub const USER_GUARD: u64 = 64 << 20;
+
 /// The answer of `IOMMU_IOAS_IOVA_RANGES`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IovaRanges {
@@ -255,6 +269,24 @@ pub trait UapiBackend {
         length: u64,
         iova: u64,
         flags: u32,
+    ) -> Result<u64, Errno>;
+    /// `IOMMU_IOAS_MAP` of user memory. First the memory: `memory`'s memfd (all of it) is
+    /// mapped into the process (`mmap`, `MAP_SHARED`, read-only if asked) at an address
+    /// aligned to 2 MiB, and the [`USER_GUARD`] bytes after it are reserved with nothing
+    /// mapped; without a memfd there are only the reserved bytes. Then the map of
+    /// `[address + offset, address + offset + length)` at `iova` (or where the kernel
+    /// chooses, without [`MAP_FIXED_IOVA`]), with `reserved` as the `__reserved` word. The
+    /// memory stays mapped until the backend goes. Returns the IOVA.
+    #[allow(clippy::too_many_arguments)]
+    fn ioas_map_user(
+        &mut self,
+        ioas: IoasId,
+        memory: UserMemory,
+        offset: u64,
+        length: u64,
+        iova: u64,
+        flags: u32,
+        reserved: u32,
     ) -> Result<u64, Errno>;
     /// `IOMMU_IOAS_ALLOW_IOVAS` with these inclusive ranges and `__reserved` word.
     fn ioas_allow_iovas(

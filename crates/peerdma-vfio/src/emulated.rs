@@ -184,6 +184,8 @@ impl Machine {
             group_files: HashMap::new(),
             attached: HashMap::new(),
             edu_ram: Vec::new(),
+            vmas: Vec::new(),
+            next_va: USER_VA_BASE,
         }
     }
 }
@@ -232,7 +234,22 @@ pub struct Emulated<'m> {
     /// The RAM pages the `dma` step mapped at [`EDU_RAM_IOVA`], one per IOAS (until the IOAS
     /// is destroyed; unmapping the area does not forget it, on either backend).
     edu_ram: Vec<(IoasId, Arc<File>, u64)>,
+    /// The process's user memory for `IOMMU_IOAS_MAP` (`ioas_map_user`), and the next free
+    /// address: 2 MiB aligned, each mapping followed by its unmapped guard.
+    vmas: Vec<Vma>,
+    next_va: u64,
 }
+
+/// A memfd mapped into an [`Emulated`] process's address space.
+struct Vma {
+    start: u64,
+    len: u64,
+    file: Arc<File>,
+    writable: bool,
+}
+
+/// Where user memory for `IOMMU_IOAS_MAP` starts in an [`Emulated`] process.
+const USER_VA_BASE: u64 = 0x7f00_0000_0000;
 
 /// Where the `dma` step maps the page of RAM that edu copies the pattern from (the real
 /// backend's `EDU_RAM_IOVA`).
@@ -300,6 +317,9 @@ impl Drop for Emulated<'_> {
         self.more_iommufds.clear();
         for (_, f, _) in self.edu_ram.drain(..) {
             f.put();
+        }
+        for v in self.vmas.drain(..) {
+            v.file.put();
         }
         for fd in self.proc.fds() {
             let _ = self.proc.close(fd);
@@ -826,6 +846,57 @@ impl UapiBackend for Emulated<'_> {
             f.put();
         }
         Ok(())
+    }
+
+    fn ioas_map_user(
+        &mut self,
+        ioas: IoasId,
+        memory: peerdma_uapi::backend::UserMemory,
+        offset: u64,
+        length: u64,
+        iova: u64,
+        flags: u32,
+        reserved: u32,
+    ) -> Result<u64, Errno> {
+        const HUGE: u64 = 2 << 20;
+        self.iommufd_at(ioas.1)?;
+        // The mmap: a memfd (EBADF for a fd not open, ENODEV for one that is not a memfd,
+        // as `mmap` answers for a file without an mmap of this kind).
+        let start = self.next_va;
+        let mut len = 0;
+        if let Some(fd) = memory.memfd {
+            let file = self.proc.fget(fd)?;
+            let peerdma_dmabuf::buf::FileKind::Memfd { size, .. } = *file.kind() else {
+                file.put();
+                return Err(Errno::ENODEV);
+            };
+            len = size;
+            self.vmas.push(Vma {
+                start,
+                len,
+                file,
+                writable: !memory.read_only,
+            });
+        }
+        let span = len.div_ceil(HUGE) * HUGE + peerdma_uapi::backend::USER_GUARD;
+        self.next_va = start + span + HUGE;
+        let uptr = start.checked_add(offset).ok_or(Errno::EINVAL)?;
+        // What pinning `[uptr, uptr + length)` finds: every page inside the one mapping,
+        // writable if the map is to be (`pin_user_pages_fast` with FOLL_WRITE).
+        let want_write = flags & peerdma_uapi::backend::MAP_WRITEABLE != 0;
+        let i = self.opened_iommufd(ioas.1).ok_or(Errno::EBADF)?;
+        let pinned = uptr
+            .checked_add(length)
+            .and_then(|end| {
+                self.vmas.iter().find(|v| {
+                    (uptr & !4095) >= v.start
+                        && end.div_ceil(4096) * 4096 <= v.start + v.len
+                        && (v.writable || !want_write)
+                })
+            })
+            .map(|v| (v.file.get(), uptr - v.start))
+            .ok_or(Errno::EFAULT);
+        i.map_user(ioas.0, pinned, uptr, length, iova, flags, reserved)
     }
 
     fn ioas_allow_iovas(

@@ -56,10 +56,12 @@ struct Area {
     len: u64,
     /// Its IOVA, length or offset in the buffer is not page aligned.
     unaligned: bool,
-    /// A file area (not a dma-buf) whose pages cannot be pinned — not shmem, or past the
-    /// file's end. Mapped while no device was attached (nothing is pinned then), it makes
-    /// the first device's attach fail (`iopt_fill_domain` → `memfd_pin_folios`: `EINVAL`).
-    unpinnable: bool,
+    /// The errno pinning this area's pages gives, for a file or user-memory area (not a
+    /// dma-buf) whose pages cannot be pinned: a file that is not shmem or a range past its
+    /// end (`memfd_pin_folios`: `EINVAL`), user memory not mapped or not writable as asked
+    /// (`pin_user_pages_fast`: `EFAULT`). Mapped while no device was attached (nothing is
+    /// pinned then), it makes the first device's attach fail with it (`iopt_fill_domain`).
+    unpinnable: Option<Errno>,
     /// Where in the file (or buffer) the area starts.
     start: u64,
     file: Arc<File>,
@@ -519,8 +521,13 @@ impl Iommufd {
             return Err(Errno::EADDRINUSE);
         }
         // The new domain is filled last: a file area that cannot be pinned fails it.
-        if first && io.areas.values().any(|a| a.unpinnable) {
-            return Err(Errno::EINVAL);
+        if let Some(e) = io
+            .areas
+            .values()
+            .find_map(|a| a.unpinnable)
+            .filter(|_| first)
+        {
+            return Err(e);
         }
         if first {
             // Filling the first domain pins (so allocates) every memfd area's pages.
@@ -876,7 +883,7 @@ impl Iommufd {
                     Area {
                         len: length,
                         unaligned,
-                        unpinnable: false,
+                        unpinnable: None,
                         start,
                         file: file.get(),
                         att: Some(att.clone()),
@@ -914,30 +921,112 @@ impl Iommufd {
         if length > u64::MAX - PAGE {
             return Err(Errno::EINVAL);
         }
-        let iommu = self.env.dma.iommu().ok_or(Errno::ENODEV)?.clone();
-        let mut ioas_map = sync::lock(&self.ioas);
-        let io = ioas_map.get_mut(&ioas).ok_or(Errno::ENOENT)?;
-        let iova = io.place(start, length, iova, flags)?;
         // The pinned span: whole pages from the one holding `start` to the one holding
         // the last byte (`arg_checks` made sure `start + length - 1` does not wrap).
         let last = start + (length - 1);
         let pin_end = last | (PAGE - 1);
         let phys = match file.kind() {
             peerdma_dmabuf::buf::FileKind::Memfd { base, size, .. } if pin_end < *size => {
-                Some(base + start)
+                Ok(base + start)
             }
-            _ => None,
+            _ => Err(Errno::EINVAL),
         };
-        if !io.devices.is_empty() {
-            if phys.is_none() {
-                return Err(Errno::EINVAL);
+        self.map_pages(ioas, file, start, start, length, iova, flags, phys)
+    }
+
+    /// `IOMMU_IOAS_MAP` of `length` bytes of user memory at `uptr`, in the order of Linux
+    /// 7.2's `iommufd_ioas_map` (ioas.c), `iopt_map_user_pages` (io_pagetable.c),
+    /// `iopt_alloc_user_pages` and `iopt_alloc_pages` (pages.c), then the placement and
+    /// the pin of [`Iommufd::map_file_ioctl`]'s file branch:
+    ///
+    /// 1. a flag other than FIXED_IOVA, READABLE, WRITEABLE, or a nonzero `reserved` word
+    ///    → `EOPNOTSUPP`;
+    /// 2. `iova` or `length` of `u64::MAX` → `EOVERFLOW`;
+    /// 3. neither READABLE nor WRITEABLE → `EINVAL`;
+    /// 4. no such IOAS → `ENOENT`;
+    /// 5. `uptr + length` wraps → `EOVERFLOW` (the end, not the last byte: unlike
+    ///    MAP_FILE, a range ending exactly at 2^64 is refused);
+    /// 6. `length` 0 or past `u64::MAX - PAGE` → `EINVAL`;
+    /// 7. the placement (`Ioas::place`, with `uptr` giving the alignment and page offset);
+    /// 8. with a device attached, the pages are pinned now: `memory` is where they are —
+    ///    `Ok((memfd, offset))` for memory mapped from a memfd, writable as the flags ask —
+    ///    or the errno pinning gives (`EFAULT`: nothing mapped there, or a read-only
+    ///    mapping asked to be writeable). Without one, nothing is pinned and the first
+    ///    attach pins (and fails with that errno).
+    ///
+    /// Returns the IOVA.
+    #[allow(clippy::too_many_arguments)]
+    pub fn map_user(
+        &self,
+        ioas: u32,
+        memory: Result<(Arc<File>, u64), Errno>,
+        uptr: u64,
+        length: u64,
+        iova: u64,
+        flags: u32,
+        reserved: u32,
+    ) -> Result<u64, Errno> {
+        if flags & !(MAP_FIXED_IOVA | MAP_READABLE | MAP_WRITEABLE) != 0 || reserved != 0 {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        if iova == u64::MAX || length == u64::MAX {
+            return Err(Errno::EOVERFLOW);
+        }
+        if flags & (MAP_READABLE | MAP_WRITEABLE) == 0 {
+            return Err(Errno::EINVAL);
+        }
+        if !sync::lock(&self.ioas).contains_key(&ioas) {
+            return Err(Errno::ENOENT);
+        }
+        uptr.checked_add(length).ok_or(Errno::EOVERFLOW)?;
+        if length == 0 || length > u64::MAX - PAGE {
+            return Err(Errno::EINVAL);
+        }
+        let (file, start, phys) = match memory {
+            Ok((file, start)) => {
+                let phys = match file.kind() {
+                    peerdma_dmabuf::buf::FileKind::Memfd { base, .. } => Ok(base + start),
+                    _ => Err(Errno::EFAULT),
+                };
+                (file, start, phys)
             }
+            // The area needs a file to hold: an empty memfd stands for memory that is not
+            // there.
+            Err(e) => (File::memfd(0, 0), 0, Err(e)),
+        };
+        let r = self.map_pages(ioas, &file, uptr, start, length, iova, flags, phys);
+        file.put();
+        r
+    }
+
+    /// The file and user branches' common end (`iopt_map_common`): the area placed at
+    /// `iova` (or where the kernel picks, aligned by `align_from`), then — with a device
+    /// attached — its pages pinned (`phys`: where they are, or the errno pinning gives)
+    /// and written into the domain.
+    #[allow(clippy::too_many_arguments)]
+    fn map_pages(
+        &self,
+        ioas: u32,
+        file: &Arc<File>,
+        align_from: u64,
+        start: u64,
+        length: u64,
+        iova: u64,
+        flags: u32,
+        phys: Result<u64, Errno>,
+    ) -> Result<u64, Errno> {
+        let iommu = self.env.dma.iommu().ok_or(Errno::ENODEV)?.clone();
+        let mut ioas_map = sync::lock(&self.ioas);
+        let io = ioas_map.get_mut(&ioas).ok_or(Errno::ENOENT)?;
+        let iova = io.place(align_from, length, iova, flags)?;
+        if !io.devices.is_empty() {
+            phys?;
             // A domain is there to fill: the pages are pinned, so allocated, now.
             file.memfd_populate(start, length);
         }
-        let unaligned = (iova | length | start) % PAGE != 0;
+        let unaligned = (iova | length | align_from) % PAGE != 0;
         let state = Arc::new(Mutex::new(AreaState::Unbacked));
-        if let Some(phys) = phys {
+        if let Ok(phys) = phys {
             let unbacked =
                 unaligned || (io.devices.is_empty() && last_iova(iova, length) > APERTURE_END);
             if !unbacked {
@@ -958,7 +1047,7 @@ impl Iommufd {
             Area {
                 len: length,
                 unaligned,
-                unpinnable: phys.is_none(),
+                unpinnable: phys.err(),
                 start,
                 file: file.get(),
                 att: None,
