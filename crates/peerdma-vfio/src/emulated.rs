@@ -42,6 +42,10 @@ pub struct Machine {
     /// The kernel has transparent huge pages ([`KernelConfig::thp`]): its iommufds align
     /// the IOVAs they choose up to 2 MiB.
     thp: bool,
+    /// vfio's `dev_set->lock`, one for all sets: a first open (with its reset and the state
+    /// it saves) and a last close with its device set's try-reset never overlap, whichever
+    /// processes do them.
+    dev_set_lock: peerdma_pci::sync::Mutex<()>,
 }
 
 /// The largest memfd the emulated machine backs (what a scenario may ask for).
@@ -127,6 +131,7 @@ impl Machine {
             groups: Arc::new(peerdma_pci::sync::Mutex::new(HashMap::new())),
             memfd_ram: peerdma_pci::sync::Mutex::new(((ram.0 + 4095) & !4095, ram.1)),
             thp: config.thp,
+            dev_set_lock: peerdma_pci::sync::Mutex::new(()),
         })
     }
 
@@ -424,11 +429,13 @@ impl Emulated<'_> {
             }
         }
         let bdf = o.bdf;
-        o.fd.close();
+        {
+            let _set = sync::lock(&self.m.dev_set_lock);
+            o.fd.close();
+            // `vfio_pci_core_disable` ends with the device set's try-reset.
+            VfioPci::dev_set_try_reset(&self.m.dev_set(bdf));
+        }
         self.release_group(group, o.via_group, bound);
-        // `vfio_pci_core_disable` ends with the device set's try-reset.
-        let set = self.m.dev_set(bdf);
-        VfioPci::dev_set_try_reset(&set);
     }
 
     /// The prologue of `VFIO_DEVICE_ATTACH_IOMMUFD_PT` / `_DETACH_`
@@ -483,7 +490,11 @@ impl UapiBackend for Emulated<'_> {
                 u.file_open = true;
             }
             *self.group_files.entry(group).or_default() += 1;
-            match v.open() {
+            let opened = {
+                let _set = sync::lock(&self.m.dev_set_lock);
+                v.open()
+            };
+            match opened {
                 Ok(fd) => fd,
                 Err(e) => {
                     self.release_group(group, true, false);
@@ -563,7 +574,10 @@ impl UapiBackend for Emulated<'_> {
         if u.cdevs > 0 && u.owner != uid {
             return Err(Errno::EPERM);
         }
-        o.fd.bind()?;
+        {
+            let _set = sync::lock(&self.m.dev_set_lock);
+            o.fd.bind()?;
+        }
         u.cdevs += 1;
         u.owner = uid;
         drop(g);
