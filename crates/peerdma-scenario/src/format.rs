@@ -2001,12 +2001,22 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
                 None if !fixed => Iova::At(0),
                 None => return Err(f.err("iova", "missing (a fixed-IOVA map needs one)")),
             };
-            // Past the guard the kernel could find other memory of the process.
-            let guard = peerdma_uapi::backend::USER_GUARD;
-            if offset.saturating_add(length) > guard && length < 1 << 47 {
+            // The address must lie in the reservation (memfd and guard), or the kernel could
+            // find other memory of the process there; a pin from it stops in the guard at
+            // the latest, whatever the length. A length whose end may or may not wrap
+            // depending on where the real mmap put the memory is refused too: below
+            // 2^64 - 2^47 it never wraps (user addresses are below 2^47), above
+            // 2^64 - 2^16 it always does.
+            if offset > peerdma_uapi::backend::USER_GUARD {
                 return Err(f.err(
                     "offset",
-                    "offset + length reaches past the 64 MiB the mapping reserves",
+                    "must lie within the 64 MiB the mapping reserves after the memfd",
+                ));
+            }
+            if length > u64::MAX - (1 << 47) && length <= u64::MAX - (1 << 16) {
+                return Err(f.err(
+                    "length",
+                    "between 2^64 - 2^47 and 2^64 - 2^16 whether the end wraps depends on the address",
                 ));
             }
             let name = f.opt_string("as")?;

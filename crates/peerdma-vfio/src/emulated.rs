@@ -43,8 +43,8 @@ pub struct Machine {
     /// the IOVAs they choose up to 2 MiB.
     thp: bool,
     /// vfio's `dev_set->lock`, one for all sets: a first open (with its reset and the state
-    /// it saves) and a last close with its device set's try-reset never overlap, whichever
-    /// processes do them.
+    /// it saves), a last close with its device set's try-reset and a hot reset never
+    /// overlap, whichever processes do them.
     dev_set_lock: peerdma_pci::sync::Mutex<()>,
 }
 
@@ -255,6 +255,8 @@ struct Vma {
 
 /// Where user memory for `IOMMU_IOAS_MAP` starts in an [`Emulated`] process.
 const USER_VA_BASE: u64 = 0x7f00_0000_0000;
+/// The page size of the emulated process's mappings.
+const PAGE: u64 = 4096;
 
 /// Where the `dma` step maps the page of RAM that edu copies the pattern from (the real
 /// backend's `EDU_RAM_IOVA`).
@@ -657,7 +659,6 @@ impl UapiBackend for Emulated<'_> {
     /// EOVERFLOW; a file not open for reading → EACCES (the mapping is `PROT_READ`,
     /// `MAP_SHARED`); then `dma_buf_mmap_internal`.
     fn dmabuf_mmap(&mut self, fd: i32, offset: u64, len: u64) -> Result<(), Errno> {
-        const PAGE: u64 = 4096;
         // x86-64's user address space: 47 bits less a page.
         const TASK_SIZE: u64 = (1 << 47) - PAGE;
         const MAX_LFS_FILESIZE: u64 = i64::MAX as u64;
@@ -874,17 +875,29 @@ impl UapiBackend for Emulated<'_> {
     ) -> Result<u64, Errno> {
         const HUGE: u64 = 2 << 20;
         self.iommufd_at(ioas.1)?;
-        // The mmap: a memfd (EBADF for a fd not open, ENODEV for one that is not a memfd,
-        // as `mmap` answers for a file without an mmap of this kind).
+        // The mmap (mm/mmap.c `do_mmap`, mm/memfd.c `memfd_check_seals_mmap`): a fd not
+        // open → EBADF; not a memfd → ENODEV (no mmap of this kind); an empty memfd → EINVAL
+        // (a length of 0); a writable shared mapping of a memfd sealed against writes →
+        // EPERM. The mapping covers the memfd's pages, the last one whole.
         let start = self.next_va;
         let mut len = 0;
         if let Some(fd) = memory.memfd {
             let file = self.proc.fget(fd)?;
-            let peerdma_dmabuf::buf::FileKind::Memfd { size, .. } = *file.kind() else {
-                file.put();
-                return Err(Errno::ENODEV);
+            let refused = match *file.kind() {
+                peerdma_dmabuf::buf::FileKind::Memfd { size: 0, .. } => Some(Errno::EINVAL),
+                peerdma_dmabuf::buf::FileKind::Memfd { size, .. } => {
+                    len = size.div_ceil(PAGE) * PAGE;
+                    let sealed = file.seals().unwrap_or(0)
+                        & (peerdma_dmabuf::buf::seal::WRITE
+                            | peerdma_dmabuf::buf::seal::FUTURE_WRITE);
+                    (sealed != 0 && !memory.read_only).then_some(Errno::EPERM)
+                }
+                _ => Some(Errno::ENODEV),
             };
-            len = size;
+            if let Some(e) = refused {
+                file.put();
+                return Err(e);
+            }
             self.vmas.push(Vma {
                 start,
                 len,
@@ -895,22 +908,33 @@ impl UapiBackend for Emulated<'_> {
         let span = len.div_ceil(HUGE) * HUGE + peerdma_uapi::backend::USER_GUARD;
         self.next_va = start + span + HUGE;
         let uptr = start.checked_add(offset).ok_or(Errno::EINVAL)?;
-        // What pinning `[uptr, uptr + length)` finds: every page inside the one mapping,
-        // writable if the map is to be (`pin_user_pages_fast` with FOLL_WRITE).
         let want_write = flags & peerdma_uapi::backend::MAP_WRITEABLE != 0;
         let i = self.opened_iommufd(ioas.1).ok_or(Errno::EBADF)?;
-        let pinned = uptr
-            .checked_add(length)
-            .and_then(|end| {
-                self.vmas.iter().find(|v| {
-                    (uptr & !4095) >= v.start
-                        && end.div_ceil(4096) * 4096 <= v.start + v.len
-                        && (v.writable || !want_write)
-                })
-            })
-            .map(|v| (v.file.get(), uptr - v.start))
-            .ok_or(Errno::EFAULT);
-        i.map_user(ioas.0, pinned, uptr, length, iova, flags, reserved)
+        // What pinning `[uptr, uptr + length)` finds, page by page from the first
+        // (`pin_user_pages_fast`, FOLL_WRITE for a writeable map): the pages of the mapping
+        // it starts in, up to its end; a page outside it (the unmapped guard), or any page of
+        // a read-only mapping asked to be written, is EFAULT.
+        let first = uptr & !(PAGE - 1);
+        let vma = self
+            .vmas
+            .iter()
+            .find(|v| first >= v.start && first - v.start < v.len);
+        let pages = match vma {
+            Some(v) if v.writable || !want_write => {
+                let room = v.start + v.len - uptr;
+                crate::iommufd::UserPages {
+                    memfd: Some((&v.file, uptr - v.start)),
+                    fault: (length > room).then_some(Errno::EFAULT),
+                    pinnable: length.min(room),
+                }
+            }
+            _ => crate::iommufd::UserPages {
+                memfd: None,
+                fault: Some(Errno::EFAULT),
+                pinnable: 0,
+            },
+        };
+        i.map_user(ioas.0, &pages, uptr, length, iova, flags, reserved)
     }
 
     fn ioas_allow_iovas(
@@ -1139,6 +1163,7 @@ impl ScenarioBackend for Emulated<'_> {
             .filter(|v| groups.contains(&group_number(iommu_group(f, v.bdf()))))
             .collect();
         let set: Vec<&VfioPci> = self.m.vfio.values().collect();
+        let _set = sync::lock(&self.m.dev_set_lock);
         o.fd.hot_reset_in(&set, &owned)
     }
 

@@ -52,6 +52,20 @@ enum AreaState {
     Dead,
 }
 
+/// What pinning a range of an emulated process's memory finds, page by page from its
+/// first (for [`Iommufd::map_user`]).
+#[derive(Debug)]
+pub struct UserPages<'a> {
+    /// The memfd mapped where the range starts, and the offset in it of the range's first
+    /// byte; none when nothing readable is mapped there.
+    pub memfd: Option<(&'a Arc<File>, u64)>,
+    /// The errno the pin stops with, if it does not reach the range's end.
+    pub fault: Option<Errno>,
+    /// How many bytes from the start pin before it stops (the whole length without a
+    /// fault).
+    pub pinnable: u64,
+}
+
 struct Area {
     len: u64,
     /// Its IOVA, length or offset in the buffer is not page aligned.
@@ -62,6 +76,9 @@ struct Area {
     /// (`pin_user_pages_fast`: `EFAULT`). Mapped while no device was attached (nothing is
     /// pinned then), it makes the first device's attach fail with it (`iopt_fill_domain`).
     unpinnable: Option<Errno>,
+    /// For an unpinnable area, the bytes from its start that do pin (and so are faulted
+    /// into the file) before the failure.
+    pin_prefix: u64,
     /// Where in the file (or buffer) the area starts.
     start: u64,
     file: Arc<File>,
@@ -520,18 +537,18 @@ impl Iommufd {
         {
             return Err(Errno::EADDRINUSE);
         }
-        // The new domain is filled last: a file area that cannot be pinned fails it.
-        if let Some(e) = io
-            .areas
-            .values()
-            .find_map(|a| a.unpinnable)
-            .filter(|_| first)
-        {
-            return Err(e);
-        }
+        // The new domain is filled last, area by area in IOVA order (`iopt_fill_domain`):
+        // pinning (so allocating) every memfd area's pages. One that cannot be pinned fails
+        // the attach after the areas before it, and its own pinnable start, were faulted in
+        // (what a failed fill unpins stays in the page cache).
         if first {
-            // Filling the first domain pins (so allocates) every memfd area's pages.
             for a in io.areas.values().filter(|a| a.att.is_none()) {
+                if let Some(e) = a.unpinnable {
+                    if a.pin_prefix > 0 {
+                        a.file.memfd_populate(a.start, a.pin_prefix);
+                    }
+                    return Err(e);
+                }
                 a.file.memfd_populate(a.start, a.len);
             }
         }
@@ -884,6 +901,7 @@ impl Iommufd {
                         len: length,
                         unaligned,
                         unpinnable: None,
+                        pin_prefix: 0,
                         start,
                         file: file.get(),
                         att: Some(att.clone()),
@@ -931,7 +949,7 @@ impl Iommufd {
             }
             _ => Err(Errno::EINVAL),
         };
-        self.map_pages(ioas, file, start, start, length, iova, flags, phys)
+        self.map_pages(ioas, file, start, start, length, iova, flags, (phys, 0))
     }
 
     /// `IOMMU_IOAS_MAP` of `length` bytes of user memory at `uptr`, in the order of Linux
@@ -948,18 +966,18 @@ impl Iommufd {
     ///    MAP_FILE, a range ending exactly at 2^64 is refused);
     /// 6. `length` 0 or past `u64::MAX - PAGE` → `EINVAL`;
     /// 7. the placement (`Ioas::place`, with `uptr` giving the alignment and page offset);
-    /// 8. with a device attached, the pages are pinned now: `memory` is where they are —
-    ///    `Ok((memfd, offset))` for memory mapped from a memfd, writable as the flags ask —
-    ///    or the errno pinning gives (`EFAULT`: nothing mapped there, or a read-only
-    ///    mapping asked to be writeable). Without one, nothing is pinned and the first
-    ///    attach pins (and fails with that errno).
+    /// 8. with a device attached, the pages are pinned now (`memory` says what pinning
+    ///    finds): a fault (`EFAULT`: nothing mapped there, or a read-only mapping asked to
+    ///    be writeable) fails the map after the pages before it were faulted into the memfd.
+    ///    Without one, nothing is pinned and the first attach pins (and fails with that
+    ///    errno).
     ///
     /// Returns the IOVA.
     #[allow(clippy::too_many_arguments)]
     pub fn map_user(
         &self,
         ioas: u32,
-        memory: Result<(Arc<File>, u64), Errno>,
+        memory: &UserPages<'_>,
         uptr: u64,
         length: u64,
         iova: u64,
@@ -982,27 +1000,39 @@ impl Iommufd {
         if length == 0 || length > u64::MAX - PAGE {
             return Err(Errno::EINVAL);
         }
-        let (file, start, phys) = match memory {
-            Ok((file, start)) => {
-                let phys = match file.kind() {
-                    peerdma_dmabuf::buf::FileKind::Memfd { base, .. } => Ok(base + start),
-                    _ => Err(Errno::EFAULT),
-                };
-                (file, start, phys)
-            }
-            // The area needs a file to hold: an empty memfd stands for memory that is not
-            // there.
-            Err(e) => (File::memfd(0, 0), 0, Err(e)),
+        // The area holds a file: the memfd, or for memory that is not there an empty one.
+        let (file, start) = match memory.memfd {
+            Some((f, at)) => (f.get(), at),
+            None => (File::memfd(0, 0), 0),
         };
-        let r = self.map_pages(ioas, &file, uptr, start, length, iova, flags, phys);
+        let phys = match (memory.fault, file.kind()) {
+            (Some(e), _) => Err(e),
+            (None, peerdma_dmabuf::buf::FileKind::Memfd { base, .. }) => Ok(base + start),
+            (None, _) => Err(Errno::EFAULT),
+        };
+        let prefix = if memory.memfd.is_some() {
+            memory.pinnable
+        } else {
+            0
+        };
+        let r = self.map_pages(
+            ioas,
+            &file,
+            uptr,
+            start,
+            length,
+            iova,
+            flags,
+            (phys, prefix),
+        );
         file.put();
         r
     }
 
     /// The file and user branches' common end (`iopt_map_common`): the area placed at
     /// `iova` (or where the kernel picks, aligned by `align_from`), then — with a device
-    /// attached — its pages pinned (`phys`: where they are, or the errno pinning gives)
-    /// and written into the domain.
+    /// attached — its pages pinned (`pin`: where they are, or the errno pinning gives with
+    /// how many bytes from the start pinned before it) and written into the domain.
     #[allow(clippy::too_many_arguments)]
     fn map_pages(
         &self,
@@ -1013,14 +1043,20 @@ impl Iommufd {
         length: u64,
         iova: u64,
         flags: u32,
-        phys: Result<u64, Errno>,
+        pin: (Result<u64, Errno>, u64),
     ) -> Result<u64, Errno> {
+        let (phys, prefix) = pin;
         let iommu = self.env.dma.iommu().ok_or(Errno::ENODEV)?.clone();
         let mut ioas_map = sync::lock(&self.ioas);
         let io = ioas_map.get_mut(&ioas).ok_or(Errno::ENOENT)?;
         let iova = io.place(align_from, length, iova, flags)?;
         if !io.devices.is_empty() {
-            phys?;
+            if let Err(e) = phys {
+                if prefix > 0 {
+                    file.memfd_populate(start, prefix);
+                }
+                return Err(e);
+            }
             // A domain is there to fill: the pages are pinned, so allocated, now.
             file.memfd_populate(start, length);
         }
@@ -1048,6 +1084,7 @@ impl Iommufd {
                 len: length,
                 unaligned,
                 unpinnable: phys.err(),
+                pin_prefix: prefix,
                 start,
                 file: file.get(),
                 att: None,

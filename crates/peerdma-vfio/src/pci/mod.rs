@@ -943,7 +943,7 @@ impl DeviceFd {
         // its end suspends it again (D3hot, without revoking: `vfio_pci_core_runtime_suspend`
         // only sets D0 first), so the buffer just brought back reaches a device that does
         // not decode. Without CONFIG_PM nothing suspends it.
-        if m.engaged && d.pm.load(Ordering::Acquire) {
+        if m.engaged && d.runtime_suspends() {
             d.set_power(PowerState::D3Hot);
         }
         r

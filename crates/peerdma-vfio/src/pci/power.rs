@@ -32,6 +32,13 @@ impl Dev {
         }
     }
 
+    /// Runtime PM can suspend the function once nothing holds it: the kernel has
+    /// CONFIG_PM, and it is not a PF with SR-IOV enabled (whose `sriov_configure` keeps a
+    /// runtime-PM reference while its VFs exist).
+    pub(super) fn runtime_suspends(&self) -> bool {
+        self.pm.load(Ordering::Acquire) && !self.sriov_active
+    }
+
     /// `pci_pm_reset` inside `pci_reset_function`'s save and restore: D3hot, then D0, where
     /// the function resets itself; its registers come back from the copy taken before.
     pub(super) fn pm_reset(&self) -> Result<(), Errno> {
@@ -68,8 +75,10 @@ impl DeviceFd {
         m.engaged = true;
         d.wake_armed.store(wake.is_some(), Ordering::Release);
         m.wake = wake;
-        // Without CONFIG_PM the runtime-PM put does nothing: the device stays in D0.
-        if d.pm.load(Ordering::Acquire) {
+        // Without CONFIG_PM the runtime-PM put does nothing: the device stays in D0. Nor
+        // does it on a PF with SR-IOV enabled, whose `sriov_configure` holds a runtime-PM
+        // reference while its VFs exist.
+        if d.runtime_suspends() {
             d.set_power(PowerState::D3Hot);
         }
         Ok(())
