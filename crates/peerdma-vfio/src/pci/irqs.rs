@@ -697,6 +697,48 @@ impl super::Dev {
         self.deliver_irqs();
     }
 
+    /// `vfio_pci_core_runtime_suspend`'s INTx part: INTx active and not already masked is
+    /// masked (`vfio_pci_intx_mask`), and the resume will unmask it (`pm_intx_masked`).
+    pub(super) fn pm_intx_mask(&self) {
+        let masked = {
+            let mut irqs = sync::lock(&self.irqs);
+            if self.irq_type.load(Ordering::Acquire) == INTX && !irqs.intx_masked {
+                self.set_hw_intx_disable(true);
+                irqs.intx_masked = true;
+                true
+            } else {
+                false
+            }
+        };
+        self.pm_intx_masked.store(masked, Ordering::Release);
+    }
+
+    /// `vfio_pci_core_runtime_resume`'s: what the suspend masked is unmasked
+    /// (`vfio_pci_intx_unmask`) — unless the user's COMMAND disables INTx; with the
+    /// interrupt still pending it stays masked and the eventfd is signalled again.
+    pub(super) fn pm_intx_unmask(&self) {
+        if !self.pm_intx_masked.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        {
+            let mut irqs = sync::lock(&self.irqs);
+            if self.irq_type.load(Ordering::Acquire) == INTX
+                && irqs.intx_masked
+                && !self.virq_disabled.load(Ordering::Acquire)
+            {
+                if self.hw_intx_pending() {
+                    if let Some(t) = &irqs.intx_trigger {
+                        t.eventfd_signal(1);
+                    }
+                } else {
+                    self.set_hw_intx_disable(false);
+                    irqs.intx_masked = false;
+                }
+            }
+        }
+        self.deliver_irqs();
+    }
+
     /// PCI Status' Interrupt bit in the device: its INTx is pending.
     pub(super) fn hw_intx_pending(&self) -> bool {
         self.fabric

@@ -230,6 +230,11 @@ struct Dev {
     /// The reset at the first open worked (`vdev->reset_works`): `VFIO_DEVICE_RESET` is
     /// refused without it, and the last close resets only with it.
     reset_works: AtomicBool,
+    /// The runtime suspend masked INTx, so the resume unmasks it (`vdev->pm_intx_masked`).
+    pm_intx_masked: AtomicBool,
+    /// Low power is engaged (`Mem::engaged`, mirrored for the ioctl prologue, which must not
+    /// wait for `memory_lock` to learn it).
+    engaged_hint: AtomicBool,
     /// The last close could not reset the function (`vdev->needs_reset`): a bus reset of
     /// its device set is owed once none of the set is open ([`VfioPci::dev_set_try_reset`]).
     needs_reset: AtomicBool,
@@ -629,6 +634,8 @@ impl VfioPci {
             dyn_msix,
             pm_save: Mutex::new(None),
             reset_works: AtomicBool::new(false),
+            pm_intx_masked: AtomicBool::new(false),
+            engaged_hint: AtomicBool::new(false),
             needs_reset: AtomicBool::new(false),
             sriov_active,
         });
@@ -813,6 +820,7 @@ impl DeviceFd {
             }
             m.vconfig = VConfig::init(&d.fabric, d.bdf).ok();
             m.engaged = false;
+            d.engaged_hint.store(false, Ordering::Release);
         }
         m.open_count += 1;
         self.granted.store(true, Ordering::Release);
@@ -944,7 +952,7 @@ impl DeviceFd {
         // only sets D0 first), so the buffer just brought back reaches a device that does
         // not decode. Without CONFIG_PM nothing suspends it.
         if m.engaged && d.runtime_suspends() {
-            d.set_power(PowerState::D3Hot);
+            d.runtime_suspend();
         }
         r
     }
@@ -1003,6 +1011,11 @@ impl DeviceFd {
             if m.open_count > 0 && dev.memory_enabled(&m) {
                 m.move_bufs(false);
             }
+            // The set's runtime-PM references go (`pm_runtime_put`): a device in engaged
+            // low power suspends again, its buffers unrevoked but its BARs not decoding.
+            if m.engaged && dev.runtime_suspends() {
+                dev.runtime_suspend();
+            }
         }
         res
     }
@@ -1031,6 +1044,11 @@ impl DeviceFd {
             if m.open_count == 1 {
                 // Decided under `memory_lock`, so two closes at once cannot both miss it:
                 // the interrupts and every ioeventfd go (`vfio_pci_core_disable`).
+                // `vfio_pci_core_disable` resumes a runtime-suspended device first: INTx
+                // unmasked, which signals an interrupt left pending before they all go.
+                if m.engaged && d.runtime_suspends() {
+                    d.pm_intx_unmask();
+                }
                 self.irqs_release();
                 let gone = std::mem::take(&mut *sync::lock(&d.ioeventfds));
                 for e in gone {

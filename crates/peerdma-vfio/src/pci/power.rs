@@ -32,6 +32,20 @@ impl Dev {
         }
     }
 
+    /// `vfio_pci_core_runtime_suspend` and the PCI core after it: INTx masked if active
+    /// (remembered for the resume), then D3hot — which a function without PM cannot enter:
+    /// it stays in D0, runtime-suspended all the same.
+    pub(super) fn runtime_suspend(&self) {
+        self.pm_intx_mask();
+        self.set_power(PowerState::D3Hot);
+    }
+
+    /// The PCI core's runtime resume, then `vfio_pci_core_runtime_resume`'s INTx unmask.
+    pub(super) fn runtime_resume(&self) {
+        self.set_power(PowerState::D0);
+        self.pm_intx_unmask();
+    }
+
     /// Runtime PM can suspend the function once nothing holds it: the kernel has
     /// CONFIG_PM, and it is not a PF with SR-IOV enabled (whose `sriov_configure` keeps a
     /// runtime-PM reference while its VFs exist).
@@ -53,6 +67,7 @@ impl Dev {
     /// Low power is no longer engaged: the wake eventfd (if any) is let go with the lock.
     pub(super) fn disengage(&self, m: &mut MemGuard<'_>) {
         m.engaged = false;
+        self.engaged_hint.store(false, Ordering::Release);
         if let Some(w) = m.wake.take() {
             m.puts.push(w);
         }
@@ -73,23 +88,25 @@ impl DeviceFd {
         }
         m.move_bufs(true);
         m.engaged = true;
+        d.engaged_hint.store(true, Ordering::Release);
         d.wake_armed.store(wake.is_some(), Ordering::Release);
         m.wake = wake;
         // Without CONFIG_PM the runtime-PM put does nothing: the device stays in D0. Nor
         // does it on a PF with SR-IOV enabled, whose `sriov_configure` holds a runtime-PM
         // reference while its VFs exist.
         if d.runtime_suspends() {
-            d.set_power(PowerState::D3Hot);
+            d.runtime_suspend();
         }
         Ok(())
     }
 
-    /// Leaves low power (explicitly, or woken): D0, the wake eventfd let go, and — once
-    /// memory is enabled — the buffers back. Linux skips that last part on a wakeup
-    /// (divergence 7).
+    /// Leaves low power (explicitly, or woken): resumed if it was runtime-suspended (D0,
+    /// INTx unmasked; without CONFIG_PM nothing suspended it, and its power state stays
+    /// whatever the user made it), the wake eventfd let go, and — once memory is enabled —
+    /// the buffers back. Linux skips that last part on a wakeup (divergence 7).
     pub(super) fn leave_low_power(d: &Dev, m: &mut MemGuard<'_>) {
-        if m.engaged {
-            d.set_power(PowerState::D0);
+        if m.engaged && d.runtime_suspends() {
+            d.runtime_resume();
         }
         d.disengage(m);
         d.unrevoke_if_enabled(m);
@@ -110,9 +127,15 @@ impl DeviceFd {
 
     /// [`DeviceFd::ioctl_resume`] of any device (a hot reset resumes its whole set).
     pub(super) fn resume_dev(d: &Arc<Dev>) {
-        // Only a device asleep with a wakeup armed has anything to do (and only then is
-        // `memory_lock` taken, as the runtime-resume callback takes it).
+        // Only a device asleep with a wakeup armed has anything to do with the lock (and only
+        // then is `memory_lock` taken, as the runtime-resume callback takes it). One asleep
+        // without is resumed for the ioctl and suspended again after it: its INTx unmasked
+        // and masked again (`pm_intx_masked`), which signals an interrupt left pending.
         if !d.wake_armed.load(Ordering::Acquire) {
+            if d.runtime_suspends() && d.engaged_hint.load(Ordering::Acquire) {
+                d.pm_intx_unmask();
+                d.pm_intx_mask();
+            }
             return;
         }
         // Without CONFIG_PM there is no runtime resume: nothing wakes.
@@ -133,15 +156,13 @@ impl DeviceFd {
     /// for the access, and the idle that follows suspends it again.
     pub(super) fn resumed<R>(&self, f: impl FnOnce() -> R) -> R {
         let d = &self.dev;
-        let suspended = d.pm.load(Ordering::Acquire)
-            && d.read_mem(|m| m.engaged)
-            && d.fabric.power_state(d.bdf) == Ok(PowerState::D3Hot);
+        let suspended = d.runtime_suspends() && d.read_mem(|m| m.engaged);
         if suspended {
-            d.set_power(PowerState::D0);
+            d.runtime_resume();
         }
         let r = f();
         if suspended && d.read_mem(|m| m.engaged) {
-            d.set_power(PowerState::D3Hot);
+            d.runtime_suspend();
         }
         r
     }
