@@ -501,6 +501,16 @@ fn find_cap(be: &mut dyn ScenarioBackend, d: DevHandle, id: u8) -> Result<Option
 
 /// The provider memory a DMA at `iova` would reach through the newest window holding it, at
 /// a 16-byte slot no earlier DMA of the run used: (iova, provider, region, offset).
+/// What a map step answers: `ok` for a fixed IOVA, the kernel's choice without, or the
+/// errno.
+fn map_outcome(r: Result<u64, Errno>, flags: u32) -> String {
+    match r {
+        Ok(_) if flags & peerdma_uapi::backend::MAP_FIXED_IOVA != 0 => "ok".into(),
+        Ok(at) => format!("iova {at:#x}"),
+        Err(e) => errno_word(e),
+    }
+}
+
 /// Where a DMA at `iova` is aimed and where its bytes must land.
 enum Target {
     /// At `offset` of region `region` of the provider `bdf`.
@@ -925,15 +935,7 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
                     st.iovas.insert(name.clone(), at);
                 }
             }
-            let fixed = *flags & peerdma_uapi::backend::MAP_FIXED_IOVA != 0;
-            Ok((
-                match r {
-                    Ok(_) if fixed => "ok".into(),
-                    Ok(at) => format!("iova {at:#x}"),
-                    Err(e) => errno_word(e),
-                },
-                None,
-            ))
+            Ok((map_outcome(r, *flags), None))
         }
         Action::MapUser {
             ioas,
@@ -972,15 +974,7 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
             if let (Ok(at), Some(name)) = (r, name) {
                 st.iovas.insert(name.clone(), at);
             }
-            let fixed = *flags & peerdma_uapi::backend::MAP_FIXED_IOVA != 0;
-            Ok((
-                match r {
-                    Ok(_) if fixed => "ok".into(),
-                    Ok(at) => format!("iova {at:#x}"),
-                    Err(e) => errno_word(e),
-                },
-                None,
-            ))
+            Ok((map_outcome(r, *flags), None))
         }
         Action::Unmap { ioas, iova, length } => {
             let i = st.ioas(ioas)?;

@@ -787,16 +787,19 @@ impl Iommufd {
             .map(|_| ())
     }
 
-    /// Steps 1 to 5 of [`Iommufd::map_file_ioctl`]: everything before the fd is looked at.
-    fn arg_checks(
+    /// What `iommufd_ioas_map` and `iommufd_ioas_map_file` check first, in this order: an
+    /// unknown flag (or, for IOAS_MAP, a nonzero `__reserved`) → `EOPNOTSUPP`; `iova` or
+    /// `length` of `u64::MAX` → `EOVERFLOW`; neither READABLE nor WRITEABLE → `EINVAL`; no
+    /// such IOAS → `ENOENT`.
+    fn map_prologue(
         &self,
         ioas: u32,
-        start: u64,
-        length: u64,
         iova: u64,
+        length: u64,
         flags: u32,
+        reserved: u32,
     ) -> Result<(), Errno> {
-        if flags & !(MAP_FIXED_IOVA | MAP_READABLE | MAP_WRITEABLE) != 0 {
+        if flags & !(MAP_FIXED_IOVA | MAP_READABLE | MAP_WRITEABLE) != 0 || reserved != 0 {
             return Err(Errno::EOPNOTSUPP);
         }
         if iova == u64::MAX || length == u64::MAX {
@@ -808,6 +811,19 @@ impl Iommufd {
         if !sync::lock(&self.ioas).contains_key(&ioas) {
             return Err(Errno::ENOENT);
         }
+        Ok(())
+    }
+
+    /// Steps 1 to 5 of [`Iommufd::map_file_ioctl`]: everything before the fd is looked at.
+    fn arg_checks(
+        &self,
+        ioas: u32,
+        start: u64,
+        length: u64,
+        iova: u64,
+        flags: u32,
+    ) -> Result<(), Errno> {
+        self.map_prologue(ioas, iova, length, flags, 0)?;
         if length == 0 {
             return Err(Errno::EINVAL);
         }
@@ -984,18 +1000,7 @@ impl Iommufd {
         flags: u32,
         reserved: u32,
     ) -> Result<u64, Errno> {
-        if flags & !(MAP_FIXED_IOVA | MAP_READABLE | MAP_WRITEABLE) != 0 || reserved != 0 {
-            return Err(Errno::EOPNOTSUPP);
-        }
-        if iova == u64::MAX || length == u64::MAX {
-            return Err(Errno::EOVERFLOW);
-        }
-        if flags & (MAP_READABLE | MAP_WRITEABLE) == 0 {
-            return Err(Errno::EINVAL);
-        }
-        if !sync::lock(&self.ioas).contains_key(&ioas) {
-            return Err(Errno::ENOENT);
-        }
+        self.map_prologue(ioas, iova, length, flags, reserved)?;
         uptr.checked_add(length).ok_or(Errno::EOVERFLOW)?;
         if length == 0 || length > u64::MAX - PAGE {
             return Err(Errno::EINVAL);

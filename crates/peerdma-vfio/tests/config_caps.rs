@@ -178,12 +178,7 @@ fn a_4_byte_access_where_two_owners_meet_is_cut_at_the_boundary() {
 
 #[test]
 fn an_sriov_pfs_extended_capabilities_drop_writes_and_a_vf_shows_the_pci_cores_ids() {
-    let m = machine(
-        &std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/sriov-nic.toml"),
-        )
-        .unwrap(),
-    );
+    let m = machine(peerdma_pci::examples::SRIOV_NIC);
     let mut be = m.process();
     let (pf, pf_bdf) = open(&mut be, "nic-pf0");
     let fab = m.fabric();
@@ -269,12 +264,7 @@ fn a_pf_with_sriov_enabled_stays_in_d0_whatever_pmcsr_is_written() {
     // `vfio_pci_set_power_state`: a PF whose VFs vfio-pci enabled (`sriov_active`) refuses
     // every state above D0 with EBUSY, which the PMCSR write handler ignores: the write
     // succeeds and the function stays in D0. (The model's VFs have no PM capability.)
-    let m = machine(
-        &std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/sriov-nic.toml"),
-        )
-        .unwrap(),
-    );
+    let m = machine(peerdma_pci::examples::SRIOV_NIC);
     let mut be = m.process();
     let (pf, pf_bdf) = open(&mut be, "nic-pf0");
     let fab = m.fabric();
