@@ -291,6 +291,8 @@ pub struct File {
     /// virqfd installs): each is called when the eventfd is signalled or written, after the
     /// count was taken (`eventfd_ctx_do_read`).
     waiters: Waiters,
+    /// Callbacks for the eventfd's release (`EPOLLHUP` to its wait queue).
+    hups: Waiters,
     next_waiter: AtomicU64,
 }
 
@@ -343,6 +345,7 @@ impl File {
             flags,
             pos: AtomicU64::new(0),
             waiters: Waiters::default(),
+            hups: Waiters::default(),
             next_waiter: AtomicU64::new(0),
         })
     }
@@ -451,15 +454,17 @@ impl File {
             return;
         }
         if let FileKind::Eventfd(c) = &self.kind {
+            // `eventfd_signal_mask`: the kernel's own signals may take the counter to
+            // 2^64 − 1, which a user's write never reaches.
             let _ = c.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-                Some(v.saturating_add(n).min(u64::MAX - 1))
+                Some(v.saturating_add(n))
             });
             self.wake();
         }
     }
 
     /// `write(2)` of this file (`vfs_write`'s checks, then the file's write method): an
-    /// eventfd (`eventfd_write`) takes an 8-byte count (`EINVAL` for fewer bytes or for
+    /// eventfd (`eventfd_write`) takes exactly an 8-byte count (`EINVAL` for any other size or for
     /// 2^64 − 1; `EAGAIN` when the counter would pass 2^64 − 2: every eventfd here is
     /// nonblocking), adds it and wakes its waiters; a file without a write method (a
     /// dma-buf, a VFIO group file) is `EINVAL`; one not open for writing `EBADF`. A memfd's
@@ -473,11 +478,9 @@ impl File {
         let FileKind::Eventfd(c) = &self.kind else {
             return Err(Errno::EINVAL);
         };
-        let Some(bytes) = data.get(..8) else {
+        let Ok(w) = <[u8; 8]>::try_from(data) else {
             return Err(Errno::EINVAL);
         };
-        let mut w = [0u8; 8];
-        w.copy_from_slice(bytes);
         let add = u64::from_le_bytes(w);
         if add == u64::MAX {
             return Err(Errno::EINVAL);
@@ -509,6 +512,36 @@ impl File {
     /// Takes a wake callback off (`vfio_virqfd_disable`).
     pub fn eventfd_remove_waiter(&self, id: u64) {
         self.waiters
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|(i, _)| *i != id);
+        // `eventfd_ctx_remove_wait_queue` reads the counter away as it unhooks.
+        if let FileKind::Eventfd(c) = &self.kind {
+            c.store(0, Ordering::Release);
+        }
+    }
+
+    /// Registers a callback for the eventfd's release — its last reference put
+    /// (`eventfd_release` wakes its queue with `EPOLLHUP`); `None` for any other file. A
+    /// holder that wants to see it keeps the `Arc` but no file reference, as an
+    /// `eventfd_ctx` does.
+    pub fn eventfd_add_hup(&self, w: Waiter) -> Option<u64> {
+        if !self.is_eventfd() {
+            return None;
+        }
+        let id = self.next_waiter.fetch_add(1, Ordering::AcqRel);
+        self.hups
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((id, w));
+        Some(id)
+    }
+
+    /// Takes a release callback off again.
+    pub fn eventfd_remove_hup(&self, id: u64) {
+        self.hups
             .0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -686,6 +719,18 @@ impl File {
             match &self.kind {
                 FileKind::DmaBuf(b) => b.release(),
                 FileKind::VfioGroup { release, .. } => release.run(),
+                FileKind::Eventfd(_) => {
+                    let hups = std::mem::take(
+                        &mut *self
+                            .hups
+                            .0
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner),
+                    );
+                    for (_, h) in hups {
+                        h();
+                    }
+                }
                 _ => {}
             }
         }

@@ -45,10 +45,16 @@ fn an_eventfd_reads_its_counter_once_and_is_eagain_at_zero() {
     }
     assert_eq!(read(&e, 64), Ok(3u64.to_le_bytes().to_vec()));
     assert_eq!(read(&e, 8), Err(Errno::EAGAIN));
-    // The counter stops short of u64::MAX (a non-blocking write past it would be EAGAIN).
+    // The kernel's own signals take the counter up to u64::MAX (`eventfd_signal_mask`, as
+    // the real kernel showed); a user's write can then add nothing, not even 0.
     e.eventfd_signal(u64::MAX);
     e.eventfd_signal(5);
-    assert_eq!(read(&e, 8), Ok((u64::MAX - 1).to_le_bytes().to_vec()));
+    assert_eq!(e.write(&0u64.to_le_bytes()), Err(Errno::EAGAIN));
+    assert_eq!(read(&e, 8), Ok(u64::MAX.to_le_bytes().to_vec()));
+    // A write is exactly 8 bytes (`eventfd_write`): 16 or 4 are EINVAL and add nothing.
+    assert_eq!(e.write(&[1u8; 16]), Err(Errno::EINVAL));
+    assert_eq!(e.write(&[1u8; 4]), Err(Errno::EINVAL));
+    assert_eq!(read(&e, 8), Err(Errno::EAGAIN));
 }
 
 #[test]

@@ -56,7 +56,7 @@ pub(super) struct Irqs {
     /// INTx masked (`ctx->masked`); not observable here, kept for the state machine.
     intx_masked: bool,
     /// The eventfd INTx unmasks on (`ctx->unmask`, a virqfd).
-    intx_unmask: Option<Arc<File>>,
+    intx_unmask: Option<UnmaskFd>,
     /// MSI or MSI-X vectors allocated (`pci_alloc_irq_vectors`), and each one's eventfd.
     nvec: u32,
     vectors: BTreeMap<u32, Arc<File>>,
@@ -65,11 +65,30 @@ pub(super) struct Irqs {
     req: Option<Arc<File>>,
 }
 
+/// INTx's unmask eventfd, hooked as a virqfd: a write (or a signal) of it is consumed and
+/// unmasks INTx. It holds the eventfd as an `eventfd_ctx` does — the `Arc`, but no file
+/// reference — so the eventfd's last close unhooks it (`EPOLLHUP`).
+pub(super) struct UnmaskFd {
+    file: Arc<File>,
+    waiter: u64,
+    hup: u64,
+}
+
+impl UnmaskFd {
+    /// `vfio_virqfd_disable`: unhooked, the count read away.
+    fn release(self) {
+        self.file.eventfd_remove_hup(self.hup);
+        self.file.eventfd_remove_waiter(self.waiter);
+    }
+}
+
 impl Irqs {
     /// Every eventfd let go (collected, to put once `igate` is dropped).
     fn drain(&mut self, out: &mut Vec<Arc<File>>) {
         out.extend(self.intx_trigger.take());
-        out.extend(self.intx_unmask.take());
+        if let Some(u) = self.intx_unmask.take() {
+            u.release();
+        }
         out.extend(std::mem::take(&mut self.vectors).into_values());
         self.nvec = 0;
         self.intx_masked = false;
@@ -238,9 +257,7 @@ impl DeviceFd {
         let r = {
             let mut irqs = sync::lock(&d.irqs);
             match (index, action) {
-                (0, ACTION_MASK_BIT | ACTION_UNMASK) => {
-                    self.intx_mask(&mut irqs, action, &req, &mut puts)
-                }
+                (0, ACTION_MASK_BIT | ACTION_UNMASK) => self.intx_mask(&mut irqs, action, &req),
                 (0, ACTION_TRIGGER) => self.intx_trigger(&mut irqs, &req, &mut puts),
                 (1 | 2, ACTION_TRIGGER) => {
                     self.msi_trigger(&mut irqs, index as u8, &req, &mut puts)
@@ -265,13 +282,7 @@ impl DeviceFd {
     }
 
     /// `vfio_pci_set_intx_mask`, `vfio_pci_set_intx_unmask`.
-    fn intx_mask(
-        &self,
-        irqs: &mut Irqs,
-        action: u32,
-        req: &Req<'_>,
-        puts: &mut Vec<Arc<File>>,
-    ) -> Result<(), Errno> {
+    fn intx_mask(&self, irqs: &mut Irqs, action: u32, req: &Req<'_>) -> Result<(), Errno> {
         let Req {
             proc,
             start,
@@ -308,12 +319,47 @@ impl DeviceFd {
             if mask {
                 return Err(Errno::ENOTTY);
             }
+            // `vfio_virqfd_enable`: the fd (EBADF, EINVAL for one that is not an eventfd),
+            // then the slot (EBUSY while one is hooked); a count already there unmasks at
+            // once, without being consumed. fd −1: `vfio_virqfd_disable`.
             let fd = fd_at(data, 0);
             if fd >= 0 {
                 let e = eventfd_get(proc, fd)?;
-                puts.extend(irqs.intx_unmask.replace(e));
-            } else {
-                puts.extend(irqs.intx_unmask.take());
+                // An `eventfd_ctx` reference, not a file reference.
+                e.clone().put();
+                if irqs.intx_unmask.is_some() {
+                    return Err(Errno::EBUSY);
+                }
+                let weak = Arc::downgrade(&self.dev);
+                let fire = move || {
+                    if let Some(d) = weak.upgrade() {
+                        d.device_irq(DeviceIrq::Unmask);
+                    }
+                };
+                let weak = Arc::downgrade(&self.dev);
+                let gone = move || {
+                    if let Some(d) = weak.upgrade() {
+                        d.device_irq(DeviceIrq::UnmaskHup);
+                    }
+                };
+                let (Some(waiter), Some(hup)) = (
+                    e.eventfd_add_waiter(Arc::new(fire)),
+                    e.eventfd_add_hup(Arc::new(gone)),
+                ) else {
+                    return Err(Errno::EINVAL);
+                };
+                let pending = e.eventfd_pending();
+                irqs.intx_unmask = Some(UnmaskFd {
+                    file: e,
+                    waiter,
+                    hup,
+                });
+                if pending {
+                    // Served by this call's delivery, once `igate` goes.
+                    sync::lock(&self.dev.irq_queue).push(DeviceIrq::Unmask);
+                }
+            } else if let Some(u) = irqs.intx_unmask.take() {
+                u.release();
             }
         }
         Ok(())
@@ -407,6 +453,12 @@ impl DeviceFd {
             let fds: Vec<i32> = (0..count as usize).map(|i| fd_at(data, 4 * i)).collect();
             if ty == index {
                 return self.msi_set_block(irqs, proc, index, start, &fds, puts);
+            }
+            // `vfio_msi_enable` asks `pci_alloc_irq_vectors` for 1 to `start + count`
+            // vectors: none at all is a range the PCI core refuses (`ERANGE`), and nothing
+            // changes.
+            if start + count == 0 {
+                return Err(Errno::ERANGE);
             }
             irqs.nvec = start + count;
             d.irq_type.store(index, Ordering::Release);
@@ -609,6 +661,11 @@ pub(super) enum DeviceIrq {
     Msi(u16),
     /// The INTx line rose.
     IntxAsserted,
+    /// INTx's unmask eventfd was written (`vfio_pci_intx_unmask_handler`, then
+    /// `vfio_send_intx_eventfd` when the interrupt is still pending).
+    Unmask,
+    /// INTx's unmask eventfd was released (`EPOLLHUP`): the slot is free.
+    UnmaskHup,
 }
 
 impl super::Dev {
@@ -655,6 +712,31 @@ impl super::Dev {
                             if let Some(t) = &irqs.intx_trigger {
                                 t.eventfd_signal(1);
                             }
+                        }
+                    }
+                    DeviceIrq::Unmask
+                        if ty == INTX
+                            && irqs.intx_masked
+                            && !self.virq_disabled.load(Ordering::Acquire) =>
+                    {
+                        if self.hw_intx_pending() {
+                            if let Some(t) = &irqs.intx_trigger {
+                                t.eventfd_signal(1);
+                            }
+                        } else {
+                            self.set_hw_intx_disable(false);
+                            irqs.intx_masked = false;
+                        }
+                    }
+                    // The slot's eventfd is gone; one hooked since stays.
+                    DeviceIrq::UnmaskHup
+                        if irqs
+                            .intx_unmask
+                            .as_ref()
+                            .is_some_and(|u| u.file.refs() == 0) =>
+                    {
+                        if let Some(u) = irqs.intx_unmask.take() {
+                            u.release();
                         }
                     }
                     _ => {}
