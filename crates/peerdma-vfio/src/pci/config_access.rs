@@ -205,13 +205,15 @@ impl Dev {
     }
 
     /// The FLR a user's config write asked for: revoke, `pci_try_reset_function` (its result
-    /// ignored, as the kernel does), unrevoke if memory is enabled. During low power the
-    /// device is put back to D3hot after the reset and the buffers stay revoked.
+    /// ignored, as the kernel does), unrevoke if memory is enabled. The reset leaves the
+    /// device in D0 (`pci_dev_save_and_disable`); during low power with CONFIG_PM the put
+    /// after the access suspends it again, and the buffers stay revoked either way
+    /// (divergence 6).
     pub(super) fn config_flr(&self, m: &mut MemGuard<'_>) {
         m.move_bufs(true);
         let _ = self.fabric.reset_function(self.bdf);
-        if m.engaged {
-            self.set_power(PowerState::D3Hot);
+        if m.engaged && self.runtime_suspends() {
+            self.runtime_suspend();
         }
         self.unrevoke_after_write(m);
     }
