@@ -386,6 +386,18 @@ impl File {
             0o2,
         )
     }
+    /// The file was opened for reading: `FMODE_READ`, which `OPEN_FMODE` gives the access
+    /// modes O_RDONLY (0) and O_RDWR (2) — not O_WRONLY (1), nor 3, which reads and writes
+    /// nothing (include/linux/fs.h `OPEN_FMODE`).
+    pub fn can_read(&self) -> bool {
+        matches!(self.flags & 0o3, 0 | 2)
+    }
+
+    /// The file was opened for writing (`FMODE_WRITE`): access modes O_WRONLY and O_RDWR.
+    pub fn can_write(&self) -> bool {
+        matches!(self.flags & 0o3, 1 | 2)
+    }
+
     /// `F_GET_SEALS` (mm/memfd.c `memfd_get_seals`): a memfd's seals; any other file →
     /// `EINVAL`.
     pub fn seals(&self) -> Result<u32, Errno> {
@@ -471,8 +483,7 @@ impl File {
     /// write (shmem, which grows the file) is not modelled: `EINVAL`, and the scenario
     /// language does not offer it.
     pub fn write(&self, data: &[u8]) -> Result<usize, Errno> {
-        // O_ACCMODE: O_RDONLY (0) has no write.
-        if matches!(self.flags & 0o3, 0) {
+        if !self.can_write() {
             return Err(Errno::EBADF);
         }
         let FileKind::Eventfd(c) = &self.kind else {
@@ -585,7 +596,7 @@ impl File {
     /// from the file position to at most its size; `peek` reads its RAM. Returns the bytes
     /// read.
     pub fn read(&self, buf: &mut [u8], peek: impl FnOnce(u64, &mut [u8])) -> Result<usize, Errno> {
-        if self.flags & 0o3 == 0o1 {
+        if !self.can_read() {
             return Err(Errno::EBADF);
         }
         match &self.kind {

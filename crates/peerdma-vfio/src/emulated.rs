@@ -684,8 +684,8 @@ impl UapiBackend for Emulated<'_> {
         {
             // `file_mmap_ok`: a shmem file ends at MAX_LFS_FILESIZE.
             Err(Errno::EOVERFLOW)
-        } else if f.flags() & 0o3 == 0o1 {
-            // O_WRONLY: no read access.
+        } else if !f.can_read() {
+            // Not open for reading (O_WRONLY, or access mode 3): no mapping at all.
             Err(Errno::EACCES)
         } else {
             match f.kind() {
@@ -1016,11 +1016,25 @@ impl UapiBackend for Emulated<'_> {
         length: u64,
         shared: bool,
     ) -> Result<MapHandle, Errno> {
-        // The VFS's own checks first: a zero length, or an offset that is not page aligned.
-        if length == 0 || offset % 4096 != 0 {
+        // The VFS's own checks first (`sys_mmap`, `do_mmap`, `__get_unmapped_area`): an
+        // offset that is not page aligned or a zero length → EINVAL; a length that
+        // page-aligns to 0 → ENOMEM; an end page past 2^64 → EOVERFLOW; longer than the
+        // address space → ENOMEM. Only then does vfio-pci see the mapping.
+        const TASK_SIZE: u64 = (1 << 47) - PAGE;
+        if length == 0 || offset % PAGE != 0 {
             return Err(Errno::EINVAL);
         }
         let pos = region_pos(index, offset)?;
+        let aligned = length.checked_add(PAGE - 1).map_or(0, |l| l & !(PAGE - 1));
+        if aligned == 0 {
+            return Err(Errno::ENOMEM);
+        }
+        if (pos / PAGE).checked_add(aligned / PAGE).is_none() {
+            return Err(Errno::EOVERFLOW);
+        }
+        if aligned > TASK_SIZE {
+            return Err(Errno::ENOMEM);
+        }
         self.dev(dev)?.fd.mmap_check(pos, length, shared)?;
         if let Some(o) = self.devs.get_mut(&dev.0) {
             o.maps += 1;
@@ -1029,10 +1043,12 @@ impl UapiBackend for Emulated<'_> {
         self.next_map += 1;
         self.maps.insert(
             h,
+            // vfio-pci names the region by the offset's top bits (`vfio_pci_core_mmap`), not
+            // by what the caller meant.
             CpuMap {
                 dev: dev.0,
-                bar: index as u8,
-                offset,
+                bar: (pos >> peerdma_uapi::backend::REGION_OFFSET_SHIFT) as u8,
+                offset: pos & ((1 << peerdma_uapi::backend::REGION_OFFSET_SHIFT) - 1),
                 length,
             },
         );
