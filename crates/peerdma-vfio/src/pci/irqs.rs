@@ -306,14 +306,7 @@ impl DeviceFd {
             // stays masked and the eventfd is signalled again (`pci_check_and_unmask_intx`
             // refuses), else INTx-disable is cleared.
             if irqs.intx_masked && !self.dev.virq_disabled.load(Ordering::Acquire) {
-                if self.dev.hw_intx_pending() {
-                    if let Some(t) = &irqs.intx_trigger {
-                        t.eventfd_signal(1);
-                    }
-                } else {
-                    self.dev.set_hw_intx_disable(false);
-                    irqs.intx_masked = false;
-                }
+                self.dev.intx_unmask_step(irqs);
             }
         } else if flags & DATA_EVENTFD != 0 {
             if mask {
@@ -719,14 +712,7 @@ impl super::Dev {
                             && irqs.intx_masked
                             && !self.virq_disabled.load(Ordering::Acquire) =>
                     {
-                        if self.hw_intx_pending() {
-                            if let Some(t) = &irqs.intx_trigger {
-                                t.eventfd_signal(1);
-                            }
-                        } else {
-                            self.set_hw_intx_disable(false);
-                            irqs.intx_masked = false;
-                        }
+                        self.intx_unmask_step(&mut irqs);
                     }
                     // The slot's eventfd is gone; one hooked since stays.
                     DeviceIrq::UnmaskHup
@@ -766,14 +752,7 @@ impl super::Dev {
                     irqs.intx_masked = true;
                 }
             } else if irqs.intx_masked {
-                if self.hw_intx_pending() {
-                    if let Some(t) = &irqs.intx_trigger {
-                        t.eventfd_signal(1);
-                    }
-                } else {
-                    self.set_hw_intx_disable(false);
-                    irqs.intx_masked = false;
-                }
+                self.intx_unmask_step(&mut irqs);
             }
         }
         self.deliver_irqs();
@@ -808,17 +787,24 @@ impl super::Dev {
                 && irqs.intx_masked
                 && !self.virq_disabled.load(Ordering::Acquire)
             {
-                if self.hw_intx_pending() {
-                    if let Some(t) = &irqs.intx_trigger {
-                        t.eventfd_signal(1);
-                    }
-                } else {
-                    self.set_hw_intx_disable(false);
-                    irqs.intx_masked = false;
-                }
+                self.intx_unmask_step(&mut irqs);
             }
         }
         self.deliver_irqs();
+    }
+
+    /// The heart of `vfio_pci_intx_unmask_handler` for a masked INTx: with the interrupt
+    /// still pending in the device it stays masked and the eventfd is signalled again
+    /// (`pci_check_and_unmask_intx` refuses), else INTx-disable is cleared.
+    fn intx_unmask_step(&self, irqs: &mut Irqs) {
+        if self.hw_intx_pending() {
+            if let Some(t) = &irqs.intx_trigger {
+                t.eventfd_signal(1);
+            }
+        } else {
+            self.set_hw_intx_disable(false);
+            irqs.intx_masked = false;
+        }
     }
 
     /// PCI Status' Interrupt bit in the device: its INTx is pending.
