@@ -92,10 +92,12 @@ impl DeviceModel {
             }
             DeviceModel::QemuNvme => {
                 if offset >= NVME_REGS_END {
-                    if offset < NVME_MSIX_TABLE {
-                        buf.fill(0);
-                    } else {
+                    if (NVME_MSIX_TABLE..NVME_MSIX_TABLE_END).contains(&offset) {
                         mem.read(offset, buf);
+                    } else {
+                        // The doorbells read 0; so does the PBA (no vector is ever pending
+                        // here) and what no region of BAR 0 covers.
+                        buf.fill(0);
                     }
                 } else if offset + buf.len() as u64 > NVME_REGS_END {
                     buf.fill(0);
@@ -163,7 +165,11 @@ impl DeviceModel {
             }
             DeviceModel::QemuNvme => {
                 if offset >= NVME_MSIX_TABLE {
-                    mem.write(offset, data);
+                    // The MSI-X table keeps what is written; the PBA is read-only
+                    // (`msix_pba_write` drops it) and past both nothing decodes.
+                    if offset < NVME_MSIX_TABLE_END {
+                        mem.write(offset, data);
+                    }
                     return None;
                 }
                 if offset >= NVME_REGS_END {
@@ -310,8 +316,12 @@ const NVME_ASQ: u64 = 0x28;
 const NVME_ACQ: u64 = 0x30;
 /// The register page ends here; the doorbells follow.
 const NVME_REGS_END: u64 = 0x1000;
-/// From here on BAR 0 is the MSI-X table and PBA (plain to this model; vfio guards the table).
+/// From here on BAR 0 is the MSI-X table (plain to this model; vfio guards it), then the PBA
+/// at 0x3000 (the MSI-X capability's table and PBA offsets, as QEMU's NVMe lays them out).
 const NVME_MSIX_TABLE: u64 = 0x2000;
+/// The table's end: 65 vectors of 16 bytes (QEMU's NVMe: one per queue pair and the admin
+/// queue, `max_ioqpairs` 64).
+const NVME_MSIX_TABLE_END: u64 = NVME_MSIX_TABLE + 65 * 16;
 
 /// CSTS.SHST, the shutdown status field.
 const NVME_CSTS_SHST: u32 = 3 << 2;
