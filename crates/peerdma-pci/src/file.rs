@@ -401,7 +401,7 @@ fn convert(raw: &RawFile) -> Result<FabricSpec, FabricError> {
             spec.model = Some(crate::model::DeviceModel::from_name(name).ok_or_else(|| {
                 FabricError::at(
                     format!("{k}.model"),
-                    format!("unknown device model {name:?} (known: \"qemu-edu\")"),
+                    format!("unknown device model {name:?} (known: \"qemu-edu\", \"qemu-nvme\", \"qemu-ivshmem\")"),
                 )
             })?);
         }

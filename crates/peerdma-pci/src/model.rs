@@ -28,6 +28,14 @@
 //! interrupt mask go to 0), and so does a reset of the function (FLR, a bus reset:
 //! `DeviceModel::reset`). A shutdown request (CC.SHN) completes at once. Not modelled: queues,
 //! commands, doorbells, NSSR, the CMB and PMR controls.
+//!
+//! `QemuIvshmem` is `ivshmem-plain`'s BAR 0 (hw/misc/ivshmem-pci.c `ivshmem_io_read`,
+//! `ivshmem_io_write`; its ops take exactly 4 bytes, so QEMU cuts an 8-byte access in two and
+//! widens a narrower one to 4 at its own address): INTRMASK at 0 and INTRSTATUS at 4 take a
+//! write at any byte of them as the whole (zero-extended) value; a read reads a register only
+//! at its own offset (else 0), and reading INTRSTATUS clears it; IVPOSITION at 8 reads 0, the
+//! doorbell at 12 and everything past the registers keep nothing. A reset clears mask and
+//! status. Its interrupt (status & mask on INTx) is not modelled.
 
 use crate::memory::SparseMemory;
 
@@ -38,6 +46,8 @@ pub enum DeviceModel {
     QemuEdu,
     /// QEMU's `nvme` controller.
     QemuNvme,
+    /// QEMU's `ivshmem-plain`: BAR 0 is its register file.
+    QemuIvshmem,
 }
 
 impl DeviceModel {
@@ -46,6 +56,7 @@ impl DeviceModel {
         match name {
             "qemu-edu" => Some(DeviceModel::QemuEdu),
             "qemu-nvme" => Some(DeviceModel::QemuNvme),
+            "qemu-ivshmem" => Some(DeviceModel::QemuIvshmem),
             _ => None,
         }
     }
@@ -53,7 +64,7 @@ impl DeviceModel {
     /// Whether BAR `bar` is the model's register file.
     pub(crate) fn owns(self, bar: u8) -> bool {
         match self {
-            DeviceModel::QemuEdu | DeviceModel::QemuNvme => bar == 0,
+            DeviceModel::QemuEdu | DeviceModel::QemuNvme | DeviceModel::QemuIvshmem => bar == 0,
         }
     }
 
@@ -65,6 +76,7 @@ impl DeviceModel {
                 mem.write(NVME_CAP, &0x0240_0820_0f01_07ff_u64.to_le_bytes());
                 mem.write(NVME_VS, &0x0001_0400_u32.to_le_bytes());
             }
+            DeviceModel::QemuIvshmem => {}
         }
     }
 
@@ -75,12 +87,15 @@ impl DeviceModel {
         match self {
             DeviceModel::QemuEdu => {}
             DeviceModel::QemuNvme => nvme_reset(mem),
+            // `ivshmem_reset`: the interrupt status and mask go to 0.
+            DeviceModel::QemuIvshmem => mem.write(IVSHMEM_INTRMASK, &[0; 8]),
         }
     }
 
     /// A CPU load of `buf.len()` bytes at `offset`.
-    pub(crate) fn load(self, mem: &SparseMemory, offset: u64, buf: &mut [u8]) {
+    pub(crate) fn load(self, mem: &mut SparseMemory, offset: u64, buf: &mut [u8]) {
         match self {
+            DeviceModel::QemuIvshmem => ivshmem_load(mem, offset, buf),
             DeviceModel::QemuEdu => {
                 if buf.len() < 4 {
                     buf.fill(0);
@@ -112,6 +127,10 @@ impl DeviceModel {
     /// registers (a DMA, an interrupt line change) comes back for the fabric to carry out.
     pub(crate) fn store(self, mem: &mut SparseMemory, offset: u64, data: &[u8]) -> Option<Effect> {
         match self {
+            DeviceModel::QemuIvshmem => {
+                ivshmem_store(mem, offset, data);
+                None
+            }
             DeviceModel::QemuEdu => {
                 if !edu_size_ok(offset, data.len()) {
                     return None;
@@ -268,7 +287,8 @@ impl DeviceModel {
     pub(crate) fn irq_pending(self, mem: &SparseMemory) -> bool {
         match self {
             DeviceModel::QemuEdu => get32(mem, 0x24) != 0,
-            DeviceModel::QemuNvme => false,
+            // ivshmem's INTx (status & mask) is not modelled.
+            DeviceModel::QemuNvme | DeviceModel::QemuIvshmem => false,
         }
     }
 }
@@ -304,6 +324,53 @@ const EDU_DMA_SIZE: u64 = 4096;
 const EDU_DMA_MASK: u64 = (1 << 28) - 1;
 /// The interrupt status bit a finished DMA raises.
 const EDU_DMA_IRQ: u32 = 0x100;
+
+/// ivshmem's registers (hw/misc/ivshmem-pci.c): the interrupt mask and status, the
+/// position (read-only) and the doorbell (write-only, nothing to ring without peers).
+const IVSHMEM_INTRMASK: u64 = 0x00;
+const IVSHMEM_INTRSTATUS: u64 = 0x04;
+const IVSHMEM_IVPOSITION: u64 = 0x08;
+
+/// The 4-byte units QEMU's memory core cuts an access of `n` bytes at `offset` into for a
+/// device whose ops take 4 bytes (`memory_access_size`: at most 4 at a time;
+/// `access_with_adjusted_size`: each widened to 4 at its own address); vfio only makes
+/// naturally aligned accesses, so each unit starts inside the access.
+fn ivshmem_units(offset: u64, n: usize) -> impl Iterator<Item = (u64, usize, usize)> {
+    (0..n)
+        .step_by(4)
+        .map(move |at| (offset + at as u64, at, (n - at).min(4)))
+}
+
+/// `ivshmem_io_read`: only an access at a register's own offset reads it (anything else, 0);
+/// reading the status clears it.
+fn ivshmem_load(mem: &mut SparseMemory, offset: u64, buf: &mut [u8]) {
+    for (addr, at, n) in ivshmem_units(offset, buf.len()) {
+        let mut v = [0u8; 4];
+        match addr {
+            IVSHMEM_INTRMASK | IVSHMEM_IVPOSITION => mem.read(addr, &mut v),
+            IVSHMEM_INTRSTATUS => {
+                mem.read(addr, &mut v);
+                mem.write(addr, &[0; 4]);
+            }
+            _ => {}
+        }
+        buf[at..at + n].copy_from_slice(&v[..n]);
+    }
+}
+
+/// `ivshmem_io_write`: the address rounded down to its register (`addr &= 0xfc`), and the
+/// register takes the whole value, zero-extended from a narrower write; the position and
+/// the doorbell keep nothing.
+fn ivshmem_store(mem: &mut SparseMemory, offset: u64, data: &[u8]) {
+    for (addr, at, n) in ivshmem_units(offset, data.len()) {
+        let reg = addr & 0xfc;
+        if reg == IVSHMEM_INTRMASK || reg == IVSHMEM_INTRSTATUS {
+            let mut v = [0u8; 4];
+            v[..n].copy_from_slice(&data[at..at + n]);
+            mem.write(reg, &v);
+        }
+    }
+}
 
 const NVME_CAP: u64 = 0x00;
 const NVME_VS: u64 = 0x08;
@@ -382,7 +449,7 @@ fn edu_size_ok(offset: u64, size: usize) -> bool {
 mod tests {
     use super::*;
 
-    fn rd(mem: &SparseMemory, at: u64, n: usize) -> Vec<u8> {
+    fn rd(mem: &mut SparseMemory, at: u64, n: usize) -> Vec<u8> {
         let mut b = vec![0u8; n];
         DeviceModel::QemuEdu.load(mem, at, &mut b);
         b
@@ -393,47 +460,47 @@ mod tests {
         let mut m = SparseMemory::new();
         let edu = DeviceModel::QemuEdu;
         edu.power_on(&mut m);
-        assert_eq!(rd(&m, 0, 4), 0x0100_00ed_u32.to_le_bytes());
+        assert_eq!(rd(&mut m, 0, 4), 0x0100_00ed_u32.to_le_bytes());
         edu.store(&mut m, 0, &[0; 4]);
-        assert_eq!(rd(&m, 0, 4), 0x0100_00ed_u32.to_le_bytes(), "read-only");
+        assert_eq!(rd(&mut m, 0, 4), 0x0100_00ed_u32.to_le_bytes(), "read-only");
         edu.store(&mut m, 4, &0x1122_3344_u32.to_le_bytes());
-        assert_eq!(rd(&m, 4, 4), 0xeedd_ccbb_u32.to_le_bytes());
-        assert_eq!(rd(&m, 4, 2), [0, 0], "narrower than 4 bytes: refused");
+        assert_eq!(rd(&mut m, 4, 4), 0xeedd_ccbb_u32.to_le_bytes());
+        assert_eq!(rd(&mut m, 4, 2), [0, 0], "narrower than 4 bytes: refused");
         edu.store(&mut m, 4, &[0x55]);
-        assert_eq!(rd(&m, 4, 4), 0xeedd_ccbb_u32.to_le_bytes());
-        assert_eq!(rd(&m, 0, 8), [0xff; 8], "8 bytes below 0x80");
-        assert_eq!(rd(&m, 0x0c, 4), [0xff; 4], "no register");
+        assert_eq!(rd(&mut m, 4, 4), 0xeedd_ccbb_u32.to_le_bytes());
+        assert_eq!(rd(&mut m, 0, 8), [0xff; 8], "8 bytes below 0x80");
+        assert_eq!(rd(&mut m, 0x0c, 4), [0xff; 4], "no register");
         edu.store(&mut m, 8, &5u32.to_le_bytes());
-        assert_eq!(rd(&m, 8, 4), 120u32.to_le_bytes());
+        assert_eq!(rd(&mut m, 8, 4), 120u32.to_le_bytes());
         edu.store(&mut m, 0x80, &u64::MAX.to_le_bytes());
         edu.store(&mut m, 0x80, &0x1234u32.to_le_bytes());
         assert_eq!(
-            rd(&m, 0x80, 8),
+            rd(&mut m, 0x80, 8),
             0x1234u64.to_le_bytes(),
             "a 4-byte write clears the top"
         );
         edu.store(&mut m, 0x98, &2u64.to_le_bytes());
-        assert_eq!(rd(&m, 0x98, 8), [0; 8], "no run bit: ignored");
+        assert_eq!(rd(&mut m, 0x98, 8), [0; 8], "no run bit: ignored");
         assert_eq!(
             edu.store(&mut m, 0x98, &3u64.to_le_bytes()),
             Some(Effect::EduDma),
             "the transfer is the fabric's to run"
         );
-        assert_eq!(rd(&m, 0x98, 8), 3u64.to_le_bytes(), "running until it has");
+        assert_eq!(rd(&mut m, 0x98, 8), 3u64.to_le_bytes(), "running until it has");
         edu.store(&mut m, 0x80, &0x99u32.to_le_bytes());
         assert_eq!(
-            rd(&m, 0x80, 8),
+            rd(&mut m, 0x80, 8),
             0x1234u64.to_le_bytes(),
             "kept while running"
         );
         assert!(!DeviceModel::edu_dma_done(&mut m), "no interrupt asked for");
-        assert_eq!(rd(&m, 0x98, 8), 2u64.to_le_bytes(), "done");
+        assert_eq!(rd(&mut m, 0x98, 8), 2u64.to_le_bytes(), "done");
         assert_eq!(
             edu.store(&mut m, 0x60, &0x11u32.to_le_bytes()),
             Some(Effect::Interrupt { raised: true })
         );
         edu.store(&mut m, 0x64, &0x01u32.to_le_bytes());
-        assert_eq!(rd(&m, 0x24, 4), 0x10u32.to_le_bytes());
+        assert_eq!(rd(&mut m, 0x24, 4), 0x10u32.to_le_bytes());
         assert!(edu.irq_pending(&m));
     }
 
@@ -442,22 +509,22 @@ mod tests {
         let mut m = SparseMemory::new();
         let nvme = DeviceModel::QemuNvme;
         nvme.power_on(&mut m);
-        let rd = |m: &SparseMemory, at: u64, n: usize| {
+        let rd = |m: &mut SparseMemory, at: u64, n: usize| {
             let mut b = vec![0u8; n];
             nvme.load(m, at, &mut b);
             b
         };
         nvme.store(&mut m, 0, &[0; 8]);
-        assert_eq!(rd(&m, 0, 8), 0x0240_0820_0f01_07ff_u64.to_le_bytes());
+        assert_eq!(rd(&mut m, 0, 8), 0x0240_0820_0f01_07ff_u64.to_le_bytes());
         nvme.store(&mut m, 0x0c, &5u32.to_le_bytes());
         nvme.store(&mut m, 0x10, &1u32.to_le_bytes());
-        assert_eq!(rd(&m, 0x0c, 8), [4, 0, 0, 0, 4, 0, 0, 0]);
+        assert_eq!(rd(&mut m, 0x0c, 8), [4, 0, 0, 0, 4, 0, 0, 0]);
         nvme.store(&mut m, 0x14, &1u32.to_le_bytes());
-        assert_eq!(rd(&m, 0x1c, 4), 1u32.to_le_bytes(), "ready");
+        assert_eq!(rd(&mut m, 0x1c, 4), 1u32.to_le_bytes(), "ready");
         nvme.store(&mut m, 0x14, &0u32.to_le_bytes());
-        assert_eq!(rd(&m, 0x1c, 4), [0; 4]);
+        assert_eq!(rd(&mut m, 0x1c, 4), [0; 4]);
         nvme.store(&mut m, 0x1000, &[0xaa; 4]);
-        assert_eq!(rd(&m, 0x1000, 4), [0; 4], "the doorbells read 0");
-        assert_eq!(rd(&m, 0xffc, 8), [0; 8], "a read past the register page");
+        assert_eq!(rd(&mut m, 0x1000, 4), [0; 4], "the doorbells read 0");
+        assert_eq!(rd(&mut m, 0xffc, 8), [0; 8], "a read past the register page");
     }
 }

@@ -529,9 +529,9 @@ impl Fabric {
             Target::Bar { bdf, bar, offset } => {
                 if let Ok(id) = self.id(bdf) {
                     let f = &self.funcs[id];
-                    let m = sync::lock(&f.mem[usize::from(bar)]);
+                    let mut m = sync::lock(&f.mem[usize::from(bar)]);
                     match f.model.filter(|x| x.owns(bar)) {
-                        Some(model) => model.load(&m, offset, buf),
+                        Some(model) => model.load(&mut m, offset, buf),
                         None => m.read(offset, buf),
                     }
                 }
