@@ -486,7 +486,11 @@ mod tests {
             Some(Effect::EduDma),
             "the transfer is the fabric's to run"
         );
-        assert_eq!(rd(&mut m, 0x98, 8), 3u64.to_le_bytes(), "running until it has");
+        assert_eq!(
+            rd(&mut m, 0x98, 8),
+            3u64.to_le_bytes(),
+            "running until it has"
+        );
         edu.store(&mut m, 0x80, &0x99u32.to_le_bytes());
         assert_eq!(
             rd(&mut m, 0x80, 8),
@@ -525,6 +529,10 @@ mod tests {
         assert_eq!(rd(&mut m, 0x1c, 4), [0; 4]);
         nvme.store(&mut m, 0x1000, &[0xaa; 4]);
         assert_eq!(rd(&mut m, 0x1000, 4), [0; 4], "the doorbells read 0");
-        assert_eq!(rd(&mut m, 0xffc, 8), [0; 8], "a read past the register page");
+        assert_eq!(
+            rd(&mut m, 0xffc, 8),
+            [0; 8],
+            "a read past the register page"
+        );
     }
 }
