@@ -1068,6 +1068,16 @@ impl Fields {
                 .map_err(|_| self.err(key, "does not fit 32 bits")),
         }
     }
+    /// A map step's `iova`, and whether its flags ask for a fixed IOVA: a fixed-IOVA map
+    /// needs one, a kernel-chosen one may leave it out.
+    fn map_iova(&mut self, flags: u32) -> Result<(Iova, bool), FormatError> {
+        let fixed = flags & peerdma_uapi::backend::MAP_FIXED_IOVA != 0;
+        match self.opt_iova()? {
+            Some(v) => Ok((v, fixed)),
+            None if !fixed => Ok((Iova::At(0), fixed)),
+            None => Err(self.err("iova", "missing (a fixed-IOVA map needs one)")),
+        }
+    }
     /// The `iova` field, if given (see [`Iova`]).
     fn opt_iova(&mut self) -> Result<Option<Iova>, FormatError> {
         match self.take("iova") {
@@ -1966,12 +1976,7 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
             let start = f.opt_num("start")?.unwrap_or(0);
             let length = f.num("length")?;
             let flags = f.opt_u32("flags")?.unwrap_or(7);
-            let fixed = flags & peerdma_uapi::backend::MAP_FIXED_IOVA != 0;
-            let iova = match f.opt_iova()? {
-                Some(v) => v,
-                None if !fixed => Iova::At(0),
-                None => return Err(f.err("iova", "missing (a fixed-IOVA map needs one)")),
-            };
+            let (iova, fixed) = f.map_iova(flags)?;
             let name = f.opt_string("as")?;
             let default = if fixed { ok } else { Some(Expect::Iova(None)) };
             (
@@ -1995,12 +2000,7 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
             let length = f.num("length")?;
             let flags = f.opt_u32("flags")?.unwrap_or(7);
             let reserved = f.opt_u32("reserved")?.unwrap_or(0);
-            let fixed = flags & peerdma_uapi::backend::MAP_FIXED_IOVA != 0;
-            let iova = match f.opt_iova()? {
-                Some(v) => v,
-                None if !fixed => Iova::At(0),
-                None => return Err(f.err("iova", "missing (a fixed-IOVA map needs one)")),
-            };
+            let (iova, fixed) = f.map_iova(flags)?;
             // The address must lie in the reservation (memfd and guard), or the kernel could
             // find other memory of the process there; a pin from it stops in the guard at
             // the latest, whatever the length. A length whose end may or may not wrap

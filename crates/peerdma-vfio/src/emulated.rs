@@ -924,13 +924,11 @@ impl UapiBackend for Emulated<'_> {
                 let room = v.start + v.len - uptr;
                 crate::iommufd::UserPages {
                     memfd: Some((&v.file, uptr - v.start)),
-                    fault: (length > room).then_some(Errno::EFAULT),
                     pinnable: length.min(room),
                 }
             }
             _ => crate::iommufd::UserPages {
                 memfd: None,
-                fault: Some(Errno::EFAULT),
                 pinnable: 0,
             },
         };

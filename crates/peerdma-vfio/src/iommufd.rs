@@ -57,12 +57,10 @@ enum AreaState {
 #[derive(Debug)]
 pub struct UserPages<'a> {
     /// The memfd mapped where the range starts, and the offset in it of the range's first
-    /// byte; none when nothing readable is mapped there.
+    /// byte; none when nothing that pins is mapped there.
     pub memfd: Option<(&'a Arc<File>, u64)>,
-    /// The errno the pin stops with, if it does not reach the range's end.
-    pub fault: Option<Errno>,
-    /// How many bytes from the start pin before it stops (the whole length without a
-    /// fault).
+    /// How many bytes from the start pin; a pin that stops short of the range's end faults
+    /// (`EFAULT`).
     pub pinnable: u64,
 }
 
@@ -1010,16 +1008,13 @@ impl Iommufd {
             Some((f, at)) => (f.get(), at),
             None => (File::memfd(0, 0), 0),
         };
-        let phys = match (memory.fault, file.kind()) {
-            (Some(e), _) => Err(e),
-            (None, peerdma_dmabuf::buf::FileKind::Memfd { base, .. }) => Ok(base + start),
-            (None, _) => Err(Errno::EFAULT),
+        let phys = match file.kind() {
+            peerdma_dmabuf::buf::FileKind::Memfd { base, .. } if memory.pinnable >= length => {
+                Ok(base + start)
+            }
+            _ => Err(Errno::EFAULT),
         };
-        let prefix = if memory.memfd.is_some() {
-            memory.pinnable
-        } else {
-            0
-        };
+        let prefix = memory.pinnable.min(length);
         let r = self.map_pages(
             ioas,
             &file,

@@ -212,7 +212,7 @@ impl Dev {
     pub(super) fn config_flr(&self, m: &mut MemGuard<'_>) {
         m.move_bufs(true);
         let _ = self.fabric.reset_function(self.bdf);
-        if m.engaged && self.runtime_suspends() {
+        if self.runtime_suspended(m) {
             self.runtime_suspend();
         }
         self.unrevoke_after_write(m);

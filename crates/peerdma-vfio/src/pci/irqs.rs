@@ -296,18 +296,9 @@ impl DeviceFd {
         let mask = action == ACTION_MASK_BIT;
         let fire = flags & DATA_NONE != 0 || (flags & DATA_BOOL != 0 && data[0] != 0);
         if fire && mask {
-            // `vfio_pci_intx_mask`: the device's INTx-disable set (`pci_intx(pdev, 0)`).
-            if !irqs.intx_masked {
-                self.dev.set_hw_intx_disable(true);
-                irqs.intx_masked = true;
-            }
+            self.dev.intx_mask_now(irqs);
         } else if fire {
-            // `vfio_pci_intx_unmask_handler`: with an interrupt still pending the device
-            // stays masked and the eventfd is signalled again (`pci_check_and_unmask_intx`
-            // refuses), else INTx-disable is cleared.
-            if irqs.intx_masked && !self.dev.virq_disabled.load(Ordering::Acquire) {
-                self.dev.intx_unmask_step(irqs);
-            }
+            self.dev.intx_unmask_handler(irqs);
         } else if flags & DATA_EVENTFD != 0 {
             if mask {
                 return Err(Errno::ENOTTY);
@@ -707,13 +698,7 @@ impl super::Dev {
                             }
                         }
                     }
-                    DeviceIrq::Unmask
-                        if ty == INTX
-                            && irqs.intx_masked
-                            && !self.virq_disabled.load(Ordering::Acquire) =>
-                    {
-                        self.intx_unmask_step(&mut irqs);
-                    }
+                    DeviceIrq::Unmask if ty == INTX => self.intx_unmask_handler(&mut irqs),
                     // The slot's eventfd is gone; one hooked since stays.
                     DeviceIrq::UnmaskHup
                         if irqs
@@ -747,12 +732,9 @@ impl super::Dev {
             if self.irq_type.load(Ordering::Acquire) != INTX {
                 self.set_hw_intx_disable(disabled);
             } else if disabled {
-                if !irqs.intx_masked {
-                    self.set_hw_intx_disable(true);
-                    irqs.intx_masked = true;
-                }
-            } else if irqs.intx_masked {
-                self.intx_unmask_step(&mut irqs);
+                self.intx_mask_now(&mut irqs);
+            } else {
+                self.intx_unmask_handler(&mut irqs);
             }
         }
         self.deliver_irqs();
@@ -763,13 +745,7 @@ impl super::Dev {
     pub(super) fn pm_intx_mask(&self) {
         let masked = {
             let mut irqs = sync::lock(&self.irqs);
-            if self.irq_type.load(Ordering::Acquire) == INTX && !irqs.intx_masked {
-                self.set_hw_intx_disable(true);
-                irqs.intx_masked = true;
-                true
-            } else {
-                false
-            }
+            self.irq_type.load(Ordering::Acquire) == INTX && self.intx_mask_now(&mut irqs)
         };
         self.pm_intx_masked.store(masked, Ordering::Release);
     }
@@ -783,20 +759,32 @@ impl super::Dev {
         }
         {
             let mut irqs = sync::lock(&self.irqs);
-            if self.irq_type.load(Ordering::Acquire) == INTX
-                && irqs.intx_masked
-                && !self.virq_disabled.load(Ordering::Acquire)
-            {
-                self.intx_unmask_step(&mut irqs);
+            if self.irq_type.load(Ordering::Acquire) == INTX {
+                self.intx_unmask_handler(&mut irqs);
             }
         }
         self.deliver_irqs();
     }
 
-    /// The heart of `vfio_pci_intx_unmask_handler` for a masked INTx: with the interrupt
-    /// still pending in the device it stays masked and the eventfd is signalled again
-    /// (`pci_check_and_unmask_intx` refuses), else INTx-disable is cleared.
-    fn intx_unmask_step(&self, irqs: &mut Irqs) {
+    /// `__vfio_pci_intx_mask` for an active INTx: the device's INTx-disable set
+    /// (`pci_intx(pdev, 0)`) unless it is masked already; whether this masked it.
+    fn intx_mask_now(&self, irqs: &mut Irqs) -> bool {
+        if irqs.intx_masked {
+            return false;
+        }
+        self.set_hw_intx_disable(true);
+        irqs.intx_masked = true;
+        true
+    }
+
+    /// `vfio_pci_intx_unmask_handler` for an active INTx: a masked one the user's COMMAND
+    /// does not disable is unmasked — or, with the interrupt still pending in the device
+    /// (`pci_check_and_unmask_intx` refuses), stays masked and its eventfd is signalled
+    /// again (`vfio_send_intx_eventfd`).
+    fn intx_unmask_handler(&self, irqs: &mut Irqs) {
+        if !irqs.intx_masked || self.virq_disabled.load(Ordering::Acquire) {
+            return;
+        }
         if self.hw_intx_pending() {
             if let Some(t) = &irqs.intx_trigger {
                 t.eventfd_signal(1);

@@ -951,7 +951,7 @@ impl DeviceFd {
         // its end suspends it again (D3hot, without revoking: `vfio_pci_core_runtime_suspend`
         // only sets D0 first), so the buffer just brought back reaches a device that does
         // not decode. Without CONFIG_PM nothing suspends it.
-        if m.engaged && d.runtime_suspends() {
+        if d.runtime_suspended(&m) {
             d.runtime_suspend();
         }
         r
@@ -1013,7 +1013,7 @@ impl DeviceFd {
             }
             // The set's runtime-PM references go (`pm_runtime_put`): a device in engaged
             // low power suspends again, its buffers unrevoked but its BARs not decoding.
-            if m.engaged && dev.runtime_suspends() {
+            if dev.runtime_suspended(&m) {
                 dev.runtime_suspend();
             }
         }
@@ -1046,7 +1046,7 @@ impl DeviceFd {
                 // the interrupts and every ioeventfd go (`vfio_pci_core_disable`).
                 // `vfio_pci_core_disable` resumes a runtime-suspended device first: INTx
                 // unmasked, which signals an interrupt left pending before they all go.
-                if m.engaged && d.runtime_suspends() {
+                if d.runtime_suspended(&m) {
                     d.pm_intx_unmask();
                 }
                 self.irqs_release();

@@ -46,6 +46,12 @@ impl Dev {
         self.pm_intx_unmask();
     }
 
+    /// The function is runtime-suspended between accesses: low power is engaged and runtime
+    /// PM can suspend it ([`Dev::runtime_suspends`]).
+    pub(super) fn runtime_suspended(&self, m: &super::Mem) -> bool {
+        m.engaged && self.runtime_suspends()
+    }
+
     /// Runtime PM can suspend the function once nothing holds it: the kernel has
     /// CONFIG_PM, and it is not a PF with SR-IOV enabled (whose `sriov_configure` keeps a
     /// runtime-PM reference while its VFs exist).
@@ -105,7 +111,7 @@ impl DeviceFd {
     /// whatever the user made it), the wake eventfd let go, and — once memory is enabled —
     /// the buffers back. Linux skips that last part on a wakeup (divergence 7).
     pub(super) fn leave_low_power(d: &Dev, m: &mut MemGuard<'_>) {
-        if m.engaged && d.runtime_suspends() {
+        if d.runtime_suspended(m) {
             d.runtime_resume();
         }
         d.disengage(m);
@@ -156,12 +162,12 @@ impl DeviceFd {
     /// for the access, and the idle that follows suspends it again.
     pub(super) fn resumed<R>(&self, f: impl FnOnce() -> R) -> R {
         let d = &self.dev;
-        let suspended = d.runtime_suspends() && d.read_mem(|m| m.engaged);
+        let suspended = d.read_mem(|m| d.runtime_suspended(m));
         if suspended {
             d.runtime_resume();
         }
         let r = f();
-        if suspended && d.read_mem(|m| m.engaged) {
+        if suspended && d.read_mem(|m| d.runtime_suspended(m)) {
             d.runtime_suspend();
         }
         r
