@@ -1663,6 +1663,10 @@ impl ScenarioBackend for LinuxBackend {
         self.kmsg.is_some()
     }
 
+    fn settle(&mut self, ms: u32) {
+        std::thread::sleep(std::time::Duration::from_millis(u64::from(ms)));
+    }
+
     /// ivshmem: only the host can tell, from the backing file. Any other device: its BAR
     /// as the CPU sees it now, through a mapping of the sysfs resource file (a device that
     /// does not decode memory, or sleeps in D3hot, shows nothing: nothing can have landed).

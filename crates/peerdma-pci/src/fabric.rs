@@ -256,7 +256,38 @@ impl Fabric {
                         self.device_interrupt(f, true);
                     }
                 }
+                Effect::NvmeFetch => self.nvme_fetch(f),
                 Effect::Interrupt { raised } => self.device_interrupt(f, raised),
+            }
+        }
+    }
+
+    /// `nvme_process_sq`: the controller fetches each command between its admin submission
+    /// queue's head and tail, from its memory buffer (BAR 2) when the queue lies in it, else by
+    /// its own DMA read, routed like any other (Bus Master Enable, the IOMMU); the first fetch
+    /// that fails makes it fatal and stops the queue.
+    fn nvme_fetch(&self, f: &Function) {
+        use crate::model::{DeviceModel, NvmeFetch};
+        let mut cmd = [0u8; 64];
+        // Each successful fetch moves the head one entry on, so this ends within the
+        // queue's size.
+        loop {
+            // The lock is let go at the end of this statement: the DMA below may land in
+            // this function's own BARs.
+            let next = DeviceModel::nvme_next_fetch(&sync::lock(&f.mem[0]));
+            let Some(at) = next else { break };
+            let ok = match at {
+                NvmeFetch::Cmb(offset) => {
+                    sync::lock(&f.mem[2]).read(offset, &mut cmd);
+                    true
+                }
+                NvmeFetch::Dma(addr) => {
+                    self.dma_read(f.bdf, crate::DmaAddr(addr), &mut cmd).is_ok()
+                }
+            };
+            DeviceModel::nvme_fetched(&mut sync::lock(&f.mem[0]), ok);
+            if !ok {
+                break;
             }
         }
     }

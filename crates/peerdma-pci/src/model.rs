@@ -19,15 +19,31 @@
 //! The factorial is computed at once (QEMU's thread shows "computing" meanwhile).
 //!
 //! `QemuNvme` is the controller-register page of QEMU's `nvme` (hw/nvme/ctrl.c,
-//! `nvme_mmio_read`/`nvme_write_bar`) in BAR 0, below the MSI-X table: reads return the
-//! register bytes at any size (0 past the 4 KiB register page: the doorbells read 0); only
-//! INTMS/INTMC (which set and clear one mask both read), CC, AQA, ASQ and ACQ take writes, the
-//! rest (CAP, VS, CSTS, CMBLOC, CMBSZ, …) ignore them. Setting CC.EN makes the controller
-//! ready (CSTS.RDY) unless `nvme_start_ctrl` refuses the admin queue addresses, command set or
-//! page size (CSTS.CFS); clearing it resets the controller (`nvme_ctrl_reset`: CC, CSTS and the
-//! interrupt mask go to 0), and so does a reset of the function (FLR, a bus reset:
-//! `DeviceModel::reset`). A shutdown request (CC.SHN) completes at once. Not modelled: queues,
-//! commands, doorbells, NSSR, the CMB and PMR controls.
+//! `nvme_mmio_read`/`nvme_write_bar`/`nvme_process_db`) in BAR 0, below the MSI-X table, as the
+//! harness runs it (`cmb_size_mb=1`): reads return the register bytes at any size (0 past the
+//! 4 KiB register page: the doorbells read 0). QEMU's memory core widens an access of 1 byte
+//! to 2 at its own address (`nvme_mmio_ops` takes 2 to 8 bytes), the upper byte 0; the
+//! register an access lands on is the one at its exact offset, and a write at any other
+//! offset is dropped. Only INTMS/INTMC (which set and clear one mask both read), CC, AQA and
+//! the upper halves of ASQ, ACQ and CMBMSC (32-bit stores whatever the width), and ASQ, ACQ
+//! and CMBMSC themselves (stores at the write's widened width) take writes; the rest (CAP,
+//! VS, CSTS, CMBLOC, CMBSZ, …) ignore them. Setting CC.EN makes the controller ready
+//! (CSTS.RDY) and creates its admin queues unless `nvme_start_ctrl` refuses the admin queue
+//! addresses, command set or page size (CSTS.CFS); clearing it resets the controller
+//! (`nvme_ctrl_reset`: CC, CSTS and the interrupt mask go to 0, the queues go), and so does
+//! a reset of the function (FLR, a bus reset: `DeviceModel::reset`). A shutdown request
+//! (CC.SHN) completes at once. A write of CMBMSC with CRE fills in CMBLOC and CMBSZ
+//! (`nvme_cmb_enable_regs`: BIR 2, 1 MiB), one without CRE zeroes both; CRE with CMSE maps
+//! the buffer at CMBMSC's base address for the controller's own fetches, or, when that 1 MiB
+//! would wrap, sets CMBSTS.CBAI instead; none of the buffer's controls is reset. A write of
+//! the admin submission queue's tail doorbell (0x1000, 4-byte aligned, the tail inside the
+//! queue, the queue created) makes the controller fetch each command from the old head to
+//! the new tail, 64 bytes at ASQ + 64 × head: from the buffer when it lies in a mapped CMB,
+//! else by its own DMA through the fabric (`nvme_process_sq`); a fetch that fails (Bus Master
+//! Enable off, an IOMMU fault) makes the controller fatal (CSTS reads CFS alone). Not
+//! modelled: what a fetched command does (it is consumed; no completion is posted and no
+//! interrupt raised), I/O queues (only a command creates them), the completion doorbells,
+//! NSSR and the PMR controls (the harness's controller has no PMR).
 //!
 //! `QemuIvshmem` is `ivshmem-plain`'s BAR 0 (hw/misc/ivshmem-pci.c `ivshmem_io_read`,
 //! `ivshmem_io_write`; its ops take exactly 4 bytes, so QEMU cuts an 8-byte access in two and
@@ -192,12 +208,11 @@ impl DeviceModel {
                     return None;
                 }
                 if offset >= NVME_REGS_END {
-                    return None;
+                    return nvme_doorbell(mem, offset, data);
                 }
-                let mut v = [0u8; 8];
-                let n = data.len().min(8);
-                v[..n].copy_from_slice(&data[..n]);
-                let val = u64::from_le_bytes(v);
+                // The memory core widens a 1-byte access to the 2 bytes `nvme_mmio_ops`
+                // takes at least, zero-extending what is written.
+                let (val, width) = nvme_access(data);
                 match offset {
                     NVME_INTMS | NVME_INTMC => {
                         let cur = get32(mem, NVME_INTMS);
@@ -225,7 +240,12 @@ impl DeviceModel {
                             csts &= !NVME_CSTS_SHST;
                         }
                         if new & 1 != 0 && old & 1 == 0 {
-                            csts = if nvme_start_ok(mem, new) { 1 } else { 2 };
+                            csts = if nvme_start_ok(mem, new) {
+                                NvmeAdminSq::create(mem);
+                                1
+                            } else {
+                                2
+                            };
                         } else if new & 1 == 0 && old & 1 != 0 {
                             nvme_reset(mem);
                             return None;
@@ -233,8 +253,11 @@ impl DeviceModel {
                         put32(mem, NVME_CSTS, csts);
                     }
                     NVME_AQA => put32(mem, NVME_AQA, val as u32),
-                    NVME_ASQ | NVME_ACQ => mem.write(offset, &data[..n]),
-                    o if o == NVME_ASQ + 4 || o == NVME_ACQ + 4 => put32(mem, o, val as u32),
+                    NVME_ASQ | NVME_ACQ => mem.write(offset, &val.to_le_bytes()[..width]),
+                    NVME_CMBMSC => nvme_cmbmsc(mem, val, width),
+                    o if o == NVME_ASQ + 4 || o == NVME_ACQ + 4 || o == NVME_CMBMSC + 4 => {
+                        put32(mem, o, val as u32);
+                    }
                     _ => {}
                 }
                 None
@@ -248,12 +271,12 @@ impl DeviceModel {
     /// range falls outside the buffer (QEMU logs it and goes on to copy outside its buffer,
     /// which the model does not: the command completes having moved nothing).
     pub(crate) fn edu_transfer(mem: &SparseMemory) -> Option<EduTransfer> {
-        let get64 = |at: u64| {
-            let mut b = [0u8; 8];
-            mem.read(at, &mut b);
-            u64::from_le_bytes(b)
-        };
-        let (src, dst, cnt, cmd) = (get64(0x80), get64(0x88), get64(0x90), get64(EDU_DMA_CMD));
+        let (src, dst, cnt, cmd) = (
+            get64(mem, 0x80),
+            get64(mem, 0x88),
+            get64(mem, 0x90),
+            get64(mem, EDU_DMA_CMD),
+        );
         let to_bus = cmd & 2 != 0;
         let (bus, local) = if to_bus { (dst, src) } else { (src, dst) };
         let end = local.checked_add(cnt)?;
@@ -298,6 +321,9 @@ impl DeviceModel {
 pub(crate) enum Effect {
     /// edu's DMA command was started: run the transfer ([`DeviceModel::edu_transfer`]).
     EduDma,
+    /// The NVMe admin submission queue's tail moved: fetch its commands
+    /// ([`DeviceModel::nvme_next_fetch`]).
+    NvmeFetch,
     /// The interrupt status changed (raised by a write to 0x60, lowered by 0x64).
     Interrupt {
         /// Raised (an MSI is sent on every raise while MSI is enabled).
@@ -392,11 +418,193 @@ const NVME_MSIX_TABLE_END: u64 = NVME_MSIX_TABLE + 65 * 16;
 
 /// CSTS.SHST, the shutdown status field.
 const NVME_CSTS_SHST: u32 = 3 << 2;
+/// CSTS.CFS, controller fatal status.
+const NVME_CSTS_CFS: u32 = 2;
+/// The controller memory buffer's registers: location, size, memory space control, status.
+const NVME_CMBLOC: u64 = 0x38;
+const NVME_CMBSZ: u64 = 0x3c;
+const NVME_CMBMSC: u64 = 0x50;
+const NVME_CMBSTS: u64 = 0x58;
+/// CAP.CMBS: the controller has a memory buffer (QEMU sets it for `cmb_size_mb`).
+const NVME_CAP_CMBS: u64 = 1 << 57;
+/// CMBMSC.CRE (the location and size registers enabled) and CMBMSC.CMSE (the buffer mapped
+/// in the controller's memory space).
+const NVME_CMBMSC_CRE: u64 = 1;
+const NVME_CMBMSC_CMSE: u64 = 2;
+/// What `nvme_cmb_enable_regs` sets: CMBLOC BIR 2, CDPMLS, CDPCILS; CMBSZ SQS, LISTS, RDS,
+/// WDS, a size unit of 1 MiB and a size of 1 (`cmb_size_mb=1`).
+const NVME_CMBLOC_ENABLED: u32 = 0x62;
+const NVME_CMBSZ_ENABLED: u32 = 0x121d;
+/// The buffer's size: 1 MiB.
+const NVME_CMB_SIZE: u64 = 1 << 20;
+/// A submission queue entry: 64 bytes (`NVME_SQES` 6).
+const NVME_SQE_SIZE: u64 = 64;
+/// Controller state no register shows, kept in the model's memory far past any BAR 0 the
+/// model answers (its load and store stop at the MSI-X table): the admin submission queue,
+/// whether the buffer is mapped (`cmb.cmse`), and where (`cmb.cba`).
+const NVME_SQ_STATE: u64 = 0x100_0000;
+const NVME_CMB_MAPPED: u64 = NVME_SQ_STATE + 0x40;
+const NVME_CMB_BASE: u64 = NVME_SQ_STATE + 0x48;
 
-/// `nvme_ctrl_reset` on the registers.
+/// `nvme_ctrl_reset` on the registers: CSTS, the interrupt mask and CC go to 0 and the
+/// queues are freed; AQA, ASQ, ACQ and the controller memory buffer's controls stay.
 fn nvme_reset(mem: &mut SparseMemory) {
     for reg in [NVME_CSTS, NVME_INTMS, NVME_INTMC, NVME_CC] {
         put32(mem, reg, 0);
+    }
+    NvmeAdminSq::default().save(mem);
+}
+
+/// The value and width of a write as `nvme_mmio_ops` receives it: at least 2 bytes (the
+/// memory core widens a 1-byte access, the upper byte 0), at most 8.
+fn nvme_access(data: &[u8]) -> (u64, usize) {
+    let n = data.len().min(8);
+    let mut v = [0u8; 8];
+    v[..n].copy_from_slice(&data[..n]);
+    (u64::from_le_bytes(v), n.max(2))
+}
+
+/// `nvme_write_bar`'s CMBMSC case (CAP.CMBS is set): the write kept at its width; CRE fills
+/// in CMBLOC and CMBSZ (`nvme_cmb_enable_regs` sets its bits in them), and with CMSE maps the
+/// buffer at the base address CMBMSC then holds, unless its 1 MiB would wrap (CMBSTS.CBAI,
+/// the buffer left unmapped); without CRE both read 0 again. Any write first unmaps it.
+fn nvme_cmbmsc(mem: &mut SparseMemory, val: u64, width: usize) {
+    if get64(mem, NVME_CAP) & NVME_CAP_CMBS == 0 {
+        return;
+    }
+    mem.write(NVME_CMBMSC, &val.to_le_bytes()[..width]);
+    put32(mem, NVME_CMB_MAPPED, 0);
+    if val & NVME_CMBMSC_CRE == 0 {
+        put32(mem, NVME_CMBLOC, 0);
+        put32(mem, NVME_CMBSZ, 0);
+        return;
+    }
+    put32(
+        mem,
+        NVME_CMBLOC,
+        get32(mem, NVME_CMBLOC) | NVME_CMBLOC_ENABLED,
+    );
+    put32(mem, NVME_CMBSZ, get32(mem, NVME_CMBSZ) | NVME_CMBSZ_ENABLED);
+    if val & NVME_CMBMSC_CMSE != 0 {
+        let base = get64(mem, NVME_CMBMSC) & !0xfff;
+        if base.checked_add(NVME_CMB_SIZE).is_none() {
+            put32(mem, NVME_CMBSTS, get32(mem, NVME_CMBSTS) | 1);
+            return;
+        }
+        put32(mem, NVME_CMB_MAPPED, 1);
+        mem.write(NVME_CMB_BASE, &base.to_le_bytes());
+    }
+}
+
+/// `nvme_process_db` for a write at or past 0x1000: one 4-byte aligned doorbell per queue
+/// and direction, the submission queue's tail first. Only the admin submission queue's
+/// (0x1000) does anything here: a misaligned write, a queue that does not exist (no command
+/// creates one here) and a tail at or past the queue's size are ignored, and the completion
+/// doorbells move nothing a register shows.
+fn nvme_doorbell(mem: &mut SparseMemory, offset: u64, data: &[u8]) -> Option<Effect> {
+    if offset != NVME_REGS_END {
+        return None;
+    }
+    let mut sq = NvmeAdminSq::load(mem);
+    // `nvme_process_db` takes the value as a 32-bit int; the tail is its low 16 bits.
+    let tail = (nvme_access(data).0 & 0xffff) as u32;
+    if !sq.live || tail >= sq.size {
+        return None;
+    }
+    sq.tail = tail;
+    sq.save(mem);
+    Some(Effect::NvmeFetch)
+}
+
+/// The admin submission queue as `nvme_start_ctrl` creates it (`nvme_init_sq`): its size
+/// (AQA.ASQS + 1), base address (ASQ at the start), head and tail. Kept in the model's memory
+/// past the BAR, where no access reaches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct NvmeAdminSq {
+    live: bool,
+    size: u32,
+    head: u32,
+    tail: u32,
+    base: u64,
+}
+
+impl NvmeAdminSq {
+    fn load(mem: &SparseMemory) -> NvmeAdminSq {
+        NvmeAdminSq {
+            live: get32(mem, NVME_SQ_STATE) != 0,
+            size: get32(mem, NVME_SQ_STATE + 4),
+            head: get32(mem, NVME_SQ_STATE + 8),
+            tail: get32(mem, NVME_SQ_STATE + 12),
+            base: get64(mem, NVME_SQ_STATE + 16),
+        }
+    }
+
+    fn save(self, mem: &mut SparseMemory) {
+        put32(mem, NVME_SQ_STATE, u32::from(self.live));
+        put32(mem, NVME_SQ_STATE + 4, self.size);
+        put32(mem, NVME_SQ_STATE + 8, self.head);
+        put32(mem, NVME_SQ_STATE + 12, self.tail);
+        mem.write(NVME_SQ_STATE + 16, &self.base.to_le_bytes());
+    }
+
+    /// A successful start: the queue from AQA and ASQ, empty.
+    fn create(mem: &mut SparseMemory) {
+        NvmeAdminSq {
+            live: true,
+            size: (get32(mem, NVME_AQA) & 0xfff) + 1,
+            head: 0,
+            tail: 0,
+            base: get64(mem, NVME_ASQ),
+        }
+        .save(mem);
+    }
+}
+
+/// Where the NVMe controller fetches its next command from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NvmeFetch {
+    /// From its own controller memory buffer (BAR 2) at this offset: no DMA.
+    Cmb(u64),
+    /// By DMA from this bus address.
+    Dma(u64),
+}
+
+impl DeviceModel {
+    /// The next command the NVMe admin submission queue holds (head short of the tail), and
+    /// where `nvme_addr_read` reads its 64 bytes from; `None` when the queue is empty or
+    /// gone.
+    pub(crate) fn nvme_next_fetch(mem: &SparseMemory) -> Option<NvmeFetch> {
+        let sq = NvmeAdminSq::load(mem);
+        if !sq.live || sq.head == sq.tail {
+            return None;
+        }
+        // `sq->dma_addr + (head << NVME_SQES)` in 64 bits. The base is page aligned (the
+        // start refused any other), so an entry never runs past the top of the address space
+        // (`nvme_addr_read`'s wrap check cannot fire here).
+        let at = sq.base.wrapping_add(u64::from(sq.head) * NVME_SQE_SIZE);
+        let last = at + (NVME_SQE_SIZE - 1);
+        let base = get64(mem, NVME_CMB_BASE);
+        let in_cmb = |a: u64| a >= base && a - base < NVME_CMB_SIZE;
+        if get32(mem, NVME_CMBSZ) != 0
+            && get32(mem, NVME_CMB_MAPPED) != 0
+            && in_cmb(at)
+            && in_cmb(last)
+        {
+            return Some(NvmeFetch::Cmb(at - base));
+        }
+        Some(NvmeFetch::Dma(at))
+    }
+
+    /// Ends one fetch: a fetched command is consumed (the head moves on); a failed one makes
+    /// the controller fatal (CSTS is CFS alone) and the queue stops where it is.
+    pub(crate) fn nvme_fetched(mem: &mut SparseMemory, ok: bool) {
+        let mut sq = NvmeAdminSq::load(mem);
+        if ok {
+            sq.head = (sq.head + 1) % sq.size.max(1);
+        } else {
+            put32(mem, NVME_CSTS, NVME_CSTS_CFS);
+        }
+        sq.save(mem);
     }
 }
 
@@ -405,20 +613,22 @@ fn nvme_reset(mem: &mut SparseMemory) {
 /// inside CAP.MPSMIN..=MPSMAX. (10.0 does not yet refuse zero admin queue sizes: the guest
 /// showed a controller with AQA = 0 become ready.)
 fn nvme_start_ok(mem: &SparseMemory, cc: u32) -> bool {
-    let get64 = |at: u64| {
-        let mut b = [0u8; 8];
-        mem.read(at, &mut b);
-        u64::from_le_bytes(b)
-    };
-    let cap = get64(NVME_CAP);
+    let cap = get64(mem, NVME_CAP);
     let mps = u64::from((cc >> 7) & 0xf);
     let page = 1u64 << (mps + 12);
     let css = (cc >> 4) & 7;
-    get64(NVME_ASQ) & (page - 1) == 0
-        && get64(NVME_ACQ) & (page - 1) == 0
+    get64(mem, NVME_ASQ) & (page - 1) == 0
+        && get64(mem, NVME_ACQ) & (page - 1) == 0
         && (cap >> 37) & 0xff & (1 << css) != 0
         && mps >= (cap >> 48) & 0xf
         && mps <= (cap >> 52) & 0xf
+}
+
+/// A little-endian 64-bit register.
+fn get64(mem: &SparseMemory, at: u64) -> u64 {
+    let mut b = [0u8; 8];
+    mem.read(at, &mut b);
+    u64::from_le_bytes(b)
 }
 
 /// A little-endian 32-bit register.
@@ -534,5 +744,140 @@ mod tests {
             [0; 8],
             "a read past the register page"
         );
+    }
+
+    #[test]
+    fn nvme_widens_a_byte_write_to_two_and_stores_asq_acq_cmbmsc_at_that_width() {
+        let mut m = SparseMemory::new();
+        let nvme = DeviceModel::QemuNvme;
+        nvme.power_on(&mut m);
+        let rd = |m: &mut SparseMemory, at: u64| {
+            let mut b = [0u8; 8];
+            nvme.load(m, at, &mut b);
+            u64::from_le_bytes(b)
+        };
+        for reg in [NVME_ASQ, NVME_ACQ, NVME_CMBMSC] {
+            nvme.store(&mut m, reg, &0x8877_6655_4433_2211_u64.to_le_bytes());
+            nvme.store(&mut m, reg, &[0x55]);
+            assert_eq!(rd(&mut m, reg), 0x8877_6655_4433_0055, "{reg:#x}: 2 bytes");
+            nvme.store(&mut m, reg + 1, &[0x99]);
+            nvme.store(&mut m, reg + 2, &[0xbb, 0xaa]);
+            assert_eq!(
+                rd(&mut m, reg),
+                0x8877_6655_4433_0055,
+                "{reg:#x}: not a register"
+            );
+            nvme.store(&mut m, reg + 4, &[0x99]);
+            assert_eq!(
+                rd(&mut m, reg),
+                0x99_4433_0055,
+                "{reg:#x}: upper half, 32 bits"
+            );
+        }
+        nvme.store(&mut m, NVME_AQA, &0x001f_001f_u32.to_le_bytes());
+        nvme.store(&mut m, NVME_AQA, &[0x0a]);
+        assert_eq!(get32(&m, NVME_AQA), 0x0a, "AQA: a 32-bit store");
+    }
+
+    #[test]
+    fn nvme_cmbmsc_enables_and_zeroes_cmbloc_cmbsz_and_flags_a_wrapping_base() {
+        let mut m = SparseMemory::new();
+        let nvme = DeviceModel::QemuNvme;
+        nvme.power_on(&mut m);
+        let loc_sz = |m: &SparseMemory| (get32(m, NVME_CMBLOC), get32(m, NVME_CMBSZ));
+        assert_eq!(loc_sz(&m), (0, 0), "not enabled at power-on");
+        nvme.store(&mut m, NVME_CMBMSC, &1u64.to_le_bytes());
+        assert_eq!(loc_sz(&m), (0x62, 0x121d));
+        nvme.store(&mut m, NVME_CMBLOC, &0u32.to_le_bytes());
+        nvme.store(&mut m, NVME_CMBSZ, &u32::MAX.to_le_bytes());
+        assert_eq!(loc_sz(&m), (0x62, 0x121d), "read-only");
+        nvme.store(&mut m, NVME_CMBMSC, &0x4000u16.to_le_bytes());
+        assert_eq!(loc_sz(&m), (0, 0), "no CRE");
+        nvme.store(&mut m, NVME_CMBMSC, &0x4000_0003_u64.to_le_bytes());
+        assert_eq!(get32(&m, NVME_CMB_MAPPED), 1);
+        assert_eq!(get32(&m, NVME_CMBSTS), 0);
+        nvme.store(
+            &mut m,
+            NVME_CMBMSC,
+            &0xffff_ffff_ffff_f003_u64.to_le_bytes(),
+        );
+        assert_eq!(get32(&m, NVME_CMBSTS), 1, "CBAI: the 1 MiB would wrap");
+        assert_eq!(get32(&m, NVME_CMB_MAPPED), 0, "and it is not mapped");
+        assert_eq!(loc_sz(&m), (0x62, 0x121d));
+        nvme.reset(&mut m);
+        assert_eq!(
+            get64(&m, NVME_CMBMSC),
+            0xffff_ffff_ffff_f003,
+            "kept by a reset"
+        );
+        assert_eq!(get32(&m, NVME_CMBSTS), 1);
+        // Without CAP.CMBS the register keeps nothing.
+        let mut plain = SparseMemory::new();
+        plain.write(NVME_CAP, &0x0040_0820_0f01_07ff_u64.to_le_bytes());
+        nvme.store(&mut plain, NVME_CMBMSC, &1u64.to_le_bytes());
+        assert_eq!((get64(&plain, NVME_CMBMSC), loc_sz(&plain)), (0, (0, 0)));
+    }
+
+    #[test]
+    fn nvme_admin_doorbell_queues_fetches_only_for_a_live_queue_and_a_tail_inside_it() {
+        let mut m = SparseMemory::new();
+        let nvme = DeviceModel::QemuNvme;
+        nvme.power_on(&mut m);
+        let ring = |m: &mut SparseMemory, at: u64, v: &[u8]| nvme.store(m, at, v);
+        nvme.store(&mut m, NVME_AQA, &3u32.to_le_bytes());
+        nvme.store(&mut m, NVME_ASQ, &0x1000u64.to_le_bytes());
+        assert_eq!(
+            ring(&mut m, 0x1000, &1u32.to_le_bytes()),
+            None,
+            "no queue yet"
+        );
+        nvme.store(&mut m, NVME_CC, &0x0046_0001_u32.to_le_bytes());
+        nvme.store(&mut m, NVME_ASQ, &0x9000u64.to_le_bytes());
+        assert_eq!(
+            ring(&mut m, 0x1000, &4u32.to_le_bytes()),
+            None,
+            "tail = size"
+        );
+        assert_eq!(ring(&mut m, 0x1004, &1u32.to_le_bytes()), None);
+        assert_eq!(ring(&mut m, 0x1001, &[1]), None);
+        assert_eq!(ring(&mut m, 0x1008, &1u32.to_le_bytes()), None);
+        assert_eq!(
+            ring(&mut m, 0x1000, &0x0001_0003_u32.to_le_bytes()),
+            Some(Effect::NvmeFetch),
+            "the tail is the low 16 bits"
+        );
+        let next = DeviceModel::nvme_next_fetch(&m);
+        assert_eq!(
+            next,
+            Some(NvmeFetch::Dma(0x1000)),
+            "ASQ as the start found it"
+        );
+        DeviceModel::nvme_fetched(&mut m, true);
+        assert_eq!(
+            DeviceModel::nvme_next_fetch(&m),
+            Some(NvmeFetch::Dma(0x1040))
+        );
+        DeviceModel::nvme_fetched(&mut m, false);
+        assert_eq!(get32(&m, NVME_CSTS), NVME_CSTS_CFS);
+        assert_eq!(
+            DeviceModel::nvme_next_fetch(&m),
+            Some(NvmeFetch::Dma(0x1040)),
+            "the head stays where the fetch failed"
+        );
+        nvme.store(&mut m, NVME_CC, &0u32.to_le_bytes());
+        assert_eq!(DeviceModel::nvme_next_fetch(&m), None, "freed by the reset");
+        // The entry address is computed in 64 bits: a queue at the top of the address space
+        // goes on at 0 (the start's alignment keeps every entry whole).
+        nvme.store(&mut m, NVME_AQA, &0xfffu32.to_le_bytes());
+        nvme.store(&mut m, NVME_ASQ, &(!0xfff_u64).to_le_bytes());
+        nvme.store(&mut m, NVME_CC, &0x0046_0001_u32.to_le_bytes());
+        nvme.store(&mut m, 0x1000, &65u32.to_le_bytes());
+        for _ in 0..63 {
+            DeviceModel::nvme_fetched(&mut m, true);
+        }
+        let top = DeviceModel::nvme_next_fetch(&m);
+        assert_eq!(top, Some(NvmeFetch::Dma(u64::MAX - 63)));
+        DeviceModel::nvme_fetched(&mut m, true);
+        assert_eq!(DeviceModel::nvme_next_fetch(&m), Some(NvmeFetch::Dma(0)));
     }
 }

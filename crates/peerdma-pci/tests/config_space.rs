@@ -633,3 +633,125 @@ fn edus_dma_engine_moves_bytes_as_its_own_dma_and_raises_its_interrupt() {
         "no INTx"
     );
 }
+
+/// Every DMA that landed, as (requester, address, length, write).
+#[derive(Default)]
+struct Dmas(Mutex<Vec<(Bdf, u64, u64, bool)>>);
+
+impl FabricObserver for Dmas {
+    fn event(&self, e: &FabricEvent) {
+        if let FabricEvent::DmaLanded {
+            requester,
+            addr,
+            len,
+            write,
+            ..
+        } = e
+        {
+            self.0
+                .lock()
+                .unwrap()
+                .push((*requester, *addr, *len, *write));
+        }
+    }
+}
+
+#[test]
+fn nvmes_admin_doorbell_fetches_each_command_by_its_own_dma_and_a_failed_fetch_is_fatal() {
+    // QEMU's NVMe (`nvme_process_db`, `nvme_process_sq`): a tail written to 0x1000 makes the
+    // controller read each 64-byte entry from the head to the new tail, from RAM by its own
+    // DMA (this machine has no IOMMU), or from its memory buffer (BAR 2) when the entry lies
+    // in the mapped buffer. The first fetch that fails sets CSTS to CFS alone.
+    let f = example("qemu-q35.toml");
+    let n = dev(&f, "pm_provider");
+    let dmas = Arc::new(Dmas::default());
+    f.subscribe(dmas.clone());
+    let bar0 = 0xfdf0_0000u64;
+    let put = |at: u64, data: &[u8]| {
+        f.cpu_write(peerdma_pci::PhysAddr(bar0 + at), data).unwrap();
+    };
+    let reg = |at: u64| {
+        let mut b = [0u8; 4];
+        f.cpu_read(peerdma_pci::PhysAddr(bar0 + at), &mut b)
+            .unwrap();
+        u32::from_le_bytes(b)
+    };
+    let command = |v: u16| f.config_write(n, regs::COMMAND, 2, u32::from(v)).unwrap();
+    let start = |asq: u64, entries: u32| {
+        put(0x14, &0u32.to_le_bytes());
+        put(0x24, &(0x001f_0000 | (entries - 1)).to_le_bytes());
+        put(0x28, &asq.to_le_bytes());
+        put(0x30, &0x20_0000u64.to_le_bytes());
+        put(0x14, &0x0046_0001_u32.to_le_bytes());
+        assert_eq!(reg(0x1c), 1, "ready");
+    };
+    let fetched = || -> Vec<(u64, u64)> {
+        std::mem::take(&mut *dmas.0.lock().unwrap())
+            .into_iter()
+            .filter(|d| d.0 == n)
+            .map(|d| {
+                assert!(!d.3, "a fetch is a read");
+                (d.1, d.2)
+            })
+            .collect()
+    };
+
+    // Before the controller is ready there is no queue: nothing is fetched.
+    command(regs::COMMAND_MEMORY | regs::COMMAND_MASTER);
+    put(0x1000, &1u32.to_le_bytes());
+    assert_eq!((reg(0x1c), fetched()), (0, vec![]));
+
+    // Bus mastering on: three entries fetched from RAM, in order; the controller stays ready.
+    start(0x10_0000, 32);
+    put(0x1000, &3u32.to_le_bytes());
+    assert_eq!(
+        fetched(),
+        [(0x10_0000, 64), (0x10_0040, 64), (0x10_0080, 64)]
+    );
+    assert_eq!(reg(0x1c), 1);
+    // Ignored: the same tail (nothing between head and tail), a tail past the 32 entries,
+    // a misaligned write, the completion doorbell, queue 1's doorbells.
+    put(0x1000, &3u32.to_le_bytes());
+    put(0x1000, &32u32.to_le_bytes());
+    put(0x1002, &5u16.to_le_bytes());
+    put(0x1004, &5u32.to_le_bytes());
+    put(0x1008, &5u32.to_le_bytes());
+    put(0x100c, &5u32.to_le_bytes());
+    assert_eq!((fetched(), reg(0x1c)), (vec![], 1));
+    // A 1-byte write is widened to 2 bytes: a tail of 1 wraps the queue round from entry 3.
+    put(0x1000, &[1]);
+    let got = fetched();
+    assert_eq!(got.len(), 30, "entries 3..=31 and 0");
+    assert_eq!(got[0], (0x10_00c0, 64));
+    assert_eq!(got[29], (0x10_0000, 64));
+
+    // Bus mastering off: the fetch fails, CFS alone; another ring leaves it so; clearing EN
+    // resets the controller and its queue.
+    command(regs::COMMAND_MEMORY);
+    put(0x1000, &2u32.to_le_bytes());
+    assert_eq!((reg(0x1c), reg(0x14)), (2, 0x0046_0001), "fatal, CC kept");
+    put(0x1000, &3u32.to_le_bytes());
+    assert_eq!((reg(0x1c), fetched()), (2, vec![]));
+    put(0x14, &0u32.to_le_bytes());
+    assert_eq!(reg(0x1c), 0);
+    put(0x1000, &1u32.to_le_bytes());
+    assert_eq!(reg(0x1c), 0, "no queue after the reset");
+
+    // A queue in the mapped memory buffer is fetched from BAR 2 without a DMA, even with
+    // bus mastering off; the entry that runs past the buffer's 1 MiB is a DMA, and fails.
+    let cmb = 0x4000_0000u64;
+    put(0x50, &(cmb | 3).to_le_bytes());
+    start(cmb + 0x10_0000 - 0x1000, 128);
+    put(0x1000, &64u32.to_le_bytes());
+    assert_eq!((reg(0x1c), fetched()), (1, vec![]), "from the buffer");
+    put(0x1000, &65u32.to_le_bytes());
+    assert_eq!(reg(0x1c), 2, "past the buffer: a DMA, refused");
+    // An FLR frees the queue and keeps the buffer's controls.
+    assert!(f.flr(n).unwrap());
+    command(regs::COMMAND_MEMORY);
+    f.config_write(n, 0x10, 4, bar0 as u32).unwrap();
+    let mut msc = [0u8; 8];
+    f.bar_peek(n, 0, 0x50, &mut msc).unwrap();
+    assert_eq!(u64::from_le_bytes(msc), cmb | 3);
+    assert_eq!(reg(0x1c), 0);
+}

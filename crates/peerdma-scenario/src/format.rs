@@ -326,6 +326,13 @@ pub enum Action {
         /// Name of the new fd.
         name: String,
     },
+    /// Waits `ms` milliseconds on a machine whose devices finish some work after the access
+    /// that started it (QEMU runs NVMe's command fetch in its main loop a moment after the
+    /// doorbell write); the emulated machine has done such work already and waits for nothing.
+    Settle {
+        /// Milliseconds, 1 to 1000.
+        ms: u32,
+    },
     /// `eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)`.
     Eventfd {
         /// Name.
@@ -654,6 +661,7 @@ impl Action {
             Action::IrqInfo { .. } => "irq_info",
             Action::SetIrqs { .. } => "set_irqs",
             Action::Dup { .. } => "dup",
+            Action::Settle { .. } => "settle",
             Action::Memfd { .. } => "memfd",
             Action::Udmabuf { .. } => "udmabuf",
             Action::Eventfd { .. } => "eventfd",
@@ -1932,6 +1940,13 @@ fn step_fields(mut f: Fields) -> Result<Step, FormatError> {
                 },
                 fd.clone(),
             )
+        }
+        "settle" => {
+            let ms = f.opt_num("ms")?.unwrap_or(100);
+            if !(1..=1000).contains(&ms) {
+                return Err(f.err("ms", "1 to 1000 milliseconds"));
+            }
+            (Action::Settle { ms: ms as u32 }, ok)
         }
         "eventfd" => (
             Action::Eventfd {

@@ -730,6 +730,10 @@ fn play(a: &Action, be: &mut dyn ScenarioBackend, st: &mut State, ctx: &mut RunC
             }
             Err(e) => Ok((errno_word(e), None)),
         },
+        Action::Settle { ms } => {
+            be.settle(*ms);
+            Ok(("ok".into(), None))
+        }
         Action::Eventfd { name } => match be.eventfd() {
             Ok(n) => {
                 st.keep_as(name, n, Src::Other);

@@ -406,6 +406,13 @@ pub trait ScenarioBackend: UapiBackend {
     /// Whether `data` is at `offset` of region `region` of the provider `bdf`; an errno if
     /// the backend cannot look.
     fn landed(&mut self, bdf: Bdf, region: u32, offset: u64, data: &[u8]) -> Result<Landed, Errno>;
+    /// Gives the machine's devices `ms` milliseconds to finish work an access started and
+    /// they carry out on their own time (QEMU's NVMe fetches a command in its main loop after
+    /// the doorbell write returned). The emulated machine does such work within the access:
+    /// nothing to wait for.
+    fn settle(&mut self, ms: u32) {
+        let _ = ms;
+    }
     /// What the kernel printed since the last call that a reader of the conformance suite
     /// must see: warnings and worse, and IOMMU (DMAR) faults, one line each. The emulated
     /// machine has no kernel log: nothing.
